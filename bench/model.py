@@ -1,0 +1,112 @@
+"""
+bench/model.py: model.py's speed against plain baselines, measured side by side in one run.
+
+    python bench/model.py [--threads 2] [--repeats 5]
+
+1. Training step (forward + backward, 4 layers, 256 wide, 8 x 256 tokens): model.py against a
+   straightforward nanoGPT-style GPT written below (learned positions, fused qkv, GELU, LayerNorm
+   with bias, sdpa). Compared at the same configuration, and model.py's defaults (RoPE) shown too.
+2. Generation of 256 new tokens: with the KV cache against recomputing the whole sequence each step.
+Prints tokens/s and the ratio to the baseline; medians over --repeats.
+"""
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import GPT, GPTConfig  # noqa: E402
+
+
+class PlainGPT(nn.Module):
+    """The straightforward baseline: GPT-2 as nanoGPT writes it, without our options."""
+
+    def __init__(self, vocab, block, n_layer, n_head, n_embd):
+        super().__init__()
+        self.n_head = n_head
+        self.wte, self.wpe = nn.Embedding(vocab, n_embd), nn.Embedding(block, n_embd)
+        self.layers = nn.ModuleList(nn.ModuleDict(dict(
+            ln1=nn.LayerNorm(n_embd), c_attn=nn.Linear(n_embd, 3 * n_embd), c_proj=nn.Linear(n_embd, n_embd),
+            ln2=nn.LayerNorm(n_embd), fc=nn.Linear(n_embd, 4 * n_embd), proj=nn.Linear(4 * n_embd, n_embd),
+        )) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, vocab, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, idx, targets):
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T))
+        for L in self.layers:
+            q, k, v = L["c_attn"](L["ln1"](x)).split(x.size(-1), dim=2)
+            q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+            x = x + L["c_proj"](y)
+            x = x + L["proj"](F.gelu(L["fc"](L["ln2"](x))))
+        logits = self.head(self.ln_f(x))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def time_train_step(model, idx, targets, repeats):
+    def step():
+        _, loss = model(idx, targets)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return idx.numel() / statistics.median(times)
+
+
+def time_generate(model, prompt, new_tokens, use_cache, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
+        times.append(time.perf_counter() - t0)
+    return new_tokens / statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    vocab, block, n_layer, n_head, n_embd, B = 8192, 256, 4, 4, 256, 8
+    torch.manual_seed(0)
+    idx = torch.randint(0, vocab, (B, block))
+    targets = torch.randint(0, vocab, (B, block))
+
+    shape = dict(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    rows = [("nanoGPT-style baseline", PlainGPT(vocab, block, n_layer, n_head, n_embd)),
+            ("model.py, same config (learned pos, bias)", GPT(GPTConfig(**shape, pos_encoding="learned", bias=True))),
+            ("model.py defaults (RoPE, no bias)", GPT(GPTConfig(**shape)))]
+    print(f"train step: forward+backward, {n_layer} layers x {n_embd} wide, {B}x{block} tokens, "
+          f"{args.threads} threads, median of {args.repeats}")
+    base = None
+    for name, model in rows:
+        tps = time_train_step(model, idx, targets, args.repeats)
+        base = base or tps
+        print(f"  {name:45s} {tps:10.0f} tok/s   x{tps / base:.2f}")
+
+    model = rows[2][1].eval()
+    prompt = torch.randint(0, vocab, (1, 1))
+    print(f"\ngenerate: 256 new tokens after a 1-token prompt, batch 1, median of {args.repeats}")
+    no_cache = time_generate(model, prompt, 256, False, max(1, args.repeats // 2))
+    cache = time_generate(model, prompt, 256, True, args.repeats)
+    print(f"  {'recompute every step (no cache)':45s} {no_cache:10.0f} tok/s   x1.00")
+    print(f"  {'KV cache':45s} {cache:10.0f} tok/s   x{cache / no_cache:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,464 @@
+"""
+model.py: the GPT that every stage of this project shares.
+
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=8192, block_size=256))
+    logits, loss = model(idx, targets)          # idx, targets: (B, T) token ids; -1 targets ignored
+    out = model.generate(idx, 100, temperature=0.8, top_k=50)
+
+A decoder-only transformer in the GPT-2 mould, with the options a reader meets in the literature
+switchable from `GPTConfig`. How the defaults differ from GPT-2, and why:
+- rotary position embeddings (RoPE) instead of a learned table: relative positions for free and no
+  parameters; "learned" (GPT-2) and "sinusoidal" (Attention Is All You Need) are kept as options.
+- grouped-query attention: `n_kv_head` key/value heads shared by `n_head` query heads, which shrinks
+  the KV cache by n_head / n_kv_head (equal by default, which is plain multi-head attention).
+- no biases by default (they cost time and buy nothing at this scale), embeddings tied to the head.
+- attention goes through `F.scaled_dot_product_attention` ("sdpa"); "naive" is the textbook
+  reference it is tested against; "triton" is our own kernel in attention_kernel.py.
+- generation keeps a KV cache, so each new token costs one position of work, not the whole prefix.
+Checkpoints are self-contained dicts (config, weights, and whatever the stage adds: optimizer, step,
+tokenizer), written atomically; `GPT.from_checkpoint(path)` rebuilds the model from the file alone.
+"""
+
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHECKPOINT_FORMAT = "gpt-from-scratch/1"
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 8192
+    block_size: int = 256          # longest sequence the model sees (positions 0 .. block_size-1)
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0             # key/value heads for grouped-query attention; 0 means n_head
+    n_embd: int = 256
+    dropout: float = 0.0
+    bias: bool = False             # biases in Linear layers and LayerNorm
+    pos_encoding: str = "rope"     # "rope" | "learned" | "sinusoidal"
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"        # "layernorm" | "rmsnorm"
+    prenorm: bool = True           # False: the original post-norm block, norm(x + sublayer(x))
+    mlp: str = "gelu"              # "gelu" (4x wide) | "swiglu" (8/3 x wide, same parameter count)
+    tie_weights: bool = True       # the output head reuses the token embedding matrix
+    attn_impl: str = "sdpa"        # "sdpa" | "naive" | "triton"
+
+    def __post_init__(self):
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        choices = {"pos_encoding": ("rope", "learned", "sinusoidal"), "norm": ("layernorm", "rmsnorm"),
+                   "mlp": ("gelu", "swiglu"), "attn_impl": ("sdpa", "naive", "triton")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
+        if min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) < 1:
+            raise ValueError("vocab_size, block_size, n_layer, n_head and n_embd must all be positive.")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}.")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}.")
+        head_dim = self.n_embd // self.n_head
+        if self.pos_encoding == "rope" and head_dim % 2:
+            raise ValueError(f"rope needs an even head size; n_embd/n_head = {head_dim}.")
+        if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
+            raise ValueError(f"sinusoidal positions need an even n_embd, got {self.n_embd}.")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self):
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        # SwiGLU has three matrices instead of two: 2/3 of 4x keeps the parameter count; round to 64.
+        return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Positions
+
+def sinusoidal_table(n_pos, dim):
+    """(n_pos, dim) table: sin on even features, cos on odd, wavelengths from 2*pi to 10000*2*pi."""
+    pos = torch.arange(n_pos, dtype=torch.float32)[:, None]             # (n_pos, 1)
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    table = torch.zeros(n_pos, dim)
+    table[:, 0::2] = torch.sin(pos * inv_freq)
+    table[:, 1::2] = torch.cos(pos * inv_freq)
+    return table
+
+
+def rope_tables(n_pos, head_dim, theta):
+    """cos and sin of the rotation angles, each (n_pos, head_dim/2): pair i turns at theta^(-2i/d)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(n_pos, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate feature pairs (i, i + d/2) of x (B, H, T, d) by the angle of their position.
+
+    The dot product of two rotated vectors depends only on the difference of their positions,
+    which is what makes the encoding relative. Halves rather than interleaved pairs: same math,
+    cheaper slicing.
+    """
+    x1, x2 = x.chunk(2, dim=-1)                                          # (B, H, T, d/2) each
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)                          # (T, d/2) broadcast
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention
+
+def naive_attention(q, k, v, causal=True, dropout_p=0.0, training=False):
+    """The textbook reference: softmax(q k^T / sqrt(d) + mask) v, with the future set to -inf.
+
+    q: (B, H, Tq, d); k, v: (B, H, Tk, d) with Tk >= Tq. Query i sits at absolute position
+    Tk - Tq + i (the cache holds the first Tk - Tq positions), so it may see keys 0 .. Tk - Tq + i.
+    """
+    Tq, Tk = q.size(-2), k.size(-2)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))          # (B, H, Tq, Tk)
+    if causal:
+        allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = F.softmax(scores, dim=-1)
+    weights = F.dropout(weights, dropout_p, training)
+    return weights @ v                                                   # (B, H, Tq, d)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to `max_len`."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # positions filled; GPT.forward advances it once all layers have appended
+
+    def append(self, layer, k, v):
+        """Store k, v (B, H_kv, T, d) after the cached ones; return all of them (B, H_kv, pos+T, d)."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        # Head counts live on the module (not read from config) so tensor parallelism can shard them.
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        # One matmul for q, k and v; its output is [q heads | k heads | v heads].
+        qkv_width = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.qkv = nn.Linear(config.n_embd, qkv_width, bias=config.bias)
+        self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
+        self.attn_impl = config.attn_impl
+        self.dropout = config.dropout
+
+    def forward(self, x, rope=None, kv_cache=None, layer=0):
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)                # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)             # (B, H_kv, T, hd)
+        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)             # (B, H_kv, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.append(layer, k, v)                          # (B, H_kv, pos+T, hd)
+        y = self.attend(q, k, v)                                         # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)
+        return F.dropout(self.proj(y), self.dropout, self.training)
+
+    def attend(self, q, k, v):
+        dropout_p = self.dropout if self.training else 0.0
+        square = q.size(2) == k.size(2)
+        if self.attn_impl == "triton" and square and dropout_p == 0.0:
+            try:
+                from attention_kernel import attention
+            except ImportError as e:
+                raise RuntimeError(f"attn_impl='triton' needs attention_kernel.py and triton ({e}).") from None
+            return attention(q, k, v, causal=True)
+        n_rep = self.n_head // self.n_kv_head
+        if self.attn_impl == "naive":
+            # Every query head reads the key/value head of its group.
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+            return naive_attention(q, k, v, True, dropout_p, self.training)
+        if square:  # training and prefill: the usual causal mask
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+                                                  enable_gqa=n_rep > 1)
+        if q.size(2) == 1:  # one new token attends to everything cached: no mask at all
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=n_rep > 1)
+        # Several new tokens after a cache: sdpa's is_causal aligns the mask top-left, we need
+        # bottom-right (query i sits at position Tk - Tq + i), so pass it explicitly.
+        Tq, Tk = q.size(2), k.size(2)
+        allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=n_rep > 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Feed-forward, norm, block
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        hidden = config.mlp_hidden
+        # For SwiGLU, fc's output is [gate | up], each `hidden` wide, in one matmul.
+        self.fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        h = self.fc(x)                                                   # (B, T, hidden or 2*hidden)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return F.dropout(self.proj(h), self.dropout, self.training)
+
+
+def make_norm(config):
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=1e-5)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.prenorm = config.prenorm
+        self.norm1, self.attn = make_norm(config), CausalSelfAttention(config)
+        self.norm2, self.mlp = make_norm(config), MLP(config)
+
+    def forward(self, x, rope=None, kv_cache=None, layer=0):
+        if self.prenorm:  # GPT-2 and later: the residual stream is never normalised in place
+            x = x + self.attn(self.norm1(x), rope, kv_cache, layer)
+            return x + self.mlp(self.norm2(x))
+        # Vaswani et al. 2017: normalise after each residual sum
+        x = self.norm1(x + self.attn(x, rope, kv_cache, layer))
+        return self.norm2(x + self.mlp(x))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.pos_encoding == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.pos_encoding == "sinusoidal":
+            self.register_buffer("sin_table", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
+        if config.pos_encoding == "rope":
+            cos, sin = rope_tables(config.block_size, config.head_dim, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        # A pre-norm stack ends un-normalised, so it needs a final norm; a post-norm one does not.
+        self.norm_f = make_norm(config) if config.prenorm else nn.Identity()
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        # Each residual branch ends in a `proj`; scaling them by 1/sqrt(2 * n_layer) keeps the
+        # residual stream's variance from growing with depth (GPT-2).
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        # std 0.02 keeps the initial logits near zero, so the loss starts at about ln(vocab_size).
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # The forward pass in pieces, so pipeline stages (train.py) can run a slice of it.
+    def embed(self, idx, start=0):
+        """Token ids (B, T) at positions start .. start+T-1 -> residual stream (B, T, C)."""
+        x = self.wte(idx)
+        if self.config.pos_encoding == "learned":
+            x = x + self.wpe(torch.arange(start, start + idx.size(1), device=idx.device))
+        if self.config.pos_encoding == "sinusoidal":
+            x = x + self.sin_table[start:start + idx.size(1)]
+        return F.dropout(x, self.config.dropout, self.training)
+
+    def rope(self, start, T):
+        if self.config.pos_encoding != "rope":
+            return None
+        return self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """idx (B, T) -> logits (B, T, vocab); with targets (B, T), also the mean cross-entropy.
+
+        targets[b, t] is the token that should follow idx[b, t] (the caller shifts); -1 is ignored.
+        With a kv_cache, idx holds only the new tokens and the cache supplies the rest.
+        """
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}.")
+        x = self.embed(idx, start)
+        rope = self.rope(start, T)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        logits = self.lm_head(self.norm_f(x))                            # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    # --- generation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None,
+               use_cache=True, generator=None):
+        """Yield the next token (B, 1) of each sequence, one step at a time.
+
+        With the cache, the prompt is run once (prefill) and each later step runs only the newest
+        token. Without it, every step recomputes the whole (cropped) sequence: the reference.
+        Past block_size the window slides: the cache is rebuilt from the last block_size tokens each
+        step, exactly what the uncached path sees (positions shift, so old keys cannot be reused). Sequences that produced eos_token keep producing it;
+        the stream ends when all of them have.
+        """
+        was_training = self.training
+        self.eval()
+        B, bs = idx.size(0), self.config.block_size
+        finished = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
+        cache, context = None, idx
+        try:
+            for _ in range(max_new_tokens):
+                if not use_cache:
+                    logits, _ = self(context[:, -bs:])
+                elif cache is None or cache.pos >= bs:  # prefill, or the window slid past block_size
+                    cache = KVCache(self.config, B, bs, idx.device, self.lm_head.weight.dtype)
+                    logits, _ = self(context[:, -bs:], kv_cache=cache)
+                else:
+                    logits, _ = self(context[:, -1:], kv_cache=cache)
+                next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+                if eos_token is not None:
+                    next_token = next_token.masked_fill(finished, eos_token)
+                    finished |= next_token == eos_token
+                context = torch.cat([context, next_token], dim=1)
+                yield next_token
+                if eos_token is not None and bool(finished.all()):
+                    break
+        finally:
+            self.train(was_training)
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None,
+                 use_cache=True, generator=None):
+        """The prompt idx (B, T) followed by up to max_new_tokens new tokens. temperature=0 is greedy."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token, use_cache, generator))
+        return torch.cat([idx] + new, dim=1)
+
+    # --- training helpers ---------------------------------------------------------------------------
+    def num_params(self, non_embedding=False):
+        """Parameters counted once each (tied weights are one tensor); optionally without embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if hasattr(self, "wpe") else 0)
+        return n
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token (forward + backward): 6 per matmul weight, plus attention scores.
+
+        Every Linear weight, the head included (it is a matmul even when tied), costs 2 FLOPs per
+        token forward and 4 backward. Attention's q.k and weights.v add 12 * layers * heads * head_dim
+        * T, counted for the full T x T square as PaLM does (causal work is about half of that).
+        """
+        c = self.config
+        T = seq_len or c.block_size
+        matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul_weights + 12 * c.n_layer * c.n_head * c.head_dim * T
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), device_type="cpu"):
+        """AdamW with weight decay on matrices (weights, embeddings) and none on vectors (norms, biases)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+    # --- checkpoints --------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path_or_ckpt, device="cpu", **overrides):
+        """Rebuild the model from a checkpoint file (or its loaded dict); overrides set config fields."""
+        ckpt = load_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, (str, os.PathLike)) else path_or_ckpt
+        model = cls(GPTConfig(**{**ckpt["model_config"], **overrides}))
+        model.load_state_dict(clean_state_dict(ckpt["model"]))
+        return model.to(device)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token (B, 1) from logits (B, vocab). temperature=0 means greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Set to -inf all but the top_k logits, then all but the smallest set holding top_p of the mass."""
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]   # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p; the first always stays.
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoint files
+
+def save_checkpoint(path, model, **extra):
+    """Write {format, model_config, model weights, **extra} to path atomically (temp file + rename).
+
+    A crash mid-write leaves the previous checkpoint intact: os.replace is atomic on one filesystem.
+    """
+    raw = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    raw = getattr(raw, "module", raw)         # unwrap DDP
+    ckpt = {"format": CHECKPOINT_FORMAT, "model_config": asdict(raw.config),
+            "model": {k: v.detach().cpu() for k, v in raw.state_dict().items()}, **extra}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint dict; a missing file or one this project did not write is one clear sentence."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"checkpoint {path} does not exist; pass the ckpt.pt that train.py or align.py wrote.")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"{path} is not a checkpoint this project can read ({type(e).__name__}); "
+                         "pass the ckpt.pt that train.py or align.py wrote.") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise SystemExit(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint; pass the ckpt.pt that "
+                         "train.py or align.py wrote.")
+    return ckpt
+
+
+def clean_state_dict(state_dict):
+    """Strip the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add to parameter names."""
+    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state_dict.items()}
