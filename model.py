@@ -22,11 +22,13 @@ tokenizer), written atomically; `GPT.from_checkpoint(path)` rebuilds the model f
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import attention_kernel  # imports only torch; triton is loaded on the first triton call
 
 CHECKPOINT_FORMAT = "gpt-from-scratch/1"
 
@@ -59,6 +61,8 @@ class GPTConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
         if min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) < 1:
             raise ValueError("vocab_size, block_size, n_layer, n_head and n_embd must all be positive.")
+        if self.n_kv_head < 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"n_kv_head must be >= 0 and dropout in [0, 1); got {self.n_kv_head}, {self.dropout}.")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}.")
         if self.n_head % self.n_kv_head:
@@ -66,6 +70,9 @@ class GPTConfig:
         head_dim = self.n_embd // self.n_head
         if self.pos_encoding == "rope" and head_dim % 2:
             raise ValueError(f"rope needs an even head size; n_embd/n_head = {head_dim}.")
+        if self.attn_impl == "triton" and (head_dim not in (16, 32, 64, 128) or self.dropout > 0):
+            raise ValueError(f"attn_impl='triton' needs a head size of 16, 32, 64 or 128 (got {head_dim}) "
+                             f"and dropout=0 (got {self.dropout}).")
         if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
             raise ValueError(f"sinusoidal positions need an even n_embd, got {self.n_embd}.")
 
@@ -179,12 +186,8 @@ class CausalSelfAttention(nn.Module):
     def attend(self, q, k, v):
         dropout_p = self.dropout if self.training else 0.0
         square = q.size(2) == k.size(2)
-        if self.attn_impl == "triton" and square and dropout_p == 0.0:
-            try:
-                from attention_kernel import attention
-            except ImportError as e:
-                raise RuntimeError(f"attn_impl='triton' needs attention_kernel.py and triton ({e}).") from None
-            return attention(q, k, v, causal=True)
+        if self.attn_impl == "triton" and square:  # cached decode (q shorter than k) takes sdpa below
+            return attention_kernel.attention(q, k, v, causal=True)
         n_rep = self.n_head // self.n_kv_head
         if self.attn_impl == "naive":
             # Every query head reads the key/value head of its group.
@@ -275,6 +278,10 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.tie_weights and not config.prenorm:
+            # Post-norm hands the head unit-size vectors that are mostly the current token's own
+            # embedding; a tied head would score that token at n_embd * std. Keep it near 1.
+            nn.init.normal_(self.wte.weight, mean=0.0, std=1.0 / config.n_embd)
 
     def _init_weights(self, module):
         # std 0.02 keeps the initial logits near zero, so the loss starts at about ln(vocab_size).
@@ -301,7 +308,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None):
         """idx (B, T) -> logits (B, T, vocab); with targets (B, T), also the mean cross-entropy.
 
-        targets[b, t] is the token that should follow idx[b, t] (the caller shifts); -1 is ignored.
+        targets[b, t] is the token that should follow idx[b, t] (the caller shifts); -1 is ignored
+        (a batch whose targets are all -1 has no loss to average: NaN, as in F.cross_entropy).
         With a kv_cache, idx holds only the new tokens and the cache supplies the rest.
         """
         B, T = idx.shape
@@ -327,23 +335,25 @@ class GPT(nn.Module):
         """Yield the next token (B, 1) of each sequence, one step at a time.
 
         With the cache, the prompt is run once (prefill) and each later step runs only the newest
-        token. Without it, every step recomputes the whole (cropped) sequence: the reference.
-        Past block_size the window slides: the cache is rebuilt from the last block_size tokens each
-        step, exactly what the uncached path sees (positions shift, so old keys cannot be reused). Sequences that produced eos_token keep producing it;
-        the stream ends when all of them have.
+        token. Without it, every step recomputes the whole visible sequence: the reference.
+        Both see the same window (window_start): all tokens while they fit in block_size, then a
+        window that jumps forward by half a block, so the cache is rebuilt once every block_size/2
+        steps rather than every step. Sequences that produced eos_token keep producing it; the
+        stream ends when all of them have.
         """
         was_training = self.training
         self.eval()
         B, bs = idx.size(0), self.config.block_size
         finished = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
-        cache, context = None, idx
+        cache, cache_start, context = None, None, idx
         try:
             for _ in range(max_new_tokens):
+                start = window_start(context.size(1), bs)
                 if not use_cache:
-                    logits, _ = self(context[:, -bs:])
-                elif cache is None or cache.pos >= bs:  # prefill, or the window slid past block_size
-                    cache = KVCache(self.config, B, bs, idx.device, self.lm_head.weight.dtype)
-                    logits, _ = self(context[:, -bs:], kv_cache=cache)
+                    logits, _ = self(context[:, start:])
+                elif start != cache_start:  # prefill, or the window jumped: positions changed
+                    cache, cache_start = KVCache(self.config, B, bs, idx.device, self.lm_head.weight.dtype), start
+                    logits, _ = self(context[:, start:], kv_cache=cache)
                 else:
                     logits, _ = self(context[:, -1:], kv_cache=cache)
                 next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
@@ -395,9 +405,22 @@ class GPT(nn.Module):
     def from_checkpoint(cls, path_or_ckpt, device="cpu", **overrides):
         """Rebuild the model from a checkpoint file (or its loaded dict); overrides set config fields."""
         ckpt = load_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, (str, os.PathLike)) else path_or_ckpt
+        known = {f.name for f in fields(GPTConfig)}
+        unknown = sorted(set(ckpt.get("model_config", {})) - known) + sorted(set(overrides) - known)
+        if unknown or "model_config" not in ckpt:
+            raise SystemExit(f"checkpoint config fields {unknown or ['model_config missing']} are not "
+                             "GPTConfig fields; was it written by another version of model.py?")
         model = cls(GPTConfig(**{**ckpt["model_config"], **overrides}))
         model.load_state_dict(clean_state_dict(ckpt["model"]))
         return model.to(device)
+
+
+def window_start(n_tokens, block_size):
+    """First visible token of a sequence of n_tokens: 0 while it fits, then in jumps of block_size/2."""
+    if n_tokens <= block_size:
+        return 0
+    half = max(1, block_size // 2)
+    return -(-(n_tokens - block_size) // half) * half  # ceil to a multiple of half
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -418,6 +441,7 @@ def filter_logits(logits, top_k=None, top_p=None):
         probs = F.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens ranked above it already hold top_p; the first always stays.
         drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -437,11 +461,16 @@ def save_checkpoint(path, model, **extra):
             "model": {k: v.detach().cpu() for k, v in raw.state_dict().items()}, **extra}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -2,17 +2,21 @@
 sample.py: generate text or chat with any checkpoint this project writes.
 
     python sample.py --ckpt out/pretrain/ckpt.pt --prompt "ROMEO." --max-new-tokens 200
-    python sample.py --ckpt out/dpo/ckpt.pt --chat                  # multi-turn, type at the prompt
+    python sample.py --ckpt out/dpo/ckpt.pt --chat                  # multi-turn: type at the prompt
     python sample.py --ckpt out/dpo/ckpt.pt --chat --prompt "Who speaks this line? ..."  # one turn
 
 Text streams to stdout as it is produced. `--prompt FILE:path` reads the prompt from a file.
-The tokenizer travels inside the checkpoint; one without a tokenizer (a bare model.py model) falls
-back to raw UTF-8 bytes as tokens. A plain prompt starts with the document separator, as every
-pretraining document did; a chat renders the template in CONTRACTS of align.py: <|role|> text <|end|>.
+The tokenizer travels inside the checkpoint; a checkpoint without one (a bare model.py model of
+vocabulary 256) falls back to raw UTF-8 bytes as tokens. A plain prompt starts with the document
+separator, as every pretraining document did, and a prompt longer than the block keeps its last
+block_size - 1 tokens (with a note on stderr). A chat renders the template align.py trains on:
+<|endoftext|> then <|role|> text <|end|> per message, then <|assistant|>; the reply ends at the
+first special token, and the oldest turns are dropped when the conversation outgrows the block.
 """
 
 import argparse
 import codecs
+import contextlib
 import sys
 from dataclasses import dataclass, fields
 
@@ -32,13 +36,13 @@ class SampleConfig:
     seed: int = 1337
     num_samples: int = 1
     chat: bool = False
+    system: str = ""               # chat only: a system message placed before the first turn
     device: str = "auto"
 
 
 class ByteTokenizer:
     """UTF-8 bytes as token ids 0..255: the fallback for checkpoints that carry no tokenizer."""
-    n_vocab = 256
-    special_tokens = {}
+    special_tokens_set = set()
 
     def encode_ordinary(self, text):
         return list(text.encode("utf-8"))
@@ -47,74 +51,15 @@ class ByteTokenizer:
         return bytes(ids)
 
 
-def load_tokenizer_from(ckpt):
+def load_tokenizer_from(ckpt, path):
     if ckpt.get("tokenizer") is None:
+        vocab = ckpt["model_config"]["vocab_size"]
+        if vocab != 256:
+            raise SystemExit(f"{path} carries no tokenizer and its vocab_size={vocab} is not 256 (raw bytes); "
+                             "pass a checkpoint that train.py or align.py wrote from tokenize_data.py output.")
         return ByteTokenizer()
     from tokenize_data import tokenizer_from_dict
     return tokenizer_from_dict(ckpt["tokenizer"])
-
-
-def special_ids(enc):
-    """{name: id} of the reserved tokens this tokenizer has (a tiktoken Encoding or ByteTokenizer)."""
-    names = getattr(enc, "special_tokens_set", set()) or set(enc.special_tokens)
-    return {name: enc.encode_single_token(name) for name in names}
-
-
-def stream_print(model, ids, enc, cfg, stop_token, device, generator):
-    """Generate after ids, printing each token's text as soon as it forms whole characters."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    prompt = torch.tensor([ids], dtype=torch.long, device=device)
-    new_ids = []
-    for token in model.stream(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
-                              cfg.top_p, stop_token, generator=generator):
-        t = token.item()
-        if t == stop_token:
-            break
-        new_ids.append(t)
-        sys.stdout.write(decoder.decode(enc.decode_bytes([t])))  # a special token shows as its name
-        sys.stdout.flush()
-    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
-    return new_ids
-
-
-def crop_prompt(ids, block_size):
-    if len(ids) >= block_size:
-        print(f"note: prompt of {len(ids)} tokens cropped to its last {block_size - 1} "
-              f"(block_size={block_size}).", file=sys.stderr)
-        ids = ids[-(block_size - 1):]
-    return ids
-
-
-def chat(model, enc, cfg, device, generator):
-    """Multi-turn chat: the whole conversation is re-rendered each turn and cropped to fit."""
-    sp = special_ids(enc)
-    needed = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]
-    if any(name not in sp for name in needed):
-        raise SystemExit(f"{cfg.ckpt}'s tokenizer lacks the chat tokens {needed}; chat needs a checkpoint "
-                         "trained on data from tokenize_data.py (and ideally aligned with align.py).")
-    history = []  # list of (role, text)
-    one_turn = bool(cfg.prompt)
-    while True:
-        if one_turn:
-            user = read_prompt(cfg.prompt)
-        else:
-            try:
-                user = input("you> ")
-            except EOFError:
-                break
-            if not user.strip():
-                continue
-        history.append(("user", user))
-        ids = [sp["<|endoftext|>"]]
-        for role, text in history:
-            ids += [sp[f"<|{role}|>"]] + enc.encode_ordinary(text) + [sp["<|end|>"]]
-        ids = crop_prompt(ids + [sp["<|assistant|>"]], model.config.block_size)
-        if not one_turn:
-            sys.stdout.write("model> ")
-        reply = stream_print(model, ids, enc, cfg, sp["<|end|>"], device, generator)
-        history.append(("assistant", enc.decode_bytes(reply).decode("utf-8", errors="replace")))
-        if one_turn:
-            break
 
 
 def read_prompt(prompt):
@@ -127,6 +72,62 @@ def read_prompt(prompt):
     return prompt
 
 
+def stream_print(model, ids, enc, cfg, stop_ids, generator):
+    """Generate after ids, printing text as soon as it forms whole UTF-8 characters; return new ids."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    prompt = torch.tensor([ids], dtype=torch.long, device=model.lm_head.weight.device)
+    new_ids = []
+    for token in model.stream(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None, cfg.top_p,
+                              generator=generator):
+        t = token.item()
+        if t in stop_ids:
+            break
+        new_ids.append(t)
+        sys.stdout.write(decoder.decode(enc.decode_bytes([t])))  # a special token shows as its name
+        sys.stdout.flush()
+    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    return new_ids
+
+
+def chat(model, enc, cfg, generator):
+    """Multi-turn chat; the conversation is rendered anew each turn, oldest turns dropped to fit."""
+    sp = {name: enc.encode_single_token(name) for name in enc.special_tokens_set}
+    needed = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    if any(name not in sp for name in needed):
+        raise SystemExit(f"{cfg.ckpt}'s tokenizer lacks the chat tokens {needed}; chat needs a checkpoint "
+                         "trained on tokenize_data.py output (and aligned with align.py to answer well).")
+    turn = lambda role, ids: [sp[f"<|{role}|>"]] + ids + [sp["<|end|>"]]  # noqa: E731
+    system = turn("system", enc.encode_ordinary(cfg.system)) if cfg.system else []
+    history = []  # token ids of each finished turn, oldest first
+    room = model.config.block_size - min(cfg.max_new_tokens, model.config.block_size // 2)
+    while True:
+        if cfg.prompt:
+            user = read_prompt(cfg.prompt)
+        else:
+            try:
+                user = input("you> ")
+            except EOFError:
+                print()
+                break
+            if not user.strip():
+                continue
+        history.append(turn("user", enc.encode_ordinary(user)))
+        while True:  # drop whole turns, oldest first, until the reply has room
+            ids = [sp["<|endoftext|>"]] + system + sum(history, []) + [sp["<|assistant|>"]]
+            if len(ids) <= room or len(history) == 1:
+                break
+            history.pop(0)
+        if len(ids) > room:
+            print(f"note: message cropped to its last {room - 1} tokens to fit block_size.", file=sys.stderr)
+            ids = ids[:1] + ids[-(room - 1):]
+        if not cfg.prompt:
+            sys.stdout.write("model> ")
+        reply = stream_print(model, ids, enc, cfg, set(sp.values()), generator)
+        history.append(turn("assistant", reply))
+        if cfg.prompt:
+            break
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(SampleConfig):
@@ -135,35 +136,40 @@ def parse_args(argv=None):
             parser.add_argument(flag, action="store_true", default=f.default)
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default)
-    return SampleConfig(**vars(parser.parse_args(argv)))
+    cfg = SampleConfig(**vars(parser.parse_args(argv)))
+    if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1 or cfg.max_new_tokens < 1:
+        raise SystemExit("--temperature and --top-k must be >= 0, --top-p in (0, 1], --max-new-tokens >= 1.")
+    return cfg
 
 
 def main(argv=None):
     cfg = parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     ckpt = load_checkpoint(cfg.ckpt)
-    model = GPT.from_checkpoint(ckpt, device=device, dropout=0.0)
-    enc = load_tokenizer_from(ckpt)
+    # sdpa computes what every attn_impl computes, and runs everywhere (triton needs a GPU).
+    model = GPT.from_checkpoint(ckpt, device=device, dropout=0.0, attn_impl="sdpa")
+    enc = load_tokenizer_from(ckpt, cfg.ckpt)
     del ckpt
-    if device == "cuda":
-        model = model.to(torch.bfloat16)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    if cfg.chat:
-        return chat(model, enc, cfg, device, generator)
-    sp = special_ids(enc)
-    separator = sp.get("<|endoftext|>")
-    ids = ([separator] if separator is not None else []) + enc.encode_ordinary(read_prompt(cfg.prompt))
-    if not ids:
-        raise SystemExit("--prompt is empty and this tokenizer has no document separator to start from; "
-                         "pass some text.")
-    ids = crop_prompt(ids, model.config.block_size)
-    text_prompt = read_prompt(cfg.prompt)
-    for i in range(cfg.num_samples):
-        if cfg.num_samples > 1:
-            print(f"--- sample {i + 1}/{cfg.num_samples}")
-        sys.stdout.write(text_prompt)
-        stream_print(model, ids, enc, cfg, separator, device, generator)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+    with autocast:
+        if cfg.chat:
+            return chat(model, enc, cfg, generator)
+        text = read_prompt(cfg.prompt)
+        separator = [enc.encode_single_token("<|endoftext|>")] if "<|endoftext|>" in enc.special_tokens_set else []
+        ids = separator + enc.encode_ordinary(text)
+        if not ids:
+            raise SystemExit("--prompt is empty and this tokenizer has no document separator to start from; "
+                             "pass some text.")
+        if len(ids) >= model.config.block_size:
+            print(f"note: prompt of {len(ids)} tokens cropped to its last {model.config.block_size - 1} "
+                  f"(block_size={model.config.block_size}).", file=sys.stderr)
+            ids = ids[-(model.config.block_size - 1):]
+        for i in range(cfg.num_samples):
+            if cfg.num_samples > 1:
+                print(f"--- sample {i + 1}/{cfg.num_samples}")
+            sys.stdout.write(text)
+            stream_print(model, ids, enc, cfg, set(separator), generator)
 
 
 if __name__ == "__main__":
