@@ -1,0 +1,936 @@
+"""
+train.py: next-token pretraining of the GPT in model.py on the token shards tokenize_data.py wrote.
+
+    python train.py --data-dir data/shakespeare                        # small model, CPU, a few minutes
+    python train.py --data-dir data/shakespeare --out-dir out --resume # continue from out/ckpt.pt
+    torchrun --standalone --nproc_per_node=8 train.py --data-dir data/x --preset gpt2-124m --grad-accum 4
+    torchrun --standalone --nproc_per_node=8 train.py --data-dir data/x --preset gpt2-124m --tp 2 --pp 2 --grad-accum 16
+
+`--preset gpt2-124m` is GPT-2 small: 12 layers, 12 heads, 768 wide, 1024 positions, bf16, torch.compile,
+16 sequences x 32 accumulation steps = 524,288 tokens per step on one GPU; on N GPUs pass
+--grad-accum 32/N to keep ~0.5M tokens (global batch = batch-size x grad-accum x data-parallel ranks).
+Any flag given on the command line wins over the preset.
+
+Prints one line per step (loss, lr, tokens/s, MFU against the GPU's bf16 dense peak, time left) and
+writes into --out-dir: log.jsonl (one object per step: step, loss, lr, tokens_per_sec, and val_loss,
+val_bpb when evaluated), ckpt.pt (at every eval and at the end; self-contained: model and train config,
+weights, optimizer, step, RNG states, data position, tokenizer) and loss.png (if matplotlib is there).
+
+Design choices:
+- the batch of step s is drawn by a generator seeded from (seed, s) alone, and rank r takes its slice,
+  so any number of ranks sees the same tokens, and resuming needs only the step;
+- `--resume` with no checkpoint in --out-dir starts fresh (and says so), so a pipeline can always pass
+  it; on resume the checkpoint's train config is the default and flags given now override it;
+- a non-finite loss stops the run before anything is saved, so the last checkpoint stays good;
+- `--tp N --pp M` (data parallel takes the rest: world = dp x tp x pp; the same command on CPU/gloo
+  and GPUs/NCCL) runs the hand-written tensor parallelism (Megatron-style: heads and MLP split over tp,
+  vocab-parallel embedding and loss) and pipeline stages (--schedule gpipe | 1f1b, micro-batches =
+  --grad-accum) of the "Tensor and pipeline parallelism" section; with --tp 1 --pp 1 none of it runs
+  (the plain model, DDP over all ranks). Checkpoints are always saved whole, so any layout, a single
+  process and sample.py load them, and --resume works under a different layout (optimizer included).
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str = ""             # train.bin, val.bin, meta.json (and tokenizer.tiktoken) from tokenize_data.py
+    out_dir: str = "out"
+    preset: str = ""               # "gpt2-124m" sets the fields in PRESETS below
+    # model shape and options (GPTConfig); on resume they come from the checkpoint
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0             # 0: same as n_head
+    n_embd: int = 128
+    block_size: int = 128          # training sequence length (and the model's block_size when fresh)
+    pos_encoding: str = "rope"
+    norm: str = "layernorm"
+    prenorm: bool = True
+    mlp: str = "gelu"
+    tie_weights: bool = True
+    bias: bool = False
+    dropout: float = 0.0
+    attn: str = "sdpa"
+    # optimisation
+    batch_size: int = 16           # sequences per micro-batch per data-parallel rank
+    grad_accum: int = 1            # micro-batches per optimizer step
+    max_steps: int = 500
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 50
+    lr_decay_steps: int = 0        # end of the cosine; 0 means max_steps
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0         # 0 disables clipping
+    eval_interval: int = 100       # evaluate and checkpoint every this many steps (and at the end)
+    eval_steps: int = 10           # validation batches per evaluation
+    # runtime
+    dtype: str = "auto"            # auto: bfloat16 on cuda (float16 where bf16 is missing), float32 on cpu
+    compile: bool = False
+    seed: int = 1337
+    resume: bool = False
+    device: str = "auto"           # auto | cpu | cuda | cuda:N
+    # parallelism (issue 6): tensor-parallel and pipeline-parallel degrees; data parallel gets the rest
+    tp: int = 1
+    pp: int = 1
+    schedule: str = "1f1b"
+
+
+PRESETS = {"gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dtype="bfloat16",
+                             compile=True, batch_size=16, grad_accum=32, max_steps=19073, lr=6e-4,
+                             min_lr=6e-5, warmup_steps=700, eval_interval=250, eval_steps=20)}
+CHOICES = {"preset": list(PRESETS), "pos_encoding": ["rope", "learned", "sinusoidal"],
+           "norm": ["layernorm", "rmsnorm"], "mlp": ["gelu", "swiglu"], "attn": ["sdpa", "naive", "triton"],
+           "dtype": ["auto", "float32", "bfloat16", "float16"], "schedule": ["gpipe", "1f1b"]}
+SHAPE_FIELDS = ["n_layer", "n_head", "n_kv_head", "n_embd", "pos_encoding", "norm", "prenorm", "mlp",
+                "tie_weights", "bias"]
+# bf16 dense tensor-core peaks (FLOP/s) by device name; the first match wins, unknown GPUs get no MFU
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+              ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165e12)]
+
+
+def parse_flags(argv=None):
+    """The flags given on the command line only (dataclass fields as --kebab-case); defaults are filled later."""
+    parser = argparse.ArgumentParser(description=__doc__, argument_default=argparse.SUPPRESS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"default {f.default}")
+        else:
+            parser.add_argument(flag, type=type(f.default), choices=CHOICES.get(f.name), help=f"default {f.default!r}")
+    return vars(parser.parse_args(argv))
+
+
+def resolve_config(argv):
+    """-> (config, the flags given, the checkpoint to resume or None, its path).
+
+    Precedence: dataclass defaults < preset < the checkpoint's train config < flags given now."""
+    given = parse_flags(argv)
+    given["out_dir"] = given.get("out_dir", TrainConfig.out_dir)  # where we looked, not where it was first written
+    ckpt_path = os.path.join(given["out_dir"], "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path) if given.get("resume") and os.path.isfile(ckpt_path) else None
+    known = {f.name for f in fields(TrainConfig)}
+    saved = {k: v for k, v in (ckpt or {}).get("train_config", {}).items() if k in known}
+    preset = given.get("preset", saved.get("preset", ""))
+    return TrainConfig(**{**PRESETS.get(preset, {}), **saved, **given}), given, ckpt, ckpt_path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes and devices
+
+def setup_distributed(device_flag):
+    """-> (rank, world_size, local_rank, device). Under torchrun (RANK set) joins the process group:
+    NCCL on GPUs, gloo on CPU. Alone, rank 0 of 1."""
+    cuda = device_flag.startswith("cuda") or (device_flag == "auto" and torch.cuda.is_available())
+    if "RANK" not in os.environ:
+        return 0, 1, 0, torch.device(("cuda" if cuda else "cpu") if device_flag == "auto" else device_flag)
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world_size, local_rank, device
+
+
+def all_reduce_mean(value, group=None):
+    """Mean of a scalar tensor over the group (gloo has no AVG, so SUM then divide)."""
+    if dist.is_initialized():
+        dist.all_reduce(value, group=group)
+        value = value / dist.get_world_size(group)
+    return value
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS if key in name), None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: token shards on disk, batches as a function of (seed, step)
+
+def load_data(data_dir, seq_len):
+    """-> (train tokens, val tokens, meta) with the shards memory-mapped read-only."""
+    if not data_dir:
+        raise SystemExit("--data-dir is required: the folder tokenize_data.py wrote (train.bin, val.bin, meta.json).")
+    if not os.path.isdir(data_dir):
+        raise SystemExit(f"--data-dir {data_dir} does not exist; run tokenize_data.py --out-dir {data_dir} first.")
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise SystemExit(f"{meta_path} is missing; run tokenize_data.py --out-dir {data_dir} to write the shards.")
+    meta = json.load(open(meta_path))
+    if meta.get("dtype") not in ("uint16", "uint32") or not isinstance(meta.get("vocab_size"), int):
+        raise SystemExit(f"{meta_path} needs vocab_size and dtype (uint16|uint32); rewrite it with tokenize_data.py.")
+    shards = []
+    for name in ("train.bin", "val.bin"):
+        path = os.path.join(data_dir, name)
+        n_tokens = os.path.getsize(path) // np.dtype(meta["dtype"]).itemsize if os.path.isfile(path) else 0
+        if n_tokens < seq_len + 1:  # one sequence and its shifted targets
+            raise SystemExit(f"{path} holds {n_tokens} tokens, fewer than --block-size {seq_len} + 1; "
+                             "add text or lower --block-size.")
+        shards.append(np.memmap(path, dtype=meta["dtype"], mode="r"))
+    return shards[0], shards[1], meta
+
+
+def data_tokenizer(data_dir):
+    """The data dir's tokenizer as a plain dict, or None when the dir has no tokenizer file."""
+    if not os.path.isfile(os.path.join(data_dir, "tokenizer.tiktoken")):
+        return None
+    import tokenize_data  # only needed when there is a tokenizer to carry
+    return tokenize_data.tokenizer_to_dict(tokenize_data.load_tokenizer(data_dir))
+
+
+def batch_starts(seed, step, n_seqs, n_tokens, seq_len, split=0):
+    """(n_seqs,) start offsets of step `step`'s global batch: a function of (seed, step, split) only."""
+    g = torch.Generator().manual_seed((seed * 2**32 + 2 * step + split) % 2**63)  # split 0 train, 1 val
+    return torch.randint(0, n_tokens - seq_len, (n_seqs,), generator=g)
+
+
+def get_batch(data, starts, seq_len, device):
+    """starts (B,) -> x, y (B, T) int64 on device; y[b, t] is the token after x[b, t]."""
+    rows = torch.stack([torch.from_numpy(data[i:i + seq_len + 1].astype(np.int64)) for i in starts.tolist()])
+    x, y = rows[:, :-1], rows[:, 1:]
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.contiguous(), y.contiguous()
+
+
+def micro_batches(data, cfg, step, dp_rank, dp_size, device):
+    """This rank's grad_accum micro-batches of step `step`: the global batch viewed as
+    (grad_accum, dp_size, batch_size), so micro-step m of one process with batch_size*dp_size sequences
+    holds exactly the sequences the dp ranks hold at micro-step m."""
+    n_seqs = cfg.grad_accum * dp_size * cfg.batch_size
+    starts = batch_starts(cfg.seed, step, n_seqs, len(data), cfg.block_size)
+    starts = starts.view(cfg.grad_accum, dp_size, cfg.batch_size)[:, dp_rank]    # (grad_accum, B)
+    return [get_batch(data, s, cfg.block_size, device) for s in starts]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model, optimizer, schedule
+
+def model_config_for(cfg, given, meta, tokenizer, ckpt, ckpt_path):
+    """The GPTConfig to build: from the flags when fresh, from the checkpoint (checked against the
+    flags given and the data's tokenizer) when resuming."""
+    if ckpt is None:
+        return GPTConfig(vocab_size=meta["vocab_size"], block_size=cfg.block_size, attn_impl=cfg.attn,
+                         **{k: getattr(cfg, k) for k in SHAPE_FIELDS + ["dropout"]})
+    saved = ckpt["model_config"]
+    for k in SHAPE_FIELDS:
+        if k in given and given[k] != saved[k] and not (k == "n_kv_head" and given[k] == 0):
+            raise SystemExit(f"--{k.replace('_', '-')} {given[k]} differs from the checkpoint's {saved[k]}; "
+                             "drop the flag or train into a new --out-dir.")
+    if cfg.block_size > saved["block_size"]:
+        raise SystemExit(f"--block-size {cfg.block_size} is above the checkpoint's block_size "
+                         f"{saved['block_size']}; pass --block-size {saved['block_size']} or less.")
+    if meta["vocab_size"] != saved["vocab_size"] or (
+            tokenizer is not None and ckpt.get("tokenizer") is not None and tokenizer != ckpt["tokenizer"]):
+        raise SystemExit(f"the tokenizer of {cfg.data_dir} does not match the one in {ckpt_path}; resume with "
+                         "the data dir the checkpoint was trained on.")
+    return GPTConfig(**{**saved, "attn_impl": cfg.attn, "dropout": cfg.dropout})
+
+
+def build_model(model_config, seed):
+    """The whole model from the seed: every rank builds the same weights, then sharding/wrapping happens."""
+    torch.manual_seed(seed)
+    return GPT(model_config)
+
+
+def lr_at(step, cfg):
+    """Linear warmup to --lr over warmup_steps, then cosine down to --min-lr at lr_decay_steps, then flat."""
+    decay_steps = cfg.lr_decay_steps or cfg.max_steps
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step >= decay_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def train_step(model, optimizer, scaler, batches, lr, cfg, autocast):
+    """One optimizer step over the micro-batches; returns this rank's mean loss (a 0-dim tensor).
+
+    Each micro loss is divided by grad_accum so the summed gradients are those of the mean over the
+    whole batch. DDP all-reduces gradients only on the last micro-step (no_sync on the others)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=batches[0][0].device)
+    for micro, (x, y) in enumerate(batches):
+        last = micro == len(batches) - 1
+        with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
+            with autocast:
+                _, loss = model(x, y)
+            loss = loss / len(batches)
+            scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+@torch.no_grad()
+def evaluate(model, val_data, cfg, dp_rank, dp_size, device, autocast, dp_group=None, grid=None):
+    """Mean loss over eval_steps fixed validation batches (the same every evaluation), over all dp ranks."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    for i in range(cfg.eval_steps):
+        starts = batch_starts(cfg.seed, i, dp_size * cfg.batch_size, len(val_data), cfg.block_size, split=1)
+        x, y = get_batch(val_data, starts.view(dp_size, cfg.batch_size)[dp_rank], cfg.block_size, device)
+        if grid is not None:  # --tp/--pp: forward through the stages, the loss shared by all of them
+            total += pipeline_loss(model, grid, x, y, autocast)
+        else:
+            with autocast:
+                total += model(x, y)[1].float()
+    model.train()
+    return all_reduce_mean(total / cfg.eval_steps, dp_group).item()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tensor and pipeline parallelism (only under --tp or --pp above 1)
+#
+# Global rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank: tp ranks are neighbours because they talk
+# most (all-reduces inside every block), so on a node they share the fastest links. Each rank keeps
+# tp_group (its tp ranks), dp_group (same shard of the same stage in every replica: the gradient
+# average), pp_group (its stages: activations, grad norm, checkpoint gather) and embed_group (first and
+# last stage: tied embedding/head gradients). COMM_BYTES and BUSY_SECONDS count what this rank sends and
+# how long it computes, for bench/parallel.py (bytes and the measured pipeline bubble).
+COMM_BYTES = {"tp": 0, "dp": 0, "pp": 0}
+BUSY_SECONDS = [0.0]
+
+
+class Grid:
+    """This rank's coordinates in the (pp, dp, tp) grid and its process groups."""
+
+    def __init__(self, tp, pp):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        self.tp, self.pp, self.dp = tp, pp, world // (tp * pp)
+        self.pp_rank, self.dp_rank, self.tp_rank = rank // (self.dp * tp), rank // tp % self.dp, rank % tp
+        ranks = torch.arange(world).view(pp, self.dp, tp)
+        self.embed_group = None
+        # new_group is collective: every rank creates every group, in the same order
+        for kind, lists in (("tp", ranks.flatten(0, 1)), ("dp", ranks.transpose(1, 2).flatten(0, 1)),
+                            ("pp", ranks.permute(1, 2, 0).flatten(0, 1))):
+            for members in lists.tolist():
+                group = dist.new_group(members)
+                if rank in members:
+                    setattr(self, f"{kind}_group", group)
+                    setattr(self, f"{kind}_ranks", members)
+                if kind == "pp" and pp > 1:
+                    group = dist.new_group([members[0], members[-1]])
+                    self.embed_group = group if rank in (members[0], members[-1]) else self.embed_group
+        self.is_first, self.is_last = self.pp_rank == 0, self.pp_rank == pp - 1
+        self.prev_rank = None if self.is_first else self.pp_ranks[self.pp_rank - 1]
+        self.next_rank = None if self.is_last else self.pp_ranks[self.pp_rank + 1]
+        dist.barrier()  # a collective on the world group before the first point-to-point (NCCL wants one)
+
+
+def all_reduce(tensor, group, kind, op=dist.ReduceOp.SUM):
+    COMM_BYTES[kind] += tensor.numel() * tensor.element_size()
+    dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+# The conjugate pair. A column-parallel layer needs its input whole on every tp rank; a row-parallel
+# layer leaves each rank a partial sum of its output. f and g are each other's transpose.
+class CopyToTP(torch.autograd.Function):
+    """f: identity forward; all-reduce backward (each rank's dL/dx covers only its own columns)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad.clone(), ctx.group, "tp"), None
+
+
+class ReduceFromTP(torch.autograd.Function):
+    """g: all-reduce forward (sum the partial outputs); identity backward (each part counted once)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x.clone(), group, "tp")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def shard_index(sections, tp_rank, tp):
+    """Rows (or columns) tp_rank holds of a tensor made of `sections`: piece tp_rank of each section,
+    so [q | k | v] gives every rank its own q, k and v heads and [gate | up] matching halves."""
+    starts = torch.tensor([0, *sections[:-1]]).cumsum(0).tolist()
+    return torch.cat([torch.arange(s + tp_rank * n // tp, s + (tp_rank + 1) * n // tp)
+                      for s, n in zip(starts, sections)])
+
+
+def shard_parameter(full, dim, sections, grid):
+    """This rank's slice of a whole tensor, as a Parameter that remembers how it was cut."""
+    p = nn.Parameter(full.detach().index_select(dim, shard_index(sections, grid.tp_rank, grid.tp)))
+    p.tp_dim, p.tp_sections = dim, sections  # read by the grad norm and the checkpoint gather
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    """Each tp rank owns some output features (rows of W): (B, T, in) -> (B, T, out/tp)."""
+
+    def __init__(self, full, sections, grid, weight=None):
+        super().__init__()
+        self.group = grid.tp_group
+        self.weight = weight if weight is not None else shard_parameter(full.weight, 0, sections, grid)
+        self.bias = None if full.bias is None else shard_parameter(full.bias, 0, sections, grid)
+
+    def forward(self, x):
+        return F.linear(CopyToTP.apply(x, self.group), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """Each tp rank owns some input features (columns of W), fed by the column-parallel layer before
+    it without any gather: (B, T, in/tp) -> partial sums -> g -> (B, T, out). The bias is replicated."""
+
+    def __init__(self, full, sections, grid):
+        super().__init__()
+        self.group = grid.tp_group
+        self.weight = shard_parameter(full.weight, 1, sections, grid)
+        self.bias = None if full.bias is None else nn.Parameter(full.bias.detach().clone())
+
+    def forward(self, x):
+        y = ReduceFromTP.apply(F.linear(x, self.weight), self.group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each tp rank holds vocab rows [start, end) (the tied head the same rows); other tokens look up
+    zeros here, and the sum over ranks (g) is the embedding."""
+
+    def __init__(self, full, grid):
+        super().__init__()
+        vocab = full.weight.size(0)
+        self.group, self.start, self.end = grid.tp_group, grid.tp_rank * vocab // grid.tp, (grid.tp_rank + 1) * vocab // grid.tp
+        self.weight = shard_parameter(full.weight, 0, [vocab], grid)
+
+    def forward(self, idx):                                              # (B, T) -> (B, T, C)
+        outside = (idx < self.start) | (idx >= self.end)
+        x = F.embedding((idx - self.start).masked_fill(outside, 0), self.weight)
+        return ReduceFromTP.apply(x.masked_fill(outside[..., None], 0.0), self.group)
+
+
+class VocabParallelCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy over targets != -1 from logits split over the vocab, never gathered.
+
+    loss_i = log sum_v exp(z_iv - m_i) - (z_i,t_i - m_i), m_i the max over all shards: the max, the sum
+    of exponentials and the target logit (from the shard that owns t_i) are each an all-reduce of N
+    numbers, not N x vocab. The gradient, softmax - onehot(t), is local to each shard.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, start, group):                     # (N, V/tp), (N,)
+        logits_max = all_reduce(logits.max(dim=-1).values, group, "tp", dist.ReduceOp.MAX)
+        exp = (logits - logits_max[:, None]).exp()
+        sum_exp = all_reduce(exp.sum(dim=-1), group, "tp")
+        local_t = targets - start
+        mine = (local_t >= 0) & (local_t < logits.size(1))              # -1 is nobody's
+        local_t = local_t.masked_fill(~mine, 0)
+        target_logit = (logits.gather(1, local_t[:, None])[:, 0] - logits_max).masked_fill(~mine, 0.0)
+        target_logit = all_reduce(target_logit, group, "tp")
+        valid = targets != -1
+        n_valid = valid.sum()
+        ctx.save_for_backward(exp / sum_exp[:, None], local_t, mine, valid, n_valid)
+        return ((sum_exp.log() - target_logit) * valid).sum() / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local_t, mine, valid, n_valid = ctx.saved_tensors
+        grad = softmax.clone()
+        grad[torch.arange(grad.size(0), device=grad.device), local_t] -= mine.to(grad.dtype)
+        return grad * (valid * grad_loss / n_valid)[:, None], None, None, None
+
+
+def stage_layers(n_layer, pp, pp_rank):
+    """Blocks [lo, hi) of stage pp_rank: contiguous, the first n_layer % pp stages one block longer."""
+    base, extra = divmod(n_layer, pp)
+    lo = pp_rank * base + min(pp_rank, extra)
+    return lo, lo + base + (pp_rank < extra)
+
+
+def check_parallel_config(config, tp, pp):
+    for name in ("n_head", "n_kv_head", "vocab_size", "mlp_hidden"):
+        if getattr(config, name) % tp:
+            raise SystemExit(f"--tp {tp} must divide the model's {name}={getattr(config, name)} (each tp rank "
+                             "owns an equal share); pick a --tp that divides it, or change the model.")
+    if config.n_layer < pp:
+        raise SystemExit(f"--pp {pp} is more stages than the model's {config.n_layer} blocks; use --pp <= n_layer.")
+
+
+def shard_model(model, grid):
+    """Cut the whole model (from the seed, or loaded) down to this rank's tp shard of its stage, in place.
+
+    Linears become their parallel versions; the embedding stays on the first stage, the final norm
+    and head on the last (with tied weights, the head's weight is the embedding shard there too).
+    """
+    config, tp = model.config, grid.tp
+    check_parallel_config(config, tp, grid.pp)
+    if tp > 1:
+        for block in model.blocks:
+            attn, mlp, hd, hidden = block.attn, block.mlp, config.head_dim, config.mlp_hidden
+            attn.qkv = ColumnParallelLinear(attn.qkv, [attn.n_head * hd, attn.n_kv_head * hd, attn.n_kv_head * hd], grid)
+            attn.proj = RowParallelLinear(attn.proj, [attn.n_head * hd], grid)
+            attn.n_head, attn.n_kv_head = attn.n_head // tp, attn.n_kv_head // tp   # read at forward time
+            mlp.fc = ColumnParallelLinear(mlp.fc, [hidden, hidden] if mlp.swiglu else [hidden], grid)
+            mlp.proj = RowParallelLinear(mlp.proj, [hidden], grid)
+        model.wte = VocabParallelEmbedding(model.wte, grid)
+        tied = model.wte.weight if config.tie_weights else None
+        model.lm_head = ColumnParallelLinear(model.lm_head, [config.vocab_size], grid, weight=tied)
+    model.stage_lo, hi = stage_layers(config.n_layer, grid.pp, grid.pp_rank)
+    model.blocks = nn.ModuleList(list(model.blocks)[model.stage_lo:hi])
+    if not grid.is_first:
+        model.wte = None
+        if config.pos_encoding == "learned":
+            model.wpe = None
+    if not grid.is_last:
+        model.norm_f = model.lm_head = None
+    return model
+
+
+def global_name(model, name):
+    """This stage's parameter name -> the whole model's (block numbers shift; a tied head is wte)."""
+    if name.startswith("blocks."):
+        _, i, rest = name.split(".", 2)
+        return f"blocks.{int(i) + model.stage_lo}.{rest}"
+    return "wte.weight" if name == "lm_head.weight" and model.config.tie_weights else name
+
+
+def stage_forward(model, grid, x, targets, n_micro):
+    """First stage: ids -> residual stream (B, T, C); middle: stream -> stream; last: -> loss / n_micro."""
+    if grid.is_first:
+        x = model.embed(x)
+    rope = model.rope(0, x.size(1))
+    for block in model.blocks:
+        x = block(x, rope)
+    if not grid.is_last:
+        return x
+    logits = model.lm_head(model.norm_f(x)).flatten(0, 1).float()      # (B*T, vocab/tp)
+    if grid.tp > 1:
+        start = grid.tp_rank * model.config.vocab_size // grid.tp
+        return VocabParallelCrossEntropy.apply(logits, targets.flatten(), start, grid.tp_group) / n_micro
+    return F.cross_entropy(logits, targets.flatten(), ignore_index=-1) / n_micro  # grads add to the mean
+
+
+def p2p(grid, send_next=None, send_prev=None, recv_next=None, recv_prev=None):
+    """Post sends/receives to the neighbouring stages as one batch and wait for them. A send and a
+    receive posted together is what keeps 1F1B from deadlocking on NCCL, where a lone send may wait for
+    its receiver. recv_* are preallocated buffers: shapes are known, no handshake."""
+    ops = [dist.P2POp(op, t, peer) for t, peer, op in
+           ((send_prev, grid.prev_rank, dist.isend), (recv_prev, grid.prev_rank, dist.irecv),
+            (send_next, grid.next_rank, dist.isend), (recv_next, grid.next_rank, dist.irecv)) if t is not None]
+    COMM_BYTES["pp"] += sum(t.numel() * t.element_size() for t in (send_prev, send_next) if t is not None)
+    for work in dist.batch_isend_irecv(ops) if ops else []:
+        work.wait()
+
+
+def pipeline_step(model, grid, micro_batches, schedule, autocast):
+    """Forward and backward of the micro-batches [(x, y), ...] on this stage -> the loss sum (last stage).
+
+    gpipe: all forwards, then all backwards (m micro-batches of activations held).
+    1f1b: stage s runs pp - s - 1 warm-up forwards, then one forward / one backward, then the remaining
+    backwards: at most pp - s micro-batches held, the same bubble (pp - 1) / (m + pp - 1).
+    """
+    m, (B, T) = len(micro_batches), micro_batches[0][0].shape
+    device, dtype = micro_batches[0][0].device, next(model.parameters()).dtype  # the residual stream's
+    inputs, outputs, losses = [None] * m, [None] * m, []
+
+    def forward(i):
+        x = micro_batches[i][0]
+        if not grid.is_first:
+            x = torch.empty(B, T, model.config.n_embd, device=device, dtype=dtype, requires_grad=True)
+            p2p(grid, recv_prev=x.data)
+        t0 = time.perf_counter()
+        with autocast:
+            inputs[i], outputs[i] = x, stage_forward(model, grid, x, micro_batches[i][1], m)
+        BUSY_SECONDS[0] += time.perf_counter() - t0
+        if grid.is_last:
+            losses.append(outputs[i].detach().float())  # no .item(): no sync per micro-batch
+
+    def backward(i, send_next=None):  # send_next: the newest activation, sent with the receive
+        grad = None if grid.is_last else torch.empty(B, T, model.config.n_embd, device=device, dtype=dtype)
+        p2p(grid, send_next=send_next, recv_next=grad)
+        t0 = time.perf_counter()
+        torch.autograd.backward(outputs[i], grad)
+        BUSY_SECONDS[0] += time.perf_counter() - t0
+        p2p(grid, send_prev=None if grid.is_first else inputs[i].grad)
+        inputs[i] = outputs[i] = None                                   # free micro-batch i
+
+    def activation(i):
+        return None if grid.is_last else outputs[i].detach()
+
+    if schedule not in ("gpipe", "1f1b"):
+        raise SystemExit(f"--schedule {schedule!r} is not one of gpipe, 1f1b.")
+    warmup = m if schedule == "gpipe" else min(grid.pp - grid.pp_rank - 1, m)
+    for i in range(warmup):
+        forward(i)
+        p2p(grid, send_next=activation(i))
+    for i in range(warmup, m):  # 1f1b's steady state: forward i, backward i - warmup
+        forward(i)
+        backward(i - warmup, send_next=activation(i))
+    for i in range(m - warmup, m):
+        backward(i)
+    return sum(losses) if losses else 0.0
+
+
+def finish_gradients(model, grid, loss_sum, grad_clip):
+    """After the schedule: tied grads, dp average, global-norm clip -> (this replica's loss, grad norm)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    tied_here = grid.pp > 1 and model.config.tie_weights and (grid.is_first or grid.is_last)
+    if tied_here:  # the first stage used it as embedding, the last as head: the gradient is the sum
+        all_reduce((model.wte if grid.is_first else model.lm_head).weight.grad, grid.embed_group, "pp")
+    if grid.dp > 1:  # over dp_group only: the world group would also add up other shards and stages
+        for p in params:
+            all_reduce(p.grad, grid.dp_group, "dp").div_(grid.dp)
+    # Squared norm: tp shards add up over tp; replicated params (norms, row-parallel biases) have equal
+    # grads on all tp ranks, so tp rank 0 counts them; the tied copy counts on the first stage only.
+    sq = torch.zeros((), device=params[0].device)
+    for name, p in model.named_parameters():
+        skip = tied_here and not grid.is_first and name == "lm_head.weight"
+        if p.grad is not None and not skip and (hasattr(p, "tp_dim") or grid.tp_rank == 0):
+            sq += p.grad.float().pow(2).sum()
+    # the loss rides along: known on the last stage, the same on each of its tp ranks
+    sq_loss = torch.stack([sq, torch.as_tensor(loss_sum if grid.tp_rank == 0 else 0.0, device=sq.device)])
+    if grid.tp > 1:
+        all_reduce(sq_loss, grid.tp_group, "tp")
+    if grid.pp > 1:
+        all_reduce(sq_loss, grid.pp_group, "pp")
+    norm = sq_loss[0].sqrt()
+    if grad_clip > 0:
+        scale = (grad_clip / (norm + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
+        for p in params:
+            p.grad.mul_(scale)
+    return sq_loss[1], norm
+
+
+def parallel_train_step(model, grid, optimizer, batches, lr, cfg, autocast):
+    """train_step under --tp/--pp: the schedule, finish_gradients, AdamW -> this replica's mean loss.
+    Grads are zeroed before the step rather than after, so tests can read them."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = pipeline_step(model, grid, batches, cfg.schedule, autocast)
+    loss, _ = finish_gradients(model, grid, loss_sum, cfg.grad_clip)
+    optimizer.step()
+    return loss
+
+
+@torch.no_grad()
+def pipeline_loss(model, grid, x, y, autocast):
+    """Forward only (evaluation): the batch's mean loss, on every rank of this replica."""
+    if not grid.is_first:
+        x = torch.empty(*x.shape, model.config.n_embd, device=x.device, dtype=next(model.parameters()).dtype)
+        p2p(grid, recv_prev=x)
+    with autocast:
+        out = stage_forward(model, grid, x, y, 1)
+    if not grid.is_last:
+        p2p(grid, send_next=out)
+    loss = out.float() if grid.is_last else torch.zeros((), device=x.device)
+    return all_reduce(loss, grid.pp_group, "pp") if grid.pp > 1 else loss
+
+
+def gather_full(model, grid, tensors):
+    """{this stage's param name: tensor shaped like it} -> {whole-model name: whole tensor} on rank 0
+    (None elsewhere): tp shards all-gathered and put back by the index that cut them, then the stages
+    gathered to rank 0."""
+    if grid.dp_rank != 0:
+        return None
+    named, whole = dict(model.named_parameters()), {}
+    for name, t in tensors.items():
+        if name == "lm_head.weight" and model.config.tie_weights and not grid.is_first:
+            continue  # the first stage's wte.weight, the same values
+        p, t = named[name], t.detach().contiguous()
+        if grid.tp > 1 and hasattr(p, "tp_dim"):
+            pieces = [torch.empty_like(t) for _ in range(grid.tp)]
+            dist.all_gather(pieces, t, group=grid.tp_group)
+            t = torch.cat(pieces, p.tp_dim)  # rank-major; reorder to the whole tensor's layout
+            index = torch.cat([shard_index(p.tp_sections, r, grid.tp) for r in range(grid.tp)]).to(t.device)
+            t = t.index_select(p.tp_dim, index.argsort())
+        whole[global_name(model, name)] = t.cpu()
+    if grid.tp_rank != 0:
+        return None
+    if grid.pp > 1:
+        stages = [None] * grid.pp if grid.is_first else None
+        dist.gather_object(whole, stages, dst=grid.pp_ranks[0], group=grid.pp_group)
+        if not grid.is_first:
+            return None
+        whole = {k: v for stage in stages for k, v in stage.items()}
+    if model.config.tie_weights:
+        whole["lm_head.weight"] = whole["wte.weight"]
+    return whole
+
+
+def whole_optimizer_order(model, optimizer):
+    """{whole-model param name: its index in the whole model's AdamW state_dict}, and its param_groups
+    (a GPT on the meta device: names and shapes, no memory)."""
+    with torch.device("meta"):
+        whole = GPT(model.config)
+    g = optimizer.param_groups[0]
+    whole_opt = whole.configure_optimizers(g["weight_decay"], g["lr"], g["betas"], "cpu")
+    return param_index(whole, whole_opt), whole_opt.state_dict()["param_groups"]
+
+
+def param_index(model, optimizer):
+    """{param name: index in optimizer.state_dict()} (state_dict numbers params group after group)."""
+    names = {p: n for n, p in model.named_parameters()}
+    return {names[p]: i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+
+
+def gather_checkpoint(model, grid, optimizer):
+    """-> (the whole model, its AdamW state_dict) on rank 0, (None, None) elsewhere; every rank calls it.
+    Saved unsharded, so any layout, a single process and sample.py load it."""
+    params = gather_full(model, grid, dict(model.named_parameters()))
+    local, index = optimizer.state_dict(), param_index(model, optimizer)
+    moments = {key: gather_full(model, grid, {n: local["state"][i][key] for n, i in index.items() if i in local["state"]})
+               for key in ("exp_avg", "exp_avg_sq")}
+    if params is None:
+        return None, None
+    whole_index, groups = whole_optimizer_order(model, optimizer)
+    step = next(iter(local["state"].values()))["step"] if local["state"] else None  # one step for all
+    state = {whole_index[n]: {"step": step.clone(), "exp_avg": moments["exp_avg"][n], "exp_avg_sq": avg_sq}
+             for n, avg_sq in moments["exp_avg_sq"].items() if n in whole_index}
+    groups = [{**g, "params": w["params"]} for g, w in zip(local["param_groups"], groups)]
+    with torch.device("meta"):  # a skeleton without memory, then the gathered tensors put in place
+        whole = GPT(model.config)
+    whole.load_state_dict(params, assign=True)
+    return whole, {"state": state, "param_groups": groups}
+
+
+def load_sharded_optimizer_state(model, grid, optimizer, whole_state):
+    """Load a whole model's AdamW state_dict (any layout or a single process wrote it) into this shard."""
+    whole_index, _ = whole_optimizer_order(model, optimizer)
+    named, state = dict(model.named_parameters()), {}
+    for name, i in param_index(model, optimizer).items():
+        entry = whole_state["state"].get(whole_index[global_name(model, name)])
+        if entry is not None:
+            p, state[i] = named[name], dict(entry)
+            if grid.tp > 1 and hasattr(p, "tp_dim"):
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[i][key] = entry[key].index_select(p.tp_dim, shard_index(p.tp_sections, grid.tp_rank, grid.tp))
+    groups = [{**g, **{k: v for k, v in w.items() if k != "params"}}
+              for g, w in zip(optimizer.state_dict()["param_groups"], whole_state["param_groups"])]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints and logs
+
+def rng_states(device):
+    """This process's RNG states as tensors and lists (weights_only-loadable), gathered from every rank."""
+    state = {"torch_cpu": torch.get_rng_state(), "python": [list(x) if isinstance(x, tuple) else x
+                                                            for x in random.getstate()]}
+    if device.type == "cuda":
+        state["torch_cuda"] = torch.cuda.get_rng_state(device)
+    if not dist.is_initialized():
+        return [state]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def set_rng_states(states, rank, world_size, device):
+    if len(states) != world_size:
+        print(f"rank {rank}: checkpoint holds RNG states of {len(states)} ranks, not {world_size}; dropout "
+              "masks will differ from the original run (the data does not).")
+        return
+    state = states[rank]
+    torch.set_rng_state(state["torch_cpu"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"], device)
+
+
+def start_log(path, resume_step):
+    """Keep the entries up to the resumed step (none when fresh), so the log matches the checkpoint."""
+    kept = []
+    if resume_step and os.path.isfile(path):
+        kept = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= resume_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def plot_losses(log_path, png_path):
+    """loss.png: train loss per step and val loss per eval; skipped silently without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in open(log_path) if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train", lw=1)
+    evals = [r for r in rows if "val_loss" in r]
+    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+    ax.set(xlabel="step", ylabel="loss (nats/token)")
+    ax.legend()
+    fig.savefig(png_path + ".tmp", format="png", dpi=100)
+    plt.close(fig)
+    os.replace(png_path + ".tmp", png_path)
+
+
+def check_finite(loss, what, step, ckpt_path):
+    """Stop on nan/inf before anything is saved, so the checkpoint on disk is the last good one."""
+    if not math.isfinite(loss):
+        kept = f"{ckpt_path} is kept" if os.path.isfile(ckpt_path) else "no checkpoint was written"
+        raise SystemExit(f"{what} became {loss} at step {step}; stopping ({kept}). Lower --lr, or use "
+                         "--dtype bfloat16 or float32 instead of float16.")
+
+
+def human_time(seconds):
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg, given, ckpt, ckpt_path = resolve_config(argv)
+    rank, world_size, local_rank, device = setup_distributed(cfg.device)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    if given.get("resume") and ckpt is None:
+        say(f"--resume: no checkpoint at {ckpt_path}; starting fresh.")
+    if min(cfg.batch_size, cfg.grad_accum, cfg.tp, cfg.pp, cfg.eval_steps) < 1:
+        raise SystemExit("--batch-size, --grad-accum, --tp, --pp and --eval-steps must all be at least 1.")
+    if world_size % (cfg.tp * cfg.pp):
+        raise SystemExit(f"--tp {cfg.tp} x --pp {cfg.pp} = {cfg.tp * cfg.pp} does not divide the {world_size} "
+                         "processes; launch a multiple of tp x pp ranks.")
+    # --tp 1 --pp 1: the plain path (DDP over every rank), none of the parallel layers or schedules
+    grid = Grid(cfg.tp, cfg.pp) if cfg.tp * cfg.pp > 1 else None
+    dp_rank, dp_size, dp_group = (grid.dp_rank, grid.dp, grid.dp_group) if grid else (rank, world_size, None)
+
+    train_data, val_data, meta = load_data(cfg.data_dir, cfg.block_size)
+    tokenizer = data_tokenizer(cfg.data_dir)
+    model_config = model_config_for(cfg, given, meta, tokenizer, ckpt, ckpt_path)
+    start_step = ckpt["step"] if ckpt is not None else 0
+
+    model = build_model(model_config, cfg.seed)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.block_size)  # whole model
+    if grid:  # load whole, then shard: every layout starts from the same weights
+        shard_model(model, grid)
+    model.to(device)
+    # Dropout masks differ across ranks, except across tp ranks: their activations outside the split
+    # layers are replicated and must stay identical.
+    torch.manual_seed(cfg.seed + rank - (grid.tp_rank if grid else 0))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dtype = cfg.dtype if cfg.dtype != "auto" else "float32" if device.type != "cuda" else \
+        "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # fp16 needs loss scaling
+    if grid and scaler.is_enabled():
+        raise SystemExit("float16 needs one loss scale agreed by all stages, which --tp/--pp do not do; "
+                         "pass --dtype bfloat16 or float32.")
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=device.type)
+    if ckpt is not None and grid:
+        load_sharded_optimizer_state(model, grid, optimizer, ckpt["optimizer"])
+    elif ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt is not None:
+        if "scaler" in ckpt and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        set_rng_states(ckpt["rng"], rank, world_size, device)
+    raw_model = model  # the unwrapped model (this rank's shard under --tp/--pp): checkpoints read it
+    if cfg.compile and not grid:  # stages run blocks one by one, not model.forward: nothing to compile
+        model = torch.compile(model)
+    if dp_size > 1 and not grid:  # under --tp/--pp the dp all-reduce is done by hand (finish_gradients)
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, process_group=dp_group)
+
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * dp_size * cfg.block_size
+    flops_per_step = flops_per_token * tokens_per_step
+    peak = peak_flops(device)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        start_log(log_path, start_step)
+    if grid:
+        say(f"layout dp {dp_size} x tp {cfg.tp} x pp {cfg.pp}, schedule {cfg.schedule}")
+    say(f"{n_params:,} parameters | {world_size} process(es) on {device.type}, {dtype} | global batch "
+        f"{cfg.batch_size} x {cfg.grad_accum} accum x {dp_size} dp x {cfg.block_size} = {tokens_per_step:,} tokens")
+    say(f"steps {start_step} -> {cfg.max_steps}" + (f" (resumed from {ckpt_path})" if ckpt else ""))
+
+    def save(step):
+        rng = rng_states(device)  # a collective: every rank calls save()
+        # also collective under --tp/--pp: shards and stages are gathered whole onto rank 0
+        whole, optimizer_state = gather_checkpoint(model, grid, optimizer) if grid else (raw_model, optimizer.state_dict())
+        if master:
+            position = {"step": step, "seed": cfg.seed, "tokens_seen": step * tokens_per_step}
+            save_checkpoint(ckpt_path, whole, train_config=asdict(cfg), step=step, optimizer=optimizer_state,
+                            rng=rng, data_position=position, scaler=scaler.state_dict(), stage="pretrain",
+                            tokenizer=tokenizer if tokenizer is not None else (ckpt or {}).get("tokenizer"))
+
+    step, step_seconds = start_step, None
+    while step < cfg.max_steps:
+        t0 = time.time()
+        batches = micro_batches(train_data, cfg, step, dp_rank, dp_size, device)
+        lr = lr_at(step, cfg)
+        if grid:
+            loss = parallel_train_step(model, grid, optimizer, batches, lr, cfg, autocast)
+        else:
+            loss = train_step(model, optimizer, scaler, batches, lr, cfg, autocast)
+        loss = all_reduce_mean(loss, dp_group).item()
+        step += 1
+        check_finite(loss, "loss", step, ckpt_path)
+        dt = time.time() - t0
+        step_seconds = dt if step_seconds is None or step == start_step + 2 else 0.9 * step_seconds + 0.1 * dt
+        entry = {"step": step, "loss": loss, "lr": lr, "tokens_per_sec": tokens_per_step / dt}
+        line = f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {entry['tokens_per_sec']:,.0f} tok/s"
+        if peak:
+            line += f" | mfu {100 * flops_per_step / dt / (peak * world_size):.1f}%"
+        line += f" | {human_time(step_seconds * (cfg.max_steps - step))} left"
+        evaluating = step == cfg.max_steps or (cfg.eval_interval > 0 and step % cfg.eval_interval == 0)
+        if evaluating:
+            entry["val_loss"] = evaluate(model, val_data, cfg, dp_rank, dp_size, device, autocast, dp_group, grid)
+            check_finite(entry["val_loss"], "validation loss", step, ckpt_path)
+            line += f" | val {entry['val_loss']:.4f}"
+            if meta.get("val_bytes") and meta.get("val_tokens"):
+                entry["val_bpb"] = entry["val_loss"] / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
+                line += f" ({entry['val_bpb']:.3f} bits/byte)"
+        say(line, flush=True)
+        if master:  # the log line goes first: a kill before the checkpoint lands is trimmed on resume
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        if evaluating:
+            save(step)
+    if step == start_step:
+        say(f"the checkpoint is already at step {step} >= --max-steps {cfg.max_steps}; nothing to train.")
+    if master:
+        plot_losses(log_path, os.path.join(cfg.out_dir, "loss.png"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
