@@ -6,35 +6,33 @@ train.py: next-token pretraining of the GPT in model.py on the token shards toke
     torchrun --standalone --nproc_per_node=8 train.py --data-dir data/x --preset gpt2-124m --grad-accum 4
     torchrun --standalone --nproc_per_node=8 train.py --data-dir data/x --preset gpt2-124m --tp 2 --pp 2 --grad-accum 16
 
-`--preset gpt2-124m` is GPT-2 small: 12 layers, 12 heads, 768 wide, 1024 positions, bf16, torch.compile,
-16 sequences x 32 accumulation steps = 524,288 tokens per step on one GPU; on N GPUs pass
---grad-accum 32/N to keep ~0.5M tokens (global batch = batch-size x grad-accum x data-parallel ranks).
-Any flag given on the command line wins over the preset.
+`--preset gpt2-124m` is GPT-2 small (12 layers, 12 heads, 768 wide, 1024 positions, bf16, torch.compile),
+16 sequences x 32 accumulation steps = 524,288 tokens per step on one GPU; on N GPUs pass --grad-accum 32/N
+(global batch = batch-size x grad-accum x data-parallel ranks). Flags given on the command line win.
 
-Prints one line per step (loss, lr, tokens/s, MFU against the GPU's bf16 dense peak, time left) and
-writes into --out-dir: log.jsonl (one object per step: step, loss, lr, tokens_per_sec, and val_loss,
-val_bpb when evaluated), ckpt.pt (at every eval and at the end; self-contained: model and train config,
-weights, optimizer, step, RNG states, data position, tokenizer) and loss.png (if matplotlib is there).
+Prints one line per step (loss, lr, tokens/s, MFU against the GPU's bf16 dense peak, time left) and writes
+into --out-dir: log.jsonl (per step: step, loss, lr, tokens_per_sec; val_loss, val_bpb when evaluated),
+ckpt.pt (at every eval and at the end; self-contained: model and train config, weights, optimizer, step,
+RNG states, data position, tokenizer) and loss.png (if matplotlib is there).
 
 Design choices:
-- the batch of step s is drawn by a generator seeded from (seed, s) alone, and rank r takes its slice,
-  so any number of ranks sees the same tokens, and resuming needs only the step;
-- `--resume` with no checkpoint in --out-dir starts fresh (and says so), so a pipeline can always pass
-  it; on resume the checkpoint's train config is the default and flags given now override it;
+- step s's batch is drawn by a generator seeded from (seed, s) alone and rank r takes its slice, so any
+  number of ranks sees the same tokens, and resuming needs only the step;
+- `--resume` with no checkpoint in --out-dir starts fresh (and says so), so a pipeline can always pass it;
+  on resume the checkpoint's train config is the default and flags given now override it; without
+  --resume, a ckpt.pt already in --out-dir is replaced at the first checkpoint (a note says so);
 - a non-finite loss stops the run before anything is saved, so the last checkpoint stays good;
-- `--tp N --pp M` (data parallel takes the rest: world = dp x tp x pp; the same command on CPU/gloo
-  and GPUs/NCCL) runs the hand-written tensor parallelism (Megatron-style: heads and MLP split over tp,
-  vocab-parallel embedding and loss) and pipeline stages (--schedule gpipe | 1f1b, micro-batches =
-  --grad-accum) of the "Tensor and pipeline parallelism" section; with --tp 1 --pp 1 none of it runs
-  (the plain model, DDP over all ranks). Checkpoints are always saved whole, so any layout, a single
-  process and sample.py load them, and --resume works under a different layout (optimizer included).
+- `--tp N --pp M` (data parallel takes the rest: world = dp x tp x pp; CPU/gloo or GPUs/NCCL) runs
+  hand-written Megatron-style tensor parallelism (heads and MLP split over tp, vocab-parallel embedding
+  and loss) and pipeline stages (--schedule gpipe | 1f1b, micro-batches = --grad-accum); --tp 1 --pp 1
+  runs none of it (the plain model, DDP over all ranks). Checkpoints are always saved whole, so any
+  layout, one process and sample.py load them, and --resume may change the layout.
 """
 
 import argparse
 import json
 import math
 import os
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -86,7 +84,7 @@ class TrainConfig:
     seed: int = 1337
     resume: bool = False
     device: str = "auto"           # auto | cpu | cuda | cuda:N
-    # parallelism (issue 6): tensor-parallel and pipeline-parallel degrees; data parallel gets the rest
+    # parallelism: tensor-parallel and pipeline-parallel degrees; data parallel gets the rest
     tp: int = 1
     pp: int = 1
     schedule: str = "1f1b"
@@ -105,29 +103,22 @@ PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200
               ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165e12)]
 
 
-def parse_flags(argv=None):
-    """The flags given on the command line only (dataclass fields as --kebab-case); defaults are filled later."""
+def resolve_config(argv):
+    """-> (config, the flags given, the checkpoint to resume or None, its path). Each dataclass field is a
+    --kebab-case flag; dataclass defaults < preset < the checkpoint's train config < flags given now."""
     parser = argparse.ArgumentParser(description=__doc__, argument_default=argparse.SUPPRESS,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
+        if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"default {f.default}")
         else:
             parser.add_argument(flag, type=type(f.default), choices=CHOICES.get(f.name), help=f"default {f.default!r}")
-    return vars(parser.parse_args(argv))
-
-
-def resolve_config(argv):
-    """-> (config, the flags given, the checkpoint to resume or None, its path).
-
-    Precedence: dataclass defaults < preset < the checkpoint's train config < flags given now."""
-    given = parse_flags(argv)
+    given = vars(parser.parse_args(argv))  # only the flags typed: they must win over the checkpoint's
     given["out_dir"] = given.get("out_dir", TrainConfig.out_dir)  # where we looked, not where it was first written
     ckpt_path = os.path.join(given["out_dir"], "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path) if given.get("resume") and os.path.isfile(ckpt_path) else None
-    known = {f.name for f in fields(TrainConfig)}
-    saved = {k: v for k, v in (ckpt or {}).get("train_config", {}).items() if k in known}
+    saved = {k: v for k, v in (ckpt or {}).get("train_config", {}).items() if k in TrainConfig.__dataclass_fields__}
     preset = given.get("preset", saved.get("preset", ""))
     return TrainConfig(**{**PRESETS.get(preset, {}), **saved, **given}), given, ckpt, ckpt_path
 
@@ -207,10 +198,9 @@ def batch_starts(seed, step, n_seqs, n_tokens, seq_len, split=0):
 def get_batch(data, starts, seq_len, device):
     """starts (B,) -> x, y (B, T) int64 on device; y[b, t] is the token after x[b, t]."""
     rows = torch.stack([torch.from_numpy(data[i:i + seq_len + 1].astype(np.int64)) for i in starts.tolist()])
-    x, y = rows[:, :-1], rows[:, 1:]
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.contiguous(), y.contiguous()
+    if device.type == "cuda":  # from pinned memory the copy does not block the host
+        rows = rows.pin_memory().to(device, non_blocking=True)
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
 def micro_batches(data, cfg, step, dp_rank, dp_size, device):
@@ -260,7 +250,7 @@ def lr_at(step, cfg):
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if step >= decay_steps:
         return cfg.min_lr
-    progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / (decay_steps - cfg.warmup_steps)  # here warmup <= step < decay
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
@@ -666,7 +656,7 @@ def gather_full(model, grid, tensors):
         if name == "lm_head.weight" and model.config.tie_weights and not grid.is_first:
             continue  # the first stage's wte.weight, the same values
         p, t = named[name], t.detach().contiguous()
-        if grid.tp > 1 and hasattr(p, "tp_dim"):
+        if hasattr(p, "tp_dim"):  # a tp shard (only when tp > 1)
             pieces = [torch.empty_like(t) for _ in range(grid.tp)]
             dist.all_gather(pieces, t, group=grid.tp_group)
             t = torch.cat(pieces, p.tp_dim)  # rank-major; reorder to the whole tensor's layout
@@ -686,14 +676,14 @@ def gather_full(model, grid, tensors):
     return whole
 
 
-def whole_optimizer_order(model, optimizer):
-    """{whole-model param name: its index in the whole model's AdamW state_dict}, and its param_groups
-    (a GPT on the meta device: names and shapes, no memory)."""
+def whole_skeleton(model, optimizer):
+    """The whole model as a GPT on the meta device (names and shapes, no memory), {its param name: index
+    in its AdamW state_dict} and that state_dict's param_groups."""
     with torch.device("meta"):
         whole = GPT(model.config)
     g = optimizer.param_groups[0]
     whole_opt = whole.configure_optimizers(g["weight_decay"], g["lr"], g["betas"], "cpu")
-    return param_index(whole, whole_opt), whole_opt.state_dict()["param_groups"]
+    return whole, param_index(whole, whole_opt), whole_opt.state_dict()["param_groups"]
 
 
 def param_index(model, optimizer):
@@ -711,26 +701,24 @@ def gather_checkpoint(model, grid, optimizer):
                for key in ("exp_avg", "exp_avg_sq")}
     if params is None:
         return None, None
-    whole_index, groups = whole_optimizer_order(model, optimizer)
+    whole, whole_index, groups = whole_skeleton(model, optimizer)
     step = next(iter(local["state"].values()))["step"] if local["state"] else None  # one step for all
     state = {whole_index[n]: {"step": step.clone(), "exp_avg": moments["exp_avg"][n], "exp_avg_sq": avg_sq}
              for n, avg_sq in moments["exp_avg_sq"].items() if n in whole_index}
     groups = [{**g, "params": w["params"]} for g, w in zip(local["param_groups"], groups)]
-    with torch.device("meta"):  # a skeleton without memory, then the gathered tensors put in place
-        whole = GPT(model.config)
-    whole.load_state_dict(params, assign=True)
+    whole.load_state_dict(params, assign=True)  # the gathered tensors put into the skeleton
     return whole, {"state": state, "param_groups": groups}
 
 
 def load_sharded_optimizer_state(model, grid, optimizer, whole_state):
     """Load a whole model's AdamW state_dict (any layout or a single process wrote it) into this shard."""
-    whole_index, _ = whole_optimizer_order(model, optimizer)
+    _, whole_index, _ = whole_skeleton(model, optimizer)
     named, state = dict(model.named_parameters()), {}
     for name, i in param_index(model, optimizer).items():
         entry = whole_state["state"].get(whole_index[global_name(model, name)])
         if entry is not None:
             p, state[i] = named[name], dict(entry)
-            if grid.tp > 1 and hasattr(p, "tp_dim"):
+            if hasattr(p, "tp_dim"):  # a tp shard (only when tp > 1)
                 for key in ("exp_avg", "exp_avg_sq"):
                     state[i][key] = entry[key].index_select(p.tp_dim, shard_index(p.tp_sections, grid.tp_rank, grid.tp))
     groups = [{**g, **{k: v for k, v in w.items() if k != "params"}}
@@ -742,9 +730,8 @@ def load_sharded_optimizer_state(model, grid, optimizer, whole_state):
 # Checkpoints and logs
 
 def rng_states(device):
-    """This process's RNG states as tensors and lists (weights_only-loadable), gathered from every rank."""
-    state = {"torch_cpu": torch.get_rng_state(), "python": [list(x) if isinstance(x, tuple) else x
-                                                            for x in random.getstate()]}
+    """This process's torch RNG states (dropout masks), gathered from every rank."""
+    state = {"torch_cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["torch_cuda"] = torch.cuda.get_rng_state(device)
     if not dist.is_initialized():
@@ -761,8 +748,6 @@ def set_rng_states(states, rank, world_size, device):
         return
     state = states[rank]
     torch.set_rng_state(state["torch_cpu"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
     if device.type == "cuda" and "torch_cuda" in state:
         torch.cuda.set_rng_state(state["torch_cuda"], device)
 
@@ -818,7 +803,10 @@ def main(argv=None):
     rank, world_size, local_rank, device = setup_distributed(cfg.device)
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
-    if given.get("resume") and ckpt is None:
+    if ckpt is None and os.path.isfile(ckpt_path):  # there, but --resume was not given
+        say(f"note: {ckpt_path} exists and will be replaced at the first checkpoint (log.jsonl starts over "
+            "now); pass --resume to continue from it instead.")
+    elif ckpt is None and given.get("resume"):
         say(f"--resume: no checkpoint at {ckpt_path}; starting fresh.")
     if min(cfg.batch_size, cfg.grad_accum, cfg.tp, cfg.pp, cfg.eval_steps) < 1:
         raise SystemExit("--batch-size, --grad-accum, --tp, --pp and --eval-steps must all be at least 1.")
@@ -854,11 +842,11 @@ def main(argv=None):
         raise SystemExit("float16 needs one loss scale agreed by all stages, which --tp/--pp do not do; "
                          "pass --dtype bfloat16 or float32.")
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=device.type)
-    if ckpt is not None and grid:
-        load_sharded_optimizer_state(model, grid, optimizer, ckpt["optimizer"])
-    elif ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt is not None:
+        if grid:
+            load_sharded_optimizer_state(model, grid, optimizer, ckpt["optimizer"])
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_states(ckpt["rng"], rank, world_size, device)
@@ -883,8 +871,10 @@ def main(argv=None):
 
     def save(step):
         rng = rng_states(device)  # a collective: every rank calls save()
-        # also collective under --tp/--pp: shards and stages are gathered whole onto rank 0
-        whole, optimizer_state = gather_checkpoint(model, grid, optimizer) if grid else (raw_model, optimizer.state_dict())
+        if grid:  # also collective: shards and stages are gathered whole onto rank 0
+            whole, optimizer_state = gather_checkpoint(raw_model, grid, optimizer)
+        else:
+            whole, optimizer_state = raw_model, optimizer.state_dict()
         if master:
             position = {"step": step, "seed": cfg.seed, "tokens_seen": step * tokens_per_step}
             save_checkpoint(ckpt_path, whole, train_config=asdict(cfg), step=step, optimizer=optimizer_state,
