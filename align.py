@@ -1,0 +1,684 @@
+"""align.py: turn a pretrained GPT into a chat model: supervised fine-tuning (SFT), then DPO.
+
+    python align.py --make-demo-data data/corpus.jsonl --out-dir data/chat   # checkable demo data
+    python align.py --method sft --init out/pretrain/ckpt.pt --data data/chat/sft.jsonl --out-dir out/sft
+    python align.py --method dpo --init out/sft/ckpt.pt --data data/chat/dpo.jsonl --out-dir out/dpo
+    torchrun --standalone --nproc-per-node 2 align.py --method sft ...        # data parallel (gloo/NCCL)
+
+Data, one JSON object per line, in the conventions of the popular trainers:
+  SFT  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]} or
+       {"prompt": "...", "response": "..."}
+  DPO  {"prompt": ..., "chosen": ..., "rejected": ...}, each a string or a list of messages.
+Optional extra fields: "group" (the held-out split key), "task" (metrics are also broken down by it),
+"options" (SFT: the last assistant message is one of them; scored below).
+Held out: --val-data, or else the groups (hash of "group", else of the line) that fall in --eval-fraction.
+
+Held-out figures (log keys): SFT val_loss (per supervised token) and val_answer_accuracy: for each
+example with options, the summed log-prob of each option + <|end|> as the answer; right when the true
+one scores highest (the same test for any checkpoint, the pretrained one too); val_answer_exact: greedy
+decoding writes exactly the true answer's tokens and <|end|> (a model must also learn to stop). DPO val_loss,
+val_accuracy (chosen reward > rejected reward, a tie counts half), val_margin, val_chosen_reward,
+val_rejected_reward, and val_logp_accuracy (log pi(chosen) > log pi(rejected): no reference involved,
+so at step 0 it is the init model's own preference accuracy).
+
+Chat template (CONTRACTS.md): [<|endoftext|>] + per message [<|role|>] + content + [<|end|>]. Loss only
+on assistant content and its <|end|>. A conversation longer than the block loses its oldest context
+tokens (never a supervised one); if its supervised part alone does not fit, it is dropped and counted.
+DPO: the frozen reference is the --init model; its log-probs for every held-out pair and every training
+pair the run will visit (max_steps x batch x ranks of them, a fixed sample) are computed once up front,
+so no second model is kept. loss = -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), log-probs
+summed over response tokens. Evaluates before the first step and after the last (and every
+--eval-interval steps). Prints one line per step and per eval; writes OUT/log.jsonl and OUT/ckpt.pt
+(self-contained: weights, tokenizer, "stage", train_config; loads in sample.py).
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import GPT, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class AlignConfig:
+    method: str = "sft"            # "sft" | "dpo"
+    init: str = ""                 # checkpoint to start from (and DPO's frozen reference)
+    data: str = ""                 # JSONL training data
+    val_data: str = ""             # optional held-out JSONL; else --eval-fraction of --data
+    out_dir: str = ""
+    eval_fraction: float = 0.1     # share of groups held out when there is no --val-data
+    eval_max: int = 200            # held-out examples scored per eval (keeps evals cheap)
+    eval_interval: int = 0         # 0: evaluate only before the first and after the last step
+    max_steps: int = 0             # 0: 150 for sft, 100 for dpo (1-2 minutes each on 2 CPU cores)
+    batch_size: int = 0            # examples (DPO: pairs) per step per rank; 0: 16 for sft, 8 for dpo
+    lr: float = 0.0                # peak learning rate; 0: 5e-4 for sft, 3e-4 for dpo
+    min_lr_ratio: float = 0.1      # the schedule ends at lr * min_lr_ratio
+    schedule: str = "cosine"       # "cosine" | "linear" decay after warmup
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    beta: float = 0.1              # DPO: strength of the pull towards the reference
+    seed: int = 1337
+    device: str = "auto"           # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"            # auto (bfloat16 autocast on cuda, float32 on cpu) | float32 | bfloat16
+    resume: bool = False           # continue from OUT/ckpt.pt when it exists
+    make_demo_data: str = ""       # a corpus (JSONL of scenes or texts folder): write demo data, exit
+    demo_max_chars: int = 200      # speeches in the demo data are cut to about this many characters
+
+
+def parse_config(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in fields(AlignConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action="store_true")
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+    return AlignConfig(**vars(parser.parse_args(argv)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Demo data: speeches parsed from modern-edition scenes, turned into questions with checkable answers.
+
+SPEAKER_RE = re.compile(r"^[A-Z][A-Za-z'-]*(?: [A-Za-z][A-Za-z'-]*){0,3}\.?$")  # "Ham." "FIRST WITCH."
+NOT_SPEAKERS = {"ACT", "SCENE", "Scene", "Act", "Enter", "Exit", "Exeunt", "THE", "Finis", "FINIS"}
+
+
+def parse_speeches(text, max_chars=200):
+    """A modern-edition scene -> [(speaker, speech)]: a speaker line ("Ham." or "LYSANDER" alone on a
+    line after a blank one) owns the lines up to the next blank line; stage directions [..] removed."""
+    lines, speeches, i = text.split("\n"), [], 0
+    while i < len(lines):
+        name = lines[i].strip()
+        is_speaker = ((i == 0 or not lines[i - 1].strip()) and bool(SPEAKER_RE.match(name))
+                      and (name.endswith(".") or name.isupper()) and name.split()[0] not in NOT_SPEAKERS)
+        if not is_speaker or i + 1 >= len(lines) or not lines[i + 1].strip():
+            i += 1
+            continue
+        j = i + 1
+        while j < len(lines) and lines[j].strip():
+            j += 1
+        body = re.sub(r"\[[^\]]*\]", "", "\n".join(lines[i + 1:j]))
+        speech = "\n".join(line.strip() for line in body.split("\n") if line.strip())
+        if len(speech) > max_chars:  # cut at the last space before max_chars: short answers for a tiny model
+            speech = speech[:max_chars].rsplit(" ", 1)[0].rstrip(",;:-")
+        if speech:
+            speeches.append((name.rstrip(".").strip(), speech))
+        i = j
+    return speeches
+
+
+def read_scenes(corpus):
+    """Modern-edition scenes from dedup.py's corpus.jsonl (or a texts folder via pipeline.cut_scenes)."""
+    if Path(corpus).is_dir():
+        from pipeline import cut_scenes
+        docs = cut_scenes(corpus)
+    elif Path(corpus).is_file():
+        docs = []
+        for line_no, line in enumerate(Path(corpus).read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                docs.append(json.loads(line) if line.strip() else None)
+            except json.JSONDecodeError:
+                raise SystemExit(f"{corpus}:{line_no}: not valid JSON; pass the corpus.jsonl dedup.py wrote.")
+    else:
+        raise SystemExit(f"--make-demo-data {corpus}: no such file or folder; pass dedup.py's corpus.jsonl "
+                         "or the corpus texts folder.")
+    return [d for d in docs if isinstance(d, dict) and isinstance(d.get("text"), str)
+            and d.get("edition", "modern") == "modern"]
+
+
+def make_demo_data(cfg):
+    """Write OUT/sft.jsonl and OUT/dpo.jsonl; "group" = the scene, so held-out splits are by scene.
+
+    SFT, per scene: 2 x a speech -> the next speech ("next"), 2 x two speeches -> who answers ("answers",
+    4 options from the play's main cast), 2 x a speech -> which play ("play", 4 titles). DPO, per scene:
+    4 x a speech -> chosen: the next speech; rejected: a speech of about the same length from another
+    play ("other_play", hard for a tiny model) or the next speech's words shuffled ("shuffled", easy)."""
+    scenes = []  # (scene id, play, [(speaker, speech)])
+    for doc in read_scenes(cfg.make_demo_data):
+        speeches = parse_speeches(doc["text"], cfg.demo_max_chars)
+        if len(speeches) >= 2:
+            scenes.append((str(doc.get("id", len(scenes))), str(doc.get("play", doc.get("work", "?"))), speeches))
+    plays = sorted({play for _, play, _ in scenes})
+    if len(plays) < 4:
+        raise SystemExit(f"--make-demo-data {cfg.make_demo_data}: found speeches in {len(plays)} plays, need 4; "
+                         "pass the modern-edition scenes of the default corpus.")
+    counts = {}  # (play, speaker) -> speeches; questions only about speakers with many lines
+    for _, play, speeches in scenes:
+        for speaker, _ in speeches:
+            counts[(play, speaker)] = counts.get((play, speaker), 0) + 1
+    main_cast = {play: sorted(s for (p, s), n in counts.items() if p == play and n >= 20) for play in plays}
+    every_speech = [(play, speech) for _, play, speeches in scenes for _, speech in speeches]
+    sft, dpo = [], []
+    for scene_id, play, speeches in scenes:
+        rng, cast = random.Random(f"{cfg.seed}/{scene_id}"), main_cast[play]
+        turns = [(a, b) for a, b in zip(speeches, speeches[1:]) if a[0] != b[0]]  # (speaker, speech) pairs
+        for k, ((cue_speaker, cue), (speaker, reply)) in enumerate(rng.sample(turns, min(4, len(turns)))):
+            if k < 2:
+                sft.append({"prompt": cue, "response": reply, "group": scene_id, "task": "next"})
+            sample = rng.sample(every_speech, min(50, len(every_speech))) if k % 2 == 0 else []
+            others = [s for p, s in sample if p != play]
+            if others:  # rejected: a speech of about the same length from another play
+                rejected, kind = min(others, key=lambda s: abs(len(s) - len(reply))), "other_play"
+            else:  # rejected: the reply's own words shuffled (line lengths kept): word salad
+                lines = [line.split() for line in reply.split("\n")]
+                words = rng.sample([w for line in lines for w in line], sum(map(len, lines)))
+                rejected, kind = "\n".join(" ".join(words.pop() for _ in line) for line in lines), "shuffled"
+            if rejected != reply:
+                dpo.append({"prompt": cue, "chosen": reply, "rejected": rejected, "group": scene_id, "task": kind})
+        # Who answers, after two speeches: asked the way the text runs (speeches, then the next speaker's
+        # name), so what pretraining learnt about turn-taking (dialogue often alternates) can carry over.
+        exchanges = [(a, b, c) for a, b, c in zip(speeches, speeches[1:], speeches[2:])
+                     if a[0] != b[0] != c[0] and c[0] in cast and len(cast) >= 5]
+        for (first, said_first), (second, said_second), (speaker, _) in rng.sample(exchanges, min(2, len(exchanges))):
+            others = rng.sample([s for s in cast if s not in (speaker, first)], 3)
+            options = [speaker] + ([first] if first != speaker else []) + others
+            question = f"Who answers?\n\n{first}.\n{said_first}\n\n{second}.\n{said_second}"
+            sft.append(chat_record(question, speaker, options[:4], scene_id, "answers"))
+        for speaker, speech in rng.sample(speeches, min(2, len(speeches))):  # names often give the play away
+            options = [play] + rng.sample([p for p in plays if p != play], 3)
+            question = f"Which play is this from?\n\n{speaker}.\n{speech}"
+            sft.append(chat_record(question, play, options, scene_id, "play"))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    for name, records in (("sft.jsonl", sft), ("dpo.jsonl", dpo)):
+        write_atomic(os.path.join(cfg.out_dir, name), "".join(json.dumps(r) + "\n" for r in records))
+    print(f"{len(scenes)} scenes of {len(plays)} plays -> {len(sft)} SFT examples, {len(dpo)} DPO pairs "
+          f"in {cfg.out_dir}/sft.jsonl and dpo.jsonl (hold out scenes with --eval-fraction)")
+
+
+def chat_record(question, answer, options, group, task):
+    rng = random.Random(question)
+    rng.shuffle(options)  # the truth's place among the options carries no information
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+            "options": options, "group": group, "task": task}
+
+
+def write_atomic(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading JSONL: every record becomes messages; bad lines are reported by number and skipped.
+
+ROLES = ("system", "user", "assistant")
+
+
+def as_messages(value, role):
+    """A string (one message of `role`) or a list of {"role", "content"} -> list of messages, or None."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value and all(isinstance(m, dict) and m.get("role") in ROLES
+                                                  and isinstance(m.get("content"), str) for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    return None
+
+
+def parse_record(obj, method):
+    """-> (record, None) or (None, why): record = {"context": messages, "answers": [messages, ...]}.
+    SFT has one answer (the context's assistant turns are supervised too); DPO has chosen, rejected."""
+    if not isinstance(obj, dict):
+        return None, "not a JSON object"
+    if method == "dpo":
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in obj:
+                return None, f"no '{key}' field"
+        prompt, chosen, rejected = (as_messages(obj["prompt"], "user"), as_messages(obj["chosen"], "assistant"),
+                                    as_messages(obj["rejected"], "assistant"))
+        if prompt is None or chosen is None or rejected is None:
+            return None, "'prompt', 'chosen' and 'rejected' must be strings or lists of messages"
+        for answer in (chosen, rejected):
+            if not any(m["role"] == "assistant" and m["content"].strip() for m in answer):
+                return None, "empty response"
+        if chosen == rejected:
+            return None, "chosen equals rejected"
+        return {"context": prompt, "answers": [chosen, rejected], "task": str(obj.get("task", "pair"))}, None
+    if "messages" in obj:
+        messages = as_messages(obj["messages"], "user")
+        if messages is None or isinstance(obj["messages"], str):
+            return None, "'messages' must be a list of {'role': system|user|assistant, 'content': string}"
+    elif "prompt" in obj and "response" in obj:
+        messages = as_messages(obj["prompt"], "user")
+        if messages is None or not isinstance(obj["response"], str):
+            return None, "'prompt' and 'response' must be strings"
+        messages = messages + [{"role": "assistant", "content": obj["response"]}]
+    else:
+        return None, "needs 'messages', or 'prompt' and 'response'"
+    assistant = [m for m in messages if m["role"] == "assistant"]
+    if not assistant or not all(m["content"].strip() for m in assistant):
+        return None, "no assistant message" if not assistant else "empty response"
+    record = {"context": [], "answers": [messages]}
+    options = obj.get("options")
+    if (isinstance(options, list) and all(isinstance(o, str) for o in options) and len(set(options)) >= 2
+            and messages[-1]["role"] == "assistant" and messages[-1]["content"] in options):
+        record.update(options=options, task=str(obj.get("task", "answer")))
+    return record, None
+
+
+def held_out(key, fraction):
+    """Deterministic split: the same group lands on the same side in every run and every file."""
+    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) / 2**32 < fraction
+
+
+def read_records(path, method, flag):
+    """-> [(record, group)]; prints the skipped lines (numbered); exits when nothing is usable."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{flag} {path}: no such file; pass a JSONL file (see align.py's docstring).")
+    records, bad, n_lines = [], [], 0
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            n_lines += 1
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                bad.append(f"line {line_no}: not valid JSON")
+                continue
+            record, why = parse_record(obj, method)
+            if why:
+                bad.append(f"line {line_no}: {why}")
+                continue
+            group = obj.get("group")
+            records.append((record, str(group) if group is not None else line.strip()))
+    if bad:
+        print(f"{path}: skipped {len(bad)} of {n_lines} lines ({'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''})")
+    if not records:
+        want = ('{"prompt", "chosen", "rejected"}' if method == "dpo"
+                else '{"messages": [...]} or {"prompt", "response"}')
+        raise SystemExit(f"{flag} {path}: no usable {method.upper()} examples; each line needs {want}.")
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------
+# The chat template: messages -> token ids and which of them the loss sees.
+
+CHAT_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
+def chat_token_ids(enc, vocab_size, where):
+    """{token: id} of the reserved chat tokens; one clear sentence when the tokenizer lacks them."""
+    missing = [t for t in CHAT_TOKENS if t not in enc._special_tokens]
+    if missing:
+        raise SystemExit(f"{where}: its tokenizer has no {' '.join(missing)}; tokenize the corpus with "
+                         "tokenize_data.py (which reserves the chat tokens) and pretrain again.")
+    special = {t: enc._special_tokens[t] for t in CHAT_TOKENS}
+    if max(special.values()) >= vocab_size:
+        raise SystemExit(f"{where}: chat token ids reach {max(special.values())} but the model has "
+                         f"vocab_size={vocab_size}; pretrain with the vocab size tokenize_data.py wrote.")
+    return special
+
+
+def render_chat(enc, special, messages, n_context=0, add_generation_prompt=False):
+    """messages -> (ids, supervised): ids = [<|endoftext|>] + per message [<|role|>] + content + [<|end|>];
+    supervised[i] is True for the content and <|end|> of assistant messages from index n_context on."""
+    ids, supervised = [special["<|endoftext|>"]], [False]
+    for k, m in enumerate(messages):
+        content = enc.encode_ordinary(m["content"])  # special-token text inside content stays plain text
+        train = m["role"] == "assistant" and k >= n_context
+        ids += [special[f"<|{m['role']}|>"]] + content + [special["<|end|>"]]
+        supervised += [False] + [train] * (len(content) + 1)
+    if add_generation_prompt:
+        ids.append(special["<|assistant|>"])
+        supervised.append(False)
+    return ids, supervised
+
+
+def fit_and_shift(ids, supervised, block_size):
+    """-> (inputs, targets, how) with len <= block_size; targets[t] = ids[t+1] if supervised else -1.
+
+    Too long: the oldest tokens after the leading <|endoftext|> go, as long as none of them is
+    supervised and the <|assistant|> before the first supervised token stays; else how = "drop"."""
+    how, excess = "fit", len(ids) - (block_size + 1)
+    if excess > 0:
+        first = supervised.index(True)
+        if 1 + excess > first - 1:
+            return None, None, "drop"
+        ids, supervised, how = ids[:1] + ids[1 + excess:], supervised[:1] + supervised[1 + excess:], "cut"
+    targets = [tok if sup else -1 for tok, sup in zip(ids[1:], supervised[1:])]
+    return ids[:-1], targets, how
+
+
+def tokenize_records(records, enc, special, block_size, where):
+    """[(record, group)] -> examples: {"seqs": [(inputs, targets)] (SFT one, DPO chosen and rejected),
+    "group"; with options also "choices": [(inputs, targets)] per option and "answer", "task"}."""
+    examples, n_cut, n_drop = [], 0, 0
+    for record, group in records:
+        seqs, hows = [], []
+        for answer in record["answers"]:
+            ids, sup = render_chat(enc, special, record["context"] + answer, len(record["context"]))
+            inputs, targets, how = fit_and_shift(ids, sup, block_size)
+            seqs.append((inputs, targets))
+            hows.append(how)
+        example = {"seqs": seqs, "group": group, "task": record.get("task")}
+        if "options" in record:  # each option scored as the answer to the same conversation
+            context = record["answers"][0][:-1]
+            choices = [fit_and_shift(*render_chat(enc, special, context + [{"role": "assistant", "content": o}],
+                                                  len(context)), block_size) for o in record["options"]]
+            hows += [c[2] for c in choices]
+            answer = record["options"].index(record["answers"][0][-1]["content"])
+            inputs, targets = choices[answer][:2]
+            start = next(t for t, y in enumerate(targets) if y >= 0)  # inputs[start] is <|assistant|>
+            example.update(choices=[c[:2] for c in choices], task=record["task"], answer=answer,
+                           prompt=inputs[:start + 1], reply=[y for y in targets if y >= 0])
+        if "drop" in hows:
+            n_drop += 1
+            continue
+        n_cut += "cut" in hows
+        examples.append(example)
+    if n_cut or n_drop:
+        print(f"{where}: {n_cut} examples longer than block_size={block_size} lost their oldest context tokens; "
+              f"{n_drop} dropped because their answer alone does not fit (shorten them)")
+    if not examples:
+        raise SystemExit(f"{where}: no example fits in block_size={block_size} tokens; shorten the data.")
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batches, log-probs and the two losses
+
+def pad_batch(seqs, device):
+    """[(inputs, targets)] -> x, y (B, T_max): inputs padded with 0, targets with -1 (ignored)."""
+    T = max(len(inputs) for inputs, _ in seqs)
+    x = torch.tensor([inputs + [0] * (T - len(inputs)) for inputs, _ in seqs], dtype=torch.long)
+    y = torch.tensor([targets + [-1] * (T - len(targets)) for _, targets in seqs], dtype=torch.long)
+    return x.to(device), y.to(device)
+
+
+def sequence_logprobs(model, x, y):
+    """Sum over supervised positions of log p(target): (B,). Padding and prompt (-1) add nothing."""
+    logits, _ = model(x)                                                 # (B, T, vocab)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="none")
+    return -nll.view(y.shape).sum(dim=1)
+
+
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
+    """Sigmoid DPO loss per pair and the implicit rewards beta * log(pi / ref) of both answers."""
+    chosen_reward = beta * (pi_chosen - ref_chosen)
+    rejected_reward = beta * (pi_rejected - ref_rejected)
+    return -F.logsigmoid(chosen_reward - rejected_reward), chosen_reward, rejected_reward
+
+
+def preference_stats(losses, chosen_reward, rejected_reward):
+    """Sums (not means) so ranks can add them: loss, rewards, accuracy (a tie counts half), margin."""
+    wins = (chosen_reward > rejected_reward).float() + 0.5 * (chosen_reward == rejected_reward).float()
+    return {"loss": losses.sum(), "chosen_reward": chosen_reward.sum(), "rejected_reward": rejected_reward.sum(),
+            "accuracy": wins.sum(), "margin": (chosen_reward - rejected_reward).sum()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data parallel helpers: every rank takes a strided share, sums are added across ranks.
+
+def all_reduce_sums(sums, world):
+    """{name: scalar tensor} summed over ranks -> {name: float}."""
+    names = sorted(sums)
+    stacked = torch.stack([sums[k].detach().float() for k in names])
+    if world > 1:
+        dist.all_reduce(stacked)
+    return dict(zip(names, stacked.tolist()))
+
+
+@torch.no_grad()
+def logprobs_of(model, seqs, device, rank, world, batch_size, ctx):
+    """Summed log-probs of every sequence (N,), each rank computing a strided share."""
+    out = torch.zeros(len(seqs), device=device)
+    mine = list(range(rank, len(seqs), world))
+    for k in range(0, len(mine), batch_size):
+        chunk = mine[k:k + batch_size]
+        with ctx:
+            out[chunk] = sequence_logprobs(model, *pad_batch([seqs[i] for i in chunk], device)).float()
+    if world > 1:
+        dist.all_reduce(out)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, cfg, val, ref_val, device, rank, world, ctx):
+    """Held-out figures: SFT val_loss (per supervised token), answer accuracy and exact answers where
+    options exist; DPO val_loss, val_accuracy, val_margin, rewards, val_logp_accuracy (no reference)."""
+    was_training = model.training
+    model.eval()
+    eb = 2 * cfg.batch_size
+    metrics = {}
+    if cfg.method == "dpo":
+        seqs = [s for ex in val for s in ex["seqs"]]                     # chosen, rejected, chosen, ...
+        logp = logprobs_of(model, seqs, device, rank, world, eb, ctx).view(-1, 2)
+        losses, cr, rr = dpo_loss(logp[:, 0], logp[:, 1], ref_val[:, 0], ref_val[:, 1], cfg.beta)
+        sums = preference_stats(losses, cr, rr)  # every rank holds all of logp: no reduce needed
+        metrics = {f"val_{k}": v.item() / len(val) for k, v in sums.items()}
+        metrics["val_logp_accuracy"] = (logp[:, 0] > logp[:, 1]).float().mean().item()
+        wins = (cr > rr).float() + 0.5 * (cr == rr).float()
+        for task in sorted({ex["task"] for ex in val} - {"pair"}):  # per kind of pair, when the data says
+            mine = torch.tensor([ex["task"] == task for ex in val], device=wins.device)
+            metrics[f"val_accuracy_{task}"] = wins[mine].mean().item()
+    else:
+        seqs = [ex["seqs"][0] for ex in val]
+        logp = logprobs_of(model, seqs, device, rank, world, eb, ctx)
+        n_tokens = sum(sum(t >= 0 for t in targets) for _, targets in seqs)
+        metrics["val_loss"] = -logp.sum().item() / n_tokens
+        checkable = [ex for ex in val if "choices" in ex]
+        if checkable:
+            choices = [c for ex in checkable for c in ex["choices"]]
+            scores = logprobs_of(model, choices, device, rank, world, eb, ctx).tolist()
+            right, k = {}, 0
+            for ex in checkable:
+                n = len(ex["choices"])
+                best = max(range(n), key=lambda j: scores[k + j])
+                right.setdefault(ex["task"], []).append(best == ex["answer"])
+                k += n
+            every = [r for rs in right.values() for r in rs]
+            metrics["val_answer_accuracy"] = sum(every) / len(every)
+            for task, rs in sorted(right.items()):
+                metrics[f"val_answer_accuracy_{task}"] = sum(rs) / len(rs)
+            # Exact: greedy decoding writes the true answer's tokens and then <|end|>, nothing else.
+            exact = torch.zeros(len(checkable), device=device)
+            for i in range(rank, len(checkable), world):
+                ex = checkable[i]
+                with ctx:
+                    out = model.generate(torch.tensor([ex["prompt"]], device=device), len(ex["reply"]), temperature=0)
+                exact[i] = float(out[0, len(ex["prompt"]):].tolist() == ex["reply"])
+            if world > 1:
+                dist.all_reduce(exact)
+            metrics["val_answer_exact"] = exact.mean().item()
+    model.train(was_training)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+
+def lr_at(step, cfg, max_steps, base_lr):
+    """Linear warmup, then cosine or linear decay from base_lr to base_lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return base_lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return base_lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
+
+
+def batch_indices(step, n, batch_size, rank, world, seed):
+    """This rank's examples for a step: a fresh permutation of all n each epoch, so any step (and a
+    resumed run) finds its batch from (seed, step) alone."""
+    per_step = batch_size * world
+    out = []
+    for i in range(step * per_step + rank, (step + 1) * per_step, world):
+        epoch, pos = divmod(i, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        out.append(int(perm[pos]))
+    return out
+
+
+def check_config(cfg):
+    if cfg.method not in ("sft", "dpo"):
+        raise SystemExit(f"--method {cfg.method}: must be sft or dpo.")
+    for flag, value in (("--init", cfg.init), ("--data", cfg.data), ("--out-dir", cfg.out_dir)):
+        if not value:
+            raise SystemExit(f"{flag} is required (see `python align.py --help`).")
+    if not 0 <= cfg.eval_fraction < 1:
+        raise SystemExit(f"--eval-fraction {cfg.eval_fraction}: must be in [0, 1).")
+    if cfg.beta <= 0 or cfg.batch_size < 0 or cfg.max_steps < 0 or cfg.lr < 0:
+        raise SystemExit("--beta must be positive; --batch-size, --max-steps and --lr must not be negative.")
+    if cfg.schedule not in ("cosine", "linear"):
+        raise SystemExit(f"--schedule {cfg.schedule}: must be cosine or linear.")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise SystemExit(f"--dtype {cfg.dtype}: must be auto, float32 or bfloat16.")
+    sft = cfg.method == "sft"  # defaults measured on the demo data with the pipeline's CPU model
+    cfg.max_steps, cfg.batch_size = cfg.max_steps or (150 if sft else 100), cfg.batch_size or (16 if sft else 8)
+    cfg.lr = cfg.lr or (5e-4 if sft else 3e-4)
+    return cfg
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    if cfg.make_demo_data:
+        if not cfg.out_dir:
+            raise SystemExit("--make-demo-data needs --out-dir for the JSONL files it writes.")
+        return make_demo_data(cfg)
+    cfg = check_config(cfg)
+    distributed = "RANK" in os.environ  # launched by torchrun: data parallel over all ranks
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
+    if distributed:
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.startswith("cuda"))
+    # Weights and optimizer stay float32; autocast runs the matmuls in bf16 (log-probs are summed in fp32).
+    ctx = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
+    torch.manual_seed(cfg.seed + rank)
+    say = print if rank == 0 else (lambda *a, **k: None)
+
+    # The init checkpoint carries the tokenizer; the chat tokens must be in it.
+    init = load_checkpoint(cfg.init)
+    if not init.get("tokenizer"):
+        raise SystemExit(f"--init {cfg.init}: the checkpoint carries no tokenizer; pretrain with train.py on a "
+                         "data dir from tokenize_data.py so that it does.")
+    from tokenize_data import tokenizer_from_dict
+    enc = tokenizer_from_dict(init["tokenizer"])
+    model = GPT.from_checkpoint(init, device)
+    block_size = model.config.block_size
+    special = chat_token_ids(enc, model.config.vocab_size, f"--init {cfg.init}")
+
+    # Data: read, split by group, tokenize.
+    records = read_records(cfg.data, cfg.method, "--data")
+    if cfg.val_data:
+        train_records, val_records = records, read_records(cfg.val_data, cfg.method, "--val-data")
+    else:
+        train_records = [r for r in records if not held_out(r[1], cfg.eval_fraction)]
+        val_records = [r for r in records if held_out(r[1], cfg.eval_fraction)]
+        if not train_records:
+            raise SystemExit(f"--eval-fraction {cfg.eval_fraction} held out every group of {cfg.data}; lower it.")
+    # A fixed shuffle before capping, so the scored examples are not just the first lines of the file.
+    random.Random(cfg.seed).shuffle(val_records)
+    train = tokenize_records(train_records, enc, special, block_size, cfg.data)
+    val = tokenize_records(val_records[:cfg.eval_max], enc, special, block_size, "held-out") if val_records else []
+    if cfg.method == "dpo":  # only the pairs the run will visit need reference log-probs: a fixed sample
+        n_visited = min(len(train), cfg.max_steps * cfg.batch_size * world)
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:n_visited]
+        train = [train[i] for i in sorted(keep.tolist())]
+    say(f"{cfg.method}: {len(train)} training and {len(val)} held-out examples, block_size {block_size}, "
+        f"{world} rank(s), {cfg.max_steps} steps of {cfg.batch_size} per rank")
+
+    # DPO's frozen reference is the init model: score everything once, then only the policy remains.
+    ref_train = ref_val = None
+    if cfg.method == "dpo":
+        t0 = time.time()
+        model.eval()
+        ref_train = logprobs_of(model, [s for ex in train for s in ex["seqs"]], device, rank, world,
+                                2 * cfg.batch_size, ctx).view(-1, 2)
+        if val:
+            ref_val = logprobs_of(model, [s for ex in val for s in ex["seqs"]], device, rank, world,
+                                  2 * cfg.batch_size, ctx).view(-1, 2)
+        say(f"reference log-probs of {len(train) + len(val)} pairs in {time.time() - t0:.1f}s")
+    model.train()
+
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (0.9, 0.95), device.split(":")[0])
+    ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
+    start_step = 0
+    if cfg.resume and os.path.isfile(ckpt_path):
+        state = load_checkpoint(ckpt_path)
+        if state.get("stage") != cfg.method:
+            raise SystemExit(f"--resume: {ckpt_path} is a {state.get('stage')} checkpoint, not {cfg.method}; "
+                             "pick another --out-dir or drop --resume.")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+        say(f"resumed from {ckpt_path} at step {start_step}")
+    if rank == 0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if start_step == 0 and os.path.exists(log_path):
+            os.remove(log_path)
+    net = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if distributed else model
+
+    def log(entry):
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def run_eval(step):
+        if val:
+            metrics = evaluate(model, cfg, val, ref_val, device, rank, world, ctx)
+            say(f"eval step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            log({"step": step, **metrics})
+
+    def save(step):
+        if rank == 0:
+            save_checkpoint(ckpt_path, model, tokenizer=init["tokenizer"], stage=cfg.method,
+                            train_config=asdict(cfg), step=step, optimizer=optimizer.state_dict(),
+                            data_position=step * cfg.batch_size * world, init=cfg.init)
+
+    if start_step == 0:
+        run_eval(0)
+    t_start = time.time()
+    for step in range(start_step, cfg.max_steps):
+        t0 = time.time()
+        lr = lr_at(step, cfg, cfg.max_steps, cfg.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = batch_indices(step, len(train), cfg.batch_size, rank, world, cfg.seed)
+        with ctx:
+            if cfg.method == "sft":
+                _, loss = net(*pad_batch([train[i]["seqs"][0] for i in idx], device))
+                sums = {"loss": loss.detach() * len(idx)}
+            else:  # chosen and rejected in one forward pass: rows 2k and 2k+1
+                x, y = pad_batch([s for i in idx for s in train[i]["seqs"]], device)
+                logp = sequence_logprobs(net, x, y).view(-1, 2)
+                losses, cr, rr = dpo_loss(logp[:, 0], logp[:, 1], ref_train[idx, 0], ref_train[idx, 1], cfg.beta)
+                loss = losses.mean()
+                sums = preference_stats(losses.detach(), cr.detach(), rr.detach())
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stats = {k: v / (len(idx) * world) for k, v in all_reduce_sums(sums, world).items()}
+        entry = {"step": step + 1, **stats, "lr": lr, "grad_norm": float(grad_norm),
+                 "dt_ms": 1000 * (time.time() - t0)}
+        say(f"step {step + 1}/{cfg.max_steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in entry.items() if k != "step"))
+        log(entry)
+        last = step + 1 == cfg.max_steps
+        if last or (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0):
+            run_eval(step + 1)
+            save(step + 1)
+    say(f"{cfg.max_steps - start_step} steps in {time.time() - t_start:.1f}s; checkpoint {ckpt_path}")
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
