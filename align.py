@@ -62,9 +62,9 @@ class AlignConfig:
     eval_fraction: float = 0.1     # share of groups held out when there is no --val-data
     eval_max: int = 200            # held-out examples scored per eval (keeps evals cheap)
     eval_interval: int = 0         # 0: evaluate only before the first and after the last step
-    max_steps: int = 0             # 0: 150 for sft, 100 for dpo (1-2 minutes each on 2 CPU cores)
+    max_steps: int = 0             # 0: 300 for sft, 100 for dpo (1-2 minutes each on 2 CPU cores)
     batch_size: int = 0            # examples (DPO: pairs) per step per rank; 0: 16 for sft, 8 for dpo
-    lr: float = 0.0                # peak learning rate; 0: 5e-4 for sft, 3e-4 for dpo
+    lr: float = 0.0                # peak learning rate; 0: 1e-3 for sft, 3e-4 for dpo
     min_lr_ratio: float = 0.1      # the schedule ends at lr * min_lr_ratio
     schedule: str = "cosine"       # "cosine" | "linear" decay after warmup
     warmup_steps: int = 5
@@ -538,8 +538,8 @@ def check_config(cfg):
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise SystemExit(f"--dtype {cfg.dtype}: must be auto, float32 or bfloat16.")
     sft = cfg.method == "sft"  # defaults measured on the demo data with the pipeline's CPU model
-    cfg.max_steps, cfg.batch_size = cfg.max_steps or (150 if sft else 100), cfg.batch_size or (16 if sft else 8)
-    cfg.lr = cfg.lr or (5e-4 if sft else 3e-4)
+    cfg.max_steps, cfg.batch_size = cfg.max_steps or (300 if sft else 100), cfg.batch_size or (16 if sft else 8)
+    cfg.lr = cfg.lr or (1e-3 if sft else 3e-4)
     return cfg
 
 

