@@ -32,7 +32,6 @@ Design choices:
 from __future__ import annotations  # annotations stay strings: `tl.constexpr` needs no triton at import
 
 import math
-import os
 
 import torch
 

@@ -12,7 +12,6 @@ Prints tokens/s and the ratio to the baseline; medians over --repeats.
 """
 
 import argparse
-import math
 import os
 import statistics
 import sys

@@ -43,7 +43,7 @@ def worker(layout, schedule, micro, steps, out_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**CONFIG))
     cfg = train.TrainConfig(schedule=schedule, grad_clip=1.0)
-    g = torch.Generator().manual_seed(dp_rank := rank // tp % dp)
+    g = torch.Generator().manual_seed(rank // tp % dp)  # the dp rank: tp and pp peers share a batch
     batches = [(torch.randint(0, 512, (4, 64), generator=g), torch.randint(0, 512, (4, 64), generator=g))
                for _ in range(micro)]
     autocast = torch.autocast("cpu", enabled=False)
