@@ -16,7 +16,8 @@ The stages, each the script a user would run by hand (the command is printed bef
   dpo       align.py --method dpo -> out/dpo/ckpt.pt
   sample    sample.py: a continuation from the pretrained model and a chat answer from the aligned one
 A stage whose outputs are complete is skipped, so a rerun after an interruption picks up where it
-stopped (training resumes from its last checkpoint). Prints each stage's figures and wall times,
+stopped (training resumes from its last checkpoint); a stage that runs makes every stage after it
+run afresh, as their inputs changed. Prints each stage's figures and wall times,
 and writes them to out/pipeline.json.
 """
 
@@ -343,6 +344,7 @@ def main(argv=None):
         t0 = time.time()
         action()
         timings[name] = round(time.time() - t0, 1)
+        redo_from = min(redo_from, i + 1)  # later outputs were made from the old version of this one
     print("\nwall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline.json").write_text(json.dumps({"preset": cfg.preset, "seconds": timings}, indent=1) + "\n")
