@@ -114,19 +114,54 @@ def _count_and_replace(err):
 codecs.register_error("dedup_count_replace", _count_and_replace)
 
 
-def expand_inputs(inputs, exclude):
-    """Files and folders -> [(path, id for a .txt)]. Our own outputs are never read back in."""
+def expand_inputs(inputs):
+    """Files and folders -> [(path, id for a .txt)]; folders are searched for .txt/.jsonl (.gz too)."""
     found = []
     for name in inputs:
         path = Path(name)
         if path.is_dir():
             found += [(p, str(p.relative_to(path))) for p in sorted(path.rglob("*"))
-                      if p.is_file() and re.search(r"\.(txt|jsonl)(\.gz)?$", p.name) and p.resolve() not in exclude]
+                      if p.is_file() and re.search(r"\.(txt|jsonl)(\.gz)?$", p.name)]
         elif path.is_file():
             found.append((path, path.name))
         else:
             raise SystemExit(f"input {name} does not exist; pass .txt/.jsonl files (or .gz) or folders")
     return found
+
+
+def _same_file(a, b):
+    """True when two paths name one file: the same real path (symlinks, '..'), or the same inode (hard links)."""
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+def _written_by_dedup(report_path, out):
+    """True when report_path holds a dedup.py report of an earlier run whose OUT had the name of `out`."""
+    try:
+        config = json.loads(report_path.read_text()).get("config", {})
+        return isinstance(config, dict) and Path(str(config.get("out", ""))).name == out.name
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_outputs(files, cfg, paths):
+    """Refuse, before any work, to write over an input (however its path is spelled), into a folder that is a
+    file, or over a default removed.jsonl / report.json that an earlier dedup.py run did not write."""
+    flags = ["OUT (-o)", "--removed", "--report"]
+    for p, flag in zip(paths, flags):
+        if p.is_dir():
+            raise SystemExit(f"{flag} {p} is a folder; give a file name such as {p / 'corpus.jsonl'}")
+        folder = next(q for q in p.absolute().parents if q.exists())
+        if not folder.is_dir():
+            raise SystemExit(f"{flag} {p} cannot be written: {folder} is a file, not a folder; choose another path")
+        for f, _ in files:
+            if _same_file(f, p) or _same_file(f, p.with_name(p.name + ".tmp")):
+                raise SystemExit(f"{flag} {p} is also an input ({f}); write the outputs outside the input "
+                                 f"files and folders")
+    for p, flag, given in zip(paths[1:], flags[1:], (cfg.removed, cfg.report)):
+        reports = {paths[2], paths[0].parent / "report.json"}  # where an earlier run's report would be
+        if not given and p.exists() and not any(_written_by_dedup(r, paths[0]) for r in reports):
+            raise SystemExit(f"{p} exists and was not written by dedup.py for {paths[0].name}; pass {flag} PATH "
+                             f"to put it elsewhere (or delete the file)")
 
 
 def iter_documents(files, strict, problems):
@@ -429,23 +464,18 @@ def run(inputs, cfg, th=QualityThresholds()):
                          "pip install 'datasketch>=2,<3'")
     out = Path(cfg.out)
     paths = [out, Path(cfg.removed or out.parent / "removed.jsonl"), Path(cfg.report or out.parent / "report.json")]
-    if not 0 < cfg.threshold <= 1 or cfg.num_perm < 2 or cfg.ngram < 1 or cfg.workers < 1:
+    if not (0 < cfg.threshold <= 1 and cfg.num_perm >= 2 and cfg.ngram >= 1 and cfg.workers >= 1):
         raise SystemExit("--threshold must be in (0, 1], --num-perm >= 2, --ngram >= 1 and --workers >= 1")
     if len({p.resolve() for p in paths}) < 3:
         raise SystemExit(f"OUT, --removed and --report must be three different files, got "
                          f"{', '.join(map(str, paths))}")
-    for p in paths:
-        if p.is_dir():
-            raise SystemExit(f"output {p} is a folder; give a file name such as {p / 'corpus.jsonl'}")
-    for name in inputs:
-        if Path(name).resolve() in {p.resolve() for p in paths}:
-            raise SystemExit(f"output {name} is also an input; write the output to another file")
+    files = expand_inputs(inputs)
+    check_outputs(files, cfg, paths)
     _bad_bytes[0] = 0
     problems, temps = [], [p.with_name(p.name + ".tmp") for p in paths]
     pool = multiprocessing.Pool(cfg.workers) if cfg.workers > 1 else None
     imap = functools.partial(_ordered_map, pool, in_flight=4 * cfg.workers)  # imap(func, items)
     try:
-        files = expand_inputs(inputs, {p.resolve() for p in paths})
         status, removed_by, stats, pairs = sketch_pass(files, cfg, th, imap, problems)
         if not status:
             raise SystemExit(f"no documents in {', '.join(inputs)}; pass non-empty .txt/.jsonl files or folders")
