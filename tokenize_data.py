@@ -17,11 +17,13 @@ no UTF-8 form: they become U+FFFD on reading, as tiktoken's encode does; everyth
 """
 import argparse
 import base64
+import gzip
 import hashlib
 import heapq
 import json
 import multiprocessing
 import os
+import sys
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +43,8 @@ PAT_STR = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\
 # ids right after the mergeable ranks, in this order (CONTRACTS.md); the first one separates documents
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 TOKENIZER_FILE = "tokenizer.tiktoken"
+OUTPUT_FILES = [TOKENIZER_FILE, "special_tokens.json", "train.bin", "val.bin", "meta.json"]  # meta.json last
+DOC_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 
 
 @dataclass
@@ -62,24 +66,33 @@ def _clean_text(text):
     return text
 
 
-def read_documents(inputs):
-    """-> list of (key, text): key is the JSONL "id" field when present, else file name (+ line number)."""
+def input_files(inputs):
+    """Files and folders -> [Path]; folders are searched for .txt and .jsonl files (and their .gz)."""
     paths = []
     for name in inputs:
         p = Path(name)
         if p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".jsonl") and q.is_file())
+            paths += sorted(q for q in p.rglob("*") if q.name.endswith(DOC_SUFFIXES) and q.is_file())
         elif p.is_file():
             paths.append(p)
         else:
             raise SystemExit(f"{name}: no such file or folder; pass JSONL files, .txt files or folders.")
+    return paths
+
+
+def read_documents(inputs):
+    """-> list of (key, text): key is the JSONL "id" field when present, else file name (+ line number)."""
+    paths = input_files(inputs)
     docs = []
     for p in paths:
         try:
-            raw = p.read_bytes().decode("utf-8")  # bytes, so "\r\n" stays as written
+            with (gzip.open(p) if p.name.endswith(".gz") else open(p, "rb")) as f:
+                raw = f.read().decode("utf-8")  # bytes, so "\r\n" stays as written
         except UnicodeDecodeError:
             raise SystemExit(f"{p}: not valid UTF-8 text; convert it to UTF-8 first.")
-        if p.suffix != ".jsonl":
+        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+            raise SystemExit(f"{p}: cannot read it ({e}); check that it is a readable text or gzip file.")
+        if not p.name.endswith((".jsonl", ".jsonl.gz")):
             docs.append((p.name, raw))
             continue
         for line_no, line in enumerate(raw.split("\n"), 1):  # not splitlines(): JSON leaves U+2028 unescaped
@@ -324,6 +337,36 @@ def check_out_dir(out_dir, encoding_name, fingerprint=None):
                          f"use a new --out-dir or delete that folder.")
 
 
+def check_paths(paths, out_dir):
+    """Refuse an --out-dir under a file, and any input that is one of our outputs or temporaries (however the
+    path is spelled: symlinks and hard links count); then remove temporaries that a killed run left behind."""
+    out = Path(out_dir)
+    folder = next(q for q in out.absolute().parents if q.exists()) if not out.exists() else out
+    if not folder.is_dir():
+        raise SystemExit(f"--out-dir {out_dir}: {folder} is a file, not a folder; choose another --out-dir.")
+    ours = [out / name for name in OUTPUT_FILES]
+    for p in paths:
+        temp_of = regex.fullmatch(r"(.*)\.tmp\d+", p.name)
+        if any(p.resolve() == q.resolve() or (q.exists() and os.path.samefile(p, q)) for q in ours) or (
+                temp_of and p.parent.resolve() == out.resolve() and temp_of[1] in OUTPUT_FILES):
+            raise SystemExit(f"{p} is an input and also an output in --out-dir {out_dir}; "
+                             f"pass another --out-dir.")
+    for p in out.glob("*.tmp*") if out.is_dir() else []:
+        temp_of = regex.fullmatch(r"(.*)\.tmp(\d+)", p.name)
+        if temp_of and temp_of[1] in OUTPUT_FILES and not _process_alive(int(temp_of[2])):
+            p.unlink()
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # it exists, as another user's process
+        pass
+    return True
+
+
 def write_outputs(out_dir, enc, arrays, meta):
     """Tokenizer, shards, then meta.json last: its presence means everything before it is complete."""
     out = Path(out_dir)
@@ -354,11 +397,14 @@ def main(argv=None):
                          f"{len(SPECIAL_TOKENS)} special tokens, so at least {256 + len(SPECIAL_TOKENS)}.")
     if not 0 <= cfg.val_fraction < 1:
         raise SystemExit(f"--val-fraction {cfg.val_fraction} must be in [0, 1).")
-    cfg.workers = max(1, cfg.workers)
+    if cfg.workers < 1:
+        raise SystemExit(f"--workers {cfg.workers} must be at least 1.")
     encoding_name = cfg.encoding or f"bpe{cfg.vocab_size}"
+    paths = input_files(args.inputs)
+    check_paths(paths, cfg.out_dir)
     check_out_dir(cfg.out_dir, encoding_name)  # fail before the work; the fingerprint is checked after
 
-    docs = read_documents(args.inputs)
+    docs = read_documents(paths)
     if not docs:
         raise SystemExit(f"{' '.join(args.inputs)}: no non-empty documents found; nothing to tokenize.")
     keys, texts = [k for k, _ in docs], [t for _, t in docs]
@@ -408,6 +454,10 @@ def main(argv=None):
           f"{meta['bytes_per_token']:.3f} bytes/token (separators included); "
           f"encoded {n_bytes.sum() / t_enc / 1e6:.1f} MB/s with {cfg.workers} threads")
     print(f"wrote {cfg.out_dir}/: {TOKENIZER_FILE}, special_tokens.json, train.bin, val.bin, meta.json")
+    if meta["val_tokens"] == 0 and cfg.val_fraction > 0:
+        print(f"warning: val.bin is empty: the corpus is {len(docs)} document and the split holds out whole "
+              f"documents; give more documents (e.g. one JSONL line or .txt file per chapter) so that "
+              f"--val-fraction {cfg.val_fraction} of them can be held out.")
     return meta
 
 
