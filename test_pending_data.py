@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -226,3 +227,162 @@ def test_tokenizer_unreadable_and_empty_inputs_are_one_sentence(tmp_path):
         r = _cli("tokenize_data.py", *args, cwd=tmp_path)
         assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
         assert expected in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ dedup at scale
+def _hamlet():
+    path = ROOT / "testdata" / "hamlet.txt"
+    assert path.is_file(), "testdata/hamlet.txt (a public-domain excerpt of Hamlet) is missing from the repository"
+    return path.read_text(encoding="utf-8")
+
+
+def _hamlet_docs_with_variants(seed=0):
+    """Speeches of Hamlet (blank-line separated, >= 40 words) plus edited copies of some of them."""
+    rng = np.random.default_rng(seed)
+    paras = [p for p in _hamlet().split("\n\n") if len(p.split()) >= 40]
+    docs = [{"id": f"p{i}", "text": p} for i, p in enumerate(paras)]
+    for k, i in enumerate(rng.choice(len(paras), size=min(30, len(paras)), replace=False)):
+        words = paras[i].split(" ")
+        for j in rng.choice(len(words), size=max(1, int(len(words) * 0.02 * (k % 4))), replace=False):
+            words[j] = "zounds"
+        docs.append({"id": f"v{k}", "text": " ".join(words)})
+    return docs
+
+
+def test_dedup_minhash_is_datasketchs(tmp_path):
+    from datasketch import MinHash
+    for num_perm in (2, 64, 128, 200):
+        ref = MinHash(num_perm=num_perm, seed=dedup.SEED, scheme=dedup.SCHEME).permutations
+        a, b = dedup.permutations(num_perm)
+        assert np.array_equal(a, ref[0]) and np.array_equal(b, ref[1])
+    rng = np.random.default_rng(1)
+    sets = [rng.integers(0, 2**63, size, dtype=np.uint64) for size in (1, 2, 7, 511, 512, 513, 3000)]
+    sets.append(np.concatenate([sets[3], sets[3][:100]]))  # repeats cannot change a minimum
+    got = dedup.minhash_signatures(sets, 128)
+    for s, row in zip(sets, got):  # the reference: datasketch, one update per value, on the low 32 bits
+        m = MinHash(num_perm=128, seed=dedup.SEED, hashfunc=int, scheme=dedup.SCHEME)
+        for v in (s & np.uint64(0xFFFFFFFF)).tolist():
+            m.update(v)
+        assert np.array_equal(row, m.hashvalues)
+
+
+def test_dedup_lsh_candidates_are_minhashlshs():
+    """The sorted band keys give exactly the pairs datasketch's MinHashLSH query-before-insert gives."""
+    from datasketch import MinHash, MinHashLSH
+    docs = _hamlet_docs_with_variants()
+    bands, rows = dedup.lsh_params(0.8, 128)
+    sigs = [dedup.minhash_signature(dedup.shingle_set(dedup._word_hashes(
+        dedup.WORD_RE.findall(dedup.clean_text(d["text"]).lower())), 5), 128) for d in docs]
+    lsh, expected = MinHashLSH(num_perm=128, params=(bands, rows)), set()
+    a, b = dedup.permutations(128)
+    for i, sig in enumerate(sigs):
+        m = MinHash(seed=dedup.SEED, hashvalues=sig, permutations=(a, b), scheme=dedup.SCHEME)
+        expected |= {(j, i) for j in lsh.query(m)}
+        lsh.insert(i, m)
+    keys = dedup.band_keys(np.stack(sigs), bands, rows)
+    half = len(docs) // 2  # two batches, as the workers return them
+    got = dedup.candidate_pairs([keys[:half], keys[half:]], [np.arange(half), np.arange(half, len(docs))],
+                                np.zeros(len(docs), dtype=np.uint8))
+    assert len(expected) >= 10 and set(map(tuple, got.tolist())) == expected
+
+
+def test_dedup_index_memory_per_document_under_1kb(tmp_path):
+    """Peak traced memory of a whole run (numpy arrays included) grows by < 1 KB per added document
+    (datasketch's MinHashLSH index alone takes ~6.6 KB)."""
+    import tracemalloc
+    rng = np.random.default_rng(2)
+    vocab = np.array([f"w{i}" for i in range(5000)])
+    peaks = {}
+    for n in (2000, 4000):  # tiny documents: the per-document state is all that grows
+        src = tmp_path / f"in{n}.jsonl"
+        src.write_text("".join(json.dumps({"id": str(i), "text": " ".join(rng.choice(vocab, 6))}) + "\n"
+                               for i in range(n)))
+        tracemalloc.start()
+        dedup.run([str(src)], dedup.DedupConfig(out=str(tmp_path / f"o{n}" / "c.jsonl"), no_filters=True))
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert (peaks[4000] - peaks[2000]) / 2000 < 1024, peaks
+
+
+def test_dedup_and_tokenizer_help_explains_every_flag():
+    for script, cls in (("dedup.py", dedup.DedupConfig), ("tokenize_data.py", tokenize_data.TokenizeConfig)):
+        r = _cli(script, "--help", cwd=ROOT)
+        text = " ".join(r.stdout.split())
+        assert r.returncode == 0
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            after = text.split(flag, 2)[-1].split(" --")[0]  # the flag's help, up to the next flag
+            assert len(after.split()) >= 5, (script, flag, after)
+            assert f.default in ("", False) or "default" in after, (script, flag, after)
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+def _reference_shards(docs, vocab_size, val_fraction, train_docs=None):
+    """The tokenizer stage as it was before streaming, written out here as the reference: every document in
+    memory, BPE trained on (the first train_docs of) them, split by sha256 of the key with the both-sides
+    fix-up, each document encoded with encode_ordinary after <|endoftext|>."""
+    import hashlib
+    texts = [t for _, t in docs]
+    merges = tokenize_data.train_bpe(tokenize_data.count_chunks(texts[:train_docs], workers=1), vocab_size - 261)
+    enc = tokenize_data.build_encoding(f"bpe{vocab_size}", tokenize_data.merges_to_ranks(merges))
+    u = [int.from_bytes(hashlib.sha256(k.encode()).digest()[:8], "little") / 2**64 for k, _ in docs]
+    is_val = [x < val_fraction for x in u]
+    if len(docs) >= 2 and val_fraction > 0 and not any(is_val):
+        is_val[u.index(min(u))] = True
+    if len(docs) >= 2 and all(is_val):
+        is_val[u.index(max(u))] = False
+    sep = enc._special_tokens["<|endoftext|>"]
+    shards = {"train": [], "val": []}
+    for (_, text), val in zip(docs, is_val):
+        shards["val" if val else "train"] += [sep] + enc.encode_ordinary(text)
+    return enc, {k: np.array(v, dtype="<u2").tobytes() for k, v in shards.items()}
+
+
+@pytest.mark.parametrize("val_fraction, workers", [(0.1, 1), (0.1, 2), (1e-9, 2), (0.9999, 1)])
+def test_tokenizer_streaming_equals_the_in_memory_reference(tmp_path, val_fraction, workers):
+    text = _hamlet()
+    docs = [(f"h{i}", text[i:i + 1500]) for i in range(0, len(text), 1500)]
+    docs += [("u1", "東京は日本の首都です。 émoji 🎉 <|endoftext|> stays text"), ("u2", "tabs\t\tand\r\nCRLF  ")]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": k, "text": t}, ensure_ascii=False) + "\n" for k, t in docs))
+    meta = tokenize_data.main([str(corpus), "--out-dir", str(tmp_path / "t"), "--vocab-size", "600",
+                               "--val-fraction", str(val_fraction), "--workers", str(workers)])
+    enc, shards = _reference_shards(docs, 600, val_fraction)
+    out = tmp_path / "t"
+    assert tokenize_data.read_rank_file(out / "tokenizer.tiktoken") == enc._mergeable_ranks
+    for split in ("train", "val"):
+        assert (out / f"{split}.bin").read_bytes() == shards[split], split
+        assert meta[f"{split}_tokens"] * 2 == len(shards[split])
+    assert meta["val_docs"] >= 1 and meta["train_docs"] >= 1 and meta["bpe_train_docs"] == len(docs)
+    assert sorted(p.name for p in out.iterdir()) == sorted(tokenize_data.OUTPUT_FILES)
+
+
+def test_tokenizer_train_chars_takes_whole_leading_documents(tmp_path):
+    text = _hamlet()
+    docs = [(f"h{i}", text[i:i + 2000]) for i in range(0, len(text), 2000)]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": k, "text": t}) + "\n" for k, t in docs))
+    limit = 2000 * 5 + 1999  # room for 5 whole documents, not for 6
+    meta = tokenize_data.main([str(corpus), "--out-dir", str(tmp_path / "t"), "--vocab-size", "500",
+                               "--train-chars", str(limit), "--workers", "1"])
+    assert meta["bpe_train_docs"] == 5 and meta["bpe_train_chars"] == 10000
+    enc, shards = _reference_shards(docs, 500, 0.05, train_docs=5)
+    assert (tmp_path / "t" / "train.bin").read_bytes() == shards["train"]
+    assert tokenize_data.read_rank_file(tmp_path / "t" / "tokenizer.tiktoken") == enc._mergeable_ranks
+    message = _one_sentence(lambda: tokenize_data.main([str(corpus), "--out-dir", str(tmp_path / "t2"),
+                                                        "--train-chars", "100", "--workers", "1"]))
+    assert "--train-chars 100" in message and "2,000 characters" in message
+
+
+def test_tokenizer_reads_a_folder_of_txt_jsonl_and_gzip(tmp_path):
+    import gzip
+    text = _hamlet()
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "in" / "a.txt").write_text(text[:3000])
+    with gzip.open(tmp_path / "in" / "sub" / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"id": "b1", "text": text[3000:6000]}) + "\n" + json.dumps({"text": text[6000:9000]}) + "\n")
+    with gzip.open(tmp_path / "in" / "c.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(text[9000:12000])
+    assert tokenize_data.read_documents([tmp_path / "in"]) == [
+        ("a.txt", text[:3000]), ("c.txt.gz", text[9000:12000]), ("b1", text[3000:6000]),
+        ("b.jsonl.gz:2", text[6000:9000])]
