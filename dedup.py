@@ -124,7 +124,8 @@ def expand_inputs(inputs):
         elif path.is_file():
             found.append((path, path.name))
         else:
-            raise SystemExit(f"input {name} does not exist; pass .txt/.jsonl files (or .gz) or folders")
+            raise SystemExit(f"input {name} {'is not a file' if path.exists() else 'does not exist'}; pass "
+                             f".txt/.jsonl files (or .gz) or folders")
     return found
 
 
@@ -164,16 +165,16 @@ def check_outputs(files, cfg, paths, temps):
 
 
 def read_records(files):
-    """Yield (where, default id, raw bytes, is JSONL) in input order: a .txt file whole, a JSONL file per line."""
+    """Yield (where, default id, is JSONL, raw bytes) in input order: a .txt file whole, a JSONL file per line."""
     for path, doc_id in files:
         try:
             with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
                 if not re.search(r"\.jsonl(\.gz)?$", path.name):
-                    yield str(path), doc_id, f.read(), False
+                    yield str(path), doc_id, False, f.read()
                     continue
                 for line_no, raw in enumerate(f, 1):
                     if raw.strip():
-                        yield f"{path}:{line_no}", f"{path.name}:{line_no}", raw, True
+                        yield f"{path}:{line_no}", f"{path.name}:{line_no}", True, raw
         except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
             raise SystemExit(f"cannot read {path} ({e}); check that it is a readable text or gzip file")
 
@@ -191,7 +192,7 @@ def decode_utf8(raw):
             start += e.end
 
 
-def parse_record(where, doc_id, raw, is_jsonl):
+def parse_record(where, doc_id, is_jsonl, raw):
     """-> (document dict, undecodable bytes, problem or None); a problem is ("skip" | "fatal", sentence)."""
     text, bad = decode_utf8(raw)
     if not is_jsonl:
@@ -350,7 +351,8 @@ def shingle_set(word_hashes, n):
     """-> sorted unique uint64 hashes of the word n-grams."""
     if len(word_hashes) < n:
         return np.zeros(0, dtype=np.uint64)
-    return np.unique(_fmix(_ngram_ids(word_hashes, n)))
+    h = np.sort(_fmix(_ngram_ids(word_hashes, n)))  # a sort: np.unique is several times slower here
+    return h[np.concatenate(([True], h[1:] != h[:-1]))]
 
 
 @functools.lru_cache(maxsize=None)
@@ -457,11 +459,11 @@ def shingles_batch(args):
 
 
 def _batched(items, max_items=256, max_bytes=1 << 20):
-    """Lists of consecutive items (tuples whose third element is bytes) of bounded count and size."""
+    """Lists of consecutive items (tuples ending in bytes) of at most max_items and about max_bytes."""
     batch, size = [], 0
     for item in items:
         batch.append(item)
-        size += len(item[2]) if len(item) > 2 else len(item[1])
+        size += len(item[-1])
         if len(batch) >= max_items or size >= max_bytes:
             yield batch
             batch, size = [], 0
@@ -634,7 +636,10 @@ def run(inputs, cfg, th=QualityThresholds()):
             work = open(temps[3], "w+b")
         except OSError as e:
             raise SystemExit(f"cannot write beside {e.filename or out} ({e.strerror}); choose a folder you can write to")
-        pool = multiprocessing.Pool(cfg.workers) if cfg.workers > 1 else None
+        try:
+            pool = multiprocessing.Pool(cfg.workers) if cfg.workers > 1 else None
+        except OSError as e:
+            raise SystemExit(f"--workers {cfg.workers}: cannot start that many processes ({e.strerror}); lower it")
         imap = functools.partial(_ordered_map, pool, in_flight=2 * cfg.workers)  # imap(func, items)
         with work:
             status, keeper, rule_names, pairs, stats = sketch_pass(files, cfg, th, imap, work)

@@ -510,6 +510,11 @@ def main(argv=None):
     paths = input_files(inputs)
     check_paths(paths, cfg.out_dir)
     check_out_dir(cfg.out_dir, encoding_name)  # fail before the work; the fingerprint is checked after
+    out = Path(cfg.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out-dir {cfg.out_dir}: cannot make it ({e.strerror}); choose another folder.")
 
     train_info = {}
     if cfg.encoding:
@@ -541,11 +546,6 @@ def main(argv=None):
     fingerprint = hashlib.sha256(json.dumps(tokenizer_to_dict(enc), sort_keys=True).encode()).hexdigest()
     check_out_dir(cfg.out_dir, encoding_name, fingerprint)
 
-    out = Path(cfg.out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"--out-dir {cfg.out_dir}: cannot make it ({e.strerror}); choose another folder.")
     dtype = token_dtype(enc.n_vocab)
     shards = {split: out / f"{split}.bin.tmp{os.getpid()}" for split in ("train", "val")}
     try:
