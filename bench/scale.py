@@ -2,20 +2,20 @@
 
     python bench/scale.py --sizes 40 160 1000 --workers 2 --work-dir /big/disk/scale [--baseline]
 
-Makes, offline, a JSONL corpus of each size in MB from the cached plays (pipeline.fetch_corpus: modern
-editions, their lines shuffled into documents of --doc-words words, every word replaced with probability
---perturb by another word of the plays or a made-up variant, so that documents differ and the vocabulary
-keeps growing with the corpus), with planted duplicates: --near-dups of the documents are copies of an
-earlier one with 1-4% of the words edited (word 5-gram Jaccard ~0.7-0.95), --exact-dups are verbatim
-copies. Corpora are kept in --work-dir (corpus-<MB>mb-<seed>.jsonl) and reused.
+Makes, offline, a JSONL corpus of each size in MB from the cached plays (pipeline.fetch_corpus; make_corpus:
+the modern editions' lines shuffled into documents of --doc-words words, each word replaced with
+probability 0.15 by another word of the plays or, one time in five, a made-up variant of one, so that
+documents differ and the vocabulary keeps growing with the corpus), with planted duplicates: 3% of the
+documents copy one of the last 200 originals with 1-4% of the words replaced (word 5-gram Jaccard about
+0.7-0.95), 1% copy one verbatim. Corpora stay in --work-dir (corpus-<MB>mb-<min>-<max>.jsonl), reused.
 
 Then runs each stage on each size as a user would, one subprocess each: `dedup.py CORPUS -o ...` and
-`tokenize_data.py DEDUPED --out-dir ...`, and prints, per stage and size: wall seconds, MB/s of corpus
-(the input size of the stage), MB/s per worker, the peak RSS of the largest process (wait4's ru_maxrss)
-and the peak of the proportional set size summed over the process and its workers (PSS, sampled from
-/proc every 0.2 s; shared pages counted once), and the documents per second. --baseline also times the
-plain datasketch loop (bench/dedup.py --plain-loop) on the same corpus, alternating with dedup.py.
-The table goes to --work-dir/scale.md and scale.json too. Linux only (/proc, wait4).
+`tokenize_data.py DEDUPED --out-dir ...`, and prints per stage and size: wall seconds and MB/s of the
+stage's input (also per worker), CPU seconds of the process and its workers and MB per CPU second (what a
+free core does; wall times on a shared machine are not that), the peak RSS of the largest process (wait4)
+and the peak proportional set size of all its processes (PSS from /proc every 0.2 s: shared pages counted
+once), and the machine's load average. --baseline also times the plain datasketch loop of bench/dedup.py
+on each corpus. The table goes to --work-dir/scale.md and scale.json too. Linux only (/proc, wait4).
 """
 import argparse
 import json
@@ -109,7 +109,7 @@ def _pss_kb(pid):
 
 
 def measure(cmd, log):
-    """Run cmd -> (wall seconds, peak RSS MB of its largest process, peak PSS MB of the process tree)."""
+    """Run cmd -> (wall s, CPU s of it and its workers, peak RSS MB of its largest process, peak PSS MB of all)."""
     t0 = time.time()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -127,7 +127,7 @@ def measure(cmd, log):
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, cmd))} failed; see {log}")
-    return time.time() - t0, usage.ru_maxrss / 1024, peak[0] / 1024
+    return time.time() - t0, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, peak[0] / 1024
 
 
 def main():
@@ -171,15 +171,16 @@ def main():
                 for name in ("meta.json",):  # a fresh run each time: no stale shards to refuse
                     (out / "tokens" / name).unlink(missing_ok=True)
             mb = src.stat().st_size / 1e6
-            wall, rss, pss = measure(cmd, out.with_name(out.name + f"-{stage.split()[0]}.log"))
+            wall, cpu, rss, pss = measure(cmd, out.with_name(out.name + f"-{stage.split()[0]}.log"))
             row = {"stage": stage, "corpus_mb": size, "input_mb": round(mb, 1), "docs": n_docs, "workers": workers,
-                   "wall_s": round(wall, 1), "mb_per_s": round(mb / wall, 2), "mb_per_s_per_worker":
-                   round(mb / wall / workers, 2), "peak_rss_mb": round(rss), "peak_pss_mb": round(pss),
+                   "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "mb_per_s": round(mb / wall, 2),
+                   "mb_per_s_per_worker": round(mb / wall / workers, 2), "mb_per_cpu_s": round(mb / cpu, 2),
+                   "peak_rss_mb": round(rss), "peak_pss_mb": round(pss),
                    "load": round(os.getloadavg()[0], 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    header = ["stage", "corpus_mb", "input_mb", "docs", "workers", "wall_s", "mb_per_s", "mb_per_s_per_worker",
-              "peak_rss_mb", "peak_pss_mb", "load"]
+    header = ["stage", "corpus_mb", "input_mb", "docs", "workers", "wall_s", "cpu_s", "mb_per_s",
+              "mb_per_s_per_worker", "mb_per_cpu_s", "peak_rss_mb", "peak_pss_mb", "load"]
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
     print("\n".join(table))
