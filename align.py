@@ -30,10 +30,14 @@ pair the run will visit (max_steps x batch x ranks of them, a fixed sample) are 
 so no second model is kept. loss = -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), log-probs
 summed over response tokens. Evaluates before the first step and after the last (and every
 --eval-interval steps, saving a checkpoint each time). Prints one line per step and per eval; writes
-OUT/log.jsonl and OUT/ckpt.pt (self-contained: weights, tokenizer, "stage", train_config; loads in sample.py).
+OUT/log.jsonl and OUT/ckpt.pt (self-contained: weights, tokenizer, "stage", train_config, and the log up
+to its step, so --resume rewrites log.jsonl as that run's: each step once, however often it was killed).
+A loss, gradient or weight that becomes nan/inf stops the run before it is saved: the checkpoint on disk
+stays the last good one.
 """
 
 import argparse
+import glob
 import hashlib
 import inspect
 import json
@@ -416,6 +420,28 @@ def step_loss(net, cfg, train, ref_train, idx, device):
     return losses.mean(), preference_stats(losses.detach(), cr.detach(), rr.detach())
 
 
+def check_finite(figures, step, ckpt_path):
+    """Stop on nan/inf before anything is saved, so the checkpoint on disk is the last good one."""
+    for name, value in figures.items():
+        if not math.isfinite(value):
+            kept = f"{ckpt_path} is kept" if os.path.isfile(ckpt_path) else "no checkpoint was written"
+            raise SystemExit(f"{name} became {value} at step {step}; stopping ({kept}). Lower --lr.")
+
+
+def remove_stale(path):
+    """Delete the temporaries `path.tmp*` a killed run left beside its output (save_checkpoint writes
+    ckpt.pt.tmp<pid>); only the names this script writes itself."""
+    for stale in glob.glob(glob.escape(path) + ".tmp*"):
+        os.remove(stale)
+
+
+def write_log(path, rows):
+    """log.jsonl := rows, written to a temporary name and renamed into place."""
+    with open(f"{path}.tmp{os.getpid()}", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(f"{path}.tmp{os.getpid()}", path)
+
+
 def check_config(cfg):
     for flag, value in (("--init", cfg.init), ("--data", cfg.data), ("--out-dir", cfg.out_dir)):
         if not value:
@@ -489,9 +515,11 @@ def main(argv=None):
         say(f"reference log-probs of {len(train) + len(val)} pairs in {time.time() - t0:.1f}s")
     model.train()
 
+    # The checkpoint carries the log up to its step: resuming rewrites log.jsonl from it, so the log is
+    # always one run's, each step once, however the runs before were killed.
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (0.9, 0.95), device.split(":")[0])
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
-    start_step = 0
+    start_step, rows = 0, []
     if cfg.resume and os.path.isfile(ckpt_path):
         state = load_checkpoint(ckpt_path)
         if state.get("stage") != cfg.method:
@@ -499,15 +527,20 @@ def main(argv=None):
                              "pick another --out-dir or drop --resume.")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_step = state["step"]
+        start_step, rows = state["step"], state.get("log", [])
         say(f"resumed from {ckpt_path} at step {start_step}")
+    elif os.path.isfile(ckpt_path):
+        say(f"note: {ckpt_path} exists and will be replaced at the first checkpoint (log.jsonl starts over "
+            "now); pass --resume to continue from it instead.")
     if rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        if start_step == 0 and os.path.exists(log_path):
-            os.remove(log_path)
+        remove_stale(ckpt_path)
+        remove_stale(log_path)
+        write_log(log_path, rows)
     net = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if distributed else model
 
     def log(entry):
+        rows.append(entry)
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
@@ -516,13 +549,16 @@ def main(argv=None):
         if val:
             metrics = evaluate(model, cfg, val, ref_val, device, rank, world, ctx)
             say(f"eval step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            check_finite(metrics, step, ckpt_path)
             log({"step": step, **metrics})
 
     def save(step):
+        check_finite({"the largest weight": max(p.detach().abs().max().item() for p in model.parameters())},
+                     step, ckpt_path)
         if rank == 0:
             save_checkpoint(ckpt_path, model, tokenizer=init["tokenizer"], stage=cfg.method,
                             train_config=asdict(cfg), step=step, optimizer=optimizer.state_dict(),
-                            data_position=step * cfg.batch_size * world, init=cfg.init)
+                            data_position=step * cfg.batch_size * world, init=cfg.init, log=rows)
 
     if start_step == 0:
         run_eval(0)
@@ -537,9 +573,10 @@ def main(argv=None):
             loss, sums = step_loss(net, cfg, train, ref_train, idx, device)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        stats = {k: v / (len(idx) * world) for k, v in all_reduce_sums(sums, world).items()}
+        check_finite({"the loss": stats["loss"], "the gradient norm": float(grad_norm)}, step + 1, ckpt_path)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        stats = {k: v / (len(idx) * world) for k, v in all_reduce_sums(sums, world).items()}
         entry = {"step": step + 1, **stats, "lr": lr, "grad_norm": float(grad_norm),
                  "dt_ms": 1000 * (time.time() - t0)}
         say(f"step {step + 1}/{cfg.max_steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in entry.items() if k != "step"))
