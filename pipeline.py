@@ -17,7 +17,7 @@ The stages, each a script a user can run by hand (the command is printed before 
   sample    sample.py: a continuation from the pretrained model and a chat answer from the aligned one
 A stage whose outputs are complete is skipped, so a rerun after an interruption picks up where it
 stopped (training resumes from its last checkpoint); a stage that runs makes every stage after it
-run afresh, as their inputs changed. Prints each stage's wall time and writes them to
+run afresh, as their inputs changed. Prints each stage's wall time and keeps every stage's latest in
 out/pipeline.json; draws the training curves of every stage in out/training.svg (open it in a browser).
 """
 
@@ -29,6 +29,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -134,18 +135,40 @@ def trained_to(ckpt, args):
 
 def run(command):
     """Print one stage's command as a shell would take it, then run it; a failing stage stops the
-    pipeline with its message."""
+    pipeline with its message. Ctrl-C stops the stage (SIGTERM to its process group: torchrun's ranks
+    too) and is raised here, so that main() can say which stage it interrupted."""
     command = [str(c) for c in command]
     script = next(i for i, c in enumerate(command) if c.endswith(".py"))
     command[script] = os.path.relpath(HERE / command[script])  # runs from any working directory
     print("$ " + shlex.join("python" if c == sys.executable else c for c in command), flush=True)
-    if subprocess.run(command).returncode != 0:
+    stage = subprocess.Popen(command, start_new_session=True)  # Ctrl-C reaches the pipeline only
+    try:
+        returncode = stage.wait()
+    except KeyboardInterrupt:
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+        os.killpg(stage.pid, signal.SIGTERM)
+        stage.wait()
+        signal.signal(signal.SIGINT, handler)
+        raise
+    if returncode != 0:
         raise SystemExit(f"stage failed: {command[script]} (its message is above); fix it and rerun "
                          "pipeline.py: completed stages are skipped.")
 
 
 # ---------------------------------------------------------------------------------------------
-# What the run leaves besides the stages' outputs: a picture of every training stage's curves.
+# What the run leaves besides the stages' outputs: every stage's latest wall time, and a picture.
+
+def record_seconds(path, preset, name, seconds):
+    """Merge one stage's wall time into pipeline.json (atomically), keeping the other stages' latest."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = {}
+    record = {"preset": preset, "seconds": {**record.get("seconds", {}), name: seconds}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_name(path.name + ".tmp").write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(path.with_name(path.name + ".tmp"), path)
+
 
 def draw_curves(out_dir, svg_path, width=420, height=230):
     """One plain SVG (no plotting library) with a panel per CURVES entry whose log exists: each key's
@@ -194,25 +217,31 @@ def main(argv=None):
     cfg = parse_flags(PipelineConfig, argv, __doc__)
     stages, out = plan(cfg), Path(cfg.out_dir)
     redo_from = 0 if cfg.force == "all" else STAGES.index(cfg.force) if cfg.force else len(STAGES)
-    timings = {}
-    for i, name in enumerate(STAGES):
-        commands, complete = stages[name]
-        if i < redo_from and complete():
-            print(f"\n=== {name}: complete, skipped (--force {name} redoes it)")
-            continue
-        if i >= redo_from:  # start over: no resuming, and no old shards for the tokenizer to refuse
-            commands = [[c for c in command if c != "--resume"] for command in commands]
-            if name == "tokenize":
-                shutil.rmtree(Path(cfg.data_dir) / "tokens", ignore_errors=True)
-        print(f"\n=== {name}", flush=True)
-        t0 = time.time()
-        for command in commands:
-            run(command)
-        timings[name] = round(time.time() - t0, 1)
-        redo_from = min(redo_from, i + 1)  # later outputs were made from the old version of this one
-    print("\nwall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline.json").write_text(json.dumps({"preset": cfg.preset, "seconds": timings}, indent=1) + "\n")
+    name = None
+    try:
+        for i, name in enumerate(STAGES):
+            commands, complete = stages[name]
+            if i < redo_from and complete():
+                print(f"\n=== {name}: complete, skipped (--force {name} redoes it)")
+                continue
+            if i >= redo_from:  # start over: no resuming, and no old shards for the tokenizer to refuse
+                commands = [[c for c in command if c != "--resume"] for command in commands]
+                if name == "tokenize":
+                    shutil.rmtree(Path(cfg.data_dir) / "tokens", ignore_errors=True)
+            print(f"\n=== {name}", flush=True)
+            t0 = time.time()
+            for command in commands:
+                run(command)
+            seconds = round(time.time() - t0, 1)
+            print(f"=== {name}: {seconds} s")
+            record_seconds(out / "pipeline.json", cfg.preset, name, seconds)
+            redo_from = min(redo_from, i + 1)  # later outputs were made from the old version of this one
+    except KeyboardInterrupt:
+        print(f"\ninterrupted during {name}; rerun `python pipeline.py` with the same flags to continue.",
+              file=sys.stderr)
+        sys.exit(130)
+    seconds = json.loads((out / "pipeline.json").read_text())["seconds"]
+    print("\nwall time per stage (s, the latest run of each): " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
     panels = draw_curves(out, out / "training.svg")
     print(f"training curves of {panels} panels -> {out / 'training.svg'} (open it in a browser)")
 
