@@ -76,7 +76,7 @@ class AlignConfig:
     schedule: Literal["cosine", "linear"] = "cosine"  # how the learning rate decays after warmup
     warmup_steps: int = 5          # steps of linear warmup up to --lr
     weight_decay: float = 0.0      # AdamW weight decay on matrices (none on norms and biases)
-    grad_clip: float = 1.0         # clip the gradient norm to this
+    grad_clip: float = 1.0         # clip the gradient norm to this; 0 disables clipping
     beta: float = 0.1              # DPO: strength of the pull towards the reference
     seed: int = 1337               # the batches, the held-out sample and DPO's visited pairs follow from it
     device: str = "auto"           # auto (cuda when a GPU is visible, else cpu) | cpu | cuda | cuda:N
@@ -95,6 +95,29 @@ def parse_flags(config_class, argv, doc):
         text = f"{comments.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")
         parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=text, **how)
     return config_class(**vars(parser.parse_args(argv)))
+
+
+def pick_device(flag):
+    """--device auto|cpu|cuda|cuda:N -> a device string; a GPU asked for and missing is one sentence."""
+    if flag == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise SystemExit(f"--device {flag}: not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {flag}: PyTorch sees no GPU on this machine; use --device cpu (or auto).")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {flag}: only {torch.cuda.device_count()} GPU(s) visible; use cuda:0 or auto.")
+    return flag
+
+
+def read_checkpoint(path, flag):
+    """load_checkpoint, with a folder named in a flag answered by the file the user most likely meant."""
+    if os.path.isdir(path):
+        raise SystemExit(f"{flag} {path} is a folder; pass the checkpoint file in it, e.g. "
+                         f"{flag} {os.path.join(path, 'ckpt.pt')}.")
+    return load_checkpoint(path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -162,7 +185,8 @@ def held_out(key, fraction):
 def read_records(path, method, flag):
     """-> [(record, group)]; prints the skipped lines (numbered); exits when nothing is usable."""
     if not os.path.isfile(path):
-        raise SystemExit(f"{flag} {path}: no such file; pass a JSONL file (see align.py's docstring).")
+        what = "a folder" if os.path.isdir(path) else "no such file"
+        raise SystemExit(f"{flag} {path}: {what}; pass a JSONL file (see align.py's docstring).")
     records, bad, n_lines = [], [], 0
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -446,10 +470,17 @@ def check_config(cfg):
     for flag, value in (("--init", cfg.init), ("--data", cfg.data), ("--out-dir", cfg.out_dir)):
         if not value:
             raise SystemExit(f"{flag} is required (see `python align.py --help`).")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise SystemExit(f"--out-dir {cfg.out_dir} is a file; pass a folder for ckpt.pt and log.jsonl.")
     if not 0 <= cfg.eval_fraction < 1:
         raise SystemExit(f"--eval-fraction {cfg.eval_fraction}: must be in [0, 1).")
-    if cfg.beta <= 0 or cfg.batch_size < 0 or cfg.max_steps < 0 or cfg.lr < 0:
-        raise SystemExit("--beta must be positive; --batch-size, --max-steps and --lr must not be negative.")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise SystemExit(f"--min-lr-ratio {cfg.min_lr_ratio}: must be in [0, 1].")
+    if cfg.beta <= 0 or cfg.eval_max < 1:
+        raise SystemExit("--beta must be positive and --eval-max at least 1.")
+    for flag in ("batch_size", "max_steps", "lr", "eval_interval", "warmup_steps", "weight_decay", "grad_clip"):
+        if getattr(cfg, flag) < 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must not be negative.")
     sft = cfg.method == "sft"  # defaults measured on the demo data with the pipeline's CPU model
     cfg.max_steps, cfg.batch_size = cfg.max_steps or (300 if sft else 100), cfg.batch_size or (16 if sft else 8)
     cfg.lr = cfg.lr or (1e-3 if sft else 3e-4)
@@ -458,7 +489,7 @@ def check_config(cfg):
 
 def main(argv=None):
     cfg = check_config(parse_flags(AlignConfig, argv, __doc__))
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
+    device = pick_device(cfg.device)
     distributed = "RANK" in os.environ  # launched by torchrun: data parallel over all ranks
     if distributed:
         if device.startswith("cuda"):
@@ -473,7 +504,7 @@ def main(argv=None):
     say = print if rank == 0 else (lambda *a, **k: None)
 
     # The init checkpoint carries the tokenizer; the chat tokens must be in it.
-    init = load_checkpoint(cfg.init)
+    init = read_checkpoint(cfg.init, "--init")
     if not init.get("tokenizer"):
         raise SystemExit(f"--init {cfg.init}: the checkpoint carries no tokenizer; pretrain with train.py on a "
                          "data dir from tokenize_data.py so that it does.")
@@ -522,9 +553,9 @@ def main(argv=None):
     start_step, rows = 0, []
     if cfg.resume and os.path.isfile(ckpt_path):
         state = load_checkpoint(ckpt_path)
-        if state.get("stage") != cfg.method:
-            raise SystemExit(f"--resume: {ckpt_path} is a {state.get('stage')} checkpoint, not {cfg.method}; "
-                             "pick another --out-dir or drop --resume.")
+        if state.get("stage") != cfg.method or state["model_config"] != init["model_config"]:
+            raise SystemExit(f"--resume: {ckpt_path} (a {state.get('stage')} checkpoint) is not a {cfg.method} run "
+                             "from a model shaped as --init; pick another --out-dir or drop --resume.")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, rows = state["step"], state.get("log", [])
@@ -572,7 +603,7 @@ def main(argv=None):
         with ctx:
             loss, sums = step_loss(net, cfg, train, ref_train, idx, device)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         stats = {k: v / (len(idx) * world) for k, v in all_reduce_sums(sums, world).items()}
         check_finite({"the loss": stats["loss"], "the gradient norm": float(grad_norm)}, step + 1, ckpt_path)
         optimizer.step()

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from align import DOC_START, chat_token_ids, parse_flags, render_conversation
-from model import GPT, load_checkpoint
+from align import DOC_START, chat_token_ids, parse_flags, pick_device, read_checkpoint, render_conversation
+from model import GPT
 
 
 @dataclass
@@ -143,8 +143,12 @@ def check_config(cfg):
 
 def main(argv=None):
     cfg = check_config(parse_flags(SampleConfig, argv, __doc__))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    ckpt = load_checkpoint(cfg.ckpt)
+    device = pick_device(cfg.device)
+    ckpt = read_checkpoint(cfg.ckpt, "--ckpt")
+    broken = next((k for k, v in ckpt["model"].items() if v.is_floating_point() and not v.isfinite().all()), None)
+    if broken:
+        raise SystemExit(f"{cfg.ckpt}: its weight {broken} is non-finite (nan/inf): the run that wrote it diverged; "
+                         "use an earlier checkpoint or train again with a lower --lr.")
     # sdpa computes what every attn_impl computes, and runs everywhere (triton needs a GPU).
     model = GPT.from_checkpoint(ckpt, device=device, dropout=0.0, attn_impl="sdpa")
     enc = load_tokenizer_from(ckpt, cfg.ckpt)
