@@ -170,7 +170,7 @@ def record_seconds(path, preset, name, seconds):
     os.replace(path.with_name(path.name + ".tmp"), path)
 
 
-def draw_curves(out_dir, svg_path, width=420, height=230):
+def draw_curves(out_dir, svg_path, width=420, height=250):
     """One plain SVG (no plotting library) with a panel per CURVES entry whose log exists: each key's
     values against the step, a line per key, dots where there are few points."""
     colors, panels = ["#1f77b4", "#d62728", "#2ca02c"], []
@@ -187,7 +187,7 @@ def draw_curves(out_dir, svg_path, width=420, height=230):
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * width}" height="{height * ((len(panels) + 1) // 2)}" '
            'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>']
     for n, (title, series) in enumerate(panels):
-        x0, y0, w, h = (n % 2) * width + 50, (n // 2) * height + 25, width - 70, height - 60  # the plot area
+        x0, y0, w, h = (n % 2) * width + 50, (n // 2) * height + 25, width - 70, height - 85  # the plot area
         xs, ys = [x for _, p in series for x, _ in p], [y for _, p in series for _, y in p]
         x_lo, x_hi, y_lo, y_hi = min(xs), max(xs), min(ys), max(ys)
         x_hi, y_hi = max(x_hi, x_lo + 1), max(y_hi, y_lo + 1e-9)
@@ -197,14 +197,14 @@ def draw_curves(out_dir, svg_path, width=420, height=230):
                 f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#999"/>',
                 f'<text x="{x0 - 4}" y="{y0 + 4}" text-anchor="end">{y_hi:.3g}</text>',
                 f'<text x="{x0 - 4}" y="{y0 + h}" text-anchor="end">{y_lo:.3g}</text>',
-                f'<text x="{x0}" y="{y0 + h + 14}">{x_lo}</text>',
-                f'<text x="{x0 + w}" y="{y0 + h + 14}" text-anchor="end">step {x_hi}</text>']
+                f'<text x="{x0}" y="{y0 + h + 14}">step {x_lo}</text>',
+                f'<text x="{x0 + w}" y="{y0 + h + 14}" text-anchor="end">{x_hi}</text>']
         for k, ((key, points), color) in enumerate(zip(series, colors)):
             path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
             svg.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.2"/>')
             if len(points) <= 40:
                 svg += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"/>' for x, y in points]
-            svg.append(f'<text x="{x0 + w / 2 + 10}" y="{y0 + h + 14 + 12 * k}" fill="{color}">{key}: '
+            svg.append(f'<text x="{x0}" y="{y0 + h + 30 + 13 * k}" fill="{color}">{key}: '
                        f'{points[-1][1]:.4g} at step {points[-1][0]}</text>')
     svg.append("</svg>")
     Path(svg_path).parent.mkdir(parents=True, exist_ok=True)
