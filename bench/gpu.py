@@ -3,6 +3,7 @@ bench/gpu.py: the first command to run on a GPU node. Does everything work here,
 
     python bench/gpu.py [--out out/gpu.json] [--minutes 8]   # one node, one or more GPUs: about 8 minutes
     torchrun --standalone --nproc_per_node=8 bench/gpu.py    # the same: rank 0 drives, the other ranks exit
+    python bench/gpu.py --only training,multi --minutes 5    # some sections only (a rerun of what ran short)
     python bench/gpu.py --dry-run                            # CPU: every section on tiny shapes
 
 Sections, in order; each row has a status (ok, FAIL, skip, error, info), a result and a note:
@@ -59,6 +60,7 @@ class GPUBenchConfig:
     out: str = "out/gpu.json"                      # the table as JSON, rewritten after every row
     minutes: float = 8.0                           # time budget; each section stops at its share
     dry_run: bool = False                          # CPU: every section on tiny shapes (interpreter, gloo)
+    only: str = ""                                 # run only these sections (comma list of SECTIONS); device always
     seq_lens: str = "1024,2048,4096,8192,16384"    # kernel speed: sequence lengths T
     tokens: int = 16384                            # kernel speed: B * T of every measurement
     hidden: int = 2048                             # kernel speed: H * D
@@ -85,6 +87,7 @@ DRY_TRAIN = dict(n_layer=1, n_head=2, n_embd=128, block_size=32, batch_size=1)
 LAYOUTS = {"dp": (1, 1), "tp": (2, 1), "pp": (1, 2), "tp+pp": (2, 2)}  # (tp, pp); dp takes the other ranks
 PARITY_MODEL = dict(n_layer=4, n_head=4, n_embd=256, block_size=256)
 DRY_PARITY_MODEL = dict(n_layer=2, n_head=2, n_embd=64, block_size=32)
+SECTIONS = {"correctness": "kernel correctness", "speed": "kernel speed", "training": "training", "multi": "multi-GPU"}
 TORCHRUN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                  "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"}
 
@@ -98,10 +101,10 @@ def parse_config():
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default, help=f"default {f.default!r}")
     cfg = GPUBenchConfig(**vars(parser.parse_args()))
-    unknown = set(filter(None, cfg.parity_layouts.split(","))) - set(LAYOUTS)
-    if unknown:
-        raise SystemExit(f"--parity-layouts: unknown {', '.join(sorted(unknown))}; "
-                         f"give a comma list of {', '.join(LAYOUTS)}.")
+    for flag, value, known in (("--parity-layouts", cfg.parity_layouts, LAYOUTS), ("--only", cfg.only, SECTIONS)):
+        unknown = set(filter(None, value.split(","))) - set(known)
+        if unknown:
+            raise SystemExit(f"{flag}: unknown {', '.join(sorted(unknown))}; give a comma list of {', '.join(known)}.")
     return cfg
 
 
@@ -596,15 +599,17 @@ def main():
         clock.start("device")
         peak, matmul_rate = device_section(table, on_gpu)
         sections = [
-            ("kernel correctness", lambda: correctness_section(
+            ("correctness", lambda: correctness_section(
                 table, clock, device, [torch.bfloat16, torch.float16] if on_gpu else [torch.float32, torch.float16],
                 CASES if on_gpu else DRY_CASES)),
-            ("kernel speed", lambda: speed_section(table, clock, cfg, device, dtype, on_gpu)),
+            ("speed", lambda: speed_section(table, clock, cfg, device, dtype, on_gpu)),
             ("training", lambda: training_section(table, clock, cfg, env, tmp, on_gpu, peak, matmul_rate)),
-            ("multi-GPU", lambda: multi_gpu_section(table, clock, cfg, env, tmp, on_gpu))]
-        for section, run in sections:
-            clock.start(section)
-            with guard(table, section, "section"):
+            ("multi", lambda: multi_gpu_section(table, clock, cfg, env, tmp, on_gpu))]
+        for key, run in sections:
+            clock.start(SECTIONS[key])  # a section left out hands its share on to the next one run
+            if cfg.only and key not in cfg.only.split(","):
+                continue
+            with guard(table, SECTIONS[key], "section"):
                 run()
             if on_gpu:
                 torch.cuda.empty_cache()
