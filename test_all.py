@@ -1,10 +1,13 @@
 """
 test_all.py: every test of the project, on CPU (pytest; about 4 minutes on 2 cores).
 
-    python -m pytest -q test_all.py                  # everything
-    python -m pytest -q test_all.py -k tokenizer     # one stage: dedup, tokenizer, model, attention_kernel,
-                                                     #   train, parallel, align, sample
-    python -m pytest -q test_all.py --durations=10   # where the time goes
+    python -m pytest -q test_all.py                      # everything
+    python -m pytest -q test_all.py -k test_tokenizer    # one stage
+    python -m pytest -q test_all.py --durations=10       # where the time goes
+
+Every test's name starts with test_<stage>, stages in the order the data meets them: dedup (with the
+corpus it reads), tokenizer, model (with sampling), attention_kernel, train, parallel, align, sample.
+`-k test_train` selects exactly one stage; a bare `-k train` also matches words in other names.
 
 Every test checks a result against an independent reference: labelled pairs of known Jaccard
 similarity and datasketch's own MinHash for dedup; a slow, obviously-correct BPE trainer and encoder
