@@ -96,7 +96,8 @@ def corpus_texts():
     try:
         return fetch_corpus(ROOT / "data" / "cache")
     except SystemExit as e:  # no network and no cache: fail with the reason, never test on something else
-        pytest.fail(f"this test needs the Shakespeare corpus: {e.code}", pytrace=False)
+        reason = e.code
+    pytest.fail(f"this test needs the Shakespeare corpus: {reason}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
