@@ -1,5 +1,5 @@
 """
-test_all.py: every test of the project, on CPU (pytest; about 4 minutes on 2 cores).
+test_all.py: every test of the project, on CPU (pytest; a few minutes on 2 idle cores).
 
     python -m pytest -q test_all.py                      # everything
     python -m pytest -q test_all.py -k test_tokenizer    # one stage
