@@ -159,24 +159,38 @@ def peak_flops(device):
 # Data: token shards on disk, batches as a function of (seed, step)
 
 def load_data(data_dir, seq_len):
-    """-> (train tokens, val tokens, meta) with the shards memory-mapped read-only."""
+    """-> (train tokens, val tokens, meta): the shards memory-mapped read-only, checked against meta.json."""
     if not data_dir:
         raise SystemExit("--data-dir is required: the folder tokenize_data.py wrote (train.bin, val.bin, meta.json).")
     if not os.path.isdir(data_dir):
-        raise SystemExit(f"--data-dir {data_dir} does not exist; run tokenize_data.py --out-dir {data_dir} first.")
-    meta_path = os.path.join(data_dir, "meta.json")
+        raise SystemExit(f"--data-dir {data_dir} is not a folder; run tokenize_data.py --out-dir {data_dir} first.")
+    meta_path, rerun = os.path.join(data_dir, "meta.json"), f"re-run tokenize_data.py --out-dir {data_dir}"
     if not os.path.isfile(meta_path):
         raise SystemExit(f"{meta_path} is missing; run tokenize_data.py --out-dir {data_dir} to write the shards.")
-    meta = json.load(open(meta_path))
-    if meta.get("dtype") not in ("uint16", "uint32") or not isinstance(meta.get("vocab_size"), int):
-        raise SystemExit(f"{meta_path} needs vocab_size and dtype (uint16|uint32); rewrite it with tokenize_data.py.")
-    shards = []
-    for name in ("train.bin", "val.bin"):
-        path = os.path.join(data_dir, name)
-        n_tokens = os.path.getsize(path) // np.dtype(meta["dtype"]).itemsize if os.path.isfile(path) else 0
+    try:
+        meta = json.load(open(meta_path, encoding="utf-8"))
+    except ValueError:  # not JSON, or not even UTF-8
+        meta = None
+    counts = ("vocab_size", "train_tokens", "val_tokens")
+    if not (isinstance(meta, dict) and meta.get("dtype") in ("uint16", "uint32") and
+            all(type(meta.get(k)) is int and meta[k] >= 0 for k in counts)):
+        raise SystemExit(f"{meta_path} is not the JSON tokenize_data.py writes (vocab_size, dtype uint16|uint32, "
+                         f"train_tokens, val_tokens as numbers); {rerun}.")
+    shards, itemsize = [], np.dtype(meta["dtype"]).itemsize
+    for split in ("train", "val"):
+        path, n_tokens = os.path.join(data_dir, f"{split}.bin"), meta[f"{split}_tokens"]
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        if size != n_tokens * itemsize:  # cut short, grown, half a token, or from another run
+            raise SystemExit(f"{path} holds {size:,} bytes, but {meta_path} records {n_tokens:,} {meta['dtype']} "
+                             f"tokens ({n_tokens * itemsize:,} bytes): the shard is damaged or not this meta.json's; "
+                             f"{rerun}.")
+        if n_tokens < 2:  # tokenize_data.py held out no document (one document, or --val-fraction 0)
+            raise SystemExit(f"{path} is empty; {rerun} on a corpus of several documents"
+                             + (" with --val-fraction above 0." if split == "val" else "."))
         if n_tokens < seq_len + 1:  # one sequence and its shifted targets
-            raise SystemExit(f"{path} holds {n_tokens} tokens, fewer than --block-size {seq_len} + 1; "
-                             "add text or lower --block-size.")
+            raise SystemExit(f"{path} holds {n_tokens} tokens, fewer than --block-size {seq_len} + 1; pass "
+                             f"--block-size {n_tokens - 1} or less, or {rerun} on more text"
+                             + (" or with a larger --val-fraction." if split == "val" else "."))
         shards.append(np.memmap(path, dtype=meta["dtype"], mode="r"))
     return shards[0], shards[1], meta
 

@@ -1,0 +1,104 @@
+"""Tests for train.py and model.py written on branch h-train (issues 12 and 13), to be folded into test_all.py.
+
+    OMP_NUM_THREADS=1 python -m pytest -q test_pending_train.py
+
+Every run trains a tiny model on a byte-level data dir (vocab 256) cut from testdata/hamlet.txt, so nothing
+depends on tokenize_data.py. Each test reproduces a fault that train.py had, and checks the behaviour that
+replaces it against an independent reference (the first run's own log and checkpoint, the bytes on disk).
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402
+from model import load_checkpoint  # noqa: E402
+
+HAMLET = ROOT / "testdata" / "hamlet.txt"
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
+        "--eval-steps", "2", "--warmup-steps", "2", "--lr", "3e-3", "--device", "cpu"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def make_data(path, n_bytes=40_000, val_fraction=0.1):
+    """Byte-level data dir as tokenize_data.py lays it out: uint16 train.bin / val.bin, meta.json."""
+    if not HAMLET.is_file():
+        pytest.fail(f"{HAMLET} is missing: the tests read their text from the repository's testdata/.")
+    ids = np.frombuffer(HAMLET.read_bytes()[:n_bytes], dtype=np.uint8).astype(np.uint16)
+    n_train = int(len(ids) * (1 - val_fraction))
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    ids[:n_train].tofile(path / "train.bin")
+    ids[n_train:].tofile(path / "val.bin")
+    meta = {"vocab_size": 256, "dtype": "uint16", "train_tokens": n_train, "val_tokens": len(ids) - n_train,
+            "train_bytes": n_train, "val_bytes": len(ids) - n_train}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def run(data, out, *flags):
+    train.main(["--data-dir", str(data), "--out-dir", str(out), *TINY, *map(str, flags)])
+    return read_log(out)
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(Path(out) / "log.jsonl")]
+
+
+def exit_message(argv):
+    """train.main(argv) must stop with one sentence (SystemExit with a one-line message)."""
+    with pytest.raises(SystemExit) as e:
+        train.main([str(a) for a in argv])
+    message = str(e.value.code)
+    assert message and "\n" not in message and message != "None", message
+    return message
+
+
+def command_message(argv):
+    """train.py run as a command: exit status 1, one line on stderr, no traceback."""
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, argv)], env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    return result.stderr.strip()
+
+
+# --- issue 12.2: a shard that disagrees with meta.json, a corrupted meta.json, an odd-sized shard -----------
+
+def test_shard_cut_short_or_meta_corrupted_is_one_sentence(tmp_path):
+    out = ["--out-dir", tmp_path / "out", *TINY, "--max-steps", "1"]
+    data = make_data(tmp_path / "half")
+    train_bin = data / "train.bin"
+    train_bin.write_bytes(train_bin.read_bytes()[:train_bin.stat().st_size // 2])  # cut in half
+    message = exit_message(["--data-dir", data, *out])
+    assert "train.bin" in message and "meta.json" in message and "36000" in message.replace(",", ""), message
+
+    data = make_data(tmp_path / "odd")
+    with open(data / "val.bin", "ab") as f:
+        f.write(b"\0")  # 8001 bytes: not a whole number of uint16 tokens
+    message = exit_message(["--data-dir", data, *out])
+    assert "val.bin" in message and "8001 bytes" in message.replace(",", ""), message
+
+    for name, text in (("not_json", "{vocab_size: 256"), ("a_list", "[1, 2]"),
+                       ("wrong_types", json.dumps({"vocab_size": "256", "dtype": "uint16", "train_tokens": 36000,
+                                                   "val_tokens": 4000})),
+                       ("no_counts", json.dumps({"vocab_size": 256, "dtype": "uint16"})),
+                       ("bad_dtype", json.dumps({"vocab_size": 256, "dtype": "int8", "train_tokens": 36000,
+                                                 "val_tokens": 4000}))):
+        data = make_data(tmp_path / name)
+        (data / "meta.json").write_text(text)
+        assert "meta.json" in exit_message(["--data-dir", data, *out]), name
+    (data / "meta.json").write_bytes(b"\xff\xfe\x00garbage")  # not even UTF-8
+    assert "meta.json" in command_message(["--data-dir", data, *out])
+    assert not (tmp_path / "out").exists()  # nothing was trained on any of them
