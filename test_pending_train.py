@@ -102,3 +102,40 @@ def test_shard_cut_short_or_meta_corrupted_is_one_sentence(tmp_path):
     (data / "meta.json").write_bytes(b"\xff\xfe\x00garbage")  # not even UTF-8
     assert "meta.json" in command_message(["--data-dir", data, *out])
     assert not (tmp_path / "out").exists()  # nothing was trained on any of them
+
+
+# --- issue 12.4: after any kills and resumes, a log holds each step once, in order, of one run -------------
+
+KILL_AT_FIRST_SAVE = """
+import os, signal, sys
+import train
+def killed(*args, **kwargs):  # SIGKILL at the moment the first checkpoint would be written
+    os.kill(os.getpid(), signal.SIGKILL)
+train.save_checkpoint = killed
+train.main(sys.argv[1:])
+"""
+
+
+def test_log_of_fresh_run_killed_then_resumed_is_the_finished_runs(tmp_path):
+    data, out = make_data(tmp_path / "data"), tmp_path / "out"
+    finished = run(data, out, "--max-steps", 4, "--eval-interval", 2)
+    weights = load_checkpoint(str(out / "ckpt.pt"))["model"]
+    # a new run on the same folder, without --resume, killed before its first checkpoint
+    new_run = ["--max-steps", 6, "--eval-interval", 3, "--seed", 7]
+    argv = ["--data-dir", data, "--out-dir", out, *TINY, *new_run]
+    result = subprocess.run([sys.executable, "-c", KILL_AT_FIRST_SAVE, *map(str, argv)], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    # --resume continues the checkpoint on disk, the finished run: its log is that run's, whole
+    train.main(["--out-dir", str(out), "--resume"])
+    assert read_log(out) == finished
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] == 4 and all(torch.equal(ckpt["model"][k], weights[k]) for k in weights)
+    # the new run to its end replaces the pair; resumed further, its log goes on: steps 1..8 once each
+    second = run(data, out, *new_run)
+    assert [r["step"] for r in second] == [1, 2, 3, 4, 5, 6] and second[0]["loss"] != finished[0]["loss"]
+    with open(out / "log.jsonl", "a") as f:  # as if killed after logging step 7, before its checkpoint
+        f.write(json.dumps({"step": 7, "loss": 0.0}) + "\n")
+    train.main(["--out-dir", str(out), "--resume", "--max-steps", "8"])
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, 9)) and log[:6] == second

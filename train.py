@@ -21,6 +21,8 @@ Design choices:
 - `--resume` with no checkpoint in --out-dir starts fresh (and says so), so a pipeline can always pass it;
   on resume the checkpoint's train config is the default and flags given now override it; without
   --resume, a ckpt.pt already in --out-dir is replaced at the first checkpoint (a note says so);
+- ckpt.pt carries the log up to its step and --resume rewrites log.jsonl from it: after any kills and
+  resumes the log holds each step once, of the run being continued;
 - a non-finite loss stops the run before anything is saved, so the last checkpoint stays good;
 - `--tp N --pp M` (data parallel takes the rest: world = dp x tp x pp; CPU/gloo or GPUs/NCCL) runs
   hand-written Megatron-style tensor parallelism (heads and MLP split over tp, vocab-parallel embedding
@@ -766,13 +768,20 @@ def set_rng_states(states, rank, world_size, device):
         torch.cuda.set_rng_state(state["torch_cuda"], device)
 
 
-def start_log(path, resume_step):
-    """Keep the entries up to the resumed step (none when fresh), so the log matches the checkpoint."""
-    kept = []
-    if resume_step and os.path.isfile(path):
-        kept = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= resume_step]
+def resumed_log(ckpt, path):
+    """The log of the run being continued: the entries ckpt.pt carries up to its step (none when fresh).
+    The log travels inside the checkpoint, so whatever a killed run appended after it, or a fresh run
+    killed before its first checkpoint wrote over it, the resumed log is the checkpoint's run, each step once."""
+    if ckpt is None or "log" in ckpt:
+        return list(ckpt["log"]) if ckpt else []
+    # a checkpoint from before the log travelled with it: the file's entries up to its step
+    rows = [json.loads(line) for line in open(path) if line.strip()] if os.path.isfile(path) else []
+    return [r for r in rows if r["step"] <= ckpt["step"]]
+
+
+def start_log(path, entries):
     with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
+        f.writelines(json.dumps(e) + "\n" for e in entries)
     os.replace(path + ".tmp", path)
 
 
@@ -818,8 +827,8 @@ def main(argv=None):
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     if ckpt is None and os.path.isfile(ckpt_path):  # there, but --resume was not given
-        say(f"note: {ckpt_path} exists and will be replaced at the first checkpoint (log.jsonl starts over "
-            "now); pass --resume to continue from it instead.")
+        say(f"note: {ckpt_path} exists and will be replaced at this run's first checkpoint (log.jsonl starts over "
+            "now; until then --resume continues the old run, its log included); pass --resume to continue it now.")
     elif ckpt is None and given.get("resume"):
         say(f"--resume: no checkpoint at {ckpt_path}; starting fresh.")
     if min(cfg.batch_size, cfg.grad_accum, cfg.tp, cfg.pp, cfg.eval_steps) < 1:
@@ -874,9 +883,10 @@ def main(argv=None):
     flops_per_step = flops_per_token * tokens_per_step
     peak = peak_flops(device)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    history = resumed_log(ckpt, log_path)  # every entry of this run so far; saved with each checkpoint
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        start_log(log_path, start_step)
+        start_log(log_path, history)
     if grid:
         say(f"layout dp {dp_size} x tp {cfg.tp} x pp {cfg.pp}, schedule {cfg.schedule}")
     say(f"{n_params:,} parameters | {world_size} process(es) on {device.type}, {dtype} | global batch "
@@ -892,7 +902,7 @@ def main(argv=None):
         if master:
             position = {"step": step, "seed": cfg.seed, "tokens_seen": step * tokens_per_step}
             save_checkpoint(ckpt_path, whole, train_config=asdict(cfg), step=step, optimizer=optimizer_state,
-                            rng=rng, data_position=position, scaler=scaler.state_dict(), stage="pretrain",
+                            log=history, rng=rng, data_position=position, scaler=scaler.state_dict(), stage="pretrain",
                             tokenizer=tokenizer if tokenizer is not None else (ckpt or {}).get("tokenizer"))
 
     step, step_seconds = start_step, None
@@ -923,7 +933,8 @@ def main(argv=None):
                 entry["val_bpb"] = entry["val_loss"] / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
                 line += f" ({entry['val_bpb']:.3f} bits/byte)"
         say(line, flush=True)
-        if master:  # the log line goes first: a kill before the checkpoint lands is trimmed on resume
+        history.append(entry)
+        if master:
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
         if evaluating:
