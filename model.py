@@ -22,6 +22,7 @@ tokenizer), written atomically; `GPT.from_checkpoint(path)` rebuilds the model f
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -471,6 +472,17 @@ def save_checkpoint(path, model, **extra):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temporaries(path):
+    """Delete what a killed writer of `path` left beside it: `path.tmp` and `path.tmp<pid>` (for a
+    checkpoint, a whole checkpoint each). Call it before writing path; returns the paths removed."""
+    folder, name = os.path.split(os.path.abspath(path))
+    stale = [os.path.join(folder, f) for f in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if re.fullmatch(re.escape(name) + r"\.tmp\d*", f)]
+    for p in stale:
+        os.remove(p)
+    return stale
 
 
 def load_checkpoint(path, map_location="cpu"):

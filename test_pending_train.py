@@ -139,3 +139,36 @@ def test_log_of_fresh_run_killed_then_resumed_is_the_finished_runs(tmp_path):
     train.main(["--out-dir", str(out), "--resume", "--max-steps", "8"])
     log = read_log(out)
     assert [r["step"] for r in log] == list(range(1, 9)) and log[:6] == second
+
+
+# --- issue 12.5: the next run removes the temporaries a killed run left (only its own names) ---------------
+
+KILL_MID_SAVE = """
+import os, signal, sys, torch
+import train
+def save_half_then_die(obj, f, *args, **kwargs):
+    f.write(b"half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_half_then_die
+train.main(sys.argv[1:])
+"""
+
+
+def test_next_run_removes_stale_temporaries_it_wrote(tmp_path):
+    data, out = make_data(tmp_path / "data"), tmp_path / "out"
+    run(data, out, "--max-steps", 1)
+    argv = ["--out-dir", str(out), "--resume", "--max-steps", "2"]
+    result = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, *argv], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    left = [p.name for p in out.iterdir() if p.name.startswith("ckpt.pt.tmp")]
+    assert len(left) == 1 and left[0][len("ckpt.pt.tmp"):].isdigit()  # ckpt.pt.tmp<pid>
+    stale = left + ["log.jsonl.tmp", "loss.png.tmp", "ckpt.pt.tmp123"]
+    not_ours = ["ckpt.pt.tmp-notes", "ckpt.pt.tmp123.bak", "other.pt.tmp7", "notes.tmp", "my_ckpt.pt.tmp1"]
+    for name in stale[1:] + not_ours:
+        (out / name).write_text("x")
+    train.main(argv)
+    names = {p.name for p in out.iterdir()}
+    assert names.isdisjoint(stale) and names >= set(not_ours), names
+    assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 2

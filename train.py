@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, load_checkpoint, remove_stale_temporaries, save_checkpoint
 
 
 @dataclass
@@ -886,6 +886,10 @@ def main(argv=None):
     history = resumed_log(ckpt, log_path)  # every entry of this run so far; saved with each checkpoint
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
+        outputs = [os.path.join(cfg.out_dir, name) for name in ("ckpt.pt", "log.jsonl", "loss.png")]
+        stale = [os.path.basename(p) for path in outputs for p in remove_stale_temporaries(path)]
+        if stale:
+            say(f"removed what a killed run left: {', '.join(stale)}")
         start_log(log_path, history)
     if grid:
         say(f"layout dp {dp_size} x tp {cfg.tp} x pp {cfg.pp}, schedule {cfg.schedule}")
