@@ -172,3 +172,53 @@ def test_next_run_removes_stale_temporaries_it_wrote(tmp_path):
     names = {p.name for p in out.iterdir()}
     assert names.isdisjoint(stale) and names >= set(not_ours), names
     assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
+
+
+# --- issue 12: one sentence instead of a traceback, for every flag value that cannot work -------------------
+
+def test_bad_flag_values_are_one_sentence(tmp_path):
+    data, out = make_data(tmp_path / "data"), tmp_path / "out"
+    (tmp_path / "a_file").write_text("not a folder")
+    argv = ["--data-dir", data, "--out-dir", out, *TINY, "--max-steps", "2"]
+    cases = [(["--lr", "-0.001"], "--lr -0.001"), (["--lr", "nan"], "--lr nan"), (["--lr", "0"], "--lr 0"),
+             (["--max-steps", "0"], "--max-steps 0"), (["--max-steps", "-3"], "--max-steps -3"),
+             (["--eval-interval", "-1"], "--eval-interval -1"), (["--eval-steps", "0"], "--eval-steps 0"),
+             (["--warmup-steps", "-1"], "--warmup-steps -1"), (["--lr-decay-steps", "-1"], "--lr-decay-steps -1"),
+             (["--grad-clip", "-1"], "--grad-clip -1"), (["--weight-decay", "-0.1"], "--weight-decay -0.1"),
+             (["--min-lr", "-0.0001"], "--min-lr -0.0001"), (["--batch-size", "0"], "--batch-size 0"),
+             (["--grad-accum", "0"], "--grad-accum 0"), (["--dropout", "1.5"], "--dropout 1.5"),
+             (["--block-size", "0"], "--block-size 0"), (["--n-layer", "0"], "--n-layer 0"),
+             (["--n-embd", "32", "--n-head", "3"], "n_embd=32 must be divisible by n_head=3."),
+             (["--n-kv-head", "3"], "n_head=2 must be divisible by n_kv_head=3."),
+             (["--device", "gpu"], "--device gpu"), (["--device", "cuda:x"], "--device cuda:x"),
+             (["--pp", "3"], "--pp 3"), (["--out-dir", tmp_path / "a_file" / "out"], "--out-dir")]
+    if not torch.cuda.is_available():
+        cases += [(["--device", "cuda"], "--device cuda"), (["--attn", "triton"], "triton")]
+    for flags, named in cases:
+        message = exit_message([*argv, *flags])
+        assert named in message, (flags, message)
+    assert not out.exists()  # nothing was trained
+    # as commands, the two the issue names: the sentence alone on stderr
+    assert command_message([*argv, "--lr", "-0.001"]).startswith("--lr -0.001")
+    assert command_message([*argv, "--n-embd", "32", "--n-head", "3"]) == "n_embd=32 must be divisible by n_head=3."
+
+
+def set_val_tokens(data, n):
+    """Cut val.bin to its first n tokens and say so in meta.json, as tokenize_data.py would have."""
+    (data / "val.bin").write_bytes((data / "val.bin").read_bytes()[:2 * n])
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "val_tokens": n, "val_bytes": n}))
+    return data
+
+
+def test_empty_or_short_val_shard_gets_a_hint_that_works(tmp_path):
+    out = ["--out-dir", tmp_path / "out", *TINY, "--max-steps", "1"]
+    # one document: tokenize_data.py held out nothing, so no --block-size can help; re-tokenizing can
+    message = exit_message(["--data-dir", set_val_tokens(make_data(tmp_path / "empty"), 0), *out])
+    assert "val.bin is empty" in message and "--val-fraction" in message and "--block-size" not in message
+    # 10 tokens: one sequence of 9 and its targets fit, and the hint says so
+    short = set_val_tokens(make_data(tmp_path / "short"), 10)
+    message = exit_message(["--data-dir", short, *out])
+    assert "val.bin" in message and "--block-size 9 or less" in message, message
+    log = run(short, tmp_path / "out", "--max-steps", 1, "--block-size", 9)  # following the hint works
+    assert math.isfinite(log[-1]["val_loss"])

@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -123,6 +124,31 @@ def resolve_config(argv):
     saved = {k: v for k, v in (ckpt or {}).get("train_config", {}).items() if k in TrainConfig.__dataclass_fields__}
     preset = given.get("preset", saved.get("preset", ""))
     return TrainConfig(**{**PRESETS.get(preset, {}), **saved, **given}), given, ckpt, ckpt_path
+
+
+def check_config(cfg):
+    """One sentence for a flag value that cannot work (argparse has checked types and choices; the
+    model's shape is checked by GPTConfig)."""
+    at_least = dict(n_layer=1, n_head=1, n_kv_head=0, n_embd=1, block_size=1, max_steps=1, batch_size=1,
+                    grad_accum=1, eval_steps=1, tp=1, pp=1, eval_interval=0, warmup_steps=0, lr_decay_steps=0,
+                    min_lr=0, weight_decay=0, grad_clip=0)
+    for name, least in at_least.items():
+        if not getattr(cfg, name) >= least:  # `not >=` also catches nan
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least {least}.")
+    if not cfg.lr > 0:
+        raise SystemExit(f"--lr {cfg.lr} must be a positive number (the peak learning rate).")
+    if not 0 <= cfg.dropout < 1:
+        raise SystemExit(f"--dropout {cfg.dropout} must be at least 0 and below 1.")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise SystemExit(f"--device {cfg.device} is not one of auto, cpu, cuda, cuda:N.")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {cfg.device}: torch sees no CUDA GPU on this machine; pass --device cpu.")
+    if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} GPU(s), from cuda:0.")
+    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.attn == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--attn triton needs a CUDA GPU (or TRITON_INTERPRET=1 for Triton's slow CPU "
+                         "interpreter); use --attn sdpa on the CPU.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,8 +262,8 @@ def model_config_for(cfg, given, meta, tokenizer, ckpt, ckpt_path):
     """The GPTConfig to build: from the flags when fresh, from the checkpoint (checked against the
     flags given and the data's tokenizer) when resuming."""
     if ckpt is None:
-        return GPTConfig(vocab_size=meta["vocab_size"], block_size=cfg.block_size, attn_impl=cfg.attn,
-                         **{k: getattr(cfg, k) for k in SHAPE_FIELDS + ["dropout"]})
+        return gpt_config(vocab_size=meta["vocab_size"], block_size=cfg.block_size, attn_impl=cfg.attn,
+                          **{k: getattr(cfg, k) for k in SHAPE_FIELDS + ["dropout"]})
     saved = ckpt["model_config"]
     for k in SHAPE_FIELDS:
         if k in given and given[k] != saved[k] and not (k == "n_kv_head" and given[k] == 0):
@@ -250,7 +276,14 @@ def model_config_for(cfg, given, meta, tokenizer, ckpt, ckpt_path):
             tokenizer is not None and ckpt.get("tokenizer") is not None and tokenizer != ckpt["tokenizer"]):
         raise SystemExit(f"the tokenizer of {cfg.data_dir} does not match the one in {ckpt_path}; resume with "
                          "the data dir the checkpoint was trained on.")
-    return GPTConfig(**{**saved, "attn_impl": cfg.attn, "dropout": cfg.dropout})
+    return gpt_config(**{**saved, "attn_impl": cfg.attn, "dropout": cfg.dropout})
+
+
+def gpt_config(**fields):
+    try:
+        return GPTConfig(**fields)
+    except ValueError as e:  # a shape the model cannot take, e.g. n_embd not divisible by n_head
+        raise SystemExit(str(e)) from None
 
 
 def build_model(model_config, seed):
@@ -823,6 +856,7 @@ def human_time(seconds):
 
 def main(argv=None):
     cfg, given, ckpt, ckpt_path = resolve_config(argv)
+    check_config(cfg)
     rank, world_size, local_rank, device = setup_distributed(cfg.device)
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
@@ -831,8 +865,6 @@ def main(argv=None):
             "now; until then --resume continues the old run, its log included); pass --resume to continue it now.")
     elif ckpt is None and given.get("resume"):
         say(f"--resume: no checkpoint at {ckpt_path}; starting fresh.")
-    if min(cfg.batch_size, cfg.grad_accum, cfg.tp, cfg.pp, cfg.eval_steps) < 1:
-        raise SystemExit("--batch-size, --grad-accum, --tp, --pp and --eval-steps must all be at least 1.")
     if world_size % (cfg.tp * cfg.pp):
         raise SystemExit(f"--tp {cfg.tp} x --pp {cfg.pp} = {cfg.tp * cfg.pp} does not divide the {world_size} "
                          "processes; launch a multiple of tp x pp ranks.")
@@ -885,7 +917,10 @@ def main(argv=None):
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     history = resumed_log(ckpt, log_path)  # every entry of this run so far; saved with each checkpoint
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"--out-dir {cfg.out_dir} cannot be made a folder ({e.strerror}); pick another.") from None
         outputs = [os.path.join(cfg.out_dir, name) for name in ("ckpt.pt", "log.jsonl", "loss.png")]
         stale = [os.path.basename(p) for path in outputs for p in remove_stale_temporaries(path)]
         if stale:
