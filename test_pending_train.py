@@ -222,3 +222,58 @@ def test_empty_or_short_val_shard_gets_a_hint_that_works(tmp_path):
     assert "val.bin" in message and "--block-size 9 or less" in message, message
     log = run(short, tmp_path / "out", "--max-steps", 1, "--block-size", 9)  # following the hint works
     assert math.isfinite(log[-1]["val_loss"])
+
+
+# --- issue 12: torchrun killed while its ranks run on: the ranks stop, the last checkpoint stays good ------
+
+def process_state(pid):
+    """'R', 'S', ... for a live process, None once it is gone (a zombie counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if state in "ZX" else state
+
+
+def children_of(pid):
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            pass
+    return kids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the rule uses Linux's prctl")
+def test_ranks_stop_when_the_launcher_is_killed(tmp_path):
+    data, out = make_data(tmp_path / "data"), tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           "--data-dir", str(data), "--out-dir", str(out), *TINY, "--max-steps", "100000", "--eval-interval", "5"]
+    with open(tmp_path / "output.txt", "w") as output:
+        launcher = subprocess.Popen(cmd, env=ENV, stdout=output, stderr=subprocess.STDOUT)
+    ranks = []
+    try:
+        deadline = time.time() + 240
+        while not (out / "ckpt.pt").exists():  # training, with a checkpoint on disk
+            assert launcher.poll() is None and time.time() < deadline, (tmp_path / "output.txt").read_text()[-3000:]
+            time.sleep(0.2)
+        ranks = children_of(launcher.pid)
+        assert len(ranks) == 2 and all(process_state(pid) for pid in ranks)
+        launcher.kill()  # SIGKILL: torchrun cannot pass anything on to its ranks
+        launcher.wait()
+        deadline = time.time() + 10
+        while any(process_state(pid) for pid in ranks) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(process_state(pid) for pid in ranks), "the ranks trained on without their launcher"
+    finally:
+        for pid in ranks:  # never leave a rank running, whatever happened above
+            if process_state(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))  # the last good one: whole and loadable
+    assert ckpt["step"] >= 5 and ckpt["step"] % 5 == 0
+    train.main(["--out-dir", str(out), "--resume", "--max-steps", str(ckpt["step"] + 1)])
+    assert [r["step"] for r in read_log(out)] == list(range(1, ckpt["step"] + 2))

@@ -23,7 +23,8 @@ Design choices:
   --resume, a ckpt.pt already in --out-dir is replaced at the first checkpoint (a note says so);
 - ckpt.pt carries the log up to its step and --resume rewrites log.jsonl from it: after any kills and
   resumes the log holds each step once, of the run being continued;
-- a non-finite loss stops the run before anything is saved, so the last checkpoint stays good;
+- a non-finite loss stops the run before anything is saved, so the last checkpoint stays good; under
+  torchrun (Linux) each rank asks the kernel to kill it when the launcher dies, so none trains on alone;
 - `--tp N --pp M` (data parallel takes the rest: world = dp x tp x pp; CPU/gloo or GPUs/NCCL) runs
   hand-written Megatron-style tensor parallelism (heads and MLP split over tp, vocab-parallel embedding
   and loss) and pipeline stages (--schedule gpipe | 1f1b, micro-batches = --grad-accum); --tp 1 --pp 1
@@ -32,10 +33,13 @@ Design choices:
 """
 
 import argparse
+import ctypes
 import json
 import math
 import os
 import re
+import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -161,6 +165,8 @@ def setup_distributed(device_flag):
     if "RANK" not in os.environ:
         return 0, 1, 0, torch.device(("cuda" if cuda else "cpu") if device_flag == "auto" else device_flag)
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if sys.platform.startswith("linux"):  # die with the launcher: a killed torchrun leaves no rank training on
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
