@@ -186,8 +186,8 @@ def test_bad_flag_values_are_one_sentence(tmp_path):
              (["--warmup-steps", "-1"], "--warmup-steps -1"), (["--lr-decay-steps", "-1"], "--lr-decay-steps -1"),
              (["--grad-clip", "-1"], "--grad-clip -1"), (["--weight-decay", "-0.1"], "--weight-decay -0.1"),
              (["--min-lr", "-0.0001"], "--min-lr -0.0001"), (["--batch-size", "0"], "--batch-size 0"),
-             (["--grad-accum", "0"], "--grad-accum 0"), (["--dropout", "1.5"], "--dropout 1.5"),
-             (["--block-size", "0"], "--block-size 0"), (["--n-layer", "0"], "--n-layer 0"),
+             (["--grad-accum", "0"], "--grad-accum 0"), (["--dropout", "1.5"], "dropout in [0, 1)"),
+             (["--block-size", "0"], "--block-size 0"), (["--n-layer", "0"], "n_layer"),
              (["--n-embd", "32", "--n-head", "3"], "n_embd=32 must be divisible by n_head=3."),
              (["--n-kv-head", "3"], "n_head=2 must be divisible by n_kv_head=3."),
              (["--device", "gpu"], "--device gpu"), (["--device", "cuda:x"], "--device cuda:x"),
@@ -277,3 +277,77 @@ def test_ranks_stop_when_the_launcher_is_killed(tmp_path):
     assert ckpt["step"] >= 5 and ckpt["step"] % 5 == 0
     train.main(["--out-dir", str(out), "--resume", "--max-steps", str(ckpt["step"] + 1)])
     assert [r["step"] for r in read_log(out)] == list(range(1, ckpt["step"] + 2))
+
+
+# --- issue 13: every flag explained from one source; the flag and field agree; the closing line -----------
+
+def field_comments():
+    """{field: its trailing comment}, read from train.py's source with the tokenizer (not train's regex)."""
+    import io
+    import tokenize
+    source = (ROOT / "train.py").read_text()
+    body = source[source.index("class TrainConfig:"):source.index("\n\n\n", source.index("class TrainConfig:"))]
+    comments, field = {}, None
+    for tok in tokenize.generate_tokens(io.StringIO(body).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4:
+            field = tok.string
+        elif tok.type == tokenize.COMMENT and field and tok.start[1] > 4:
+            comments[field] = tok.string.lstrip("# ")
+        elif tok.type == tokenize.NEWLINE:
+            field = None
+    return comments
+
+
+def test_help_explains_every_flag_with_default_and_choices(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    options = text[text.index("\noptions:"):]
+    entries = {}  # flag -> its help, whitespace normalised (argparse wraps lines)
+    for chunk in options.split("\n  --")[1:]:
+        entries["--" + chunk.split()[0].rstrip(",")] = " ".join(chunk.split())
+    comments = field_comments()
+    import dataclasses
+    for f in dataclasses.fields(train.TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert len(comments.get(f.name, "")) > 10, f"{f.name} has no comment to explain it"
+        help_text = entries[flag]
+        assert " ".join(comments[f.name].split()) in help_text, (flag, help_text)
+        default = "none" if f.default == "" else str(f.default)
+        assert f"(default: {default})" in help_text, (flag, help_text)
+        if f.name in train.CHOICES:
+            assert "{" + ",".join(train.CHOICES[f.name]) + "}" in help_text, (flag, help_text)
+    assert "0: at max_steps" in entries["--lr-decay-steps"]
+    assert "data/shakespeare" not in text and "--data-dir data/tokens" in text  # folders the pipeline writes
+
+
+def test_attn_flag_sets_the_attn_impl_field():
+    for flags in (["--attn-impl", "naive"], ["--attn", "naive"]):
+        assert train.resolve_config(flags)[0].attn_impl == "naive"
+    assert train.TrainConfig().attn_impl == "sdpa"
+
+
+def test_pretraining_ends_with_steps_time_and_checkpoint_line(tmp_path, capsys):
+    data, out = make_data(tmp_path / "data"), tmp_path / "out"
+    run(data, out, "--max-steps", 3)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("3 steps in ") and last.endswith(f"; checkpoint {out / 'ckpt.pt'}"), last
+    train.main(["--out-dir", str(out), "--resume", "--max-steps", "5"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("2 steps in ") and last.endswith(f"; checkpoint {out / 'ckpt.pt'}"), last
+
+
+# --- issue 13: bench/parallel.py measures bytes from outside train.py (no counters in production code) ----
+
+def test_bench_parallel_counts_the_bytes_of_a_two_stage_pipeline():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "parallel.py"), "--steps", "1", "--micro", "2",
+                             "--layouts", "1x1x2"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "failed" not in result.stdout, result.stdout + result.stderr[-2000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["1x1x2"]]
+    assert [r[1] for r in rows] == ["gpipe", "1f1b"]
+    # per step, stage 0 sends 2 micro-batches of activations (4 x 64 x 128 fp32), stage 1 their gradients
+    # back; both all-reduce the tied embedding's gradient (512 x 128 fp32): the mean per rank in KiB
+    want = (2 * 4 * 64 * 128 * 4 + 512 * 128 * 4) / 1024
+    assert all(float(r[-1]) == want for r in rows), (want, rows)
+    assert not hasattr(train, "COMM_BYTES") and not hasattr(train, "BUSY_SECONDS")
