@@ -7,9 +7,8 @@ train.py: next-token pretraining of the GPT in model.py on the token shards toke
     torchrun --standalone --nproc_per_node=8 train.py --data-dir data/tokens --out-dir out/gpt2 --preset gpt2-124m --grad-accum 4
     torchrun --standalone --nproc_per_node=8 train.py --data-dir data/tokens --out-dir out/gpt2 --preset gpt2-124m --tp 2 --pp 2 --grad-accum 16
 
-`--preset gpt2-124m` is GPT-2 small (12 layers, 12 heads, 768 wide, 1024 positions, bf16, torch.compile),
-16 sequences x 32 accumulation steps = 524,288 tokens per step on one GPU; on N GPUs pass --grad-accum 32/N
-(global batch = batch-size x grad-accum x data-parallel ranks). Flags given on the command line win.
+`--preset gpt2-124m` is GPT-2 small (12 x 768, 1024 positions, bf16, compiled), 16 sequences x 32 accumulation
+steps = 524,288 tokens per step on one GPU; on N GPUs pass --grad-accum 32/N. Flags given win over a preset.
 
 Prints one line per step (loss, lr, tokens/s, MFU against the GPU's bf16 dense peak, time left), ends with
 "N steps in T; checkpoint PATH", and writes into --out-dir: log.jsonl (per step: step, loss, lr,
@@ -31,9 +30,8 @@ Design choices:
   stages (--schedule gpipe | 1f1b, micro-batches = --grad-accum). Checkpoints are always saved whole, so
   any layout, one process and sample.py load them, and --resume may change the layout.
 
-The file reads in two parts: the whole single-process path in the order a run meets it (config, processes,
-data, model, step and evaluation, checkpoints and logs, main), then tensor and pipeline parallelism (grid,
-tensor-parallel layers, pipeline schedule, checkpoint gather/scatter), which main() calls under --tp/--pp.
+Two parts: the whole single-process path as a run meets it (config, processes, data, model, step and eval,
+checkpoints and logs, main), then tensor and pipeline parallelism, which main() calls under --tp/--pp.
 """
 
 import argparse
@@ -203,22 +201,18 @@ def peak_flops(device):
 
 def load_data(data_dir, seq_len):
     """-> (train tokens, val tokens, meta): the shards memory-mapped read-only, checked against meta.json."""
-    if not data_dir:
-        raise SystemExit("--data-dir is required: the folder tokenize_data.py wrote (train.bin, val.bin, meta.json).")
-    if not os.path.isdir(data_dir):
-        raise SystemExit(f"--data-dir {data_dir} is not a folder; run tokenize_data.py --out-dir {data_dir} first.")
-    meta_path, rerun = os.path.join(data_dir, "meta.json"), f"re-run tokenize_data.py --out-dir {data_dir}"
-    if not os.path.isfile(meta_path):
-        raise SystemExit(f"{meta_path} is missing; run tokenize_data.py --out-dir {data_dir} to write the shards.")
+    if not data_dir or not os.path.isdir(data_dir):
+        raise SystemExit(f"--data-dir {data_dir or '(none given)'} is not a folder; pass the --out-dir of tokenize_data.py.")
+    meta_path, rerun = os.path.join(data_dir, "meta.json"), f"run tokenize_data.py --out-dir {data_dir}"
     try:
         meta = json.load(open(meta_path, encoding="utf-8"))
-    except ValueError:  # not JSON, or not even UTF-8
+    except (OSError, ValueError):  # missing, not JSON, or not even UTF-8
         meta = None
     counts = ("vocab_size", "train_tokens", "val_tokens")
     if not (isinstance(meta, dict) and meta.get("dtype") in ("uint16", "uint32") and
             all(type(meta.get(k)) is int and meta[k] >= 0 for k in counts)):
-        raise SystemExit(f"{meta_path} is not the JSON tokenize_data.py writes (vocab_size, dtype uint16|uint32, "
-                         f"train_tokens, val_tokens as numbers); {rerun}.")
+        raise SystemExit(f"{meta_path} is missing or not the JSON tokenize_data.py writes (vocab_size, dtype "
+                         f"uint16|uint32, train_tokens, val_tokens as numbers); {rerun}.")
     shards, itemsize = [], np.dtype(meta["dtype"]).itemsize
     for split in ("train", "val"):
         path, n_tokens = os.path.join(data_dir, f"{split}.bin"), meta[f"{split}_tokens"]
