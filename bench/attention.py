@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from train import field_help  # noqa: E402
 
 
 @dataclass
@@ -38,13 +39,14 @@ class BenchConfig:
 
 
 def parse_config():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = field_help(BenchConfig)  # as train.py does: the field comments are the --help
     for f in fields(BenchConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true")
+        flag, text = "--" + f.name.replace("_", "-"), f"{helps[f.name]} (default: {f.default})"
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=text)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=text)
     return BenchConfig(**vars(parser.parse_args()))
 
 
