@@ -36,25 +36,23 @@ A loss, gradient or weight that becomes nan/inf stops the run before it is saved
 stays the last good one.
 """
 
-import argparse
 import glob
 import hashlib
-import inspect
 import json
 import math
 import os
 import random
-import re
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
-from typing import Literal, get_args
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from flags import parse_flags
 from model import GPT, load_checkpoint, save_checkpoint
 from tokenize_data import SPECIAL_TOKENS, tokenizer_from_dict
 
@@ -82,19 +80,6 @@ class AlignConfig:
     device: str = "auto"           # auto (cuda when a GPU is visible, else cpu) | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 autocast on cuda, float32 on cpu
     resume: bool = False           # continue from OUT/ckpt.pt when it exists (same method)
-
-
-def parse_flags(config_class, argv, doc):
-    """Each field of the config dataclass becomes a --kebab-case flag: the comment after the field is its
-    help, a Literal type its choices, the default its default. --help reads the dataclass, nothing else."""
-    comments = dict(re.findall(r"^ +(\w+): .*?  # (.*)$", inspect.getsource(config_class), re.M))
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(config_class):
-        how = (dict(action=argparse.BooleanOptionalAction) if f.type is bool
-               else dict(type=type(f.default), choices=get_args(f.type) or None))
-        text = f"{comments.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=text, **how)
-    return config_class(**vars(parser.parse_args(argv)))
 
 
 def pick_device(flag):

@@ -315,8 +315,7 @@ def test_help_explains_every_flag_with_default_and_choices(capsys):
         assert len(comments.get(f.name, "")) > 10, f"{f.name} has no comment to explain it"
         help_text = entries[flag]
         assert " ".join(comments[f.name].split()) in help_text, (flag, help_text)
-        default = "none" if f.default == "" else str(f.default)
-        assert f"(default: {default})" in help_text, (flag, help_text)
+        assert f"(default: {f.default!r})" in help_text, (flag, help_text)
         if f.name in train.CHOICES:
             assert "{" + ",".join(train.CHOICES[f.name]) + "}" in help_text, (flag, help_text)
     assert "0: at max_steps" in entries["--lr-decay-steps"]

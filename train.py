@@ -34,9 +34,7 @@ Two parts: the whole single-process path as a run meets it (config, processes, d
 checkpoints and logs, main), then tensor and pipeline parallelism, which main() calls under --tp/--pp.
 """
 
-import argparse
 import ctypes
-import inspect
 import json
 import math
 import os
@@ -45,7 +43,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -54,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from flags import config_parser
 from model import CONFIG_CHOICES, GPT, GPTConfig, load_checkpoint, remove_stale_temporaries, save_checkpoint
 
 
@@ -114,24 +113,10 @@ PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200
               ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165e12)]
 
 
-def field_help(cls):
-    """{field name: the comment after it in cls's source}: the one place each flag is explained."""
-    return dict(re.findall(r"^ {4}(\w+): .*?# (.*)$", inspect.getsource(cls), re.M))
-
-
 def resolve_config(argv):
     """-> (config, the flags given, the checkpoint to resume or None, its path). Each dataclass field is a
     --kebab-case flag; dataclass defaults < preset < the checkpoint's train config < flags given now."""
-    parser = argparse.ArgumentParser(description=__doc__, argument_default=argparse.SUPPRESS,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = field_help(TrainConfig)
-    for f in fields(TrainConfig):
-        names = ["--" + f.name.replace("_", "-"), *ALIASES.get(f.name, [])]
-        text = f"{helps.get(f.name, '')} (default: {f.default if f.default != '' else 'none'})".replace("%", "%%")
-        if f.type is bool:
-            parser.add_argument(*names, action=argparse.BooleanOptionalAction, help=text)
-        else:
-            parser.add_argument(*names, type=type(f.default), choices=CHOICES.get(f.name), help=text)
+    parser = config_parser(TrainConfig, __doc__, choices=CHOICES, aliases=ALIASES, given_only=True)
     given = vars(parser.parse_args(argv))  # only the flags typed: they must win over the checkpoint's
     given["out_dir"] = given.get("out_dir", TrainConfig.out_dir)  # where we looked, not where it was first written
     ckpt_path = os.path.join(given["out_dir"], "ckpt.pt")
