@@ -36,7 +36,6 @@ A loss, gradient or weight that becomes nan/inf stops the run before it is saved
 stays the last good one.
 """
 
-import glob
 import hashlib
 import json
 import math
@@ -53,7 +52,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from flags import parse_flags
-from model import GPT, load_checkpoint, save_checkpoint
+from model import GPT, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from tokenize_data import SPECIAL_TOKENS, tokenizer_from_dict
 
 
@@ -437,13 +436,6 @@ def check_finite(figures, step, ckpt_path):
             raise SystemExit(f"{name} became {value} at step {step}; stopping ({kept}). Lower --lr.")
 
 
-def remove_stale(path):
-    """Delete the temporaries `path.tmp*` a killed run left beside its output (save_checkpoint writes
-    ckpt.pt.tmp<pid>); only the names this script writes itself."""
-    for stale in glob.glob(glob.escape(path) + ".tmp*"):
-        os.remove(stale)
-
-
 def write_log(path, rows):
     """log.jsonl := rows, written to a temporary name and renamed into place."""
     with open(f"{path}.tmp{os.getpid()}", "w") as f:
@@ -550,8 +542,8 @@ def main(argv=None):
             "now); pass --resume to continue from it instead.")
     if rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        remove_stale(ckpt_path)
-        remove_stale(log_path)
+        remove_stale_temporaries(ckpt_path)
+        remove_stale_temporaries(log_path)
         write_log(log_path, rows)
     net = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if distributed else model
 
