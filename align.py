@@ -1,6 +1,6 @@
 """align.py: turn a pretrained GPT into a chat model: supervised fine-tuning (SFT), then DPO.
 
-    python align.py --make-demo-data data/corpus.jsonl --out-dir data/chat   # checkable demo data
+    python plays.py --chat-from data/corpus.jsonl --out-dir data/chat    # the demo data: questions on the plays
     python align.py --method sft --init out/pretrain/ckpt.pt --data data/chat/sft.jsonl --out-dir out/sft
     python align.py --method dpo --init out/sft/ckpt.pt --data data/chat/dpo.jsonl --out-dir out/dpo
     torchrun --standalone --nproc-per-node 2 align.py --method sft ...        # data parallel (gloo/NCCL)
@@ -21,196 +21,87 @@ val_accuracy (chosen reward > rejected reward, a tie counts half), val_margin, v
 val_rejected_reward, and val_logp_accuracy (log pi(chosen) > log pi(rejected): no reference involved,
 so at step 0 it is the init model's own preference accuracy).
 
-Chat template (CONTRACTS.md): [<|endoftext|>] + per message [<|role|>] + content + [<|end|>]. Loss only
+Chat template (render_conversation, which sample.py's chat calls too; the token names are
+tokenize_data.SPECIAL_TOKENS): [<|endoftext|>] + per message [<|role|>] + content + [<|end|>]. Loss only
 on assistant content and its <|end|>. A conversation longer than the block loses its oldest context
 tokens (never a supervised one); if its supervised part alone does not fit, it is dropped and counted.
 DPO: the frozen reference is the --init model; its log-probs for every held-out pair and every training
 pair the run will visit (max_steps x batch x ranks of them, a fixed sample) are computed once up front,
 so no second model is kept. loss = -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), log-probs
 summed over response tokens. Evaluates before the first step and after the last (and every
---eval-interval steps). Prints one line per step and per eval; writes OUT/log.jsonl and OUT/ckpt.pt
-(self-contained: weights, tokenizer, "stage", train_config; loads in sample.py).
+--eval-interval steps, saving a checkpoint each time). Prints one line per step and per eval; writes
+OUT/log.jsonl and OUT/ckpt.pt (self-contained: weights, tokenizer, "stage", train_config, and the log up
+to its step, so --resume rewrites log.jsonl as that run's: each step once, however often it was killed).
+A loss, gradient or weight that becomes nan/inf stops the run before it is saved: the checkpoint on disk
+stays the last good one.
 """
 
-import argparse
 import hashlib
 import json
 import math
 import os
 import random
-import re
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, load_checkpoint, save_checkpoint
+from flags import parse_flags
+from model import GPT, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from tokenize_data import SPECIAL_TOKENS, tokenizer_from_dict
 
 
 @dataclass
 class AlignConfig:
-    method: str = "sft"            # "sft" | "dpo"
-    init: str = ""                 # checkpoint to start from (and DPO's frozen reference)
-    data: str = ""                 # JSONL training data
-    val_data: str = ""             # optional held-out JSONL; else --eval-fraction of --data
-    out_dir: str = ""
+    method: Literal["sft", "dpo"] = "sft"  # sft: learn the answers of chat data; dpo: prefer chosen over rejected
+    init: str = ""                 # checkpoint to start from (and DPO's frozen reference), e.g. out/pretrain/ckpt.pt
+    data: str = ""                 # JSONL training data (conventions above)
+    val_data: str = ""             # held-out JSONL; empty: hold out --eval-fraction of --data's groups
+    out_dir: str = ""              # where ckpt.pt and log.jsonl are written
     eval_fraction: float = 0.1     # share of groups held out when there is no --val-data
     eval_max: int = 200            # held-out examples scored per eval (keeps evals cheap)
-    eval_interval: int = 0         # 0: evaluate only before the first and after the last step
-    max_steps: int = 0             # 0: 300 for sft, 100 for dpo (1-2 minutes each on 2 CPU cores)
+    eval_interval: int = 0         # evaluate and checkpoint every this many steps; 0: only at the start and the end
+    max_steps: int = 0             # optimizer steps; 0: 300 for sft, 100 for dpo (1-2 minutes each on 2 CPU cores)
     batch_size: int = 0            # examples (DPO: pairs) per step per rank; 0: 16 for sft, 8 for dpo
     lr: float = 0.0                # peak learning rate; 0: 1e-3 for sft, 3e-4 for dpo
     min_lr_ratio: float = 0.1      # the schedule ends at lr * min_lr_ratio
-    schedule: str = "cosine"       # "cosine" | "linear" decay after warmup
-    warmup_steps: int = 5
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    schedule: Literal["cosine", "linear"] = "cosine"  # how the learning rate decays after warmup
+    warmup_steps: int = 5          # steps of linear warmup up to --lr
+    weight_decay: float = 0.0      # AdamW weight decay on matrices (none on norms and biases)
+    grad_clip: float = 1.0         # clip the gradient norm to this; 0 disables clipping
     beta: float = 0.1              # DPO: strength of the pull towards the reference
-    seed: int = 1337
-    device: str = "auto"           # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"            # auto (bfloat16 autocast on cuda, float32 on cpu) | float32 | bfloat16
-    resume: bool = False           # continue from OUT/ckpt.pt when it exists
-    make_demo_data: str = ""       # a corpus (JSONL of scenes or texts folder): write demo data, exit
-    demo_max_chars: int = 200      # speeches in the demo data are cut to about this many characters
+    seed: int = 1337               # the batches, the held-out sample and DPO's visited pairs follow from it
+    device: str = "auto"           # auto (cuda when a GPU is visible, else cpu) | cpu | cuda | cuda:N
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 autocast on cuda, float32 on cpu
+    resume: bool = False           # continue from OUT/ckpt.pt when it exists (same method)
 
 
-def parse_config(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in fields(AlignConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action="store_true")
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
-    return AlignConfig(**vars(parser.parse_args(argv)))
+def pick_device(flag):
+    """--device auto|cpu|cuda|cuda:N -> a device string; a GPU asked for and missing is one sentence."""
+    if flag == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise SystemExit(f"--device {flag}: not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {flag}: PyTorch sees no GPU on this machine; use --device cpu (or auto).")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {flag}: only {torch.cuda.device_count()} GPU(s) visible; use cuda:0 or auto.")
+    return flag
 
 
-# ---------------------------------------------------------------------------------------------------
-# Demo data: speeches parsed from modern-edition scenes, turned into questions with checkable answers.
-
-SPEAKER_RE = re.compile(r"^[A-Z][A-Za-z'-]*(?: [A-Za-z][A-Za-z'-]*){0,3}\.?$")  # "Ham." "FIRST WITCH."
-NOT_SPEAKERS = {"ACT", "SCENE", "Scene", "Act", "Enter", "Exit", "Exeunt", "THE", "Finis", "FINIS"}
-
-
-def parse_speeches(text, max_chars=200):
-    """A modern-edition scene -> [(speaker, speech)]: a speaker line ("Ham." or "LYSANDER" alone on a
-    line after a blank one) owns the lines up to the next blank line; stage directions [..] removed."""
-    lines, speeches, i = text.split("\n"), [], 0
-    while i < len(lines):
-        name = lines[i].strip()
-        is_speaker = ((i == 0 or not lines[i - 1].strip()) and bool(SPEAKER_RE.match(name))
-                      and (name.endswith(".") or name.isupper()) and name.split()[0] not in NOT_SPEAKERS)
-        if not is_speaker or i + 1 >= len(lines) or not lines[i + 1].strip():
-            i += 1
-            continue
-        j = i + 1
-        while j < len(lines) and lines[j].strip():
-            j += 1
-        body = re.sub(r"\[[^\]]*\]", "", "\n".join(lines[i + 1:j]))
-        speech = "\n".join(line.strip() for line in body.split("\n") if line.strip())
-        if len(speech) > max_chars:  # cut at the last space before max_chars: short answers for a tiny model
-            speech = speech[:max_chars].rsplit(" ", 1)[0].rstrip(",;:-")
-        if speech:
-            speeches.append((name.rstrip(".").strip(), speech))
-        i = j
-    return speeches
-
-
-def read_scenes(corpus):
-    """Modern-edition scenes from dedup.py's corpus.jsonl (or a texts folder via pipeline.cut_scenes)."""
-    if Path(corpus).is_dir():
-        from pipeline import cut_scenes
-        docs = cut_scenes(corpus)
-    elif Path(corpus).is_file():
-        docs = []
-        for line_no, line in enumerate(Path(corpus).read_text(encoding="utf-8").splitlines(), 1):
-            try:
-                docs.append(json.loads(line) if line.strip() else None)
-            except json.JSONDecodeError:
-                raise SystemExit(f"{corpus}:{line_no}: not valid JSON; pass the corpus.jsonl dedup.py wrote.")
-    else:
-        raise SystemExit(f"--make-demo-data {corpus}: no such file or folder; pass dedup.py's corpus.jsonl "
-                         "or the corpus texts folder.")
-    return [d for d in docs if isinstance(d, dict) and isinstance(d.get("text"), str)
-            and d.get("edition", "modern") == "modern"]
-
-
-def make_demo_data(cfg):
-    """Write OUT/sft.jsonl and OUT/dpo.jsonl; "group" = the scene, so held-out splits are by scene.
-
-    SFT, per scene: 2 x a speech -> the next speech ("next"), 2 x two speeches -> who answers ("answers",
-    4 options from the play's main cast), 2 x a speech -> which play ("play", 4 titles). DPO, per scene:
-    4 x a speech -> chosen: the next speech; rejected: a speech of about the same length from another
-    play ("other_play", hard for a tiny model) or the next speech's words shuffled ("shuffled", easy)."""
-    scenes = []  # (scene id, play, [(speaker, speech)])
-    for doc in read_scenes(cfg.make_demo_data):
-        speeches = parse_speeches(doc["text"], cfg.demo_max_chars)
-        if len(speeches) >= 2:
-            scenes.append((str(doc.get("id", len(scenes))), str(doc.get("play", doc.get("work", "?"))), speeches))
-    plays = sorted({play for _, play, _ in scenes})
-    if len(plays) < 4:
-        raise SystemExit(f"--make-demo-data {cfg.make_demo_data}: found speeches in {len(plays)} plays, need 4; "
-                         "pass the modern-edition scenes of the default corpus.")
-    counts = {}  # (play, speaker) -> speeches; questions only about speakers with many lines
-    for _, play, speeches in scenes:
-        for speaker, _ in speeches:
-            counts[(play, speaker)] = counts.get((play, speaker), 0) + 1
-    main_cast = {play: sorted(s for (p, s), n in counts.items() if p == play and n >= 20) for play in plays}
-    every_speech = [(play, speech) for _, play, speeches in scenes for _, speech in speeches]
-    sft, dpo = [], []
-    for scene_id, play, speeches in scenes:
-        rng, cast = random.Random(f"{cfg.seed}/{scene_id}"), main_cast[play]
-        turns = [(a, b) for a, b in zip(speeches, speeches[1:]) if a[0] != b[0]]  # (speaker, speech) pairs
-        for k, ((cue_speaker, cue), (speaker, reply)) in enumerate(rng.sample(turns, min(4, len(turns)))):
-            if k < 2:
-                sft.append({"prompt": cue, "response": reply, "group": scene_id, "task": "next"})
-            sample = rng.sample(every_speech, min(50, len(every_speech))) if k % 2 == 0 else []
-            others = [s for p, s in sample if p != play]
-            if others:  # rejected: a speech of about the same length from another play
-                rejected, kind = min(others, key=lambda s: abs(len(s) - len(reply))), "other_play"
-            else:  # rejected: the reply's own words shuffled (line lengths kept): word salad
-                lines = [line.split() for line in reply.split("\n")]
-                words = rng.sample([w for line in lines for w in line], sum(map(len, lines)))
-                rejected, kind = "\n".join(" ".join(words.pop() for _ in line) for line in lines), "shuffled"
-            if rejected != reply:
-                dpo.append({"prompt": cue, "chosen": reply, "rejected": rejected, "group": scene_id, "task": kind})
-        # Who answers, after two speeches: asked the way the text runs (speeches, then the next speaker's
-        # name), so what pretraining learnt about turn-taking (dialogue often alternates) can carry over.
-        exchanges = [(a, b, c) for a, b, c in zip(speeches, speeches[1:], speeches[2:])
-                     if a[0] != b[0] != c[0] and c[0] in cast and len(cast) >= 5]
-        for (first, said_first), (second, said_second), (speaker, _) in rng.sample(exchanges, min(2, len(exchanges))):
-            others = rng.sample([s for s in cast if s not in (speaker, first)], 3)
-            options = [speaker] + ([first] if first != speaker else []) + others
-            question = f"Who answers?\n\n{first}.\n{said_first}\n\n{second}.\n{said_second}"
-            sft.append(chat_record(question, speaker, options[:4], scene_id, "answers"))
-        for speaker, speech in rng.sample(speeches, min(2, len(speeches))):  # names often give the play away
-            options = [play] + rng.sample([p for p in plays if p != play], 3)
-            question = f"Which play is this from?\n\n{speaker}.\n{speech}"
-            sft.append(chat_record(question, play, options, scene_id, "play"))
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    for name, records in (("sft.jsonl", sft), ("dpo.jsonl", dpo)):
-        write_atomic(os.path.join(cfg.out_dir, name), "".join(json.dumps(r) + "\n" for r in records))
-    print(f"{len(scenes)} scenes of {len(plays)} plays -> {len(sft)} SFT examples, {len(dpo)} DPO pairs "
-          f"in {cfg.out_dir}/sft.jsonl and dpo.jsonl (hold out scenes with --eval-fraction)")
-
-
-def chat_record(question, answer, options, group, task):
-    rng = random.Random(question)
-    rng.shuffle(options)  # the truth's place among the options carries no information
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
-            "options": options, "group": group, "task": task}
-
-
-def write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def read_checkpoint(path, flag):
+    """load_checkpoint, with a folder named in a flag answered by the file the user most likely meant."""
+    if os.path.isdir(path):
+        raise SystemExit(f"{flag} {path} is a folder; pass the checkpoint file in it, e.g. "
+                         f"{flag} {os.path.join(path, 'ckpt.pt')}.")
+    return load_checkpoint(path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,7 +169,8 @@ def held_out(key, fraction):
 def read_records(path, method, flag):
     """-> [(record, group)]; prints the skipped lines (numbered); exits when nothing is usable."""
     if not os.path.isfile(path):
-        raise SystemExit(f"{flag} {path}: no such file; pass a JSONL file (see align.py's docstring).")
+        what = "a folder" if os.path.isdir(path) else "no such file"
+        raise SystemExit(f"{flag} {path}: {what}; pass a JSONL file (see align.py's docstring).")
     records, bad, n_lines = [], [], 0
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -306,35 +198,37 @@ def read_records(path, method, flag):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The chat template: messages -> token ids and which of them the loss sees.
+# The chat template: messages -> token ids and which of them the loss sees. The tokenizer owns the names.
 
-CHAT_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+DOC_START, SYSTEM, USER, ASSISTANT, END = SPECIAL_TOKENS
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
 
 def chat_token_ids(enc, vocab_size, where):
     """{token: id} of the reserved chat tokens; one clear sentence when the tokenizer lacks them."""
-    missing = [t for t in CHAT_TOKENS if t not in enc._special_tokens]
+    missing = [t for t in SPECIAL_TOKENS if t not in enc.special_tokens_set]
     if missing:
         raise SystemExit(f"{where}: its tokenizer has no {' '.join(missing)}; tokenize the corpus with "
                          "tokenize_data.py (which reserves the chat tokens) and pretrain again.")
-    special = {t: enc._special_tokens[t] for t in CHAT_TOKENS}
+    special = {t: enc.encode_single_token(t) for t in SPECIAL_TOKENS}
     if max(special.values()) >= vocab_size:
         raise SystemExit(f"{where}: chat token ids reach {max(special.values())} but the model has "
                          f"vocab_size={vocab_size}; pretrain with the vocab size tokenize_data.py wrote.")
     return special
 
 
-def render_chat(enc, special, messages, n_context=0, add_generation_prompt=False):
-    """messages -> (ids, supervised): ids = [<|endoftext|>] + per message [<|role|>] + content + [<|end|>];
-    supervised[i] is True for the content and <|end|> of assistant messages from index n_context on."""
-    ids, supervised = [special["<|endoftext|>"]], [False]
+def render_conversation(enc, messages, n_context=0, add_generation_prompt=False):
+    """messages -> (ids, supervised): ids = [<|endoftext|>] + per message [<|role|>] + content + [<|end|>]
+    (+ [<|assistant|>] to ask for a reply); supervised[i] is True for the content and <|end|> of
+    assistant messages from index n_context on. Training and sample.py's chat both render through here."""
+    ids, supervised = [enc.encode_single_token(DOC_START)], [False]
     for k, m in enumerate(messages):
         content = enc.encode_ordinary(m["content"])  # special-token text inside content stays plain text
         train = m["role"] == "assistant" and k >= n_context
-        ids += [special[f"<|{m['role']}|>"]] + content + [special["<|end|>"]]
+        ids += [enc.encode_single_token(ROLE_TOKENS[m["role"]])] + content + [enc.encode_single_token(END)]
         supervised += [False] + [train] * (len(content) + 1)
     if add_generation_prompt:
-        ids.append(special["<|assistant|>"])
+        ids.append(enc.encode_single_token(ASSISTANT))
         supervised.append(False)
     return ids, supervised
 
@@ -354,22 +248,22 @@ def fit_and_shift(ids, supervised, block_size):
     return ids[:-1], targets, how
 
 
-def tokenize_records(records, enc, special, block_size, where):
+def tokenize_records(records, enc, block_size, where):
     """[(record, group)] -> examples: {"seqs": [(inputs, targets)] (SFT one, DPO chosen and rejected),
     "group"; with options also "choices": [(inputs, targets)] per option and "answer", "task"}."""
     examples, n_cut, n_drop = [], 0, 0
     for record, group in records:
         seqs, hows = [], []
         for answer in record["answers"]:
-            ids, sup = render_chat(enc, special, record["context"] + answer, len(record["context"]))
+            ids, sup = render_conversation(enc, record["context"] + answer, len(record["context"]))
             inputs, targets, how = fit_and_shift(ids, sup, block_size)
             seqs.append((inputs, targets))
             hows.append(how)
         example = {"seqs": seqs, "group": group, "task": record.get("task")}
         if "options" in record:  # each option scored as the answer to the same conversation
             context = record["answers"][0][:-1]
-            choices = [fit_and_shift(*render_chat(enc, special, context + [{"role": "assistant", "content": o}],
-                                                  len(context)), block_size) for o in record["options"]]
+            choices = [fit_and_shift(*render_conversation(enc, context + [{"role": "assistant", "content": o}],
+                                                          len(context)), block_size) for o in record["options"]]
             hows += [c[2] for c in choices]
             answer = record["options"].index(record["answers"][0][-1]["content"])
             inputs, targets = choices[answer][:2]
@@ -502,13 +396,13 @@ def evaluate(model, cfg, val, ref_val, device, rank, world, ctx):
 # ---------------------------------------------------------------------------------------------------
 # Training
 
-def lr_at(step, cfg, max_steps, base_lr):
-    """Linear warmup, then cosine or linear decay from base_lr to base_lr * min_lr_ratio."""
+def learning_rate(step, cfg):
+    """Linear warmup to cfg.lr, then cosine or linear decay to cfg.lr * min_lr_ratio at max_steps."""
     if step < cfg.warmup_steps:
-        return base_lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
-    return base_lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
 
 
 def batch_indices(step, n, batch_size, rank, world, seed):
@@ -523,20 +417,47 @@ def batch_indices(step, n, batch_size, rank, world, seed):
     return out
 
 
+def step_loss(net, cfg, train, ref_train, idx, device):
+    """One step's loss on this rank's examples idx, and sums of its figures for the log."""
+    if cfg.method == "sft":
+        _, loss = net(*pad_batch([train[i]["seqs"][0] for i in idx], device))
+        return loss, {"loss": loss.detach() * len(idx)}
+    x, y = pad_batch([s for i in idx for s in train[i]["seqs"]], device)  # chosen, rejected: rows 2k, 2k+1
+    logp = sequence_logprobs(net, x, y).view(-1, 2)
+    losses, cr, rr = dpo_loss(logp[:, 0], logp[:, 1], ref_train[idx, 0], ref_train[idx, 1], cfg.beta)
+    return losses.mean(), preference_stats(losses.detach(), cr.detach(), rr.detach())
+
+
+def check_finite(figures, step, ckpt_path):
+    """Stop on nan/inf before anything is saved, so the checkpoint on disk is the last good one."""
+    for name, value in figures.items():
+        if not math.isfinite(value):
+            kept = f"{ckpt_path} is kept" if os.path.isfile(ckpt_path) else "no checkpoint was written"
+            raise SystemExit(f"{name} became {value} at step {step}; stopping ({kept}). Lower --lr.")
+
+
+def write_log(path, rows):
+    """log.jsonl := rows, written to a temporary name and renamed into place."""
+    with open(f"{path}.tmp{os.getpid()}", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(f"{path}.tmp{os.getpid()}", path)
+
+
 def check_config(cfg):
-    if cfg.method not in ("sft", "dpo"):
-        raise SystemExit(f"--method {cfg.method}: must be sft or dpo.")
     for flag, value in (("--init", cfg.init), ("--data", cfg.data), ("--out-dir", cfg.out_dir)):
         if not value:
             raise SystemExit(f"{flag} is required (see `python align.py --help`).")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise SystemExit(f"--out-dir {cfg.out_dir} is a file; pass a folder for ckpt.pt and log.jsonl.")
     if not 0 <= cfg.eval_fraction < 1:
         raise SystemExit(f"--eval-fraction {cfg.eval_fraction}: must be in [0, 1).")
-    if cfg.beta <= 0 or cfg.batch_size < 0 or cfg.max_steps < 0 or cfg.lr < 0:
-        raise SystemExit("--beta must be positive; --batch-size, --max-steps and --lr must not be negative.")
-    if cfg.schedule not in ("cosine", "linear"):
-        raise SystemExit(f"--schedule {cfg.schedule}: must be cosine or linear.")
-    if cfg.dtype not in ("auto", "float32", "bfloat16"):
-        raise SystemExit(f"--dtype {cfg.dtype}: must be auto, float32 or bfloat16.")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise SystemExit(f"--min-lr-ratio {cfg.min_lr_ratio}: must be in [0, 1].")
+    if cfg.beta <= 0 or cfg.eval_max < 1:
+        raise SystemExit("--beta must be positive and --eval-max at least 1.")
+    for flag in ("batch_size", "max_steps", "lr", "eval_interval", "warmup_steps", "weight_decay", "grad_clip"):
+        if getattr(cfg, flag) < 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must not be negative.")
     sft = cfg.method == "sft"  # defaults measured on the demo data with the pipeline's CPU model
     cfg.max_steps, cfg.batch_size = cfg.max_steps or (300 if sft else 100), cfg.batch_size or (16 if sft else 8)
     cfg.lr = cfg.lr or (1e-3 if sft else 3e-4)
@@ -544,14 +465,9 @@ def check_config(cfg):
 
 
 def main(argv=None):
-    cfg = parse_config(argv)
-    if cfg.make_demo_data:
-        if not cfg.out_dir:
-            raise SystemExit("--make-demo-data needs --out-dir for the JSONL files it writes.")
-        return make_demo_data(cfg)
-    cfg = check_config(cfg)
+    cfg = check_config(parse_flags(AlignConfig, argv, __doc__))
+    device = pick_device(cfg.device)
     distributed = "RANK" in os.environ  # launched by torchrun: data parallel over all ranks
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
     if distributed:
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -565,15 +481,14 @@ def main(argv=None):
     say = print if rank == 0 else (lambda *a, **k: None)
 
     # The init checkpoint carries the tokenizer; the chat tokens must be in it.
-    init = load_checkpoint(cfg.init)
+    init = read_checkpoint(cfg.init, "--init")
     if not init.get("tokenizer"):
         raise SystemExit(f"--init {cfg.init}: the checkpoint carries no tokenizer; pretrain with train.py on a "
                          "data dir from tokenize_data.py so that it does.")
-    from tokenize_data import tokenizer_from_dict
     enc = tokenizer_from_dict(init["tokenizer"])
     model = GPT.from_checkpoint(init, device)
     block_size = model.config.block_size
-    special = chat_token_ids(enc, model.config.vocab_size, f"--init {cfg.init}")
+    chat_token_ids(enc, model.config.vocab_size, f"--init {cfg.init}")
 
     # Data: read, split by group, tokenize.
     records = read_records(cfg.data, cfg.method, "--data")
@@ -586,8 +501,8 @@ def main(argv=None):
             raise SystemExit(f"--eval-fraction {cfg.eval_fraction} held out every group of {cfg.data}; lower it.")
     # A fixed shuffle before capping, so the scored examples are not just the first lines of the file.
     random.Random(cfg.seed).shuffle(val_records)
-    train = tokenize_records(train_records, enc, special, block_size, cfg.data)
-    val = tokenize_records(val_records[:cfg.eval_max], enc, special, block_size, "held-out") if val_records else []
+    train = tokenize_records(train_records, enc, block_size, cfg.data)
+    val = tokenize_records(val_records[:cfg.eval_max], enc, block_size, "held-out") if val_records else []
     if cfg.method == "dpo":  # only the pairs the run will visit need reference log-probs: a fixed sample
         n_visited = min(len(train), cfg.max_steps * cfg.batch_size * world)
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:n_visited]
@@ -608,25 +523,32 @@ def main(argv=None):
         say(f"reference log-probs of {len(train) + len(val)} pairs in {time.time() - t0:.1f}s")
     model.train()
 
+    # The checkpoint carries the log up to its step: resuming rewrites log.jsonl from it, so the log is
+    # always one run's, each step once, however the runs before were killed.
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (0.9, 0.95), device.split(":")[0])
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
-    start_step = 0
+    start_step, rows = 0, []
     if cfg.resume and os.path.isfile(ckpt_path):
         state = load_checkpoint(ckpt_path)
-        if state.get("stage") != cfg.method:
-            raise SystemExit(f"--resume: {ckpt_path} is a {state.get('stage')} checkpoint, not {cfg.method}; "
-                             "pick another --out-dir or drop --resume.")
+        if state.get("stage") != cfg.method or state["model_config"] != init["model_config"]:
+            raise SystemExit(f"--resume: {ckpt_path} (a {state.get('stage')} checkpoint) is not a {cfg.method} run "
+                             "from a model shaped as --init; pick another --out-dir or drop --resume.")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_step = state["step"]
+        start_step, rows = state["step"], state.get("log", [])
         say(f"resumed from {ckpt_path} at step {start_step}")
+    elif os.path.isfile(ckpt_path):
+        say(f"note: {ckpt_path} exists and will be replaced at the first checkpoint (log.jsonl starts over "
+            "now); pass --resume to continue from it instead.")
     if rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        if start_step == 0 and os.path.exists(log_path):
-            os.remove(log_path)
+        remove_stale_temporaries(ckpt_path)
+        remove_stale_temporaries(log_path)
+        write_log(log_path, rows)
     net = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if distributed else model
 
     def log(entry):
+        rows.append(entry)
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
@@ -635,38 +557,34 @@ def main(argv=None):
         if val:
             metrics = evaluate(model, cfg, val, ref_val, device, rank, world, ctx)
             say(f"eval step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            check_finite(metrics, step, ckpt_path)
             log({"step": step, **metrics})
 
     def save(step):
+        check_finite({"the largest weight": max(p.detach().abs().max().item() for p in model.parameters())},
+                     step, ckpt_path)
         if rank == 0:
             save_checkpoint(ckpt_path, model, tokenizer=init["tokenizer"], stage=cfg.method,
                             train_config=asdict(cfg), step=step, optimizer=optimizer.state_dict(),
-                            data_position=step * cfg.batch_size * world, init=cfg.init)
+                            data_position=step * cfg.batch_size * world, init=cfg.init, log=rows)
 
     if start_step == 0:
         run_eval(0)
     t_start = time.time()
     for step in range(start_step, cfg.max_steps):
         t0 = time.time()
-        lr = lr_at(step, cfg, cfg.max_steps, cfg.lr)
+        lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = batch_indices(step, len(train), cfg.batch_size, rank, world, cfg.seed)
         with ctx:
-            if cfg.method == "sft":
-                _, loss = net(*pad_batch([train[i]["seqs"][0] for i in idx], device))
-                sums = {"loss": loss.detach() * len(idx)}
-            else:  # chosen and rejected in one forward pass: rows 2k and 2k+1
-                x, y = pad_batch([s for i in idx for s in train[i]["seqs"]], device)
-                logp = sequence_logprobs(net, x, y).view(-1, 2)
-                losses, cr, rr = dpo_loss(logp[:, 0], logp[:, 1], ref_train[idx, 0], ref_train[idx, 1], cfg.beta)
-                loss = losses.mean()
-                sums = preference_stats(losses.detach(), cr.detach(), rr.detach())
+            loss, sums = step_loss(net, cfg, train, ref_train, idx, device)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        stats = {k: v / (len(idx) * world) for k, v in all_reduce_sums(sums, world).items()}
+        check_finite({"the loss": stats["loss"], "the gradient norm": float(grad_norm)}, step + 1, ckpt_path)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        stats = {k: v / (len(idx) * world) for k, v in all_reduce_sums(sums, world).items()}
         entry = {"step": step + 1, **stats, "lr": lr, "grad_norm": float(grad_norm),
                  "dt_ms": 1000 * (time.time() - t0)}
         say(f"step {step + 1}/{cfg.max_steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in entry.items() if k != "step"))

@@ -6,7 +6,8 @@ differentiable function, `attention(q, k, v, causal=True, sm_scale=None)`.
     y = attention(q, k, v, causal=True)    # q (B, H, T, D); k, v (B, H_kv, T, D) -> y (B, H, T, D)
 
 model.py calls it for `attn_impl="triton"` (training and prefill); tests compare it with float64
-PyTorch attention (wip_tests/test_attention_kernel.py), bench/attention.py times it against SDPA.
+PyTorch attention (`python -m pytest -q test_all.py -k attention_kernel`), `python bench/gpu.py` checks
+it in bf16/fp16 and times it against every SDPA backend on a GPU.
 Runs on a CUDA GPU, or on the CPU under Triton's interpreter (set TRITON_INTERPRET=1; slow, tiny
 shapes only, float32/float16). It prints nothing.
 
@@ -23,6 +24,13 @@ Design choices:
   model.py's plain path. Key blocks past the diagonal are skipped; the mask is applied only on
   blocks that straddle the diagonal or the ragged end (T need not be a multiple of the block).
 - Scores are kept in base 2: exp(x) = exp2(x * log2(e)), and log2(e) is folded into the scale.
+- The backward recomputes P = exp2(s - lse) from scores it computes again, with other tiles and
+  operand order than the forward that summed them into lse. Nothing promises bit-identical dot
+  products across those (numpy's matmul under the interpreter rounds them differently), so a
+  recomputed P is off by the scores' rounding error, which a one-pass softmax cancels when it
+  normalises its own scores. In float32 that leaves dK and dV up to ~3x further from exact than
+  PyTorch's autograd in peaked rows (a few parts in a million of the largest entry); the tests
+  allow for it by a first-order bound (test_all.attn_recompute_slack).
 - Head size D in {16, 32, 64, 128}. Inputs may be non-contiguous (strides are passed).
 - Triton is imported on the first call, not at import, so model.py imports this module cheaply.
   triton.jit reads TRITON_INTERPRET when it wraps a function, not when the kernel launches, so the
@@ -312,7 +320,7 @@ def _blocks(name, interpret):
     return {"BLOCK_M": block_m, "BLOCK_N": block_n}
 
 
-def _check_inputs(q, k, v, causal):
+def _check_inputs(q, k, v):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"attention: expected q (B, H, T, D) and k, v (B, H_kv, T, D), "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
@@ -401,6 +409,6 @@ def attention(q, k, v, causal=True, sm_scale=None):
     H_kv must divide H (query head h uses key/value head h // (H / H_kv)); sm_scale defaults to
     1/sqrt(D). Differentiable in q, k and v.
     """
-    _check_inputs(q, k, v, causal)
+    _check_inputs(q, k, v)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     return _Attention.apply(q, k, v, bool(causal), sm_scale)

