@@ -175,8 +175,8 @@ def true_jaccard(a, b, n=5):
 
 def recall(cache, n_pairs, tmp):
     import dedup
-    import pipeline
-    scenes = pipeline.cut_scenes(pipeline.fetch_corpus(cache))
+    import plays
+    scenes = plays.cut_scenes(plays.fetch_corpus(cache))
     variants, pairs = labelled_docs(scenes, n_pairs)
     docs = scenes + variants
     src = tmp / "labelled.jsonl"
@@ -256,7 +256,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plain-loop", metavar="CORPUS", help="only run the baseline loop on CORPUS and exit")
     parser.add_argument("--variant", default="generator", choices=["generator", "per-doc", "per-shingle"])
-    parser.add_argument("--cache", default=str(ROOT / "data" / "cache"), help="pipeline.fetch_corpus cache")
+    parser.add_argument("--cache", default=str(ROOT / "data" / "cache"), help="plays.fetch_corpus cache")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--long-mb", type=float, default=8)

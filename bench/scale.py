@@ -1,8 +1,8 @@
 """bench/scale.py: the data stages (dedup.py, tokenize_data.py) on synthetic corpora of a given size.
 
-    python bench/scale.py --sizes 40 160 1000 --workers 2 --work-dir /big/disk/scale [--baseline]
+    python bench/scale.py --sizes 40 160 1000 --workers 2 --work-dir DIR [--baseline]
 
-Makes, offline, a JSONL corpus of each size in MB from the cached plays (pipeline.fetch_corpus; make_corpus:
+Makes, offline, a JSONL corpus of each size in MB from the cached plays (plays.fetch_corpus; make_corpus:
 the modern editions' lines shuffled into documents of --doc-words words, each word replaced with
 probability 0.15 by another word of the plays or, one time in five, a made-up variant of one, so that
 documents differ and the vocabulary keeps growing with the corpus), with planted duplicates: 3% of the
@@ -31,12 +31,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import pipeline  # noqa: E402
+import plays  # noqa: E402
 
 
 def play_lines(cache):
     """Non-blank lines of the modern editions of the plays, each as a list of words."""
-    texts = pipeline.fetch_corpus(cache)
+    texts = plays.fetch_corpus(cache)
     lines = []
     for path in sorted(texts.glob("*_gut.txt")):
         lines += [line.split() for line in path.read_text(encoding="utf-8", errors="replace").split("\n")
@@ -135,7 +135,7 @@ def main():
     parser.add_argument("--sizes", type=float, nargs="+", default=[40, 160], help="corpus sizes in MB")
     parser.add_argument("--workers", type=int, default=2, help="--workers of both stages")
     parser.add_argument("--work-dir", default=None, help="corpora and outputs (default: a folder in the temp dir)")
-    parser.add_argument("--cache", default=str(ROOT / "data" / "cache"), help="pipeline.fetch_corpus cache")
+    parser.add_argument("--cache", default=str(ROOT / "data" / "cache"), help="plays.fetch_corpus cache")
     parser.add_argument("--stages", nargs="+", default=["dedup", "tokenize"], choices=["dedup", "tokenize"])
     parser.add_argument("--doc-words", type=int, nargs=2, default=[300, 3000], help="words per document, min max")
     parser.add_argument("--baseline", action="store_true", help="also time the plain datasketch loop")

@@ -3,7 +3,7 @@
     python bench/tokenizer.py [--vocab-size 8192] [--repeats 3] [--workers N] [INPUT...]
     python bench/tokenizer.py CORPUS.jsonl --train-chars 1e6 4e6 16e6 64e6    # training on the first N chars
 
-Same corpus (default: the 78 Shakespeare files, fetched into data/cache by pipeline.fetch_corpus if
+Same corpus (default: the 78 Shakespeare files, fetched into data/cache by plays.fetch_corpus if
 missing), same vocabulary and the same pre-tokenizer regex for both trainers (tokenizers: Split(PAT_STR,
 isolated) + ByteLevel(use_regex=False), all 256 bytes as the initial alphabet, min_frequency 0). Runs
 alternate and the best of --repeats counts, because other jobs share the cores. Prints one table:
@@ -100,12 +100,12 @@ def main():
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--cache", default=str(ROOT / "data" / "cache"), help="pipeline.fetch_corpus cache")
+    parser.add_argument("--cache", default=str(ROOT / "data" / "cache"), help="plays.fetch_corpus cache")
     parser.add_argument("--train-chars", type=float, nargs="+", help="sweep the training sample size instead")
     args = parser.parse_args()
     if not args.inputs:
-        import pipeline
-        args.inputs = [str(pipeline.fetch_corpus(args.cache))]
+        import plays
+        args.inputs = [str(plays.fetch_corpus(args.cache))]
     if args.train_chars:
         return train_chars_sweep(args.inputs, args.train_chars, args.vocab_size, args.workers)
     os.environ["RAYON_NUM_THREADS"] = str(args.workers)  # tokenizers gets as many cores as we use
