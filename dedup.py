@@ -41,12 +41,10 @@ candidate documents from the work file, each freed after its last partner; pass 
 file into OUT and REMOVED.
 """
 
-import argparse
 import collections
 import functools
 import gzip
 import hashlib
-import inspect
 import itertools
 import json
 import multiprocessing
@@ -54,10 +52,12 @@ import os
 import re
 import time
 import unicodedata
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from flags import config_parser
 
 SEED = 1             # permutation seed: the values equal datasketch 2.x's MinHash(seed=1, scheme=SCHEME)
 SCHEME = "affine32"  # datasketch 2.x's default scheme, whose permutations permutations() draws
@@ -632,6 +632,8 @@ def write_pass(work, status, keeper, rule_names, best_jaccard, out_file, removed
 def run(inputs, cfg, th=QualityThresholds()):
     """The whole tool -> the report dict. Bad input raises SystemExit with one sentence."""
     t0 = time.time()
+    if not cfg.out:
+        raise SystemExit("no OUT given; pass -o OUT.jsonl, the file for the kept documents")
     if not (0 < cfg.threshold <= 1 and cfg.num_perm >= 2 and cfg.ngram >= 1 and cfg.workers >= 1):
         raise SystemExit("--threshold must be in (0, 1], --num-perm >= 2, --ngram >= 1 and --workers >= 1")
     out = Path(cfg.out)
@@ -708,22 +710,10 @@ def _cpu_seconds():
     return t.user + t.system, t.children_user + t.children_system
 
 
-def field_help(cls):
-    """{field name: its comment} from the dataclass source: the comments are the one place flags are explained."""
-    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = config_parser(DedupConfig, __doc__, aliases={"out": ["-o"]})
+    parser.allow_abbrev = False  # a mistyped flag is an error, not a guess
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt and .jsonl files (or .gz), folders of them")
-    comments = field_help(DedupConfig)
-    for f in fields(DedupConfig):  # every config field is a --kebab-case flag
-        names = (["-o"] if f.name == "out" else []) + ["--" + f.name.replace("_", "-")]
-        if isinstance(f.default, bool):
-            parser.add_argument(*names, action="store_true", help=comments[f.name])
-        else:
-            parser.add_argument(*names, type=type(f.default), default=f.default, required=f.name == "out",
-                                help=comments[f.name] + (f" (default: {f.default})" if f.default != "" else ""))
     args = vars(parser.parse_args(argv))
     report = run(args.pop("inputs"), DedupConfig(**args))
     d, st, b, bad = report["documents"], report["stages"], report["bytes"], report["bad_input"]

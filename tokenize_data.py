@@ -22,13 +22,11 @@ adjacent pair of ids again and again, updating pair counts and the pair -> chunk
 chunks that hold the merged pair. Lone surrogates (JSON escapes can make them) have no UTF-8 form: they
 become U+FFFD on reading, as tiktoken's encode does; everything else round-trips.
 """
-import argparse
 import base64
 import collections
 import gzip
 import hashlib
 import heapq
-import inspect
 import json
 import multiprocessing
 import os
@@ -42,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import regex
 import tiktoken
+
+from flags import config_parser
 
 # GPT-4's cl100k pre-tokenizer pattern. Why this one over GPT-2's: digits split into runs of at most 3,
 # contractions match in any case ("'S"), and runs of newlines stay together with their indentation
@@ -63,7 +63,7 @@ class TokenizeConfig:
     encoding: str = ""  # a tiktoken encoding to use instead of training one, e.g. gpt2, cl100k_base, o200k_base
     val_fraction: float = 0.05  # share of whole documents held out in val.bin, picked by a hash of their key, in [0, 1)
     train_chars: int = 50_000_000  # the BPE trains on the first whole documents up to this many characters
-    workers: int = os.cpu_count() or 1  # processes that pre-tokenize for training, threads that encode
+    workers: int = os.cpu_count() or 1  # processes that pre-tokenize for training, threads that encode; one per CPU by default
 
 
 # ---------------------------------------------------------------------------- reading documents
@@ -475,19 +475,10 @@ def _process_alive(pid):
 
 
 # ---------------------------------------------------------------------------- main
-def field_help(cls):
-    """{field name: its comment} from the dataclass source: the comments are the one place flags are explained."""
-    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
-
-
 def parse_config(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = config_parser(TokenizeConfig, __doc__)
+    parser.allow_abbrev = False  # a mistyped flag is an error, not a guess
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="JSONL with 'text', .txt files (or .gz), folders")
-    comments = field_help(TokenizeConfig)
-    for f in fields(TokenizeConfig):
-        default = "the number of CPUs" if f.name == "workers" else f.default
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            help=comments[f.name] + (f" (default: {default})" if default != "" else ""))
     args = parser.parse_args(argv)
     cfg = TokenizeConfig(**{f.name: getattr(args, f.name) for f in fields(TokenizeConfig)})
     if not cfg.out_dir or Path(cfg.out_dir).is_file():
