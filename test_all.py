@@ -512,6 +512,20 @@ def test_dedup_filters_catch_junk():
     assert {k: caught[k] for k in expected} == expected
 
 
+def test_dedup_threshold_is_inclusive(tmp_path):
+    """A pair whose 5-gram Jaccard is exactly --threshold is a duplicate; one just below is not. 44 distinct
+    words make 40 5-grams; 10 more words make 50, of which the 40 are shared: 40/50 = 0.8; 11 more: 40/51."""
+    words = [f"w{i}" for i in range(60)]
+    base = {"id": "a", "text": " ".join(words[:44])}
+    for extra, removed_ids in ((10, ["b"]), (11, [])):
+        (tmp_path / str(extra)).mkdir()
+        kept, removed, _ = run_dedup(tmp_path / str(extra), [base, {"id": "b", "text": " ".join(words[:44 + extra])}],
+                                     no_filters=True)
+        assert [r["id"] for r in removed] == removed_ids and len(kept) == 2 - len(removed_ids), extra
+        if removed:
+            assert removed[0]["jaccard"] == 0.8 and removed[0]["duplicate_of"] == "a"
+
+
 def test_dedup_exact_and_short_documents(tmp_path):
     base = "Now is the winter of our discontent made glorious summer by this sun of York " * 3
     docs = [{"id": "a", "text": base}, {"id": "b", "text": base.upper().replace(" ", "  ")},
@@ -1057,6 +1071,23 @@ def test_model_mlp_is_gelu_or_swiglu_written_out():
         assert mlp.fc.weight.shape[0] == hidden * (2 if kind == "swiglu" else 1)
         with torch.no_grad():
             torch.testing.assert_close(mlp(x), act @ mlp.proj.weight.T)
+
+
+def test_model_blocks_are_pre_or_post_norm_as_written():
+    """Pre-norm (GPT-2): x + attn(norm1(x)), then + mlp(norm2(.)); post-norm (Vaswani et al.):
+    norm1(x + attn(x)), then norm2(. + mlp(.)). Composed here from the block's own pieces."""
+    x = torch.randn(2, 5, 32)
+    for prenorm in (True, False):
+        model = tiny_model(prenorm=prenorm).eval()
+        block, rope = model.blocks[0], model.rope(0, 5)
+        with torch.no_grad():
+            if prenorm:
+                h = x + block.attn(block.norm1(x), rope)
+                want = h + block.mlp(block.norm2(h))
+            else:
+                h = block.norm1(x + block.attn(x, rope))
+                want = block.norm2(h + block.mlp(h))
+            torch.testing.assert_close(block(x, rope), want)
 
 
 def test_model_init_scales_the_residual_projections():
