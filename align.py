@@ -36,26 +36,23 @@ A loss, gradient or weight that becomes nan/inf stops the run before it is saved
 stays the last good one.
 """
 
-import argparse
-import glob
 import hashlib
-import inspect
 import json
 import math
 import os
 import random
-import re
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
-from typing import Literal, get_args
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, load_checkpoint, save_checkpoint
+from flags import parse_flags
+from model import GPT, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from tokenize_data import SPECIAL_TOKENS, tokenizer_from_dict
 
 
@@ -82,19 +79,6 @@ class AlignConfig:
     device: str = "auto"           # auto (cuda when a GPU is visible, else cpu) | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 autocast on cuda, float32 on cpu
     resume: bool = False           # continue from OUT/ckpt.pt when it exists (same method)
-
-
-def parse_flags(config_class, argv, doc):
-    """Each field of the config dataclass becomes a --kebab-case flag: the comment after the field is its
-    help, a Literal type its choices, the default its default. --help reads the dataclass, nothing else."""
-    comments = dict(re.findall(r"^ +(\w+): .*?  # (.*)$", inspect.getsource(config_class), re.M))
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(config_class):
-        how = (dict(action=argparse.BooleanOptionalAction) if f.type is bool
-               else dict(type=type(f.default), choices=get_args(f.type) or None))
-        text = f"{comments.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=text, **how)
-    return config_class(**vars(parser.parse_args(argv)))
 
 
 def pick_device(flag):
@@ -452,13 +436,6 @@ def check_finite(figures, step, ckpt_path):
             raise SystemExit(f"{name} became {value} at step {step}; stopping ({kept}). Lower --lr.")
 
 
-def remove_stale(path):
-    """Delete the temporaries `path.tmp*` a killed run left beside its output (save_checkpoint writes
-    ckpt.pt.tmp<pid>); only the names this script writes itself."""
-    for stale in glob.glob(glob.escape(path) + ".tmp*"):
-        os.remove(stale)
-
-
 def write_log(path, rows):
     """log.jsonl := rows, written to a temporary name and renamed into place."""
     with open(f"{path}.tmp{os.getpid()}", "w") as f:
@@ -565,8 +542,8 @@ def main(argv=None):
             "now); pass --resume to continue from it instead.")
     if rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        remove_stale(ckpt_path)
-        remove_stale(log_path)
+        remove_stale_temporaries(ckpt_path)
+        remove_stale_temporaries(log_path)
         write_log(log_path, rows)
     net = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if distributed else model
 

@@ -6,8 +6,8 @@ differentiable function, `attention(q, k, v, causal=True, sm_scale=None)`.
     y = attention(q, k, v, causal=True)    # q (B, H, T, D); k, v (B, H_kv, T, D) -> y (B, H, T, D)
 
 model.py calls it for `attn_impl="triton"` (training and prefill); tests compare it with float64
-PyTorch attention (`python -m pytest -q test_all.py -k attention_kernel`), bench/attention.py times
-it against SDPA.
+PyTorch attention (`python -m pytest -q test_all.py -k attention_kernel`), `python bench/gpu.py` checks
+it in bf16/fp16 and times it against every SDPA backend on a GPU.
 Runs on a CUDA GPU, or on the CPU under Triton's interpreter (set TRITON_INTERPRET=1; slow, tiny
 shapes only, float32/float16). It prints nothing.
 

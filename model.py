@@ -22,6 +22,7 @@ tokenizer), written atomically; `GPT.from_checkpoint(path)` rebuilds the model f
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -31,6 +32,8 @@ import torch.nn.functional as F
 import attention_kernel  # imports only torch; triton is loaded on the first triton call
 
 CHECKPOINT_FORMAT = "gpt-from-scratch/1"
+CONFIG_CHOICES = {"pos_encoding": ["rope", "learned", "sinusoidal"], "norm": ["layernorm", "rmsnorm"],
+                  "mlp": ["gelu", "swiglu"], "attn_impl": ["sdpa", "naive", "triton"]}
 
 
 @dataclass
@@ -54,9 +57,7 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
-        choices = {"pos_encoding": ("rope", "learned", "sinusoidal"), "norm": ("layernorm", "rmsnorm"),
-                   "mlp": ("gelu", "swiglu"), "attn_impl": ("sdpa", "naive", "triton")}
-        for name, allowed in choices.items():
+        for name, allowed in CONFIG_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
         if min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) < 1:
@@ -134,8 +135,7 @@ def naive_attention(q, k, v, causal=True, dropout_p=0.0, training=False):
     if causal:
         allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
         scores = scores.masked_fill(~allowed, float("-inf"))
-    weights = F.softmax(scores, dim=-1)
-    weights = F.dropout(weights, dropout_p, training)
+    weights = F.dropout(F.softmax(scores, dim=-1), dropout_p, training)
     return weights @ v                                                   # (B, H, Tq, d)
 
 
@@ -144,8 +144,7 @@ class KVCache:
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(2))
         self.pos = 0  # positions filled; GPT.forward advances it once all layers have appended
 
     def append(self, layer, k, v):
@@ -411,7 +410,7 @@ class GPT(nn.Module):
             raise SystemExit(f"checkpoint config fields {unknown or ['model_config missing']} are not "
                              "GPTConfig fields; was it written by another version of model.py?")
         model = cls(GPTConfig(**{**ckpt["model_config"], **overrides}))
-        model.load_state_dict(clean_state_dict(ckpt["model"]))
+        model.load_state_dict(ckpt["model"])  # saved unwrapped (save_checkpoint), so the names match
         return model.to(device)
 
 
@@ -473,6 +472,16 @@ def save_checkpoint(path, model, **extra):
         raise
 
 
+def remove_stale_temporaries(path):
+    """Delete path.tmp and path.tmp<pid> that killed writers of path left (a whole checkpoint each); -> them."""
+    folder, name = os.path.split(os.path.abspath(path))
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    stale = [os.path.join(folder, f) for f in names if re.fullmatch(re.escape(name) + r"\.tmp\d*", f)]
+    for p in stale:
+        os.remove(p)
+    return stale
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint dict; a missing file or one this project did not write is one clear sentence."""
     if not os.path.isfile(path):
@@ -487,7 +496,3 @@ def load_checkpoint(path, map_location="cpu"):
                          "train.py or align.py wrote.")
     return ckpt
 
-
-def clean_state_dict(state_dict):
-    """Strip the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add to parameter names."""
-    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state_dict.items()}

@@ -21,21 +21,20 @@ run afresh, as their inputs changed. Prints each stage's wall time and keeps eve
 out/pipeline.json; draws the training curves of every stage in out/training.svg (open it in a browser).
 """
 
-import argparse
-import inspect
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
+
+from flags import parse_flags
 
 STAGES = ("fetch", "dedup", "tokenize", "pretrain", "chatdata", "sft", "dpo", "sample")  # in the order they run
 
@@ -78,19 +77,6 @@ CURVES = [("pretrain", "pretrain: loss (nats/token)", ["loss", "val_loss"]),
           ("dpo", "DPO: loss", ["loss", "val_loss"]),
           ("dpo", "DPO: preference accuracy", ["accuracy", "val_accuracy"])]
 HERE = Path(__file__).resolve().parent
-
-
-def parse_flags(config_class, argv, doc):
-    """Each field of the config dataclass becomes a --kebab-case flag: the comment after the field is its
-    help, a Literal type its choices, the default its default. --help reads the dataclass, nothing else."""
-    comments = dict(re.findall(r"^ +(\w+): .*?  # (.*)$", inspect.getsource(config_class), re.M))
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(config_class):
-        how = (dict(action=argparse.BooleanOptionalAction) if f.type is bool
-               else dict(type=type(f.default), choices=get_args(f.type) or None))
-        text = f"{comments.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=text, **how)
-    return config_class(**vars(parser.parse_args(argv)))
 
 
 # ---------------------------------------------------------------------------------------------

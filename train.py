@@ -1,41 +1,49 @@
 """
 train.py: next-token pretraining of the GPT in model.py on the token shards tokenize_data.py wrote.
 
-    python train.py --data-dir data/shakespeare                        # small model, CPU, a few minutes
-    python train.py --data-dir data/shakespeare --out-dir out --resume # continue from out/ckpt.pt
-    torchrun --standalone --nproc_per_node=8 train.py --data-dir data/x --preset gpt2-124m --grad-accum 4
-    torchrun --standalone --nproc_per_node=8 train.py --data-dir data/x --preset gpt2-124m --tp 2 --pp 2 --grad-accum 16
+    python train.py --data-dir data/tokens --out-dir out/pretrain            # small model, CPU, minutes
+    python train.py --data-dir data/tokens --out-dir out/pretrain --resume   # continue from its ckpt.pt
+    python train.py --help                                                   # every flag, default, choices
+    torchrun --standalone --nproc_per_node=8 train.py --data-dir data/tokens --out-dir out/gpt2 --preset gpt2-124m --grad-accum 4
+    torchrun --standalone --nproc_per_node=8 train.py --data-dir data/tokens --out-dir out/gpt2 --preset gpt2-124m --tp 2 --pp 2 --grad-accum 16
 
-`--preset gpt2-124m` is GPT-2 small (12 layers, 12 heads, 768 wide, 1024 positions, bf16, torch.compile),
-16 sequences x 32 accumulation steps = 524,288 tokens per step on one GPU; on N GPUs pass --grad-accum 32/N
-(global batch = batch-size x grad-accum x data-parallel ranks). Flags given on the command line win.
+`--preset gpt2-124m` is GPT-2 small (12 x 768, 1024 positions, bf16, compiled), 16 sequences x 32 accumulation
+steps = 524,288 tokens per step on one GPU; on N GPUs pass --grad-accum 32/N. Flags given win over a preset.
 
-Prints one line per step (loss, lr, tokens/s, MFU against the GPU's bf16 dense peak, time left) and writes
-into --out-dir: log.jsonl (per step: step, loss, lr, tokens_per_sec; val_loss, val_bpb when evaluated),
-ckpt.pt (at every eval and at the end; self-contained: model and train config, weights, optimizer, step,
-RNG states, data position, tokenizer) and loss.png (if matplotlib is there).
+Prints one line per step (loss, lr, tokens/s, MFU against the GPU's bf16 dense peak, time left), ends with
+"N steps in T; checkpoint PATH", and writes into --out-dir: log.jsonl (per step: step, loss, lr,
+tokens_per_sec, mfu on known GPUs; val_loss, val_bpb when evaluated), ckpt.pt (at every eval and at the end;
+self-contained: configs, weights, optimizer, step, RNG states, data position, tokenizer, log) and loss.png.
 
 Design choices:
 - step s's batch is drawn by a generator seeded from (seed, s) alone and rank r takes its slice, so any
   number of ranks sees the same tokens, and resuming needs only the step;
 - `--resume` with no checkpoint in --out-dir starts fresh (and says so), so a pipeline can always pass it;
-  on resume the checkpoint's train config is the default and flags given now override it; without
-  --resume, a ckpt.pt already in --out-dir is replaced at the first checkpoint (a note says so);
-- a non-finite loss stops the run before anything is saved, so the last checkpoint stays good;
+  on resume the checkpoint's train config is the default and flags given now win. Without --resume, a
+  ckpt.pt in --out-dir is replaced at the new run's first checkpoint (a note says so);
+- ckpt.pt carries the log up to its step and --resume rewrites log.jsonl from it, so after any kills and
+  resumes the log holds each step once, of one run; a run first deletes the temporaries a killed one left;
+- a non-finite loss stops the run before anything is saved, so the last checkpoint stays good; under
+  torchrun (Linux) each rank asks the kernel to kill it when the launcher dies, so none trains on alone;
 - `--tp N --pp M` (data parallel takes the rest: world = dp x tp x pp; CPU/gloo or GPUs/NCCL) runs
-  hand-written Megatron-style tensor parallelism (heads and MLP split over tp, vocab-parallel embedding
-  and loss) and pipeline stages (--schedule gpipe | 1f1b, micro-batches = --grad-accum); --tp 1 --pp 1
-  runs none of it (the plain model, DDP over all ranks). Checkpoints are always saved whole, so any
-  layout, one process and sample.py load them, and --resume may change the layout.
+  hand-written Megatron-style tensor parallelism (heads, MLP, vocabulary split over tp) and pipeline
+  stages (--schedule gpipe | 1f1b, micro-batches = --grad-accum). Checkpoints are always saved whole, so
+  any layout, one process and sample.py load them, and --resume may change the layout.
+
+Two parts: the whole single-process path as a run meets it (config, processes, data, model, step and eval,
+checkpoints and logs, main), then tensor and pipeline parallelism, which main() calls under --tp/--pp.
 """
 
-import argparse
+import ctypes
 import json
 import math
 import os
+import re
+import signal
+import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -44,58 +52,60 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from flags import config_parser
+from model import CONFIG_CHOICES, GPT, GPTConfig, load_checkpoint, remove_stale_temporaries, save_checkpoint
 
 
 @dataclass
 class TrainConfig:
-    data_dir: str = ""             # train.bin, val.bin, meta.json (and tokenizer.tiktoken) from tokenize_data.py
-    out_dir: str = "out"
-    preset: str = ""               # "gpt2-124m" sets the fields in PRESETS below
-    # model shape and options (GPTConfig); on resume they come from the checkpoint
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 0             # 0: same as n_head
-    n_embd: int = 128
-    block_size: int = 128          # training sequence length (and the model's block_size when fresh)
-    pos_encoding: str = "rope"
-    norm: str = "layernorm"
-    prenorm: bool = True
-    mlp: str = "gelu"
-    tie_weights: bool = True
-    bias: bool = False
-    dropout: float = 0.0
-    attn: str = "sdpa"
-    # optimisation
-    batch_size: int = 16           # sequences per micro-batch per data-parallel rank
-    grad_accum: int = 1            # micro-batches per optimizer step
-    max_steps: int = 500
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 50
-    lr_decay_steps: int = 0        # end of the cosine; 0 means max_steps
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0         # 0 disables clipping
-    eval_interval: int = 100       # evaluate and checkpoint every this many steps (and at the end)
-    eval_steps: int = 10           # validation batches per evaluation
+    # Each field is a flag (data_dir: --data-dir); the comment after it is the flag's --help.
+    data_dir: str = ""             # the folder tokenize_data.py wrote: train.bin, val.bin, meta.json, tokenizer
+    out_dir: str = "out"           # where ckpt.pt, log.jsonl and loss.png are written
+    resume: bool = False           # continue from OUT_DIR/ckpt.pt if there is one; its config is the default
+    preset: str = ""               # a named set of defaults (PRESETS); gpt2-124m: GPT-2 small on GPUs
+    # the model (GPTConfig); on resume its shape comes from the checkpoint
+    n_layer: int = 4               # transformer blocks
+    n_head: int = 4                # attention (query) heads
+    n_kv_head: int = 0             # key/value heads, each shared by a group of query heads (GQA); 0: n_head
+    n_embd: int = 128              # width of the residual stream
+    block_size: int = 128          # training sequence length; fresh: also the model's longest context
+    pos_encoding: str = "rope"     # positions: rotary (rope), a learned table (GPT-2) or sinusoidal
+    norm: str = "layernorm"        # the normalisation layer
+    prenorm: bool = True           # normalise before each sublayer (GPT-2); --no-prenorm: the 2017 post-norm
+    mlp: str = "gelu"              # feed-forward: gelu (4x wide) or swiglu (8/3x wide, as many parameters)
+    tie_weights: bool = True       # the output head shares the token-embedding matrix
+    bias: bool = False             # biases in the linear layers and LayerNorm
+    dropout: float = 0.0           # dropout probability (may change on resume)
+    attn_impl: str = "sdpa"        # attention: sdpa (PyTorch), naive (textbook reference), triton (our kernel, CUDA)
+    # optimisation: AdamW; linear warmup, then cosine decay
+    batch_size: int = 16           # sequences per micro-batch on each data-parallel rank
+    grad_accum: int = 1            # micro-batches per optimizer step (under --pp: the pipeline's micro-batches)
+    max_steps: int = 500           # optimizer steps to train to (on resume: the step to stop at)
+    lr: float = 1e-3               # peak learning rate, reached at the end of warmup
+    min_lr: float = 1e-4           # learning rate at the end of the cosine decay, and after it
+    warmup_steps: int = 50         # steps of linear warmup, from lr/warmup_steps up to lr
+    lr_decay_steps: int = 0        # step where the cosine reaches min_lr, flat after it; 0: at max_steps (the end)
+    weight_decay: float = 0.1      # AdamW weight decay on matrices and embeddings (none on norms and biases)
+    grad_clip: float = 1.0         # clip the global gradient norm to this; 0: no clipping
+    eval_interval: int = 100       # evaluate on val.bin and save ckpt.pt every this many steps; 0: only at the end
+    eval_steps: int = 10           # validation batches per evaluation (the same ones every time)
     # runtime
-    dtype: str = "auto"            # auto: bfloat16 on cuda (float16 where bf16 is missing), float32 on cpu
-    compile: bool = False
-    seed: int = 1337
-    resume: bool = False
-    device: str = "auto"           # auto | cpu | cuda | cuda:N
-    # parallelism: tensor-parallel and pipeline-parallel degrees; data parallel gets the rest
-    tp: int = 1
-    pp: int = 1
-    schedule: str = "1f1b"
+    device: str = "auto"           # auto (cuda if torch sees a GPU, else cpu), cpu, cuda or cuda:N
+    dtype: str = "auto"            # autocast dtype; auto: bfloat16 on cuda (float16 without bf16), float32 on cpu
+    compile: bool = False          # torch.compile the model (GPUs: faster after a minute); not under --tp/--pp
+    seed: int = 1337               # seeds the initial weights and, with the step, every batch
+    # parallelism, under torchrun: data parallel takes the ranks that tp x pp leaves
+    tp: int = 1                    # tensor-parallel degree: heads, MLP and vocabulary split over this many ranks
+    pp: int = 1                    # pipeline-parallel degree: the blocks cut into this many stages
+    schedule: str = "1f1b"         # pipeline schedule: gpipe (all forwards, then all backwards) or 1f1b
 
 
 PRESETS = {"gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dtype="bfloat16",
                              compile=True, batch_size=16, grad_accum=32, max_steps=19073, lr=6e-4,
                              min_lr=6e-5, warmup_steps=700, eval_interval=250, eval_steps=20)}
-CHOICES = {"preset": list(PRESETS), "pos_encoding": ["rope", "learned", "sinusoidal"],
-           "norm": ["layernorm", "rmsnorm"], "mlp": ["gelu", "swiglu"], "attn": ["sdpa", "naive", "triton"],
-           "dtype": ["auto", "float32", "bfloat16", "float16"], "schedule": ["gpipe", "1f1b"]}
+CHOICES = {**CONFIG_CHOICES, "preset": list(PRESETS), "dtype": ["auto", "float32", "bfloat16", "float16"],
+           "schedule": ["gpipe", "1f1b"]}
+ALIASES = {"attn_impl": ["--attn"]}  # other spellings of a flag that users type
 SHAPE_FIELDS = ["n_layer", "n_head", "n_kv_head", "n_embd", "pos_encoding", "norm", "prenorm", "mlp",
                 "tie_weights", "bias"]
 # bf16 dense tensor-core peaks (FLOP/s) by device name; the first match wins, unknown GPUs get no MFU
@@ -106,14 +116,7 @@ PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200
 def resolve_config(argv):
     """-> (config, the flags given, the checkpoint to resume or None, its path). Each dataclass field is a
     --kebab-case flag; dataclass defaults < preset < the checkpoint's train config < flags given now."""
-    parser = argparse.ArgumentParser(description=__doc__, argument_default=argparse.SUPPRESS,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"default {f.default}")
-        else:
-            parser.add_argument(flag, type=type(f.default), choices=CHOICES.get(f.name), help=f"default {f.default!r}")
+    parser = config_parser(TrainConfig, __doc__, choices=CHOICES, aliases=ALIASES, given_only=True)
     given = vars(parser.parse_args(argv))  # only the flags typed: they must win over the checkpoint's
     given["out_dir"] = given.get("out_dir", TrainConfig.out_dir)  # where we looked, not where it was first written
     ckpt_path = os.path.join(given["out_dir"], "ckpt.pt")
@@ -121,6 +124,27 @@ def resolve_config(argv):
     saved = {k: v for k, v in (ckpt or {}).get("train_config", {}).items() if k in TrainConfig.__dataclass_fields__}
     preset = given.get("preset", saved.get("preset", ""))
     return TrainConfig(**{**PRESETS.get(preset, {}), **saved, **given}), given, ckpt, ckpt_path
+
+
+def check_config(cfg):
+    """One sentence for a flag value that cannot work (argparse has checked types and choices; GPTConfig
+    checks the model's shape and dropout, and main relays its sentence)."""
+    at_least = dict(block_size=1, max_steps=1, batch_size=1, grad_accum=1, eval_steps=1, tp=1, pp=1,
+                    eval_interval=0, warmup_steps=0, lr_decay_steps=0, min_lr=0, weight_decay=0, grad_clip=0)
+    for name, least in at_least.items():
+        if not getattr(cfg, name) >= least:  # `not >=` also catches nan
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least {least}.")
+    if not cfg.lr > 0:
+        raise SystemExit(f"--lr {cfg.lr} must be a positive number (the peak learning rate).")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise SystemExit(f"--device {cfg.device} is not one of auto, cpu, cuda, cuda:N.")
+    if cfg.device.startswith("cuda") and int(cfg.device[5:] or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {cfg.device}: torch sees {torch.cuda.device_count()} CUDA GPU(s) on this machine; "
+                         "pass --device cpu, or auto.")
+    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.attn_impl == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--attn-impl triton needs a CUDA GPU (or TRITON_INTERPRET=1 for Triton's slow CPU "
+                         "interpreter); use --attn-impl sdpa on the CPU.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,6 +157,8 @@ def setup_distributed(device_flag):
     if "RANK" not in os.environ:
         return 0, 1, 0, torch.device(("cuda" if cuda else "cpu") if device_flag == "auto" else device_flag)
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if sys.platform.startswith("linux"):  # die with the launcher: a killed torchrun leaves no rank training on
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -159,24 +185,34 @@ def peak_flops(device):
 # Data: token shards on disk, batches as a function of (seed, step)
 
 def load_data(data_dir, seq_len):
-    """-> (train tokens, val tokens, meta) with the shards memory-mapped read-only."""
-    if not data_dir:
-        raise SystemExit("--data-dir is required: the folder tokenize_data.py wrote (train.bin, val.bin, meta.json).")
-    if not os.path.isdir(data_dir):
-        raise SystemExit(f"--data-dir {data_dir} does not exist; run tokenize_data.py --out-dir {data_dir} first.")
-    meta_path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise SystemExit(f"{meta_path} is missing; run tokenize_data.py --out-dir {data_dir} to write the shards.")
-    meta = json.load(open(meta_path))
-    if meta.get("dtype") not in ("uint16", "uint32") or not isinstance(meta.get("vocab_size"), int):
-        raise SystemExit(f"{meta_path} needs vocab_size and dtype (uint16|uint32); rewrite it with tokenize_data.py.")
-    shards = []
-    for name in ("train.bin", "val.bin"):
-        path = os.path.join(data_dir, name)
-        n_tokens = os.path.getsize(path) // np.dtype(meta["dtype"]).itemsize if os.path.isfile(path) else 0
+    """-> (train tokens, val tokens, meta): the shards memory-mapped read-only, checked against meta.json."""
+    if not data_dir or not os.path.isdir(data_dir):
+        raise SystemExit(f"--data-dir {data_dir or '(none given)'} is not a folder; pass the --out-dir of tokenize_data.py.")
+    meta_path, rerun = os.path.join(data_dir, "meta.json"), f"run tokenize_data.py --out-dir {data_dir}"
+    try:
+        meta = json.load(open(meta_path, encoding="utf-8"))
+    except (OSError, ValueError):  # missing, not JSON, or not even UTF-8
+        meta = None
+    counts = ("vocab_size", "train_tokens", "val_tokens")
+    if not (isinstance(meta, dict) and meta.get("dtype") in ("uint16", "uint32") and
+            all(type(meta.get(k)) is int and meta[k] >= 0 for k in counts)):
+        raise SystemExit(f"{meta_path} is missing or not the JSON tokenize_data.py writes (vocab_size, dtype "
+                         f"uint16|uint32, train_tokens, val_tokens as numbers); {rerun}.")
+    shards, itemsize = [], np.dtype(meta["dtype"]).itemsize
+    for split in ("train", "val"):
+        path, n_tokens = os.path.join(data_dir, f"{split}.bin"), meta[f"{split}_tokens"]
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        if size != n_tokens * itemsize:  # cut short, grown, half a token, or from another run
+            raise SystemExit(f"{path} holds {size:,} bytes, but {meta_path} records {n_tokens:,} {meta['dtype']} "
+                             f"tokens ({n_tokens * itemsize:,} bytes): the shard is damaged or not this meta.json's; "
+                             f"{rerun}.")
+        if n_tokens < 2:  # tokenize_data.py held out no document (one document, or --val-fraction 0)
+            raise SystemExit(f"{path} is empty; {rerun} on a corpus of several documents"
+                             + (" with --val-fraction above 0." if split == "val" else "."))
         if n_tokens < seq_len + 1:  # one sequence and its shifted targets
-            raise SystemExit(f"{path} holds {n_tokens} tokens, fewer than --block-size {seq_len} + 1; "
-                             "add text or lower --block-size.")
+            raise SystemExit(f"{path} holds {n_tokens} tokens, fewer than --block-size {seq_len} + 1; pass "
+                             f"--block-size {n_tokens - 1} or less, or {rerun} on more text"
+                             + (" or with a larger --val-fraction." if split == "val" else "."))
         shards.append(np.memmap(path, dtype=meta["dtype"], mode="r"))
     return shards[0], shards[1], meta
 
@@ -204,7 +240,7 @@ def get_batch(data, starts, seq_len, device):
 
 
 def micro_batches(data, cfg, step, dp_rank, dp_size, device):
-    """This rank's grad_accum micro-batches of step `step`: the global batch viewed as
+    """This rank's grad_accum micro-batches [(x, y), ...] of step `step`: the global batch viewed as
     (grad_accum, dp_size, batch_size), so micro-step m of one process with batch_size*dp_size sequences
     holds exactly the sequences the dp ranks hold at micro-step m."""
     n_seqs = cfg.grad_accum * dp_size * cfg.batch_size
@@ -220,7 +256,7 @@ def model_config_for(cfg, given, meta, tokenizer, ckpt, ckpt_path):
     """The GPTConfig to build: from the flags when fresh, from the checkpoint (checked against the
     flags given and the data's tokenizer) when resuming."""
     if ckpt is None:
-        return GPTConfig(vocab_size=meta["vocab_size"], block_size=cfg.block_size, attn_impl=cfg.attn,
+        return GPTConfig(vocab_size=meta["vocab_size"], block_size=cfg.block_size, attn_impl=cfg.attn_impl,
                          **{k: getattr(cfg, k) for k in SHAPE_FIELDS + ["dropout"]})
     saved = ckpt["model_config"]
     for k in SHAPE_FIELDS:
@@ -234,7 +270,7 @@ def model_config_for(cfg, given, meta, tokenizer, ckpt, ckpt_path):
             tokenizer is not None and ckpt.get("tokenizer") is not None and tokenizer != ckpt["tokenizer"]):
         raise SystemExit(f"the tokenizer of {cfg.data_dir} does not match the one in {ckpt_path}; resume with "
                          "the data dir the checkpoint was trained on.")
-    return GPTConfig(**{**saved, "attn_impl": cfg.attn, "dropout": cfg.dropout})
+    return GPTConfig(**{**saved, "attn_impl": cfg.attn_impl, "dropout": cfg.dropout})
 
 
 def build_model(model_config, seed):
@@ -243,7 +279,7 @@ def build_model(model_config, seed):
     return GPT(model_config)
 
 
-def lr_at(step, cfg):
+def learning_rate_at(step, cfg):
     """Linear warmup to --lr over warmup_steps, then cosine down to --min-lr at lr_decay_steps, then flat."""
     decay_steps = cfg.lr_decay_steps or cfg.max_steps
     if step < cfg.warmup_steps:
@@ -253,6 +289,9 @@ def lr_at(step, cfg):
     progress = (step - cfg.warmup_steps) / (decay_steps - cfg.warmup_steps)  # here warmup <= step < decay
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
+
+# ---------------------------------------------------------------------------------------------------
+# The step and evaluation
 
 def train_step(model, optimizer, scaler, batches, lr, cfg, autocast):
     """One optimizer step over the micro-batches; returns this rank's mean loss (a 0-dim tensor).
@@ -287,7 +326,7 @@ def evaluate(model, val_data, cfg, dp_rank, dp_size, device, autocast, dp_group=
     for i in range(cfg.eval_steps):
         starts = batch_starts(cfg.seed, i, dp_size * cfg.batch_size, len(val_data), cfg.block_size, split=1)
         x, y = get_batch(val_data, starts.view(dp_size, cfg.batch_size)[dp_rank], cfg.block_size, device)
-        if grid is not None:  # --tp/--pp: forward through the stages, the loss shared by all of them
+        if grid is not None:  # --tp/--pp: forward through the stages (part 2), the loss shared by all of them
             total += pipeline_loss(model, grid, x, y, autocast)
         else:
             with autocast:
@@ -297,17 +336,220 @@ def evaluate(model, val_data, cfg, dp_rank, dp_size, device, autocast, dp_group=
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tensor and pipeline parallelism (only under --tp or --pp above 1)
+# Checkpoints and logs
+
+def rng_states(device):
+    """This process's torch RNG states (dropout masks), gathered from every rank."""
+    state = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["torch_cuda"] = torch.cuda.get_rng_state(device)
+    if not dist.is_initialized():
+        return [state]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def set_rng_states(states, rank, world_size, device):
+    if len(states) != world_size:
+        print(f"rank {rank}: checkpoint holds RNG states of {len(states)} ranks, not {world_size}; dropout "
+              "masks will differ from the original run (the data does not).")
+        return
+    state = states[rank]
+    torch.set_rng_state(state["torch_cpu"])
+    if device.type == "cuda" and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"], device)
+
+
+def plot_losses(log_path, png_path):
+    """loss.png: train loss per step and val loss per eval; skipped silently without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in open(log_path) if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train", lw=1)
+    evals = [r for r in rows if "val_loss" in r]
+    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+    ax.set(xlabel="step", ylabel="loss (nats/token)")
+    ax.legend()
+    fig.savefig(png_path + ".tmp", format="png", dpi=100)
+    plt.close(fig)
+    os.replace(png_path + ".tmp", png_path)
+
+
+def check_finite(loss, what, step, ckpt_path):
+    """Stop on nan/inf before anything is saved, so the checkpoint on disk is the last good one."""
+    if not math.isfinite(loss):
+        kept = f"{ckpt_path} is kept" if os.path.isfile(ckpt_path) else "no checkpoint was written"
+        raise SystemExit(f"{what} became {loss} at step {step}; stopping ({kept}). Lower --lr, or use "
+                         "--dtype bfloat16 or float32 instead of float16.")
+
+
+def human_time(seconds):
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg, given, ckpt, ckpt_path = resolve_config(argv)
+    check_config(cfg)
+    rank, world_size, local_rank, device = setup_distributed(cfg.device)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    if ckpt is None and os.path.isfile(ckpt_path):  # there, but --resume was not given
+        say(f"note: {ckpt_path} will be replaced at this run's first checkpoint; until then --resume continues it.")
+    elif ckpt is None and given.get("resume"):
+        say(f"--resume: no checkpoint at {ckpt_path}; starting fresh.")
+    if world_size % (cfg.tp * cfg.pp):
+        raise SystemExit(f"--tp {cfg.tp} x --pp {cfg.pp} = {cfg.tp * cfg.pp} does not divide the {world_size} "
+                         "processes; launch a multiple of tp x pp ranks.")
+    # --tp/--pp above 1 take part 2 of this file (its calls are marked so); else the plain model, DDP
+    grid = Grid(cfg.tp, cfg.pp) if cfg.tp * cfg.pp > 1 else None
+    dp_rank, dp_size, dp_group = (grid.dp_rank, grid.dp, grid.dp_group) if grid else (rank, world_size, None)
+
+    train_data, val_data, meta = load_data(cfg.data_dir, cfg.block_size)
+    tokenizer = data_tokenizer(cfg.data_dir)
+    try:
+        model_config = model_config_for(cfg, given, meta, tokenizer, ckpt, ckpt_path)
+    except ValueError as e:  # GPTConfig: a shape the model cannot take, e.g. n_embd not divisible by n_head
+        raise SystemExit(str(e)) from None
+    start_step = ckpt["step"] if ckpt is not None else 0
+
+    model = build_model(model_config, cfg.seed)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.block_size)  # whole model
+    if grid:  # part 2: load whole, then shard, so every layout starts from the same weights
+        shard_model(model, grid)
+    model.to(device)
+    # Dropout masks differ across ranks, except across tp ranks: their activations outside the split
+    # layers are replicated and must stay identical.
+    torch.manual_seed(cfg.seed + rank - (grid.tp_rank if grid else 0))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dtype = cfg.dtype if cfg.dtype != "auto" else "float32" if device.type != "cuda" else \
+        "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # fp16 needs loss scaling
+    if grid and scaler.is_enabled():
+        raise SystemExit("float16 needs one loss scale agreed by all stages, which --tp/--pp do not do; "
+                         "pass --dtype bfloat16 or float32.")
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=device.type)
+    if ckpt is not None:
+        if grid:  # part 2: this shard's slice of the whole model's AdamW state
+            load_sharded_optimizer_state(model, grid, optimizer, ckpt["optimizer"])
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        set_rng_states(ckpt["rng"], rank, world_size, device)
+    raw_model = model  # the unwrapped model (this rank's shard under --tp/--pp): checkpoints read it
+    if not grid:  # stages run block by block (nothing to compile) and average dp gradients by hand
+        model = torch.compile(model) if cfg.compile else model
+        if dp_size > 1:
+            model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * dp_size * cfg.block_size
+    flops_per_step = flops_per_token * tokens_per_step
+    peak = peak_flops(device)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    # The log travels in ckpt.pt, so the resumed log is the checkpoint's run, each step once, whatever a
+    # killed run appended after the checkpoint or a fresh run killed before its first one wrote over it.
+    history = list(ckpt.get("log", [])) if ckpt else []
+    if ckpt and "log" not in ckpt and os.path.isfile(log_path):  # a checkpoint from before it did
+        history = [r for r in map(json.loads, open(log_path)) if r["step"] <= ckpt["step"]]
+    if master:
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"--out-dir {cfg.out_dir} cannot be made a folder ({e.strerror}); pick another.") from None
+        outputs = [os.path.join(cfg.out_dir, name) for name in ("ckpt.pt", "log.jsonl", "loss.png")]
+        stale = [os.path.basename(p) for path in outputs for p in remove_stale_temporaries(path)]
+        if stale:
+            say(f"removed what a killed run left: {', '.join(stale)}")
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(json.dumps(e) + "\n" for e in history)
+        os.replace(log_path + ".tmp", log_path)
+    say(f"{n_params:,} parameters | {world_size} process(es) on {device.type}, {dtype} | layout dp {dp_size} x "
+        f"tp {cfg.tp} x pp {cfg.pp}" + (f", schedule {cfg.schedule}" if cfg.pp > 1 else "") + " | global batch "
+        f"{cfg.batch_size} x {cfg.grad_accum} accum x {dp_size} dp x {cfg.block_size} = {tokens_per_step:,} tokens")
+    say(f"steps {start_step} -> {cfg.max_steps}" + (f" (resumed from {ckpt_path})" if ckpt else ""))
+
+    def save(step):
+        rng = rng_states(device)  # a collective: every rank calls save()
+        if grid:  # part 2, also collective: shards and stages gathered whole onto rank 0
+            whole, optimizer_state = gather_checkpoint(raw_model, grid, optimizer)
+        else:
+            whole, optimizer_state = raw_model, optimizer.state_dict()
+        if master:
+            position = {"step": step, "seed": cfg.seed, "tokens_seen": step * tokens_per_step}
+            save_checkpoint(ckpt_path, whole, train_config=asdict(cfg), step=step, optimizer=optimizer_state,
+                            log=history, rng=rng, data_position=position, scaler=scaler.state_dict(),
+                            stage="pretrain", tokenizer=tokenizer if tokenizer is not None else (ckpt or {}).get("tokenizer"))
+
+    step, step_seconds, t_start = start_step, None, time.time()
+    while step < cfg.max_steps:
+        t0 = time.time()
+        batches = micro_batches(train_data, cfg, step, dp_rank, dp_size, device)
+        lr = learning_rate_at(step, cfg)
+        if grid:  # part 2: the pipeline schedule over the stages, tp inside each
+            loss = parallel_train_step(model, grid, optimizer, batches, lr, cfg, autocast)
+        else:
+            loss = train_step(model, optimizer, scaler, batches, lr, cfg, autocast)
+        loss = all_reduce_mean(loss, dp_group).item()
+        step += 1
+        check_finite(loss, "loss", step, ckpt_path)
+        dt = time.time() - t0
+        step_seconds = dt if step_seconds is None or step == start_step + 2 else 0.9 * step_seconds + 0.1 * dt
+        entry = {"step": step, "loss": loss, "lr": lr, "tokens_per_sec": tokens_per_step / dt}
+        line = f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {entry['tokens_per_sec']:,.0f} tok/s"
+        if peak:
+            entry["mfu"] = flops_per_step / dt / (peak * world_size)
+            line += f" | mfu {100 * entry['mfu']:.1f}%"
+        line += f" | {human_time(step_seconds * (cfg.max_steps - step))} left"
+        evaluating = step == cfg.max_steps or (cfg.eval_interval > 0 and step % cfg.eval_interval == 0)
+        if evaluating:
+            entry["val_loss"] = evaluate(model, val_data, cfg, dp_rank, dp_size, device, autocast, dp_group, grid)
+            check_finite(entry["val_loss"], "validation loss", step, ckpt_path)
+            line += f" | val {entry['val_loss']:.4f}"
+            if meta.get("val_bytes") and meta.get("val_tokens"):
+                entry["val_bpb"] = entry["val_loss"] / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
+                line += f" ({entry['val_bpb']:.3f} bits/byte)"
+        say(line, flush=True)
+        history.append(entry)
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        if evaluating:
+            save(step)
+    if step == start_step:
+        say(f"the checkpoint is already at step {step} >= --max-steps {cfg.max_steps}; nothing to train.")
+    else:
+        memory = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+        say(f"{step - start_step} steps in {human_time(time.time() - t_start)}{memory}; checkpoint {ckpt_path}")
+    if master:
+        plot_losses(log_path, os.path.join(cfg.out_dir, "loss.png"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ===================================================================================================
+# Part 2: tensor and pipeline parallelism, only under --tp or --pp above 1. main() calls Grid, shard_model
+# (the whole model cut to this rank's tp shard of its stage), parallel_train_step and pipeline_loss (the
+# schedule), gather_checkpoint and load_sharded_optimizer_state (checkpoints stay whole).
 #
 # Global rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank: tp ranks are neighbours because they talk
 # most (all-reduces inside every block), so on a node they share the fastest links. Each rank keeps
 # tp_group (its tp ranks), dp_group (same shard of the same stage in every replica: the gradient
 # average), pp_group (its stages: activations, grad norm, checkpoint gather) and embed_group (first and
-# last stage: tied embedding/head gradients). COMM_BYTES and BUSY_SECONDS count what this rank sends and
-# how long it computes, for bench/parallel.py (bytes and the measured pipeline bubble).
-COMM_BYTES = {"tp": 0, "dp": 0, "pp": 0}
-BUSY_SECONDS = [0.0]
-
+# last stage: tied embedding/head gradients).
 
 class Grid:
     """This rank's coordinates in the (pp, dp, tp) grid and its process groups."""
@@ -335,11 +577,14 @@ class Grid:
         dist.barrier()  # a collective on the world group before the first point-to-point (NCCL wants one)
 
 
-def all_reduce(tensor, group, kind, op=dist.ReduceOp.SUM):
-    COMM_BYTES[kind] += tensor.numel() * tensor.element_size()
+def all_reduce(tensor, group, op=dist.ReduceOp.SUM):
+    """In place over the group; returns the tensor, so it can end an expression."""
     dist.all_reduce(tensor, op=op, group=group)
     return tensor
 
+
+# ---------------------------------------------------------------------------------------------------
+# Tensor-parallel layers, and the whole model cut into this rank's shard of its stage
 
 # The conjugate pair. A column-parallel layer needs its input whole on every tp rank; a row-parallel
 # layer leaves each rank a partial sum of its output. f and g are each other's transpose.
@@ -353,7 +598,7 @@ class CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return all_reduce(grad.clone(), ctx.group, "tp"), None
+        return all_reduce(grad.clone(), ctx.group), None
 
 
 class ReduceFromTP(torch.autograd.Function):
@@ -361,7 +606,7 @@ class ReduceFromTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        return all_reduce(x.clone(), group, "tp")
+        return all_reduce(x.clone(), group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -437,14 +682,14 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, start, group):                     # (N, V/tp), (N,)
-        logits_max = all_reduce(logits.max(dim=-1).values, group, "tp", dist.ReduceOp.MAX)
+        logits_max = all_reduce(logits.max(dim=-1).values, group, dist.ReduceOp.MAX)
         exp = (logits - logits_max[:, None]).exp()
-        sum_exp = all_reduce(exp.sum(dim=-1), group, "tp")
+        sum_exp = all_reduce(exp.sum(dim=-1), group)
         local_t = targets - start
         mine = (local_t >= 0) & (local_t < logits.size(1))              # -1 is nobody's
         local_t = local_t.masked_fill(~mine, 0)
         target_logit = (logits.gather(1, local_t[:, None])[:, 0] - logits_max).masked_fill(~mine, 0.0)
-        target_logit = all_reduce(target_logit, group, "tp")
+        target_logit = all_reduce(target_logit, group)
         valid = targets != -1
         n_valid = valid.sum()
         ctx.save_for_backward(exp / sum_exp[:, None], local_t, mine, valid, n_valid)
@@ -504,13 +749,8 @@ def shard_model(model, grid):
     return model
 
 
-def global_name(model, name):
-    """This stage's parameter name -> the whole model's (block numbers shift; a tied head is wte)."""
-    if name.startswith("blocks."):
-        _, i, rest = name.split(".", 2)
-        return f"blocks.{int(i) + model.stage_lo}.{rest}"
-    return "wte.weight" if name == "lm_head.weight" and model.config.tie_weights else name
-
+# ---------------------------------------------------------------------------------------------------
+# The pipeline schedule: stages pass activations forward and gradients back, micro-batch by micro-batch
 
 def stage_forward(model, grid, x, targets, n_micro):
     """First stage: ids -> residual stream (B, T, C); middle: stream -> stream; last: -> loss / n_micro."""
@@ -535,48 +775,41 @@ def p2p(grid, send_next=None, send_prev=None, recv_next=None, recv_prev=None):
     ops = [dist.P2POp(op, t, peer) for t, peer, op in
            ((send_prev, grid.prev_rank, dist.isend), (recv_prev, grid.prev_rank, dist.irecv),
             (send_next, grid.next_rank, dist.isend), (recv_next, grid.next_rank, dist.irecv)) if t is not None]
-    COMM_BYTES["pp"] += sum(t.numel() * t.element_size() for t in (send_prev, send_next) if t is not None)
     for work in dist.batch_isend_irecv(ops) if ops else []:
         work.wait()
 
 
-def pipeline_step(model, grid, micro_batches, schedule, autocast):
+def pipeline_step(model, grid, batches, schedule, autocast):
     """Forward and backward of the micro-batches [(x, y), ...] on this stage -> the loss sum (last stage).
 
     gpipe: all forwards, then all backwards (m micro-batches of activations held).
     1f1b: stage s runs pp - s - 1 warm-up forwards, then one forward / one backward, then the remaining
     backwards: at most pp - s micro-batches held, the same bubble (pp - 1) / (m + pp - 1).
     """
-    m, (B, T) = len(micro_batches), micro_batches[0][0].shape
-    device, dtype = micro_batches[0][0].device, next(model.parameters()).dtype  # the residual stream's
+    m, (B, T) = len(batches), batches[0][0].shape
+    device, dtype = batches[0][0].device, next(model.parameters()).dtype  # the residual stream's
     inputs, outputs, losses = [None] * m, [None] * m, []
 
     def forward(i):
-        x = micro_batches[i][0]
+        x = batches[i][0]
         if not grid.is_first:
             x = torch.empty(B, T, model.config.n_embd, device=device, dtype=dtype, requires_grad=True)
             p2p(grid, recv_prev=x.data)
-        t0 = time.perf_counter()
         with autocast:
-            inputs[i], outputs[i] = x, stage_forward(model, grid, x, micro_batches[i][1], m)
-        BUSY_SECONDS[0] += time.perf_counter() - t0
+            inputs[i], outputs[i] = x, stage_forward(model, grid, x, batches[i][1], m)
         if grid.is_last:
             losses.append(outputs[i].detach().float())  # no .item(): no sync per micro-batch
 
     def backward(i, send_next=None):  # send_next: the newest activation, sent with the receive
         grad = None if grid.is_last else torch.empty(B, T, model.config.n_embd, device=device, dtype=dtype)
         p2p(grid, send_next=send_next, recv_next=grad)
-        t0 = time.perf_counter()
         torch.autograd.backward(outputs[i], grad)
-        BUSY_SECONDS[0] += time.perf_counter() - t0
         p2p(grid, send_prev=None if grid.is_first else inputs[i].grad)
         inputs[i] = outputs[i] = None                                   # free micro-batch i
 
     def activation(i):
         return None if grid.is_last else outputs[i].detach()
 
-    if schedule not in ("gpipe", "1f1b"):
-        raise SystemExit(f"--schedule {schedule!r} is not one of gpipe, 1f1b.")
     warmup = m if schedule == "gpipe" else min(grid.pp - grid.pp_rank - 1, m)
     for i in range(warmup):
         forward(i)
@@ -594,10 +827,10 @@ def finish_gradients(model, grid, loss_sum, grad_clip):
     params = [p for p in model.parameters() if p.grad is not None]
     tied_here = grid.pp > 1 and model.config.tie_weights and (grid.is_first or grid.is_last)
     if tied_here:  # the first stage used it as embedding, the last as head: the gradient is the sum
-        all_reduce((model.wte if grid.is_first else model.lm_head).weight.grad, grid.embed_group, "pp")
+        all_reduce((model.wte if grid.is_first else model.lm_head).weight.grad, grid.embed_group)
     if grid.dp > 1:  # over dp_group only: the world group would also add up other shards and stages
         for p in params:
-            all_reduce(p.grad, grid.dp_group, "dp").div_(grid.dp)
+            all_reduce(p.grad, grid.dp_group).div_(grid.dp)
     # Squared norm: tp shards add up over tp; replicated params (norms, row-parallel biases) have equal
     # grads on all tp ranks, so tp rank 0 counts them; the tied copy counts on the first stage only.
     sq = torch.zeros((), device=params[0].device)
@@ -608,9 +841,9 @@ def finish_gradients(model, grid, loss_sum, grad_clip):
     # the loss rides along: known on the last stage, the same on each of its tp ranks
     sq_loss = torch.stack([sq, torch.as_tensor(loss_sum if grid.tp_rank == 0 else 0.0, device=sq.device)])
     if grid.tp > 1:
-        all_reduce(sq_loss, grid.tp_group, "tp")
+        all_reduce(sq_loss, grid.tp_group)
     if grid.pp > 1:
-        all_reduce(sq_loss, grid.pp_group, "pp")
+        all_reduce(sq_loss, grid.pp_group)
     norm = sq_loss[0].sqrt()
     if grad_clip > 0:
         scale = (grad_clip / (norm + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
@@ -642,7 +875,18 @@ def pipeline_loss(model, grid, x, y, autocast):
     if not grid.is_last:
         p2p(grid, send_next=out)
     loss = out.float() if grid.is_last else torch.zeros((), device=x.device)
-    return all_reduce(loss, grid.pp_group, "pp") if grid.pp > 1 else loss
+    return all_reduce(loss, grid.pp_group) if grid.pp > 1 else loss
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: shards gathered whole to save, a whole state cut to this shard to resume
+
+def global_name(model, name):
+    """This stage's parameter name -> the whole model's (block numbers shift; a tied head is wte)."""
+    if name.startswith("blocks."):
+        _, i, rest = name.split(".", 2)
+        return f"blocks.{int(i) + model.stage_lo}.{rest}"
+    return "wte.weight" if name == "lm_head.weight" and model.config.tie_weights else name
 
 
 def gather_full(model, grid, tensors):
@@ -724,202 +968,6 @@ def load_sharded_optimizer_state(model, grid, optimizer, whole_state):
     groups = [{**g, **{k: v for k, v in w.items() if k != "params"}}
               for g, w in zip(optimizer.state_dict()["param_groups"], whole_state["param_groups"])]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpoints and logs
-
-def rng_states(device):
-    """This process's torch RNG states (dropout masks), gathered from every rank."""
-    state = {"torch_cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["torch_cuda"] = torch.cuda.get_rng_state(device)
-    if not dist.is_initialized():
-        return [state]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, state)
-    return gathered
-
-
-def set_rng_states(states, rank, world_size, device):
-    if len(states) != world_size:
-        print(f"rank {rank}: checkpoint holds RNG states of {len(states)} ranks, not {world_size}; dropout "
-              "masks will differ from the original run (the data does not).")
-        return
-    state = states[rank]
-    torch.set_rng_state(state["torch_cpu"])
-    if device.type == "cuda" and "torch_cuda" in state:
-        torch.cuda.set_rng_state(state["torch_cuda"], device)
-
-
-def start_log(path, resume_step):
-    """Keep the entries up to the resumed step (none when fresh), so the log matches the checkpoint."""
-    kept = []
-    if resume_step and os.path.isfile(path):
-        kept = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= resume_step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-
-
-def plot_losses(log_path, png_path):
-    """loss.png: train loss per step and val loss per eval; skipped silently without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [json.loads(line) for line in open(log_path) if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train", lw=1)
-    evals = [r for r in rows if "val_loss" in r]
-    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
-    ax.set(xlabel="step", ylabel="loss (nats/token)")
-    ax.legend()
-    fig.savefig(png_path + ".tmp", format="png", dpi=100)
-    plt.close(fig)
-    os.replace(png_path + ".tmp", png_path)
-
-
-def check_finite(loss, what, step, ckpt_path):
-    """Stop on nan/inf before anything is saved, so the checkpoint on disk is the last good one."""
-    if not math.isfinite(loss):
-        kept = f"{ckpt_path} is kept" if os.path.isfile(ckpt_path) else "no checkpoint was written"
-        raise SystemExit(f"{what} became {loss} at step {step}; stopping ({kept}). Lower --lr, or use "
-                         "--dtype bfloat16 or float32 instead of float16.")
-
-
-def human_time(seconds):
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-# ---------------------------------------------------------------------------------------------------
-
-def main(argv=None):
-    cfg, given, ckpt, ckpt_path = resolve_config(argv)
-    rank, world_size, local_rank, device = setup_distributed(cfg.device)
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    if ckpt is None and os.path.isfile(ckpt_path):  # there, but --resume was not given
-        say(f"note: {ckpt_path} exists and will be replaced at the first checkpoint (log.jsonl starts over "
-            "now); pass --resume to continue from it instead.")
-    elif ckpt is None and given.get("resume"):
-        say(f"--resume: no checkpoint at {ckpt_path}; starting fresh.")
-    if min(cfg.batch_size, cfg.grad_accum, cfg.tp, cfg.pp, cfg.eval_steps) < 1:
-        raise SystemExit("--batch-size, --grad-accum, --tp, --pp and --eval-steps must all be at least 1.")
-    if world_size % (cfg.tp * cfg.pp):
-        raise SystemExit(f"--tp {cfg.tp} x --pp {cfg.pp} = {cfg.tp * cfg.pp} does not divide the {world_size} "
-                         "processes; launch a multiple of tp x pp ranks.")
-    # --tp 1 --pp 1: the plain path (DDP over every rank), none of the parallel layers or schedules
-    grid = Grid(cfg.tp, cfg.pp) if cfg.tp * cfg.pp > 1 else None
-    dp_rank, dp_size, dp_group = (grid.dp_rank, grid.dp, grid.dp_group) if grid else (rank, world_size, None)
-
-    train_data, val_data, meta = load_data(cfg.data_dir, cfg.block_size)
-    tokenizer = data_tokenizer(cfg.data_dir)
-    model_config = model_config_for(cfg, given, meta, tokenizer, ckpt, ckpt_path)
-    start_step = ckpt["step"] if ckpt is not None else 0
-
-    model = build_model(model_config, cfg.seed)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-    n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.block_size)  # whole model
-    if grid:  # load whole, then shard: every layout starts from the same weights
-        shard_model(model, grid)
-    model.to(device)
-    # Dropout masks differ across ranks, except across tp ranks: their activations outside the split
-    # layers are replicated and must stay identical.
-    torch.manual_seed(cfg.seed + rank - (grid.tp_rank if grid else 0))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dtype = cfg.dtype if cfg.dtype != "auto" else "float32" if device.type != "cuda" else \
-        "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # fp16 needs loss scaling
-    if grid and scaler.is_enabled():
-        raise SystemExit("float16 needs one loss scale agreed by all stages, which --tp/--pp do not do; "
-                         "pass --dtype bfloat16 or float32.")
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=device.type)
-    if ckpt is not None:
-        if grid:
-            load_sharded_optimizer_state(model, grid, optimizer, ckpt["optimizer"])
-        else:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_states(ckpt["rng"], rank, world_size, device)
-    raw_model = model  # the unwrapped model (this rank's shard under --tp/--pp): checkpoints read it
-    if cfg.compile and not grid:  # stages run blocks one by one, not model.forward: nothing to compile
-        model = torch.compile(model)
-    if dp_size > 1 and not grid:  # under --tp/--pp the dp all-reduce is done by hand (finish_gradients)
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None, process_group=dp_group)
-
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * dp_size * cfg.block_size
-    flops_per_step = flops_per_token * tokens_per_step
-    peak = peak_flops(device)
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        start_log(log_path, start_step)
-    if grid:
-        say(f"layout dp {dp_size} x tp {cfg.tp} x pp {cfg.pp}, schedule {cfg.schedule}")
-    say(f"{n_params:,} parameters | {world_size} process(es) on {device.type}, {dtype} | global batch "
-        f"{cfg.batch_size} x {cfg.grad_accum} accum x {dp_size} dp x {cfg.block_size} = {tokens_per_step:,} tokens")
-    say(f"steps {start_step} -> {cfg.max_steps}" + (f" (resumed from {ckpt_path})" if ckpt else ""))
-
-    def save(step):
-        rng = rng_states(device)  # a collective: every rank calls save()
-        if grid:  # also collective: shards and stages are gathered whole onto rank 0
-            whole, optimizer_state = gather_checkpoint(raw_model, grid, optimizer)
-        else:
-            whole, optimizer_state = raw_model, optimizer.state_dict()
-        if master:
-            position = {"step": step, "seed": cfg.seed, "tokens_seen": step * tokens_per_step}
-            save_checkpoint(ckpt_path, whole, train_config=asdict(cfg), step=step, optimizer=optimizer_state,
-                            rng=rng, data_position=position, scaler=scaler.state_dict(), stage="pretrain",
-                            tokenizer=tokenizer if tokenizer is not None else (ckpt or {}).get("tokenizer"))
-
-    step, step_seconds = start_step, None
-    while step < cfg.max_steps:
-        t0 = time.time()
-        batches = micro_batches(train_data, cfg, step, dp_rank, dp_size, device)
-        lr = lr_at(step, cfg)
-        if grid:
-            loss = parallel_train_step(model, grid, optimizer, batches, lr, cfg, autocast)
-        else:
-            loss = train_step(model, optimizer, scaler, batches, lr, cfg, autocast)
-        loss = all_reduce_mean(loss, dp_group).item()
-        step += 1
-        check_finite(loss, "loss", step, ckpt_path)
-        dt = time.time() - t0
-        step_seconds = dt if step_seconds is None or step == start_step + 2 else 0.9 * step_seconds + 0.1 * dt
-        entry = {"step": step, "loss": loss, "lr": lr, "tokens_per_sec": tokens_per_step / dt}
-        line = f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {entry['tokens_per_sec']:,.0f} tok/s"
-        if peak:
-            line += f" | mfu {100 * flops_per_step / dt / (peak * world_size):.1f}%"
-        line += f" | {human_time(step_seconds * (cfg.max_steps - step))} left"
-        evaluating = step == cfg.max_steps or (cfg.eval_interval > 0 and step % cfg.eval_interval == 0)
-        if evaluating:
-            entry["val_loss"] = evaluate(model, val_data, cfg, dp_rank, dp_size, device, autocast, dp_group, grid)
-            check_finite(entry["val_loss"], "validation loss", step, ckpt_path)
-            line += f" | val {entry['val_loss']:.4f}"
-            if meta.get("val_bytes") and meta.get("val_tokens"):
-                entry["val_bpb"] = entry["val_loss"] / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
-                line += f" ({entry['val_bpb']:.3f} bits/byte)"
-        say(line, flush=True)
-        if master:  # the log line goes first: a kill before the checkpoint lands is trimmed on resume
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-        if evaluating:
-            save(step)
-    if step == start_step:
-        say(f"the checkpoint is already at step {step} >= --max-steps {cfg.max_steps}; nothing to train.")
-    if master:
-        plot_losses(log_path, os.path.join(cfg.out_dir, "loss.png"))
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

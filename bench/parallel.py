@@ -9,7 +9,9 @@ Every layout trains the same model (4 layers, 128 wide, vocab 512, micro-batches
 Prints per layout and schedule: median step time and its ratio to 1x1x1 measured in the same run, the
 bubble fraction (pp-1)/(m+pp-1) computed and measured (1 - forward/backward seconds / step seconds,
 averaged over ranks), and the bytes each rank sends per step (mean over ranks: tp all-reduces, dp
-gradient all-reduce, pp activations/gradients and the tied-embedding all-reduce). With more processes
+gradient all-reduce, pp activations/gradients and the tied-embedding all-reduce). train.py keeps no
+counters: the worker measures from outside, wrapping the dist calls and the stage forward/backward that
+train.py's parallel path makes (measure_from_outside). With more processes
 than cores, time-slicing shows up as extra "bubble": read the measured column on a machine with a core
 per rank. On a GPU node run the same layouts with train.py itself (its docstring has the command).
 """
@@ -35,6 +37,35 @@ CONFIG = dict(vocab_size=512, block_size=64, n_layer=4, n_head=4, n_embd=128)
 LAYOUTS = ["1x1x1", "2x1x1", "1x2x1", "1x1x2", "1x1x4", "2x2x2"]
 
 
+def measure_from_outside():
+    """Wrap what train.py's parallel path calls, looked up at call time: dist.all_reduce and
+    dist.batch_isend_irecv count the bytes this rank sends, train.stage_forward and torch.autograd.backward
+    the seconds it computes. -> {"bytes": [n], "busy": [seconds]}, running totals the caller resets."""
+    totals = {"bytes": [0], "busy": [0.0]}
+    all_reduce, batch_isend_irecv = dist.all_reduce, dist.batch_isend_irecv
+
+    def counted_all_reduce(tensor, *args, **kwargs):
+        totals["bytes"][0] += tensor.numel() * tensor.element_size()
+        return all_reduce(tensor, *args, **kwargs)
+
+    def counted_p2p(ops):
+        totals["bytes"][0] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
+        return batch_isend_irecv(ops)
+
+    def timed(fn):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals["busy"][0] += time.perf_counter() - t0
+        return run
+
+    dist.all_reduce, dist.batch_isend_irecv = counted_all_reduce, counted_p2p
+    train.stage_forward, torch.autograd.backward = timed(train.stage_forward), timed(torch.autograd.backward)
+    return totals
+
+
 def worker(layout, schedule, micro, steps, out_path):
     """Runs inside torchrun: `steps` optimizer steps of this layout; rank 0 writes the numbers."""
     dp, tp, pp = map(int, layout.split("x"))
@@ -54,12 +85,11 @@ def worker(layout, schedule, micro, steps, out_path):
     if grid is None and dp > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
+    totals = measure_from_outside()
     times, busy, sent = [], [], []
     for step in range(steps + 1):
         dist.barrier()
-        train.BUSY_SECONDS[0] = 0.0
-        for kind in train.COMM_BYTES:
-            train.COMM_BYTES[kind] = 0
+        totals["bytes"][0], totals["busy"][0] = 0, 0.0
         t0 = time.perf_counter()
         if grid is None:
             train.train_step(model, optimizer, scaler, batches, 1e-3, cfg, autocast)
@@ -67,8 +97,8 @@ def worker(layout, schedule, micro, steps, out_path):
             train.parallel_train_step(model, grid, optimizer, batches, 1e-3, cfg, autocast)
         if step > 0:  # step 0 is warm-up
             times.append(time.perf_counter() - t0)
-            busy.append(train.BUSY_SECONDS[0])
-            sent.append(sum(train.COMM_BYTES.values()))
+            busy.append(totals["busy"][0])
+            sent.append(totals["bytes"][0])
     step_s = statistics.median(times)
     # plain path: forward/backward are not timed separately, the step is all compute plus DDP's all-reduce
     bubble = 1 - statistics.median(busy) / step_s if grid is not None else 0.0
@@ -85,9 +115,9 @@ def worker(layout, schedule, micro, steps, out_path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--micro", type=int, default=8, help="micro-batches per step (train.py's --grad-accum)")
-    p.add_argument("--layouts", nargs="+", default=LAYOUTS, help="dp x tp x pp, e.g. 1x2x2")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per layout, after one warm-up (default: 5)")
+    p.add_argument("--micro", type=int, default=8, help="micro-batches per step (train.py's --grad-accum) (default: 8)")
+    p.add_argument("--layouts", nargs="+", default=LAYOUTS, help=f"dp x tp x pp each (default: {' '.join(LAYOUTS)})")
     p.add_argument("--worker", nargs=2, metavar=("LAYOUT", "SCHEDULE"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -1,12 +1,12 @@
 """
-bench/train.py: what train.py's step machinery costs over a plain training loop, measured side by side.
+bench/train_overhead.py: what train.py's step machinery costs over a plain training loop, side by side.
 
-    python bench/train.py [--threads 2] [--rounds 5] [--steps 5]        # CPU: small model
-    python bench/train.py --device cuda [--attn sdpa triton]             # GPU: the gpt2-124m preset
+    python bench/train_overhead.py [--threads 2] [--rounds 5] [--steps 5]     # CPU: small model
+    python bench/train_overhead.py --device cuda [--attn sdpa triton]          # GPU: the gpt2-124m preset
 
 CPU: the same model and the same batches (4 layers, 128 wide, 8 x 128 tokens, fp32) trained by
   1. a plain loop: fixed x, y tensors; forward, backward, AdamW step, zero_grad;
-  2. train.py's machinery: micro_batches (memmap -> tensors, seeded by the step), lr_at, train_step
+  2. train.py's machinery: micro_batches (memmap -> tensors, seeded by the step), learning_rate_at, train_step
      (autocast context, GradScaler, gradient clipping, loss / grad_accum), the loss .item() it logs;
   3. the same with --grad-clip 0, to show what clipping (one more pass over the gradients) costs.
 Rounds alternate between the rows, in a rotating order, so load on the machine hits all alike; prints
@@ -40,7 +40,7 @@ def make_tokens(folder, n_tokens, vocab):
 
 def setup(cfg, vocab, device):
     model_config = GPTConfig(vocab_size=vocab, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                             n_embd=cfg.n_embd, attn_impl=cfg.attn)
+                             n_embd=cfg.n_embd, attn_impl=cfg.attn_impl)
     model = train.build_model(model_config, cfg.seed).to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=device.type)
     return model, optimizer
@@ -58,7 +58,7 @@ def machinery_steps(model, optimizer, data, cfg, device, steps, first_step=0):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     for step in range(first_step, first_step + steps):
         batches = train.micro_batches(data, cfg, step, 0, 1, device)
-        train.train_step(model, optimizer, scaler, batches, train.lr_at(step, cfg), cfg, autocast).item()
+        train.train_step(model, optimizer, scaler, batches, train.learning_rate_at(step, cfg), cfg, autocast).item()
 
 
 def plain_steps(model, optimizer, x, y, steps):
@@ -111,7 +111,7 @@ def bench_gpu(args):
     with tempfile.TemporaryDirectory() as folder:
         data = make_tokens(folder, 20_000_000, vocab)
         for attn in args.attn:
-            cfg = replace(preset, attn=attn, batch_size=args.batch_size, grad_accum=1)
+            cfg = replace(preset, attn_impl=attn, batch_size=args.batch_size, grad_accum=1)
             model, optimizer = setup(cfg, vocab, device)
             compiled = torch.compile(model)
             machinery_steps(compiled, optimizer, data, cfg, device, args.warmup)
@@ -131,13 +131,15 @@ def bench_gpu(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=5, help="steps per round (CPU) / timed steps (GPU)")
-    parser.add_argument("--warmup", type=int, default=5, help="GPU: untimed steps (compilation) first")
-    parser.add_argument("--batch-size", type=int, default=16, help="GPU: sequences of 1024 per step")
-    parser.add_argument("--attn", nargs="+", default=["sdpa", "triton"], help="GPU: attention implementations")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cpu: the small model against a plain loop; cuda: the gpt2-124m preset (default: cpu)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU: torch threads (default: 2)")
+    parser.add_argument("--rounds", type=int, default=5, help="CPU: timed rounds over all rows (default: 5)")
+    parser.add_argument("--steps", type=int, default=5, help="steps per round (CPU) / timed steps (GPU) (default: 5)")
+    parser.add_argument("--warmup", type=int, default=5, help="GPU: untimed steps (compilation) first (default: 5)")
+    parser.add_argument("--batch-size", type=int, default=16, help="GPU: sequences of 1024 per step (default: 16)")
+    parser.add_argument("--attn", nargs="+", default=["sdpa", "triton"], choices=["sdpa", "naive", "triton"],
+                        help="GPU: attention implementations, one row each (default: sdpa triton)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU is visible; run on a GPU node or drop the flag.")

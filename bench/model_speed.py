@@ -1,7 +1,7 @@
 """
-bench/model.py: model.py's speed against plain baselines, measured side by side in one run.
+bench/model_speed.py: model.py's speed against plain baselines, measured side by side in one run.
 
-    python bench/model.py [--threads 2] [--repeats 5]
+    python bench/model_speed.py [--threads 2] [--repeats 5]
 
 1. Training step (forward + backward, 4 layers, 256 wide, 8 x 256 tokens): model.py against a
    straightforward nanoGPT-style GPT written below (learned positions, fused qkv, GELU, LayerNorm
@@ -82,8 +82,8 @@ def time_generate(model, prompt, new_tokens, use_cache, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats; medians are printed (default: 5)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     vocab, block, n_layer, n_head, n_embd, B = 8192, 256, 4, 4, 256, 8

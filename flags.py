@@ -1,0 +1,47 @@
+"""
+flags.py: a script's config dataclass becomes its command-line flags, and the one source of its --help.
+
+    from flags import parse_flags
+    cfg = parse_flags(TrainConfig, argv, __doc__)     # --max-steps 100 -> cfg.max_steps == 100
+
+Each field is a --kebab-case flag. The comment after the field, on its line, is the flag's help; a
+Literal[...] type (or an entry of `choices`) gives the values it accepts; the field's default is the
+flag's default, and --help shows all three. Booleans take --name / --no-name. Every script of the
+project reads its flags this way, so a field added to a config dataclass is a documented flag at once.
+Imports no torch: dedup.py, tokenize_data.py, plays.py and pipeline.py run without it.
+"""
+
+import argparse
+import inspect
+import re
+from dataclasses import MISSING, fields
+from typing import get_args
+
+
+def field_comments(config_class):
+    """{field name: the comment after it} read from the dataclass's source."""
+    return dict(re.findall(r"^ +(\w+): [^#\n]*?  # (.*)$", inspect.getsource(config_class), re.M))
+
+
+def config_parser(config_class, doc, choices=None, aliases=None, given_only=False):
+    """An ArgumentParser with a flag per field. given_only: a flag not typed is left out of the parsed
+    namespace (no default filled in), so the caller can tell what the user gave (train.py's resume)."""
+    choices, aliases, comments = choices or {}, aliases or {}, field_comments(config_class)
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS if given_only else None)
+    for f in fields(config_class):
+        default = {} if given_only or f.default is MISSING else {"default": f.default}
+        shown = "" if f.default is MISSING else f" (default: {f.default!r})"
+        text = (comments.get(f.name, "") + shown).replace("%", "%%")  # argparse formats help with %
+        names = ["--" + f.name.replace("_", "-"), *aliases.get(f.name, [])]
+        if f.type is bool:
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, help=text, **default)
+        else:
+            allowed = choices.get(f.name) or get_args(f.type) or None
+            parser.add_argument(*names, type=type(f.default), choices=allowed, help=text, **default)
+    return parser
+
+
+def parse_flags(config_class, argv, doc, **options):
+    """argv (None: sys.argv) -> a config_class filled from the flags."""
+    return config_class(**vars(config_parser(config_class, doc, **options).parse_args(argv)))
