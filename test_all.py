@@ -55,10 +55,11 @@ import subprocess
 import sys
 import tarfile
 import time
+import tokenize as pytokenize  # Python's own tokenizer, to read comments in source
 import types
 import xml.etree.ElementTree as ET
 from collections import Counter
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -1614,30 +1615,24 @@ def test_train_batches_split_over_ranks():
     assert not torch.equal(other_step[0][0], parts[0][0][0])
 
 
-def pretrain_lr(step, cfg):
-    """train.py's learning rate at a step. The train branch renames train.lr_at to train.learning_rate_at:
-    this line is the one to change with it."""
-    return train.lr_at(step, cfg)
-
-
 def test_train_learning_rate_schedule_corners():
     """Linear warmup (step 0 already at lr / warmup, the last warmup step at lr), then a cosine from lr to
     min_lr over the decay steps (Loshchilov & Hutter 2017: min + (lr - min)(1 + cos(pi t / T)) / 2), then
     flat at min_lr."""
     cfg = train.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
     cosine = lambda t, T: 0.1 + 0.9 * (1 + math.cos(math.pi * t / T)) / 2  # noqa: E731
-    assert pretrain_lr(0, cfg) == pytest.approx(0.1)       # the first step: 1/10 of the way up, not 0
-    assert pretrain_lr(4, cfg) == pytest.approx(0.5)
-    assert pretrain_lr(9, cfg) == pytest.approx(1.0)       # the end of warmup reaches the peak
-    assert pretrain_lr(10, cfg) == pytest.approx(1.0)      # the decay starts from the peak
-    assert pretrain_lr(35, cfg) == pytest.approx(cosine(25, 100))
-    assert pretrain_lr(60, cfg) == pytest.approx(0.55)     # halfway: the mean of lr and min_lr
-    assert pretrain_lr(109, cfg) == pytest.approx(cosine(99, 100))
-    assert pretrain_lr(110, cfg) == pytest.approx(0.1)     # the end of the decay
+    assert train.learning_rate_at(0, cfg) == pytest.approx(0.1)       # the first step: 1/10 of the way up, not 0
+    assert train.learning_rate_at(4, cfg) == pytest.approx(0.5)
+    assert train.learning_rate_at(9, cfg) == pytest.approx(1.0)       # the end of warmup reaches the peak
+    assert train.learning_rate_at(10, cfg) == pytest.approx(1.0)      # the decay starts from the peak
+    assert train.learning_rate_at(35, cfg) == pytest.approx(cosine(25, 100))
+    assert train.learning_rate_at(60, cfg) == pytest.approx(0.55)     # halfway: the mean of lr and min_lr
+    assert train.learning_rate_at(109, cfg) == pytest.approx(cosine(99, 100))
+    assert train.learning_rate_at(110, cfg) == pytest.approx(0.1)     # the end of the decay
     short = replace(cfg, lr_decay_steps=50)                # decay ends before max_steps
-    assert pretrain_lr(30, short) == pytest.approx(0.55)
-    assert pretrain_lr(50, short) == pytest.approx(0.1) and pretrain_lr(80, short) == pytest.approx(0.1)  # past it
-    assert pretrain_lr(0, replace(cfg, warmup_steps=0)) == pytest.approx(1.0)  # no warmup: the peak at once
+    assert train.learning_rate_at(30, short) == pytest.approx(0.55)
+    assert train.learning_rate_at(50, short) == pytest.approx(0.1) and train.learning_rate_at(80, short) == pytest.approx(0.1)  # past it
+    assert train.learning_rate_at(0, replace(cfg, warmup_steps=0)) == pytest.approx(1.0)  # no warmup: the peak at once
 
 
 def gradients_of_train_step(model, batches, grad_clip):
@@ -1812,6 +1807,291 @@ def test_train_bad_input_is_one_sentence(tmp_path, byte_data):
     result = run_script("train.py", "--data-dir", tmp_path / "missing")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "--data-dir" in result.stderr
+
+
+def train_command_message(argv):
+    """train.py run as a command must exit 1 with one line on stderr, no traceback -> that line."""
+    result = run_script("train.py", *argv)
+    assert result.returncode == 1, result.stderr[-2000:]
+    one_sentence(result)
+    return result.stderr.strip()
+
+
+# ---- issue 12.2: a shard that disagrees with meta.json, a corrupted meta.json, an odd-sized shard
+
+def test_train_shard_cut_short_or_meta_corrupted_is_one_sentence(tmp_path):
+    out = ["--out-dir", tmp_path / "out", *TRAIN_TINY, "--max-steps", "1"]
+    data = make_byte_data(tmp_path / "half", 40_000)
+    meta = json.loads((data / "meta.json").read_text())
+    train_bin = data / "train.bin"
+    train_bin.write_bytes(train_bin.read_bytes()[:train_bin.stat().st_size // 2])  # cut in half
+    message = train_exit_message(["--data-dir", data, *out])
+    assert "train.bin" in message and "meta.json" in message and str(meta["train_tokens"]) in message.replace(",", ""), message
+
+    data = make_byte_data(tmp_path / "odd", 40_000)
+    with open(data / "val.bin", "ab") as f:
+        f.write(b"\0")  # an odd number of bytes: not a whole number of uint16 tokens
+    message = train_exit_message(["--data-dir", data, *out])
+    assert "val.bin" in message and f"{2 * meta['val_tokens'] + 1} bytes" in message.replace(",", ""), message
+
+    for name, text in (("not_json", "{vocab_size: 256"), ("a_list", "[1, 2]"),
+                       ("wrong_types", json.dumps({"vocab_size": "256", "dtype": "uint16", "train_tokens": 36000,
+                                                   "val_tokens": 4000})),
+                       ("no_counts", json.dumps({"vocab_size": 256, "dtype": "uint16"})),
+                       ("bad_dtype", json.dumps({"vocab_size": 256, "dtype": "int8", "train_tokens": 36000,
+                                                 "val_tokens": 4000}))):
+        data = make_byte_data(tmp_path / name, 40_000)
+        (data / "meta.json").write_text(text)
+        assert "meta.json" in train_exit_message(["--data-dir", data, *out]), name
+    (data / "meta.json").write_bytes(b"\xff\xfe\x00garbage")  # not even UTF-8
+    assert "meta.json" in train_command_message(["--data-dir", data, *out])
+    assert not (tmp_path / "out").exists()  # nothing was trained on any of them
+
+
+# ------- issue 12.4: after any kills and resumes, a log holds each step once, in order, of one run
+
+KILL_AT_FIRST_SAVE = """
+import os, signal, sys
+import train
+def killed(*args, **kwargs):  # SIGKILL at the moment the first checkpoint would be written
+    os.kill(os.getpid(), signal.SIGKILL)
+train.save_checkpoint = killed
+train.main(sys.argv[1:])
+"""
+
+
+def test_train_log_of_fresh_run_killed_then_resumed_is_the_finished_runs(tmp_path):
+    data, out = make_byte_data(tmp_path / "data", 40_000), tmp_path / "out"
+    finished = run_train(data, out, "--max-steps", 4, "--eval-interval", 2)
+    finished_weights = weights(out)
+    # a new run on the same folder, without --resume, killed before its first checkpoint
+    new_run = ["--max-steps", 6, "--eval-interval", 3, "--seed", 7]
+    argv = ["--data-dir", data, "--out-dir", out, *TRAIN_TINY, *new_run]
+    result = subprocess.run([sys.executable, "-c", KILL_AT_FIRST_SAVE, *map(str, argv)], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    # --resume continues the checkpoint on disk, the finished run: its log is that run's, whole
+    train.main(["--out-dir", str(out), "--resume"])
+    assert read_log(out) == finished
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] == 4 and all(torch.equal(ckpt["model"][k], finished_weights[k]) for k in finished_weights)
+    # the new run to its end replaces the pair; resumed further, its log goes on: steps 1..8 once each
+    second = run_train(data, out, *new_run)
+    assert [r["step"] for r in second] == [1, 2, 3, 4, 5, 6] and second[0]["loss"] != finished[0]["loss"]
+    with open(out / "log.jsonl", "a") as f:  # as if killed after logging step 7, before its checkpoint
+        f.write(json.dumps({"step": 7, "loss": 0.0}) + "\n")
+    train.main(["--out-dir", str(out), "--resume", "--max-steps", "8"])
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, 9)) and log[:6] == second
+
+
+# --------- issue 12.5: the next run removes the temporaries a killed run left (only its own names)
+
+KILL_MID_SAVE = """
+import os, signal, sys, torch
+import train
+def save_half_then_die(obj, f, *args, **kwargs):
+    f.write(b"half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_half_then_die
+train.main(sys.argv[1:])
+"""
+
+
+def test_train_next_run_removes_stale_temporaries_it_wrote(tmp_path):
+    data, out = make_byte_data(tmp_path / "data", 40_000), tmp_path / "out"
+    run_train(data, out, "--max-steps", 1)
+    argv = ["--out-dir", str(out), "--resume", "--max-steps", "2"]
+    result = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, *argv], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    left = [p.name for p in out.iterdir() if p.name.startswith("ckpt.pt.tmp")]
+    assert len(left) == 1 and left[0][len("ckpt.pt.tmp"):].isdigit()  # ckpt.pt.tmp<pid>
+    stale = left + ["log.jsonl.tmp", "loss.png.tmp", "ckpt.pt.tmp123"]
+    not_ours = ["ckpt.pt.tmp-notes", "ckpt.pt.tmp123.bak", "other.pt.tmp7", "notes.tmp", "my_ckpt.pt.tmp1"]
+    for name in stale[1:] + not_ours:
+        (out / name).write_text("x")
+    train.main(argv)
+    names = {p.name for p in out.iterdir()}
+    assert names.isdisjoint(stale) and names >= set(not_ours), names
+    assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
+
+
+# ------------ issue 12: one sentence instead of a traceback, for every flag value that cannot work
+
+def test_train_bad_flag_values_are_one_sentence(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # with it, --attn triton runs on the CPU (slowly)
+    data, out = make_byte_data(tmp_path / "data", 40_000), tmp_path / "out"
+    (tmp_path / "a_file").write_text("not a folder")
+    argv = ["--data-dir", data, "--out-dir", out, *TRAIN_TINY, "--max-steps", "2"]
+    cases = [(["--lr", "-0.001"], "--lr -0.001"), (["--lr", "nan"], "--lr nan"), (["--lr", "0"], "--lr 0"),
+             (["--max-steps", "0"], "--max-steps 0"), (["--max-steps", "-3"], "--max-steps -3"),
+             (["--eval-interval", "-1"], "--eval-interval -1"), (["--eval-steps", "0"], "--eval-steps 0"),
+             (["--warmup-steps", "-1"], "--warmup-steps -1"), (["--lr-decay-steps", "-1"], "--lr-decay-steps -1"),
+             (["--grad-clip", "-1"], "--grad-clip -1"), (["--weight-decay", "-0.1"], "--weight-decay -0.1"),
+             (["--min-lr", "-0.0001"], "--min-lr -0.0001"), (["--batch-size", "0"], "--batch-size 0"),
+             (["--grad-accum", "0"], "--grad-accum 0"), (["--dropout", "1.5"], "dropout in [0, 1)"),
+             (["--block-size", "0"], "--block-size 0"), (["--n-layer", "0"], "n_layer"),
+             (["--n-embd", "32", "--n-head", "3"], "n_embd=32 must be divisible by n_head=3."),
+             (["--n-kv-head", "3"], "n_head=2 must be divisible by n_kv_head=3."),
+             (["--device", "gpu"], "--device gpu"), (["--device", "cuda:x"], "--device cuda:x"),
+             (["--pp", "3"], "--pp 3"), (["--out-dir", tmp_path / "a_file" / "out"], "--out-dir")]
+    if not torch.cuda.is_available():
+        cases += [(["--device", "cuda"], "--device cuda"), (["--attn", "triton"], "triton")]
+    for flags, named in cases:
+        message = train_exit_message([*argv, *flags])
+        assert named in message, (flags, message)
+    assert not out.exists()  # nothing was trained
+    # as commands, the two the issue names: the sentence alone on stderr
+    assert train_command_message([*argv, "--lr", "-0.001"]).startswith("--lr -0.001")
+    assert train_command_message([*argv, "--n-embd", "32", "--n-head", "3"]) == "n_embd=32 must be divisible by n_head=3."
+
+
+def set_val_tokens(data, n):
+    """Cut val.bin to its first n tokens and say so in meta.json, as tokenize_data.py would have."""
+    (data / "val.bin").write_bytes((data / "val.bin").read_bytes()[:2 * n])
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "val_tokens": n, "val_bytes": n}))
+    return data
+
+
+def test_train_empty_or_short_val_shard_gets_a_hint_that_works(tmp_path):
+    out = ["--out-dir", tmp_path / "out", *TRAIN_TINY, "--max-steps", "1"]
+    # one document: tokenize_data.py held out nothing, so no --block-size can help; re-tokenizing can
+    message = train_exit_message(["--data-dir", set_val_tokens(make_byte_data(tmp_path / "empty", 40_000), 0), *out])
+    assert "val.bin is empty" in message and "--val-fraction" in message and "--block-size" not in message
+    # 10 tokens: one sequence of 9 and its targets fit, and the hint says so
+    short = set_val_tokens(make_byte_data(tmp_path / "short", 40_000), 10)
+    message = train_exit_message(["--data-dir", short, *out])
+    assert "val.bin" in message and "--block-size 9 or less" in message, message
+    log = run_train(short, tmp_path / "out", "--max-steps", 1, "--block-size", 9)  # following the hint works
+    assert math.isfinite(log[-1]["val_loss"])
+
+
+# --- issue 12: torchrun killed while its ranks run on: the ranks stop, the last checkpoint stays good
+
+def process_state(pid):
+    """'R', 'S', ... for a live process, None once it is gone (a zombie counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if state in "ZX" else state
+
+
+def children_of(pid):
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            pass
+    return kids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the rule uses Linux's prctl")
+def test_train_ranks_stop_when_the_launcher_is_killed(tmp_path):
+    data, out = make_byte_data(tmp_path / "data", 40_000), tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           "--data-dir", str(data), "--out-dir", str(out), *TRAIN_TINY, "--max-steps", "100000", "--eval-interval", "5"]
+    with open(tmp_path / "output.txt", "w") as output:
+        launcher = subprocess.Popen(cmd, env=ENV, stdout=output, stderr=subprocess.STDOUT)
+    ranks = []
+    try:
+        deadline = time.time() + 240
+        while not (out / "ckpt.pt").exists():  # training, with a checkpoint on disk
+            assert launcher.poll() is None and time.time() < deadline, (tmp_path / "output.txt").read_text()[-3000:]
+            time.sleep(0.2)
+        ranks = children_of(launcher.pid)
+        assert len(ranks) == 2 and all(process_state(pid) for pid in ranks)
+        launcher.kill()  # SIGKILL: torchrun cannot pass anything on to its ranks
+        launcher.wait()
+        deadline = time.time() + 10
+        while any(process_state(pid) for pid in ranks) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(process_state(pid) for pid in ranks), "the ranks trained on without their launcher"
+    finally:
+        for pid in ranks:  # never leave a rank running, whatever happened above
+            if process_state(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))  # the last good one: whole and loadable
+    assert ckpt["step"] >= 5 and ckpt["step"] % 5 == 0
+    train.main(["--out-dir", str(out), "--resume", "--max-steps", str(ckpt["step"] + 1)])
+    assert [r["step"] for r in read_log(out)] == list(range(1, ckpt["step"] + 2))
+
+
+# ------ issue 13: every flag explained from one source; the flag and field agree; the closing line
+
+def train_field_comments():
+    """{field: its trailing comment}, read from train.py's source with the tokenizer (not train's regex)."""
+    source = (ROOT / "train.py").read_text()
+    body = source[source.index("class TrainConfig:"):source.index("\n\n\n", source.index("class TrainConfig:"))]
+    comments, field = {}, None
+    for tok in pytokenize.generate_tokens(io.StringIO(body).readline):
+        if tok.type == pytokenize.NAME and tok.start[1] == 4:
+            field = tok.string
+        elif tok.type == pytokenize.COMMENT and field and tok.start[1] > 4:
+            comments[field] = tok.string.lstrip("# ")
+        elif tok.type == pytokenize.NEWLINE:
+            field = None
+    return comments
+
+
+def test_train_help_explains_every_flag_with_default_and_choices(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    options = text[text.index("\noptions:"):]
+    entries = {}  # flag -> its help, whitespace normalised (argparse wraps lines)
+    for chunk in options.split("\n  --")[1:]:
+        entries["--" + chunk.split()[0].rstrip(",")] = " ".join(chunk.split())
+    comments = train_field_comments()
+    for f in fields(train.TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert len(comments.get(f.name, "")) > 10, f"{f.name} has no comment to explain it"
+        help_text = entries[flag]
+        assert " ".join(comments[f.name].split()) in help_text, (flag, help_text)
+        assert f"(default: {f.default!r})" in help_text, (flag, help_text)
+        if f.name in train.CHOICES:
+            assert "{" + ",".join(train.CHOICES[f.name]) + "}" in help_text, (flag, help_text)
+    assert "0: at max_steps" in entries["--lr-decay-steps"]
+    assert "data/shakespeare" not in text and "--data-dir data/tokens" in text  # folders the pipeline writes
+
+
+def test_train_attn_flag_sets_the_attn_impl_field():
+    for flags in (["--attn-impl", "naive"], ["--attn", "naive"]):
+        assert train.resolve_config(flags)[0].attn_impl == "naive"
+    assert train.TrainConfig().attn_impl == "sdpa"
+
+
+def test_train_ends_with_steps_time_and_checkpoint_line(tmp_path, capsys):
+    data, out = make_byte_data(tmp_path / "data", 40_000), tmp_path / "out"
+    run_train(data, out, "--max-steps", 3)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("3 steps in ") and last.endswith(f"; checkpoint {out / 'ckpt.pt'}"), last
+    train.main(["--out-dir", str(out), "--resume", "--max-steps", "5"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("2 steps in ") and last.endswith(f"; checkpoint {out / 'ckpt.pt'}"), last
+
+
+# --- issue 13: bench/parallel.py measures bytes from outside train.py (no counters in production code)
+
+def test_train_bench_parallel_counts_the_bytes_of_a_two_stage_pipeline():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "parallel.py"), "--steps", "1", "--micro", "2",
+                             "--layouts", "1x1x2"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "failed" not in result.stdout, result.stdout + result.stderr[-2000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["1x1x2"]]
+    assert [r[1] for r in rows] == ["gpipe", "1f1b"]
+    # per step, stage 0 sends 2 micro-batches of activations (4 x 64 x 128 fp32), stage 1 their gradients
+    # back; both all-reduce the tied embedding's gradient (512 x 128 fp32): the mean per rank in KiB
+    want = (2 * 4 * 64 * 128 * 4 + 512 * 128 * 4) / 1024
+    assert all(float(r[-1]) == want for r in rows), (want, rows)
+    assert not hasattr(train, "COMM_BYTES") and not hasattr(train, "BUSY_SECONDS")
 
 
 # ==================================================================================================
