@@ -1,6 +1,7 @@
 """dedup.py: clean, quality-filter and deduplicate raw text before tokenization.
 
-    python dedup.py INPUT... -o OUT.jsonl [--threshold 0.8] [--num-perm 128] [--ngram 5]
+    python dedup.py data/scenes.jsonl -o data/corpus.jsonl --workers 2       # what pipeline.py runs
+    python dedup.py my_texts/ -o data/mine/corpus.jsonl [--threshold 0.8] [--num-perm 128] [--ngram 5]
         [--workers N] [--no-filters] [--removed REMOVED.jsonl] [--report REPORT.json] [--strict]
 
 INPUT: .txt files (one document each, id = file name), folders (searched recursively for .txt and
@@ -10,6 +11,9 @@ REMOVED (default removed.jsonl beside OUT): every removed document with "removed
 "exact_duplicate" or "near_duplicate"), "duplicate_of" (the kept id) and, for near duplicates, its
 best verified "jaccard". REPORT (default report.json beside OUT): counts per stage and rule, bytes
 in and out, docs/s. Prints a short summary. From Python: run(inputs, DedupConfig(out=...)).
+No output ever replaces an input, however the paths are spelled; a default REMOVED or REPORT replaces
+an existing file only if the report.json there (or at --report) is from an earlier dedup.py run for an
+OUT of the same name: anything else is refused, and --removed/--report put the file elsewhere.
 
 Stages, in the order a document meets them:
   1 clean: Unicode NFC, \\n line endings, control characters dropped, trailing whitespace stripped.
@@ -17,25 +21,26 @@ Stages, in the order a document meets them:
     verse differs from web prose (short lines, speaker names repeated on every other line); they
     drop 0.05% of the bytes of Shakespeare cut into scenes. Off with --no-filters.
   3 exact duplicates: a hash of the normalised text (lower-cased words; punctuation, spacing gone).
-  4 near duplicates: datasketch MinHash (2.x, scheme affine32, seed 1) of the set of word n-grams
-    and MinHashLSH with bands x rows chosen so that a pair at Jaccard = threshold is a candidate
-    with probability >= 0.99 (21 x 6 for 0.8). Each candidate pair is then verified with the exact
-    Jaccard of the two n-gram hash sets: the MinHash estimate has a std of ~0.04 at 128 permutations
-    and cannot promise that a pair below the threshold is never removed; the exact check can, at the
-    price of recomputing the n-grams of candidate documents. Union-find over verified pairs; the
-    first document of each cluster (input order) is kept. Documents with fewer words than one n-gram
-    have no shingles (their empty sketches would all collide) and meet only the exact stage.
+  4 near duplicates: MinHash of the set of word n-grams, with datasketch's permutations and values
+    (2.x, scheme affine32, seed 1; computed here for a whole batch of documents in numpy), and LSH
+    with bands x rows chosen so that a pair at Jaccard = threshold is a candidate with probability
+    >= 0.99 (21 x 6 for 0.8). Each candidate pair is then verified with the exact Jaccard of the
+    two n-gram hash sets: the MinHash estimate has a std of ~0.04 at 128 permutations and cannot
+    promise that a pair below the threshold is never removed; the exact check can, at the price of
+    recomputing the n-grams of candidate documents. Union-find over verified pairs; the first
+    document of each cluster (input order) is kept. Documents with fewer words than one n-gram have
+    no shingles (their empty sketches would all collide) and meet only the exact stage.
 
-Memory: the input is streamed three times, never held. Pass 1 computes signatures in --workers
-processes and queries/inserts them into the LSH in the parent, then drops them; pass 2 recomputes
-the n-gram sets of candidate documents, each freed after its last partner; pass 3 writes. What
-grows with the corpus is the LSH index, 6.6 KB per document (21 band keys, each a bytes object and
-a set in datasketch's dict storage; bench/dedup.py), plus the exact hash and status: RSS grew by
-7.6 KB per document on 50k documents, i.e. ~7 GiB per million. A signature alone is 128 x 4 bytes.
+Passes and memory: the input is read once and never held. Pass 1: the parent reads raw records, the
+--workers processes decode, clean, filter and sketch a batch at a time, and the parent appends each
+cleaned document to a work file beside OUT (OUT.work.tmp, about the size of the input) and keeps per
+document a status byte, a 16-byte exact key and one 8-byte hash per LSH band (21 for 0.8). Then exact
+duplicates and LSH candidates come from sorting those arrays, one band at a time: about 200 bytes per
+document in all (datasketch's MinHashLSH dict needs ~6.6 KB). Pass 2 recomputes the n-gram sets of
+candidate documents from the work file, each freed after its last partner; pass 3 copies the work
+file into OUT and REMOVED.
 """
 
-import argparse
-import codecs
 import collections
 import functools
 import gzip
@@ -47,27 +52,27 @@ import os
 import re
 import time
 import unicodedata
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import datasketch
 import numpy as np
-from datasketch import MinHash, MinHashLSH
 
-SEED = 1             # datasketch permutation seed; 2.0 changed hash values, so its major is pinned
-SCHEME = "affine32"  # datasketch 2.x's default, spelled out so a new default cannot change results
+from flags import config_parser
+
+SEED = 1             # permutation seed: the values equal datasketch 2.x's MinHash(seed=1, scheme=SCHEME)
+SCHEME = "affine32"  # datasketch 2.x's default scheme, whose permutations permutations() draws
 
 
 @dataclass
 class DedupConfig:
-    out: str = ""             # OUT.jsonl (-o)
-    threshold: float = 0.8    # word n-gram Jaccard at or above which two documents are duplicates
-    num_perm: int = 128       # MinHash permutations
-    ngram: int = 5            # words per shingle
-    workers: int = 1          # processes for cleaning, filters and signatures
-    no_filters: bool = False  # skip the quality filters
-    removed: str = ""         # default: removed.jsonl beside OUT
-    report: str = ""          # default: report.json beside OUT
+    out: str = ""             # OUT.jsonl: the kept documents, cleaned, in input order (required)
+    threshold: float = 0.8    # word n-gram Jaccard at or above which two documents are duplicates, in (0, 1]
+    num_perm: int = 128       # MinHash permutations, at least 2
+    ngram: int = 5            # words per shingle, at least 1
+    workers: int = 1          # processes that decode, clean, filter and sketch documents
+    no_filters: bool = False  # skip the quality filters: only clean and deduplicate
+    removed: str = ""         # removed documents with the reason; default removed.jsonl beside OUT
+    report: str = ""          # counts per stage and rule, bytes, docs/s; default report.json beside OUT
     strict: bool = False      # a malformed JSONL line is fatal instead of skipped and reported
 
 
@@ -93,69 +98,116 @@ class QualityThresholds:
 STOP_WORDS = frozenset("the be to of and that have with".split())
 BOILERPLATE = ("cookie", "javascript", "privacy policy", "terms of use", "terms of service", "log in",
                "login", "all rights reserved", "click here", "subscribe", "sign up", "lorem ipsum", "powered by")
+BOILERPLATE_RE = re.compile("|".join(map(re.escape, BOILERPLATE)))
 CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\ufeff\ud800-\udfff]")  # + lone surrogates
-TRAILING_SPACE_RE = re.compile(r"[^\S\n]+(?=\n|\Z)")
 WORD_RE = re.compile(r"\w+")
+NON_WORD_ASCII = str.maketrans({chr(c): " " for c in range(128) if not (chr(c).isalnum() or chr(c) == "_")})
 NO_LETTER_WORD_RE = re.compile(r"(?<!\S)(?:[^\s\w]|[\d_])+(?!\S)")  # whitespace-separated, no letter
+NO_ASCII_LETTER_WORD_RE = re.compile(r"\s[^\sa-zA-Z]+(?!\S)")  # the same, with no ASCII letter (after a space)
+BULLETS = "-*\u2022\u25cf\u25aa\u2013"
+BULLET_LINE_RE = re.compile(rf"^[^\S\n]*[{BULLETS}]", re.M)
+ELLIPSIS_LINE_RE = re.compile(r"(?:\.\.\.|\u2026)[^\S\n]*$", re.M)
+KEPT, EXACT, NEAR, FILTERED = 0, 1, 2, 3  # status of a document; FILTERED + k: removed by the k-th rule seen
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading: every input becomes a stream of dicts with "id" and "text". Undecodable bytes are
-# replaced and counted; a malformed JSONL line is reported with file and line (fatal if --strict).
+# Reading: the parent yields raw records in input order; the workers decode and parse them.
 
-_bad_bytes = [0]
-
-
-def _count_and_replace(err):
-    _bad_bytes[0] += err.end - err.start
-    return "\ufffd", err.end
-
-
-codecs.register_error("dedup_count_replace", _count_and_replace)
-
-
-def expand_inputs(inputs, exclude):
-    """Files and folders -> [(path, id for a .txt)]. Our own outputs are never read back in."""
+def expand_inputs(inputs):
+    """Files and folders -> [(path, id for a .txt)]; folders are searched for .txt/.jsonl (.gz too)."""
     found = []
     for name in inputs:
         path = Path(name)
         if path.is_dir():
             found += [(p, str(p.relative_to(path))) for p in sorted(path.rglob("*"))
-                      if p.is_file() and re.search(r"\.(txt|jsonl)(\.gz)?$", p.name) and p.resolve() not in exclude]
+                      if p.is_file() and re.search(r"\.(txt|jsonl)(\.gz)?$", p.name)]
         elif path.is_file():
             found.append((path, path.name))
         else:
-            raise SystemExit(f"input {name} does not exist; pass .txt/.jsonl files (or .gz) or folders")
+            raise SystemExit(f"input {name} {'is not a file' if path.exists() else 'does not exist'}; pass "
+                             f".txt/.jsonl files (or .gz) or folders")
     return found
 
 
-def iter_documents(files, strict, problems):
-    """Yield documents in input order; 'file:line: what' goes to problems for each skipped line."""
+def _same_file(a, b):
+    """True when two paths name one file: the same real path (symlinks, '..'), or the same inode (hard links)."""
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+def _written_by_dedup(report_path, out):
+    """True when report_path holds a dedup.py report of an earlier run whose OUT had the name of `out`."""
+    try:
+        config = json.loads(report_path.read_text()).get("config", {})
+        return isinstance(config, dict) and Path(str(config.get("out", ""))).name == out.name
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_outputs(files, cfg, paths, temps):
+    """Refuse, before any work, to write over an input (however its path is spelled), into a folder that is a
+    file, or over a default removed.jsonl / report.json that an earlier dedup.py run did not write."""
+    flags = ["OUT (-o)", "--removed", "--report", "OUT's work file"]
+    for p, tmp, flag in zip(paths + [temps[-1]], temps, flags):
+        if p.is_dir():
+            raise SystemExit(f"{flag} {p} is a folder; give a file name such as {p / 'corpus.jsonl'}")
+        folder = next(q for q in p.absolute().parents if q.exists())
+        if not folder.is_dir():
+            raise SystemExit(f"{flag} {p} cannot be written: {folder} is a file, not a folder; choose another path")
+        for f, _ in files:
+            if _same_file(f, p) or _same_file(f, tmp):
+                raise SystemExit(f"{flag} {p} is also an input ({f}); write the outputs outside the input "
+                                 f"files and folders")
+    reports = {paths[2], paths[0].parent / "report.json"}  # where an earlier run's report would be
+    for p, flag, given in zip(paths[1:], flags[1:], (cfg.removed, cfg.report)):
+        if not given and p.exists() and not any(_written_by_dedup(r, paths[0]) for r in reports):
+            raise SystemExit(f"{p} exists and was not written by dedup.py for {paths[0].name}; pass {flag} PATH "
+                             f"to put it elsewhere (or delete the file)")
+
+
+def read_records(files):
+    """Yield (where, default id, is JSONL, raw bytes) in input order: a .txt file whole, a JSONL file per line."""
     for path, doc_id in files:
         try:
             with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
                 if not re.search(r"\.jsonl(\.gz)?$", path.name):
-                    yield {"id": doc_id, "text": f.read().decode("utf-8", "dedup_count_replace")}
+                    yield str(path), doc_id, False, f.read()
                     continue
                 for line_no, raw in enumerate(f, 1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        doc = json.loads(raw.decode("utf-8", "dedup_count_replace"))
-                        if not isinstance(doc, dict):
-                            raise ValueError("not a JSON object")
-                    except ValueError as e:  # json.JSONDecodeError is a ValueError
-                        problems.append(f"{path}:{line_no}: {getattr(e, 'msg', e)}")
-                        if strict:
-                            raise SystemExit(f"{problems[-1]}; fix the line, or drop --strict to skip such lines")
-                        continue
-                    if not isinstance(doc.get("text"), str):
-                        raise SystemExit(f'{path}:{line_no} has no "text" string field; each JSONL line must be '
-                                         f'an object with the document in "text"')
-                    doc.setdefault("id", f"{path.name}:{line_no}")
-                    yield doc
+                    if raw.strip():
+                        yield f"{path}:{line_no}", f"{path.name}:{line_no}", True, raw
         except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
             raise SystemExit(f"cannot read {path} ({e}); check that it is a readable text or gzip file")
+
+
+def decode_utf8(raw):
+    """bytes -> (text, number of undecodable bytes); each bad run becomes U+FFFD, as errors="replace" does."""
+    parts, bad, start, view = [], 0, 0, memoryview(raw)
+    while True:
+        try:
+            parts.append(str(view[start:], "utf-8"))
+            return "".join(parts), bad
+        except UnicodeDecodeError as e:  # e.start, e.end: the bad run, relative to view[start:]
+            parts.append(str(view[start:start + e.start], "utf-8") + "\ufffd")
+            bad += e.end - e.start
+            start += e.end
+
+
+def parse_record(where, doc_id, is_jsonl, raw):
+    """-> (document dict, undecodable bytes, problem or None); a problem is ("skip" | "fatal", sentence)."""
+    text, bad = decode_utf8(raw)
+    if not is_jsonl:
+        return {"id": doc_id, "text": text}, bad, None
+    try:
+        doc = json.loads(text)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        return None, bad, ("skip", f"{where}: {getattr(e, 'msg', e)}")
+    if not isinstance(doc.get("text"), str):
+        return None, bad, ("fatal", f'{where} has no "text" string field; each JSONL line must be an object '
+                                    f'with the document in "text"')
+    doc.setdefault("id", doc_id)
+    return doc, bad, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,147 +216,278 @@ def iter_documents(files, strict, problems):
 def clean_text(text):
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
     text = CONTROL_RE.sub("", text.replace("\t", "    "))
-    return TRAILING_SPACE_RE.sub("", text).strip("\n")
+    return "\n".join(map(str.rstrip, text.split("\n"))).strip("\n")  # trailing whitespace; 7x faster than a regex
 
 
-def _ngram_ids(word_hashes, n):
-    """(N,) int64 word hashes -> (N-n+1,) uint64 id of each run of n words (polynomial mod 2^64)."""
-    word_hashes = word_hashes.view(np.uint64)
-    acc = np.zeros(len(word_hashes) - n + 1, dtype=np.uint64)
-    for k in range(n):
-        acc = acc * np.uint64(0x100000001B3) + word_hashes[k:len(word_hashes) - n + 1 + k]
-    return acc
+def _ngram_ids(word_hashes, n, memo=None):
+    """(N,) int64 word hashes -> (N-n+1,) uint64 id of each run of n words: polynomial mod 2^64, so the ids
+    of n words are those of n - 1 words times the prime plus the next word. memo {n: ids} keeps each n built."""
+    memo = {} if memo is None else memo
+    memo.setdefault(1, word_hashes.view(np.uint64))
+    for k in range(len(memo) + 1, n + 1):  # memo holds 1 .. len(memo)
+        memo[k] = memo[k - 1][:-1] * np.uint64(0x100000001B3) + memo[1][k - 1:]
+    return memo[n]
 
 
-def quality_rule(text, words, word_hashes, th):
-    """-> the first rule the cleaned text breaks, or None. words: normalised (lower-cased \\w+)."""
+def _repeated(ids):
+    """(M,) n-gram ids -> (M,) bool: the n-gram at this position occurs more than once (a sort, no hashing)."""
+    order = np.argsort(ids)
+    same = ids[order[1:]] == ids[order[:-1]]  # sorted neighbours that are equal
+    repeated = np.zeros(len(ids), dtype=bool)
+    if same.any():
+        repeated[order[1:][same]] = True
+        repeated[order[:-1][same]] = True
+    return repeated
+
+
+def quality_rule(text, words, word_hashes, th, ngrams=None):
+    """-> the first rule the cleaned text breaks, or None. words: normalised (lower-cased \\w+); ngrams: a
+    memo of _ngram_ids that the caller may reuse."""
+    ngrams = {} if ngrams is None else ngrams
     raw_words = text.split()
     n = len(raw_words)
     if n < th.min_words:
         return "too_few_words"
     if n > th.max_words:
         return "too_many_words"
-    if not th.min_mean_word_len <= sum(map(len, raw_words)) / n <= th.max_mean_word_len:
+    if not th.min_mean_word_len <= len("".join(raw_words)) / n <= th.max_mean_word_len:  # join: faster than sum
         return "mean_word_length"
     if (text.count("#") + text.count("...") + text.count("\u2026")) / n > th.max_symbol_word_ratio:
         return "symbol_ratio"
-    if 1 - len(NO_LETTER_WORD_RE.findall(text)) / n < th.min_alpha_word_frac:
+    # words with no ASCII letter include those with no letter at all: the exact regex runs only if it can matter
+    if (1 - len(NO_ASCII_LETTER_WORD_RE.findall(" " + text)) / n < th.min_alpha_word_frac
+            and 1 - len(NO_LETTER_WORD_RE.findall(text)) / n < th.min_alpha_word_frac):
         return "non_alpha_words"
-    if sum(1 for w in words if w in STOP_WORDS) < th.min_stop_words:
+    stop_words = (w for w in words if w in STOP_WORDS)  # stops counting at the threshold
+    if sum(1 for _ in itertools.islice(stop_words, th.min_stop_words)) < th.min_stop_words:
         return "stop_words"
-    lines = [line.strip() for line in text.split("\n") if line.strip()]
-    if sum(line[0] in "-*\u2022\u25cf\u25aa\u2013" for line in lines) / len(lines) > th.max_bullet_line_frac:
+    lines = [line for line in map(str.strip, text.split("\n")) if line]
+    n_lines = len(lines)  # a count of the characters bounds each line count; the regex runs only if it can matter
+    if (sum(map(text.count, BULLETS)) / n_lines > th.max_bullet_line_frac
+            and len(BULLET_LINE_RE.findall(text)) / n_lines > th.max_bullet_line_frac):
         return "bullet_lines"
-    if sum(line.endswith(("...", "\u2026")) for line in lines) / len(lines) > th.max_ellipsis_line_frac:
+    if ((text.count("...") + text.count("\u2026")) / n_lines > th.max_ellipsis_line_frac
+            and len(ELLIPSIS_LINE_RE.findall(text)) / n_lines > th.max_ellipsis_line_frac):
         return "ellipsis_lines"
-    low = text.lower()  # substring tests run in C; count lines only when some phrase occurs at all
-    if any(p in low for p in BOILERPLATE) and sum(any(p in line.lower() for p in BOILERPLATE)
-                                                  for line in lines) / len(lines) > th.max_boilerplate_line_frac:
-        return "boilerplate_lines"
-    seen, dup_chars = set(), 0
-    for line in lines:
-        if len(line) >= th.min_dup_line_chars:
-            dup_chars += len(line) if line in seen else 0
-            seen.add(line)
-    if dup_chars / sum(map(len, lines)) > th.max_dup_line_char_frac:
-        return "duplicate_lines"
-    # Characters covered by the most frequent n-gram, and by all n-grams seen more than once.
+    low = text.lower()  # substring tests run in C; lines are counted only when some phrase occurs at all
+    if any(p in low for p in BOILERPLATE):
+        line_no, at, boilerplate_lines = 0, 0, set()
+        for match in BOILERPLATE_RE.finditer(low):  # the line of each match, counting newlines as we go
+            line_no, at = line_no + low.count("\n", at, match.start()), match.start()
+            boilerplate_lines.add(line_no)
+        if len(boilerplate_lines) / n_lines > th.max_boilerplate_line_frac:
+            return "boilerplate_lines"
+    if len(set(lines)) < n_lines:  # some line repeats: count the characters of long ones after their first
+        long_lines = [line for line in lines if len(line) >= th.min_dup_line_chars]
+        dup_chars = len("".join(long_lines)) - len("".join(set(long_lines)))
+        if dup_chars / len("".join(lines)) > th.max_dup_line_char_frac:
+            return "duplicate_lines"
+    # Characters covered by the most frequent n-gram, and by all n-grams seen more than once. A repeated
+    # n-gram contains repeated shorter ones, so once some n has no repeat, no longer n needs a look.
     word_len = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-    total = max(1, int(word_len.sum()))
+    chars_before = np.concatenate(([0], np.cumsum(word_len)))
+    total, no_repeat_from = max(1, int(chars_before[-1])), len(words) + 1
+    # A bound that settles most documents without a sort: no n-gram (n >= n0) occurs more often than the
+    # fullest of >= 4 buckets per n0-gram holds, and none is longer than the longest run of n words.
+    n0 = min(n for n, _ in th.max_top_ngram_char_frac)
+    most = 0 if len(words) < n0 else int(np.bincount(
+        (_ngram_ids(word_hashes, n0, ngrams) & np.uint64((1 << (4 * len(words)).bit_length()) - 1)).astype(np.intp)
+    ).max())
+    if most == 1:  # every n0-gram occurs once
+        no_repeat_from = n0
     for n_words, limit in th.max_top_ngram_char_frac:
-        if len(words) >= n_words:
-            _, first, counts = np.unique(_ngram_ids(word_hashes, n_words), return_index=True, return_counts=True)
-            top = np.argmax(counts)
-            if counts[top] > 1 and counts[top] * word_len[first[top]:first[top] + n_words].sum() / total > limit:
+        if n_words < no_repeat_from and most * (chars_before[n_words:] - chars_before[:-n_words]).max() > limit * total:
+            ids = _ngram_ids(word_hashes, n_words, ngrams)
+            sorted_ids = np.sort(ids)
+            run_ends = np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1])  # last index of each run but the last
+            if len(run_ends) == len(ids) - 1:  # every n-gram occurs once
+                no_repeat_from = min(no_repeat_from, n_words)
+                continue
+            counts = np.diff(np.concatenate(([-1], run_ends, [len(ids) - 1])))
+            top = np.argmax(counts)  # the smallest id among the most frequent, as np.unique would give
+            first = np.argmax(ids == sorted_ids[run_ends[top] if top < len(run_ends) else -1])
+            if counts[top] * word_len[first:first + n_words].sum() / total > limit:
                 return f"top_{n_words}gram"
+    coverage, shorter = 1.0, 0  # coverage falls with n, for the same reason
     for n_words, limit in th.max_dup_ngram_char_frac:
-        if len(words) >= n_words:
-            _, inverse, counts = np.unique(_ngram_ids(word_hashes, n_words), return_inverse=True, return_counts=True)
-            starts = np.nonzero(counts[inverse] > 1)[0]
+        if n_words < no_repeat_from and (n_words < shorter or coverage > limit):
+            starts = np.flatnonzero(_repeated(_ngram_ids(word_hashes, n_words, ngrams)))
+            if not len(starts):
+                no_repeat_from = min(no_repeat_from, n_words)
+                continue
             covered = np.zeros(len(words) + 1, dtype=np.int64)  # +1 where a repeated n-gram starts,
-            np.add.at(covered, starts, 1)                        # -1 just after it ends
-            np.add.at(covered, starts + n_words, -1)
-            if word_len[np.cumsum(covered[:-1]) > 0].sum() / total > limit:
+            covered[starts] += 1                                 # -1 just after it ends
+            covered[starts + n_words] -= 1
+            coverage, shorter = word_len[np.cumsum(covered[:-1]) > 0].sum() / total, n_words
+            if coverage > limit:
                 return f"duplicate_{n_words}gram"
     return None
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs of stages 3 and 4: normalised words -> exact key, n-gram hash set, MinHash signature.
+# Inputs of stages 3 and 4: normalised words -> exact key, n-gram hash set, MinHash signature, band keys.
 
-_word_cache = {}  # word -> hash, per process: a corpus has ~1e5-1e6 distinct words
-_permutations = {}  # num_perm -> datasketch's permutation parameters for SEED, drawn once
+class _WordHashes(dict):
+    """word -> 56-bit hash, stable across processes and runs (blake2b; Python's hash() is salted), each word
+    hashed once per process: a hit is one dict lookup in C, a miss lands in __missing__."""
+    def __missing__(self, word):
+        if len(self) > 2_000_000:  # a corpus has ~1e5-1e6 distinct words; this bounds a pathological one
+            self.clear()
+        value = self[word] = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=7).digest(), "little")
+        return value
 
 
+_word_cache = _WordHashes()
 def _word_hashes(words):
-    """-> (N,) int64, stable across processes and runs (blake2b; Python's hash() is salted)."""
-    if len(_word_cache) > 2_000_000:
-        _word_cache.clear()
-    for w in set(words).difference(_word_cache):
-        _word_cache[w] = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=7).digest(), "little")
+    """-> (N,) int64 word hashes."""
     return np.fromiter(map(_word_cache.__getitem__, words), dtype=np.int64, count=len(words))
 
 
+FMIX = {np.dtype(np.uint32): [np.uint32(c) for c in (16, 0x85EBCA6B, 13, 0xC2B2AE35, 16)],
+        np.dtype(np.uint64): [np.uint64(c) for c in (33, 0xFF51AFD7ED558CCD, 33, 0xC4CEB9FE1A85EC53, 33)]}
+
+
+def _fmix(h):
+    """MurmurHash3's finalizer for uint32 or uint64 arrays: a bijection that spreads every input bit."""
+    s1, m1, s2, m2, s3 = FMIX[h.dtype]
+    h = h ^ (h >> s1)
+    h *= m1
+    h ^= h >> s2
+    h *= m2
+    return h ^ (h >> s3)
+
+
 def shingle_set(word_hashes, n):
-    """-> sorted unique uint64 hashes of the word n-grams (murmur3's fmix64 spreads the bits)."""
+    """-> sorted unique uint64 hashes of the word n-grams."""
     if len(word_hashes) < n:
         return np.zeros(0, dtype=np.uint64)
-    h = _ngram_ids(word_hashes, n)
-    for shift, mult in ((33, 0xFF51AFD7ED558CCD), (33, 0xC4CEB9FE1A85EC53)):
-        h ^= h >> np.uint64(shift)
-        h *= np.uint64(mult)
-    return np.unique(h ^ (h >> np.uint64(33)))
+    h = np.sort(_fmix(_ngram_ids(word_hashes, n)))  # a sort: np.unique is several times slower here
+    return h[np.concatenate(([True], h[1:] != h[:-1]))]
+
+
+@functools.lru_cache(maxsize=None)
+def permutations(num_perm, seed=SEED):
+    """-> (a, b), two (num_perm,) uint32 arrays: datasketch 2.x's affine32 parameters for seed, drawn the way
+    it draws them (a odd, so h -> a h + b mod 2^32 is a bijection); test_all.py checks the values against it.
+    Not importing datasketch here saves each run the ~1 s its import of scipy costs."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    return a, gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+
+
+def minhash_signatures(shingle_sets, num_perm, block=4096):
+    """[(S_d,) uint64, none empty, repeats allowed] -> (D, num_perm) uint32, each row datasketch's MinHash
+    (affine32) of the set's low 32 bits: h = fmix32(x), value_k = min over the set of (a_k h + b_k) mod 2^32.
+    All sets of a batch go through one (num_perm, block) product at a time, then a minimum over each
+    document's segment of columns (along the contiguous axis: 3-4x faster than rows)."""
+    a, b = permutations(num_perm)
+    h = _fmix(np.concatenate(shingle_sets).astype(np.uint32))  # astype keeps the low 32 bits
+    doc = np.repeat(np.arange(len(shingle_sets)), [len(s) for s in shingle_sets])
+    signatures = np.full((len(shingle_sets), num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+    for start in range(0, len(h), block):
+        values = np.multiply.outer(a, h[start:start + block])  # (num_perm, n), wrapping mod 2^32
+        values += b[:, None]
+        d = doc[start:start + block]
+        seg = np.flatnonzero(np.concatenate(([True], d[1:] != d[:-1])))  # where each document's columns begin
+        rows = d[seg]  # distinct within a block, so plain fancy indexing is safe
+        signatures[rows] = np.minimum(signatures[rows], np.minimum.reduceat(values, seg, axis=1).T)
+    return signatures
 
 
 def minhash_signature(shingles, num_perm):
-    """(S,) uint64 shingle hashes -> (num_perm,) uint32 datasketch signature. Their low 32 bits are
-    the values (hashfunc=int: hashed once, by us); update_batch in slices bounds the (S, num_perm)
-    matrix it builds."""
-    if num_perm not in _permutations:
-        _permutations[num_perm] = MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME).permutations
-    m = MinHash(num_perm=num_perm, seed=SEED, hashfunc=int, scheme=SCHEME, permutations=_permutations[num_perm])
-    low32 = (shingles & np.uint64(0xFFFFFFFF)).tolist()
-    for start in range(0, len(low32), 8192):
-        m.update_batch(low32[start:start + 8192])
-    return m.hashvalues
+    """(S,) uint64 shingle hashes -> (num_perm,) uint32 datasketch signature (all 2^32-1 when S = 0)."""
+    if not len(shingles):
+        return np.full(num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
+    return minhash_signatures([shingles], num_perm)[0]
 
 
-def analyse(text, cfg, th):
-    """One document through stages 1-2 -> (raw bytes, clean bytes, rule or None, exact key, signature
-    or None)."""
-    raw_bytes = len(text.encode("utf-8", "replace"))  # JSON "\\ud800" decodes to a lone surrogate
-    text = clean_text(text)
-    words = WORD_RE.findall(text.lower())
-    word_hashes = _word_hashes(words)
-    rule = None if cfg.no_filters else quality_rule(text, words, word_hashes, th)
-    if rule is not None:
-        return raw_bytes, len(text.encode()), rule, None, None
-    exact_key = hashlib.blake2b((" ".join(words) or " ".join(text.split())).encode(), digest_size=16).digest()
-    shingles = shingle_set(word_hashes, cfg.ngram)
-    signature = minhash_signature(shingles, cfg.num_perm) if len(shingles) else None
-    return raw_bytes, len(text.encode()), None, exact_key, signature
+def band_keys(signatures, bands, rows):
+    """(D, num_perm) uint32 -> (D, bands) uint64: one hash of each band's rows values. Documents agreeing on a
+    band's values share its key; different values collide with probability 2^-64 (a spurious candidate that
+    the exact Jaccard check then rejects)."""
+    values = signatures[:, :bands * rows].reshape(len(signatures), bands, rows).astype(np.uint64)
+    key = np.zeros(values.shape[:2], dtype=np.uint64)
+    for r in range(rows):
+        key = key * np.uint64(0x100000001B3) + values[:, :, r]
+    return _fmix(key)
 
 
-def _analyse_batch(args):
-    texts, cfg, th = args
-    return [analyse(t, cfg, th) for t in texts]
+def lsh_params(threshold, num_perm, target=0.99):
+    """Most rows per band (fewest false candidates) with 1-(1-s^r)^b >= target at s = threshold;
+    at least 2 bands, as datasketch requires."""
+    for rows in range(num_perm // 2, 0, -1):
+        if 1 - (1 - threshold ** rows) ** (num_perm // rows) >= target:
+            return num_perm // rows, rows
+    return num_perm, 1
 
 
-def _shingles_batch(args):
-    docs, n = args  # [(index, raw text)]
-    return [(i, shingle_set(_word_hashes(WORD_RE.findall(clean_text(t).lower())), n)) for i, t in docs]
+def _words(text):
+    """-> (normalised words: the lower-cased \\w+ runs, their hashes). ASCII text takes a path twice as fast
+    with the same result: every character that is not a word character becomes a space, then split."""
+    low = text.lower()
+    words = low.translate(NON_WORD_ASCII).split() if low.isascii() else WORD_RE.findall(low)
+    return words, _word_hashes(words)
 
 
-def _batched(items, size=64):
-    items = iter(items)
-    while batch := list(itertools.islice(items, size)):
+def sketch_batch(args):
+    """Pass 1 for a batch of raw records, in a worker: parse, clean, filter, exact key, MinHash, band keys."""
+    records, cfg, th = args
+    out = {"lines": [], "rules": [], "keys": [], "sketched": [], "problems": [], "bytes_in": 0, "bytes_clean": 0,
+           "bad_bytes": 0, "rule_bytes": collections.Counter()}
+    shingle_sets = []
+    for record in records:
+        doc, bad, problem = parse_record(*record)
+        out["bad_bytes"] += bad
+        if problem:
+            out["problems"].append(problem)
+            continue
+        out["bytes_in"] += len(doc["text"].encode("utf-8", "replace"))  # JSON "\ud800" is a lone surrogate
+        text = doc["text"] = clean_text(doc["text"])
+        out["lines"].append(json.dumps(doc, ensure_ascii=False).encode("utf-8", "replace") + b"\n")
+        clean_bytes = len(text.encode())
+        out["bytes_clean"] += clean_bytes
+        words, word_hashes = _words(text)
+        ngrams = {}  # n -> ids of every run of n words, shared by the filters and the shingles
+        rule = None if cfg.no_filters else quality_rule(text, words, word_hashes, th, ngrams)
+        out["rules"].append(rule)
+        if rule is not None:
+            out["rule_bytes"][rule] += clean_bytes
+            out["keys"].append(bytes(16))
+            continue
+        out["keys"].append(hashlib.blake2b((" ".join(words) or " ".join(text.split())).encode(),
+                                           digest_size=16).digest())
+        if len(words) >= cfg.ngram:  # the n-gram hashes with repeats: a repeat cannot change a minimum
+            out["sketched"].append(len(out["rules"]) - 1)
+            shingle_sets.append(_fmix(_ngram_ids(word_hashes, cfg.ngram, ngrams)))
+    out["keys"] = np.frombuffer(b"".join(out["keys"]), dtype=np.uint64).reshape(-1, 2)  # (docs, 2)
+    bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
+    out["bands"] = (band_keys(minhash_signatures(shingle_sets, cfg.num_perm), bands, rows) if shingle_sets
+                    else np.zeros((0, bands), dtype=np.uint64))  # (sketched docs, bands)
+    return out
+
+
+def shingles_batch(args):
+    """Pass 2, in a worker: [(index, work file line)] -> [(index, n-gram hash set)]."""
+    items, n = args
+    return [(i, shingle_set(_words(json.loads(line)["text"])[1], n)) for i, line in items]
+
+
+def _batched(items, max_items=256, max_bytes=1 << 20):
+    """Lists of consecutive items (tuples ending in bytes) of at most max_items and about max_bytes."""
+    batch, size = [], 0
+    for item in items:
+        batch.append(item)
+        size += len(item[-1])
+        if len(batch) >= max_items or size >= max_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
         yield batch
 
 
 def _ordered_map(pool, func, items, in_flight):
     """Like Pool.imap, results in input order, but reading at most in_flight batches ahead (imap's
-    feeder thread would read the whole input into memory when the workers are slower than disk),
-    and in this thread, so that a SystemExit for bad input reaches the user."""
+    feeder thread would read the whole input into memory when the workers are slower than disk)."""
     if pool is None:
         yield from map(func, items)
         return
@@ -317,15 +500,6 @@ def _ordered_map(pool, func, items, in_flight):
         yield pending.popleft().get()
 
 
-def lsh_params(threshold, num_perm, target=0.99):
-    """Most rows per band (fewest false candidates) with 1-(1-s^r)^b >= target at s = threshold;
-    at least 2 bands, as datasketch requires."""
-    for rows in range(num_perm // 2, 0, -1):
-        if 1 - (1 - threshold ** rows) ** (num_perm // rows) >= target:
-            return num_perm // rows, rows
-    return num_perm, 1
-
-
 def _find(parent, i):
     while parent.get(i, i) != i:
         parent[i] = parent.get(parent[i], parent[i])  # path halving
@@ -334,51 +508,83 @@ def _find(parent, i):
 
 
 # ---------------------------------------------------------------------------------------------
-# The three passes. Held in memory: per-document integers, the LSH index, and the n-gram sets of
-# candidate documents that still wait for a partner.
+# The three passes. Held in memory: per document a status byte and a keeper index, the exact keys and
+# band keys until pass 1 ends, and the n-gram sets of candidate documents that still wait for a partner.
 
-def sketch_pass(files, cfg, th, imap, problems):
-    """Pass 1: stages 1-3 and LSH candidates -> (status, removed_by, stats, candidate pairs)."""
-    lsh = MinHashLSH(num_perm=cfg.num_perm, params=lsh_params(cfg.threshold, cfg.num_perm))
-    permutations = MinHash(num_perm=cfg.num_perm, seed=SEED, scheme=SCHEME).permutations
-    status = bytearray()  # per document: 0 kept so far, 1 filtered, 2 exact duplicate
-    removed_by, first_copy, pairs = {}, {}, []  # removed_by: index -> rule, or index of the first copy
-    stats = {"bytes_in": 0, "bytes_clean": 0, "rule_docs": {}, "rule_bytes": {}}
-    batches = ([d["text"] for d in batch] for batch in _batched(iter_documents(files, cfg.strict, problems)))
-    for batch in imap(_analyse_batch, ((texts, cfg, th) for texts in batches)):
-        for raw_bytes, clean_bytes, rule, exact_key, signature in batch:
-            i = len(status)
-            stats["bytes_in"] += raw_bytes
-            stats["bytes_clean"] += clean_bytes
-            if rule is not None:
-                status.append(1)
-                removed_by[i] = rule
-                stats["rule_docs"][rule] = stats["rule_docs"].get(rule, 0) + 1
-                stats["rule_bytes"][rule] = stats["rule_bytes"].get(rule, 0) + clean_bytes
-            elif exact_key in first_copy:
-                status.append(2)
-                removed_by[i] = first_copy[exact_key]
-            else:
-                status.append(0)
-                first_copy[exact_key] = i
-                if signature is not None:  # query before insert: the candidates are earlier documents
-                    m = MinHash(seed=SEED, hashvalues=signature, permutations=permutations, scheme=SCHEME)
-                    pairs += [(j, i) for j in lsh.query(m)]
-                    lsh.insert(i, m, check_duplication=False)
-    return status, removed_by, stats, pairs
+def sketch_pass(files, cfg, th, imap, work):
+    """Pass 1: stages 1-3 and the LSH candidates of stage 4; cleaned documents appended to `work`.
+    -> (status (N,) uint8, keeper (N,) int64, {status: rule}, candidate pairs (P, 2) earlier first, stats)."""
+    status, keys, bands, sketched, rule_codes = [], [], [], [], {}
+    stats = {"bytes_in": 0, "bytes_clean": 0, "bad_bytes": 0, "rule_bytes": collections.Counter(), "problems": []}
+    n_docs = 0
+    for out in imap(sketch_batch, ((batch, cfg, th) for batch in _batched(read_records(files)))):
+        for kind, sentence in out["problems"]:
+            if kind == "fatal" or cfg.strict:
+                raise SystemExit(sentence if kind == "fatal" else
+                                 f"{sentence}; fix the line, or drop --strict to skip such lines")
+            stats["problems"].append(sentence)
+        work.writelines(out["lines"])
+        status.append(np.array([KEPT if r is None else rule_codes.setdefault(r, FILTERED + len(rule_codes))
+                                for r in out["rules"]], dtype=np.uint8))
+        keys.append(out["keys"])
+        bands.append(out["bands"])
+        sketched.append(np.array(out["sketched"], dtype=np.int64) + n_docs)
+        n_docs += len(out["rules"])
+        for k in ("bytes_in", "bytes_clean", "bad_bytes", "rule_bytes"):
+            stats[k] += out[k]
+    status = np.concatenate(status) if status else np.zeros(0, dtype=np.uint8)
+    keeper = np.full(len(status), -1, dtype=np.int64)  # the kept document a removed duplicate is a copy of
+    if n_docs:
+        exact_duplicates(np.concatenate(keys), status, keeper)
+    pairs = candidate_pairs(bands, sketched, status)
+    return status, keeper, {code: rule for rule, code in rule_codes.items()}, pairs, stats
 
 
-def verify_pass(files, cfg, imap, pairs):
+def exact_duplicates(keys, status, keeper):
+    """Stage 3 on (N, 2) uint64 keys: of the documents still kept, the first with each key (input order)
+    stays; later ones get status EXACT and its index as keeper."""
+    docs = np.flatnonzero(status == KEPT)
+    order = np.lexsort((docs, keys[docs, 1], keys[docs, 0]))  # by key, then input order
+    docs, sorted_keys = docs[order], keys[docs[order]]
+    new_key = np.concatenate(([True], (sorted_keys[1:] != sorted_keys[:-1]).any(axis=1)))
+    first = docs[np.maximum.accumulate(np.where(new_key, np.arange(len(docs)), 0))]
+    copies = first != docs
+    status[docs[copies]] = EXACT
+    keeper[docs[copies]] = first[copies]
+
+
+def candidate_pairs(bands, sketched, status):
+    """LSH without an index: per band, sort the band keys of the documents still kept; every two in a run of
+    equal keys are a candidate. bands: [(n, bands) uint64], sketched: [(n,) document index] per batch.
+    -> (P, 2) int64 unique pairs (earlier, later): the pairs MinHashLSH query-before-insert would return."""
+    docs = np.concatenate(sketched) if sketched else np.zeros(0, dtype=np.int64)
+    alive = status[docs] == KEPT
+    docs, pairs = docs[alive], [np.zeros((0, 2), dtype=np.int64)]
+    for band in range(bands[0].shape[1] if bands else 0):
+        key = np.concatenate([k[:, band] for k in bands])[alive]
+        order = np.argsort(key, kind="stable")  # equal keys stay in input order
+        key = key[order]
+        pos, step = np.flatnonzero(key[1:] == key[:-1]), 1  # sorted positions p and p + step share a key
+        while len(pos):
+            pairs.append(np.stack([docs[order[pos]], docs[order[pos + step]]], axis=1))
+            step += 1
+            pos = pos[pos + step < len(key)]
+            pos = pos[key[pos + step] == key[pos]]  # sorted: equal ends mean one run
+    return np.unique(np.concatenate(pairs), axis=0)
+
+
+def verify_pass(work, cfg, imap, pairs):
     """Pass 2: exact Jaccard of each candidate pair; union-find over those >= threshold.
     -> ({removed index: kept index}, {index: its best verified Jaccard}, number verified)."""
     partners, last_use = {}, {}
-    for a, b in pairs:  # a < b
+    for a, b in pairs.tolist():  # a < b
         partners.setdefault(b, []).append(a)
         last_use[a] = max(last_use.get(a, -1), b)
     parent, best_jaccard, sets, n_verified = {}, {}, {}, 0
     need = set(partners) | set(last_use)
-    docs = ((i, d["text"]) for i, d in enumerate(iter_documents(files, cfg.strict, [])) if i in need)
-    for batch in imap(_shingles_batch, ((batch, cfg.ngram) for batch in _batched(docs))):
+    work.seek(0)
+    lines = ((i, line) for i, line in enumerate(work) if i in need)
+    for batch in imap(shingles_batch, ((batch, cfg.ngram) for batch in _batched(lines))):
         for i, shingles in batch:
             for a in partners.get(i, []):
                 inter = len(np.intersect1d(sets[a], shingles, assume_unique=True))
@@ -396,84 +602,96 @@ def verify_pass(files, cfg, imap, pairs):
     return {i: _find(parent, i) for i in list(parent) if _find(parent, i) != i}, best_jaccard, n_verified
 
 
-def write_pass(files, cfg, status, removed_by, near_of, best_jaccard, out_file, removed_file):
-    """Pass 3: kept documents to OUT, removed ones with their reason to REMOVED, in input order."""
-    keepers = set(near_of.values()) | {v for i, v in removed_by.items() if status[i] == 2}
-    keeper_ids, counts, bytes_out = {}, {"kept": 0, "filtered": 0, "exact": 0, "near": 0}, 0
-    for i, doc in enumerate(iter_documents(files, cfg.strict, [])):
-        doc["text"] = clean_text(doc["text"])
-        if i in keepers:  # a keeper always comes before the documents it removes
-            keeper_ids[i] = doc["id"]
-        if status[i] == 1:
-            rec, kind = {**doc, "removed_by": removed_by[i]}, "filtered"
-        elif status[i] == 2:
-            rec, kind = {**doc, "removed_by": "exact_duplicate", "duplicate_of": keeper_ids[removed_by[i]]}, "exact"
-        elif i in near_of:
-            rec, kind = {**doc, "removed_by": "near_duplicate", "duplicate_of": keeper_ids[near_of[i]],
-                         "jaccard": round(best_jaccard[i], 4)}, "near"
-        else:
-            out_file.write(json.dumps(doc, ensure_ascii=False) + "\n")
-            bytes_out += len(doc["text"].encode())
+def write_pass(work, status, keeper, rule_names, best_jaccard, out_file, removed_file):
+    """Pass 3: the work file's kept lines to OUT as they are, removed ones with their reason to REMOVED."""
+    is_keeper = np.zeros(len(status), dtype=bool)
+    is_keeper[keeper[keeper >= 0]] = True
+    keeper_ids, counts, bytes_removed = {}, {"kept": 0, "filtered": 0, "exact": 0, "near": 0}, 0
+    work.seek(0)
+    for i, line in enumerate(work):
+        if is_keeper[i]:  # a keeper always comes before the documents it removes (and may itself be removed)
+            keeper_ids[i] = json.loads(line)["id"]
+        if status[i] == KEPT:
+            out_file.write(line)
             counts["kept"] += 1
             continue
-        removed_file.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        doc = json.loads(line)
+        if status[i] == EXACT:
+            rec, kind = {**doc, "removed_by": "exact_duplicate", "duplicate_of": keeper_ids[keeper[i]]}, "exact"
+        elif status[i] == NEAR:
+            rec, kind = {**doc, "removed_by": "near_duplicate", "duplicate_of": keeper_ids[keeper[i]],
+                         "jaccard": round(best_jaccard[i], 4)}, "near"
+        else:
+            rec, kind = {**doc, "removed_by": rule_names[status[i]]}, "filtered"
+        removed_file.write(json.dumps(rec, ensure_ascii=False).encode("utf-8", "replace") + b"\n")
         counts[kind] += 1
-    return counts, bytes_out
+        bytes_removed += len(doc["text"].encode("utf-8", "replace"))
+    return counts, bytes_removed
 
 
 def run(inputs, cfg, th=QualityThresholds()):
     """The whole tool -> the report dict. Bad input raises SystemExit with one sentence."""
     t0 = time.time()
-    if not datasketch.__version__.startswith("2."):  # 1.x and a future 3.x hash differently
-        raise SystemExit(f"dedup.py needs datasketch 2.x, found {datasketch.__version__}; "
-                         "pip install 'datasketch>=2,<3'")
+    if not cfg.out:
+        raise SystemExit("no OUT given; pass -o OUT.jsonl, the file for the kept documents")
+    if not (0 < cfg.threshold <= 1 and cfg.num_perm >= 2 and cfg.ngram >= 1 and cfg.workers >= 1):
+        raise SystemExit("--threshold must be in (0, 1], --num-perm >= 2, --ngram >= 1 and --workers >= 1")
     out = Path(cfg.out)
     paths = [out, Path(cfg.removed or out.parent / "removed.jsonl"), Path(cfg.report or out.parent / "report.json")]
-    if not 0 < cfg.threshold <= 1 or cfg.num_perm < 2 or cfg.ngram < 1 or cfg.workers < 1:
-        raise SystemExit("--threshold must be in (0, 1], --num-perm >= 2, --ngram >= 1 and --workers >= 1")
     if len({p.resolve() for p in paths}) < 3:
         raise SystemExit(f"OUT, --removed and --report must be three different files, got "
                          f"{', '.join(map(str, paths))}")
-    for p in paths:
-        if p.is_dir():
-            raise SystemExit(f"output {p} is a folder; give a file name such as {p / 'corpus.jsonl'}")
-    for name in inputs:
-        if Path(name).resolve() in {p.resolve() for p in paths}:
-            raise SystemExit(f"output {name} is also an input; write the output to another file")
-    _bad_bytes[0] = 0
-    problems, temps = [], [p.with_name(p.name + ".tmp") for p in paths]
-    pool = multiprocessing.Pool(cfg.workers) if cfg.workers > 1 else None
-    imap = functools.partial(_ordered_map, pool, in_flight=4 * cfg.workers)  # imap(func, items)
+    temps = [p.with_name(p.name + ".tmp") for p in paths] + [out.with_name(out.name + ".work.tmp")]
+    files = expand_inputs(inputs)
+    check_outputs(files, cfg, paths, temps)
+    pool, cpu0 = None, _cpu_seconds()
     try:
-        files = expand_inputs(inputs, {p.resolve() for p in paths})
-        status, removed_by, stats, pairs = sketch_pass(files, cfg, th, imap, problems)
-        if not status:
-            raise SystemExit(f"no documents in {', '.join(inputs)}; pass non-empty .txt/.jsonl files or folders")
-        bad_bytes = _bad_bytes[0]  # later passes decode the same bytes again
-        near_of, best_jaccard, n_verified = verify_pass(files, cfg, imap, pairs) if pairs else ({}, {}, 0)
-        for p in paths:
-            p.parent.mkdir(parents=True, exist_ok=True)
-        with open(temps[0], "w", encoding="utf-8", errors="replace") as f_out, \
-                open(temps[1], "w", encoding="utf-8", errors="replace") as f_rm:
-            counts, bytes_out = write_pass(files, cfg, status, removed_by, near_of, best_jaccard, f_out, f_rm)
-        seconds = time.time() - t0
+        try:
+            for p in paths:
+                p.parent.mkdir(parents=True, exist_ok=True)
+            work = open(temps[3], "w+b")
+        except OSError as e:
+            raise SystemExit(f"cannot write beside {e.filename or out} ({e.strerror}); choose a folder you can write to")
+        try:
+            pool = multiprocessing.Pool(cfg.workers) if cfg.workers > 1 else None
+        except OSError as e:
+            raise SystemExit(f"--workers {cfg.workers}: cannot start that many processes ({e.strerror}); lower it")
+        imap = functools.partial(_ordered_map, pool, in_flight=2 * cfg.workers)  # imap(func, items)
+        with work:
+            status, keeper, rule_names, pairs, stats = sketch_pass(files, cfg, th, imap, work)
+            t1 = time.time()
+            if not len(status):
+                raise SystemExit(f"no documents in {', '.join(inputs)}; pass non-empty .txt/.jsonl files or folders")
+            near_of, best_jaccard, n_verified = verify_pass(work, cfg, imap, pairs) if len(pairs) else ({}, {}, 0)
+            for i, k in near_of.items():
+                status[i], keeper[i] = NEAR, k
+            t2 = time.time()
+            with open(temps[0], "wb") as f_out, open(temps[1], "wb") as f_rm:
+                counts, bytes_removed = write_pass(work, status, keeper, rule_names, best_jaccard, f_out, f_rm)
+        if pool:  # joined, so that their CPU time is counted
+            pool.close()
+            pool.join()
+        seconds, cpu = time.time() - t0, [b - a for a, b in zip(cpu0, _cpu_seconds())]
         bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
+        rule_docs = collections.Counter(rule_names[s] for s in status[status >= FILTERED].tolist())
         report = {
             "config": asdict(cfg), "thresholds": asdict(th), "inputs": [str(p) for p, _ in files],
             "documents": {"in": len(status), "out": counts["kept"], "removed": len(status) - counts["kept"]},
-            "bytes": {"in": stats["bytes_in"], "after_cleaning": stats["bytes_clean"], "out": bytes_out,
-                      "filtered": sum(stats["rule_bytes"].values())},
+            "bytes": {"in": stats["bytes_in"], "after_cleaning": stats["bytes_clean"],
+                      "out": stats["bytes_clean"] - bytes_removed, "filtered": sum(stats["rule_bytes"].values())},
             "stages": {"filters": {"removed": counts["filtered"],
-                                   "rules": {r: {"docs": stats["rule_docs"][r], "bytes": n}
+                                   "rules": {r: {"docs": rule_docs[r], "bytes": n}
                                              for r, n in sorted(stats["rule_bytes"].items())}},
                        "exact": {"removed": counts["exact"]},
                        "near": {"removed": counts["near"], "lsh_bands": bands, "lsh_rows": rows,
                                 "lsh_p_candidate_at_threshold": round(1 - (1 - cfg.threshold ** rows) ** bands, 4),
                                 "candidate_pairs": len(pairs), "verified_pairs": n_verified,
                                 "rejected_pairs": len(pairs) - n_verified}},
-            "bad_input": {"undecodable_bytes_replaced": bad_bytes, "malformed_lines": len(problems),
-                          "malformed_examples": problems[:20]},
+            "bad_input": {"undecodable_bytes_replaced": stats["bad_bytes"], "malformed_lines": len(stats["problems"]),
+                          "malformed_examples": stats["problems"][:20]},
             "seconds": round(seconds, 3), "docs_per_second": round(len(status) / max(seconds, 1e-9), 1),
+            "pass_seconds": {"sketch": round(t1 - t0, 3), "verify": round(t2 - t1, 3), "write": round(seconds - t2 + t0, 3)},
+            "cpu_seconds": {"main": round(cpu[0], 3), "workers": round(cpu[1], 3)},
         }
         temps[2].write_text(json.dumps(report, indent=2) + "\n")
         for tmp, final in zip(temps, paths):  # all three outputs appear only once all are complete
@@ -482,19 +700,20 @@ def run(inputs, cfg, th=QualityThresholds()):
     finally:
         if pool:
             pool.terminate()
-        for tmp in temps:  # only left behind by a failed run
+        for tmp in temps:  # left behind only by a failed run (and a killed run's are replaced by the next)
             tmp.unlink(missing_ok=True)
 
 
+def _cpu_seconds():
+    """-> (this process, its finished child processes): user + system CPU seconds."""
+    t = os.times()
+    return t.user + t.system, t.children_user + t.children_system
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("inputs", nargs="+", metavar="INPUT")
-    for f in fields(DedupConfig):  # every config field is a --kebab-case flag
-        names = (["-o"] if f.name == "out" else []) + ["--" + f.name.replace("_", "-")]
-        if isinstance(f.default, bool):
-            parser.add_argument(*names, action="store_true")
-        else:
-            parser.add_argument(*names, type=type(f.default), default=f.default, required=f.name == "out")
+    parser = config_parser(DedupConfig, __doc__, aliases={"out": ["-o"]})
+    parser.allow_abbrev = False  # a mistyped flag is an error, not a guess
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt and .jsonl files (or .gz), folders of them")
     args = vars(parser.parse_args(argv))
     report = run(args.pop("inputs"), DedupConfig(**args))
     d, st, b, bad = report["documents"], report["stages"], report["bytes"], report["bad_input"]
@@ -502,7 +721,8 @@ def main(argv=None):
           f"({100 * b['filtered'] / max(1, b['after_cleaning']):.2f}% of bytes), {st['exact']['removed']} exact and "
           f"{st['near']['removed']} near duplicates ({st['near']['candidate_pairs']} LSH candidate pairs, "
           f"{st['near']['verified_pairs']} at Jaccard >= {report['config']['threshold']})")
-    print(f"{b['in']:,} bytes in, {b['out']:,} out; {report['seconds']:.1f} s, {report['docs_per_second']:.0f} docs/s")
+    print(f"{b['in']:,} bytes in, {b['out']:,} out; {report['seconds']:.1f} s, {report['docs_per_second']:.0f} docs/s; "
+          f"CPU s: main process {report['cpu_seconds']['main']:.1f}, workers {report['cpu_seconds']['workers']:.1f}")
     if bad["undecodable_bytes_replaced"] or bad["malformed_lines"]:
         print(f"bad input: {bad['undecodable_bytes_replaced']} undecodable bytes replaced, {bad['malformed_lines']} "
               f"malformed JSONL lines skipped {bad['malformed_examples'][:3]} (--strict makes them fatal)")

