@@ -35,8 +35,8 @@ Passes and memory: the input is read once and never held. Pass 1: the parent rea
 --workers processes decode, clean, filter and sketch a batch at a time, and the parent appends each
 cleaned document to a work file beside OUT (OUT.work.tmp, about the size of the input) and keeps per
 document a status byte, a 16-byte exact key and one 8-byte hash per LSH band (21 for 0.8). Then exact
-duplicates and LSH candidates come from sorting those arrays, one band at a time: about 200 bytes per
-document in all (datasketch's MinHashLSH dict needs ~6.6 KB). Pass 2 recomputes the n-gram sets of
+duplicates and LSH candidates come from sorting those arrays, one band at a time: about 300 bytes per
+document in all, measured (datasketch's MinHashLSH dict needs ~6.6 KB). Pass 2 recomputes the n-gram sets of
 candidate documents from the work file, each freed after its last partner; pass 3 copies the work
 file into OUT and REMOVED.
 """

@@ -6,8 +6,9 @@ flags.py: a script's config dataclass becomes its command-line flags, and the on
 
 Each field is a --kebab-case flag. The comment after the field, on its line, is the flag's help; a
 Literal[...] type (or an entry of `choices`) gives the values it accepts; the field's default is the
-flag's default, and --help shows all three. Booleans take --name / --no-name. Every script of the
-project reads its flags this way, so a field added to a config dataclass is a documented flag at once.
+flag's default, and --help shows all three. Booleans take --name / --no-name (a field named
+no_x takes --no-x alone). Every script of the project reads its flags this way, so a field added to
+a config dataclass is a documented flag at once.
 Imports no torch: dedup.py, tokenize_data.py, plays.py and pipeline.py run without it.
 """
 
@@ -34,8 +35,9 @@ def config_parser(config_class, doc, choices=None, aliases=None, given_only=Fals
         shown = "" if f.default is MISSING else f" (default: {f.default!r})"
         text = (comments.get(f.name, "") + shown).replace("%", "%%")  # argparse formats help with %
         names = ["--" + f.name.replace("_", "-"), *aliases.get(f.name, [])]
-        if f.type is bool:
-            parser.add_argument(*names, action=argparse.BooleanOptionalAction, help=text, **default)
+        if f.type is bool:  # --name / --no-name; a field already named no_x gets --no-x alone
+            action = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction
+            parser.add_argument(*names, action=action, help=text, **default)
         else:
             allowed = choices.get(f.name) or get_args(f.type) or None
             parser.add_argument(*names, type=type(f.default), choices=allowed, help=text, **default)

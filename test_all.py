@@ -55,6 +55,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import tracemalloc
 import tokenize as pytokenize  # Python's own tokenizer, to read comments in source
 import types
 import xml.etree.ElementTree as ET
@@ -71,7 +72,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from datasketch import MinHash
+from datasketch import MinHash, MinHashLSH
 
 # The project's modules import from the repository root: pytest puts this file's folder on sys.path
 # (rootdir-relative "prepend" import), and so does Python when torchrun runs this file as a script.
@@ -193,6 +194,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 def write_jsonl(path, records):
     """One line per record: a dict as JSON, a string as it is (to write broken lines on purpose)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path
 
@@ -239,13 +241,19 @@ def torchrun(nproc, script, *args, timeout=300):
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-def refused(main, argv, *fragments):
-    """main(argv) stops with one sentence holding the fragments (a SystemExit whose code is a one-line
-    string, which Python prints without a traceback) -> the sentence."""
+def stops_with_sentence(call):
+    """call() stops with one sentence: a SystemExit whose code is a one-line string, which Python prints
+    without a traceback -> the sentence."""
     with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
+        call()
     message = e.value.code
     assert isinstance(message, str) and message and "\n" not in message, message
+    return message
+
+
+def refused(main, argv, *fragments):
+    """main(argv) stops with one sentence holding the fragments -> the sentence."""
+    message = stops_with_sentence(lambda: main([str(a) for a in argv]))
     for fragment in fragments:
         assert fragment in message, message
     return message
@@ -592,6 +600,190 @@ def test_dedup_bad_input_messages(tmp_path, monkeypatch):
     assert (tmp_path / "bad.jsonl").read_bytes().count(b"\n") == 3  # input untouched
 
 
+# -------------------------------------------- dedup: never lose a file; one sentence for bad input
+
+PROSE = ("the king of denmark walks on the platform at night and speaks with the guard about the ghost "
+         "that was seen there before the cock crew and the morning came over the hill ")
+
+
+def prose_docs(n, words=60, seed=0):
+    """n distinct documents of ordinary English words (they pass dedup's quality filters)."""
+    rng = np.random.default_rng(seed)
+    vocab = PROSE.split()
+    return [{"id": f"d{i}", "text": " ".join(rng.choice(vocab, words)) + "."} for i in range(n)]
+
+
+
+def test_dedup_never_writes_over_an_input(tmp_path, monkeypatch):
+    folder = tmp_path / "texts"
+    corpus = write_jsonl(folder / "corpus.jsonl", prose_docs(6))
+    write_jsonl(folder / "more.jsonl", prose_docs(4, seed=1))
+    before = corpus.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    os.symlink(corpus, tmp_path / "link.jsonl")
+    os.link(corpus, tmp_path / "hard.jsonl")
+    spellings = [  # (inputs, outputs): the output is an input file, however the paths are spelled
+        (["texts"], ["-o", "texts/corpus.jsonl"]),  # the reported case: a folder holding the output
+        (["texts"], ["-o", "texts/../texts/./corpus.jsonl"]),
+        ([str(folder)], ["-o", "link.jsonl"]),  # a symlink to an input
+        (["texts/corpus.jsonl"], ["-o", "hard.jsonl"]),  # a hard link to an input
+        (["texts"], ["-o", "out/c.jsonl", "--removed", "texts/more.jsonl"]),
+        (["texts"], ["-o", "out/c.jsonl", "--report", str(folder / "corpus.jsonl")]),
+    ]
+    for inputs, outputs in spellings:
+        message = stops_with_sentence(lambda: dedup.main(inputs + outputs))
+        assert "input" in message and ("corpus.jsonl" in message or "more.jsonl" in message), message
+    assert corpus.read_bytes() == before and (folder / "more.jsonl").exists()
+    assert not (tmp_path / "out").exists()
+    r = run_script("dedup.py", "texts", "-o", "texts/corpus.jsonl", cwd=tmp_path)  # as the user saw it: exit 0
+    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert corpus.read_bytes() == before
+
+
+def test_dedup_default_side_outputs_never_replace_a_users_file(tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "in.jsonl", prose_docs(5))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    for name, flag in [("removed.jsonl", "--removed"), ("report.json", "--report")]:
+        mine = tmp_path / "out" / name
+        mine.write_text("my own notes\n")
+        message = stops_with_sentence(lambda: dedup.main([str(src), "-o", "out/corpus.jsonl"]))
+        assert name in message and flag in message, message
+        assert mine.read_text() == "my own notes\n" and not (tmp_path / "out" / "corpus.jsonl").exists()
+        mine.unlink()
+    dedup.main([str(src), "-o", "out/corpus.jsonl"])  # the defaults are free: written
+    first = (tmp_path / "out" / "corpus.jsonl").read_bytes()
+    dedup.main([str(src), "-o", "out/corpus.jsonl"])  # the same run again may replace its own outputs
+    assert (tmp_path / "out" / "corpus.jsonl").read_bytes() == first
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["documents"]["in"] == 5
+    # naming the files lets the user replace anything that is not an input
+    (tmp_path / "notes.json").write_text("{}")
+    dedup.main([str(src), "-o", "out/corpus.jsonl", "--report", "notes.json"])
+    assert json.loads((tmp_path / "notes.json").read_text())["documents"]["in"] == 5
+
+
+def test_dedup_output_under_a_file_isstops_with_sentence(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", prose_docs(3))
+    (tmp_path / "afile").write_text("x")
+    r = run_script("dedup.py", src, "-o", "afile/sub/c.jsonl", cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "afile" in r.stderr
+    r = run_script("dedup.py", src, "-o", "ok/c.jsonl", "--removed", "afile/r.jsonl", cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "afile" in r.stderr, r.stderr
+
+
+def test_dedup_killed_run_leaves_nothing_after_the_next_run(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", prose_docs(20))
+    out = tmp_path / "o" / "corpus.jsonl"
+    # killed (os._exit, as kill -9) at the moment the first output is renamed: every temporary exists
+    killer = ("import os, sys; sys.path.insert(0, sys.argv[1]); import dedup; "
+              "os.replace = lambda *a: os._exit(9); dedup.main(sys.argv[2:])")
+    r = subprocess.run([sys.executable, "-c", killer, str(ROOT), str(src), "-o", str(out)], capture_output=True)
+    assert r.returncode == 9
+    assert [p for p in out.parent.iterdir() if ".tmp" in p.name], "the simulated kill left no temporaries"
+    (out.parent / "notes.tmp").write_text("not ours")
+    dedup.main([str(src), "-o", str(out)])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["corpus.jsonl", "notes.tmp", "removed.jsonl",
+                                                             "report.json"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--workers", "0"], "--workers"), (["--workers", "-3"], "--workers"), (["--num-perm", "1"], "--num-perm"),
+    (["--ngram", "0"], "--ngram"), (["--threshold", "nan"], "--threshold"), (["--threshold", "-1"], "--threshold"),
+    (["--num-perm", "x"], "--num-perm"),
+])
+def test_dedup_bad_flags_arestops_with_sentence(tmp_path, args, expected):
+    src = write_jsonl(tmp_path / "in.jsonl", prose_docs(3))
+    r = run_script("dedup.py", src, "-o", "o/c.jsonl", *args, cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert expected in r.stderr.strip().split("\n")[-1], r.stderr
+
+
+def test_dedup_unreadable_and_empty_inputs_arestops_with_sentence(tmp_path):
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    (tmp_path / "list.jsonl").write_text("[1, 2]\n")
+    (tmp_path / "folder.jsonl").mkdir()  # a folder named like a file: searched, holds nothing
+    for inputs, expected in [(["bad.jsonl.gz"], "bad.jsonl.gz"), (["empty"], "no documents"),
+                             (["blank.jsonl"], "no documents"), (["folder.jsonl"], "no documents"),
+                             (["list.jsonl", "--strict"], "list.jsonl:1")]:
+        r = run_script("dedup.py", *inputs, "-o", "o/c.jsonl", cwd=tmp_path)
+        assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+        assert expected in r.stderr, r.stderr
+
+# ----------------------------- dedup at scale: datasketch's MinHash and LSH, under 1 KB a document
+
+def hamlet_docs_with_variants(seed=0):
+    """Speeches of Hamlet (blank-line separated, >= 40 words) plus edited copies of some of them."""
+    rng = np.random.default_rng(seed)
+    paras = [p for p in hamlet().split("\n\n") if len(p.split()) >= 40]
+    docs = [{"id": f"p{i}", "text": p} for i, p in enumerate(paras)]
+    for k, i in enumerate(rng.choice(len(paras), size=min(30, len(paras)), replace=False)):
+        words = paras[i].split(" ")
+        for j in rng.choice(len(words), size=max(1, int(len(words) * 0.02 * (k % 4))), replace=False):
+            words[j] = "zounds"
+        docs.append({"id": f"v{k}", "text": " ".join(words)})
+    return docs
+
+
+def test_dedup_minhash_is_datasketchs(tmp_path):
+    for num_perm in (2, 64, 128, 200):
+        ref = MinHash(num_perm=num_perm, seed=dedup.SEED, scheme=dedup.SCHEME).permutations
+        a, b = dedup.permutations(num_perm)
+        assert np.array_equal(a, ref[0]) and np.array_equal(b, ref[1])
+    rng = np.random.default_rng(1)
+    sets = [rng.integers(0, 2**63, size, dtype=np.uint64) for size in (1, 2, 7, 511, 512, 513, 3000)]
+    sets.append(np.concatenate([sets[3], sets[3][:100]]))  # repeats cannot change a minimum
+    got = dedup.minhash_signatures(sets, 128)
+    for s, row in zip(sets, got):  # the reference: datasketch, one update per value, on the low 32 bits
+        m = MinHash(num_perm=128, seed=dedup.SEED, hashfunc=int, scheme=dedup.SCHEME)
+        for v in (s & np.uint64(0xFFFFFFFF)).tolist():
+            m.update(v)
+        assert np.array_equal(row, m.hashvalues)
+
+
+def test_dedup_lsh_candidates_are_minhashlshs():
+    """The sorted band keys give exactly the pairs datasketch's MinHashLSH query-before-insert gives."""
+    docs = hamlet_docs_with_variants()
+    bands, rows = dedup.lsh_params(0.8, 128)
+    sigs = [dedup.minhash_signature(dedup.shingle_set(dedup._word_hashes(
+        dedup.WORD_RE.findall(dedup.clean_text(d["text"]).lower())), 5), 128) for d in docs]
+    lsh, expected = MinHashLSH(num_perm=128, params=(bands, rows)), set()
+    a, b = dedup.permutations(128)
+    for i, sig in enumerate(sigs):
+        m = MinHash(seed=dedup.SEED, hashvalues=sig, permutations=(a, b), scheme=dedup.SCHEME)
+        expected |= {(j, i) for j in lsh.query(m)}
+        lsh.insert(i, m)
+    keys = dedup.band_keys(np.stack(sigs), bands, rows)
+    half = len(docs) // 2  # two batches, as the workers return them
+    got = dedup.candidate_pairs([keys[:half], keys[half:]], [np.arange(half), np.arange(half, len(docs))],
+                                np.zeros(len(docs), dtype=np.uint8))
+    assert len(expected) >= 10 and set(map(tuple, got.tolist())) == expected
+
+
+def test_dedup_index_memory_per_document_under_1kb(tmp_path):
+    """Peak traced memory of a whole run (numpy arrays included) grows by < 1 KB per added document
+    (datasketch's MinHashLSH index alone takes ~6.6 KB)."""
+    rng = np.random.default_rng(2)
+    vocab = np.array([f"w{i}" for i in range(5000)])
+    peaks = {}
+    for n in (2000, 4000):  # tiny documents: the per-document state is all that grows
+        src = tmp_path / f"in{n}.jsonl"
+        src.write_text("".join(json.dumps({"id": str(i), "text": " ".join(rng.choice(vocab, 6))}) + "\n"
+                               for i in range(n)))
+        tracemalloc.start()
+        dedup.run([str(src)], dedup.DedupConfig(out=str(tmp_path / f"o{n}" / "c.jsonl"), no_filters=True))
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert (peaks[4000] - peaks[2000]) / 2000 < 1024, peaks
+
+
+def test_dedup_help_explains_every_flag(capsys):
+    help_by_flag(dedup.main, dedup.DedupConfig, capsys)
+
+
 # ==================================================================================================
 # tokenizer: BPE training and encoding against naive references, shards, meta.json, errors
 # ==================================================================================================
@@ -888,6 +1080,159 @@ def test_tokenizer_dtype_by_vocab_size(monkeypatch, tmp_path):
     shard = np.fromfile(tmp_path / "big" / "train.bin", dtype="<u4")
     expected = [65536] + big.encode_ordinary("\xff\xfe wide ids") + [65536] + big.encode_ordinary("more text")
     assert shard.tolist() == expected and max(expected) > 65535
+
+
+# ---------------------------------------- tokenizer: never lose a file; one sentence for bad input
+
+def tokenize_tiny(tmp_path, inputs, out="tok", *flags):
+    return tokenize_data.main([str(p) for p in inputs] + ["--out-dir", str(tmp_path / out), "--workers", "1",
+                                                          "--vocab-size", "300", *flags])
+
+
+def test_tokenizer_never_writes_over_an_input(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ["train.bin", "val.bin", "meta.json", "tokenizer.tiktoken", "special_tokens.json"]:
+        (data / name).write_text("the king and the ghost, a user's text file\n" * 20)
+        message = stops_with_sentence(lambda: tokenize_tiny(tmp_path, [data / name], "data"))
+        assert name in message and "input" in message, message
+        assert (data / name).read_text().startswith("the king")
+        (data / name).unlink()
+    (tmp_path / "corpus.jsonl").write_text(json.dumps({"text": "to be or not to be"}) + "\n")
+    os.symlink(tmp_path / "corpus.jsonl", data / "train.bin")  # a symlink named like an output
+    message = stops_with_sentence(lambda: tokenize_tiny(tmp_path, [tmp_path / "corpus.jsonl"], "data"))
+    assert "corpus.jsonl" in message and "input" in message, message
+    assert (tmp_path / "corpus.jsonl").read_text().startswith('{"text"')
+
+
+def test_tokenizer_removes_its_stale_temporaries(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", prose_docs(8))
+    out = tmp_path / "tok"
+    out.mkdir()
+    dead_pid = 2**22 + 12345  # above Linux's pid_max default: no such process
+    stale = [out / f"train.bin.tmp{dead_pid}", out / f"meta.json.tmp{dead_pid}", out / f"val.bin.tmp{dead_pid}"]
+    for p in stale:
+        p.write_bytes(b"\0" * 1000)
+    alive = out / f"train.bin.tmp{os.getpid()}x"  # not a name we write
+    others = [out / "notes.tmp", alive]
+    for p in others:
+        p.write_text("keep")
+    tokenize_tiny(tmp_path, [corpus])
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in others)
+
+
+def test_tokenizer_single_document_says_val_is_empty(tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "one.jsonl", prose_docs(1, words=400))
+    meta = tokenize_tiny(tmp_path, [corpus])
+    said = capsys.readouterr()
+    assert meta["val_tokens"] == 0 and (tmp_path / "tok" / "val.bin").stat().st_size == 0
+    line = [x for x in (said.out + said.err).split("\n") if "val.bin" in x and "empty" in x]
+    assert len(line) == 1 and "document" in line[0] and "--val-fraction" in line[0], said
+    tokenize_tiny(tmp_path, [corpus], "tok0", "--val-fraction", "0")  # asked for: no warning
+    said = capsys.readouterr()
+    assert "empty" not in said.out + said.err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--workers", "-2"], "--workers"), (["--vocab-size", "-5"], "--vocab-size"),
+    (["--val-fraction", "nan"], "--val-fraction"), (["--val-fraction", "-0.1"], "--val-fraction"),
+    (["--vocab-size", "x"], "--vocab-size"), (["--out-dir", ""], "--out-dir"),
+])
+def test_tokenizer_bad_flags_arestops_with_sentence(tmp_path, args, expected):
+    corpus = write_jsonl(tmp_path / "c.jsonl", prose_docs(4))
+    r = run_script("tokenize_data.py", corpus, "--out-dir", "o", *args, cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert expected in r.stderr.strip().split("\n")[-1], r.stderr
+
+
+def test_tokenizer_unreadable_and_empty_inputs_arestops_with_sentence(tmp_path):
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("x")
+    corpus = write_jsonl(tmp_path / "c.jsonl", prose_docs(3))
+    for args, expected in [(["bad.jsonl.gz", "--out-dir", "o"], "bad.jsonl.gz"),
+                           (["latin1.txt", "--out-dir", "o"], "latin1.txt"),
+                           (["empty", "--out-dir", "o"], "no non-empty documents"),
+                           ([corpus, "--out-dir", "afile/sub"], "afile")]:
+        r = run_script("tokenize_data.py", *args, cwd=tmp_path)
+        assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+        assert expected in r.stderr, r.stderr
+
+# ------------------------------ tokenizer streaming: the same shards as the whole corpus in memory
+
+def reference_shards(docs, vocab_size, val_fraction, train_docs=None):
+    """The tokenizer stage as it was before streaming, written out here as the reference: every document in
+    memory, BPE trained on (the first train_docs of) them, split by sha256 of the key with the both-sides
+    fix-up, each document encoded with encode_ordinary after <|endoftext|>."""
+    texts = [t for _, t in docs]
+    merges = tokenize_data.train_bpe(tokenize_data.count_chunks(texts[:train_docs], workers=1), vocab_size - 261)
+    enc = tokenize_data.build_encoding(f"bpe{vocab_size}", tokenize_data.merges_to_ranks(merges))
+    u = [int.from_bytes(hashlib.sha256(k.encode()).digest()[:8], "little") / 2**64 for k, _ in docs]
+    is_val = [x < val_fraction for x in u]
+    if len(docs) >= 2 and val_fraction > 0 and not any(is_val):
+        is_val[u.index(min(u))] = True
+    if len(docs) >= 2 and all(is_val):
+        is_val[u.index(max(u))] = False
+    sep = enc._special_tokens["<|endoftext|>"]
+    shards = {"train": [], "val": []}
+    for (_, text), val in zip(docs, is_val):
+        shards["val" if val else "train"] += [sep] + enc.encode_ordinary(text)
+    return enc, {k: np.array(v, dtype="<u2").tobytes() for k, v in shards.items()}
+
+
+@pytest.mark.parametrize("val_fraction, workers", [(0.1, 1), (0.1, 2), (1e-9, 2), (0.9999, 1)])
+def test_tokenizer_streaming_equals_the_in_memory_reference(tmp_path, val_fraction, workers):
+    text = hamlet()
+    docs = [(f"h{i}", text[i:i + 1500]) for i in range(0, len(text), 1500)]
+    docs += [("u1", "東京は日本の首都です。 émoji 🎉 <|endoftext|> stays text"), ("u2", "tabs\t\tand\r\nCRLF  ")]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": k, "text": t}, ensure_ascii=False) + "\n" for k, t in docs))
+    meta = tokenize_data.main([str(corpus), "--out-dir", str(tmp_path / "t"), "--vocab-size", "600",
+                               "--val-fraction", str(val_fraction), "--workers", str(workers)])
+    enc, shards = reference_shards(docs, 600, val_fraction)
+    out = tmp_path / "t"
+    assert tokenize_data.read_rank_file(out / "tokenizer.tiktoken") == enc._mergeable_ranks
+    for split in ("train", "val"):
+        assert (out / f"{split}.bin").read_bytes() == shards[split], split
+        assert meta[f"{split}_tokens"] * 2 == len(shards[split])
+    assert meta["val_docs"] >= 1 and meta["train_docs"] >= 1 and meta["bpe_train_docs"] == len(docs)
+    assert sorted(p.name for p in out.iterdir()) == sorted(tokenize_data.OUTPUT_FILES)
+
+
+def test_tokenizer_train_chars_takes_whole_leading_documents(tmp_path):
+    text = hamlet()
+    docs = [(f"h{i}", text[i:i + 2000]) for i in range(0, len(text), 2000)]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"id": k, "text": t}) + "\n" for k, t in docs))
+    limit = 2000 * 5 + 1999  # room for 5 whole documents, not for 6
+    meta = tokenize_data.main([str(corpus), "--out-dir", str(tmp_path / "t"), "--vocab-size", "500",
+                               "--train-chars", str(limit), "--workers", "1"])
+    assert meta["bpe_train_docs"] == 5 and meta["bpe_train_chars"] == 10000
+    enc, shards = reference_shards(docs, 500, 0.05, train_docs=5)
+    assert (tmp_path / "t" / "train.bin").read_bytes() == shards["train"]
+    assert tokenize_data.read_rank_file(tmp_path / "t" / "tokenizer.tiktoken") == enc._mergeable_ranks
+    message = stops_with_sentence(lambda: tokenize_data.main([str(corpus), "--out-dir", str(tmp_path / "t2"),
+                                                        "--train-chars", "100", "--workers", "1"]))
+    assert "--train-chars 100" in message and "2,000 characters" in message
+
+
+def test_tokenizer_reads_a_folder_of_txt_jsonl_and_gzip(tmp_path):
+    text = hamlet()
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "in" / "a.txt").write_text(text[:3000])
+    with gzip.open(tmp_path / "in" / "sub" / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"id": "b1", "text": text[3000:6000]}) + "\n" + json.dumps({"text": text[6000:9000]}) + "\n")
+    with gzip.open(tmp_path / "in" / "c.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(text[9000:12000])
+    assert tokenize_data.read_documents([tmp_path / "in"]) == [
+        ("a.txt", text[:3000]), ("c.txt.gz", text[9000:12000]), ("b1", text[3000:6000]),
+        ("b.jsonl.gz:2", text[6000:9000])]
+
+
+def test_tokenizer_help_explains_every_flag(capsys):
+    help_by_flag(tokenize_data.main, tokenize_data.TokenizeConfig, capsys)
 
 
 # ==================================================================================================
