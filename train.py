@@ -1054,7 +1054,8 @@ def param_index(model, optimizer):
     return {names[p]: i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
 
 
-OPTIMIZER_TENSORS = {"exp_avg", "exp_avg_sq", "momentum_buffer"}  # per-parameter state shaped like it (AdamW, Muon)
+# per-parameter optimizer state shaped like the parameter (AdamW, Muon); a tuple: every rank gathers in this order
+OPTIMIZER_TENSORS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
 
 
 def gather_checkpoint(model, grid, optimizer):
@@ -1091,7 +1092,7 @@ def load_sharded_optimizer_state(model, grid, optimizer, whole_state):
         if entry is not None:
             p, state[i] = named[name], dict(entry)
             if hasattr(p, "tp_dim"):  # a tp shard (only when tp > 1)
-                for key in OPTIMIZER_TENSORS & entry.keys():
+                for key in (k for k in OPTIMIZER_TENSORS if k in entry):
                     state[i][key] = entry[key].index_select(p.tp_dim, shard_index(p.tp_sections, grid.tp_rank, grid.tp))
     groups = [{**g, **{k: v for k, v in w.items() if k != "params"}}
               for g, w in zip(optimizer.state_dict()["param_groups"], whole_state["param_groups"])]
