@@ -28,7 +28,10 @@ Design choices:
 - `--tp N --pp M` (data parallel takes the rest: world = dp x tp x pp; CPU/gloo or GPUs/NCCL) runs
   hand-written Megatron-style tensor parallelism (heads, MLP, vocabulary split over tp) and pipeline
   stages (--schedule gpipe | 1f1b, micro-batches = --grad-accum). Checkpoints are always saved whole, so
-  any layout, one process and sample.py load them, and --resume may change the layout.
+  any layout, one process and sample.py load them, and --resume may change the layout;
+- `--optimizer muon`: Muon (orthogonalised Nesterov momentum) for the blocks' matrices, AdamW at --lr for
+  embeddings, head, norms and biases, in one optimizer; under --tp a matrix's update is gathered whole
+  before it is orthogonalised, so every layout takes one process's step.
 
 Two parts: the whole single-process path as a run meets it (config, processes, data, model, step and eval,
 checkpoints and logs, main), then tensor and pipeline parallelism, which main() calls under --tp/--pp.
