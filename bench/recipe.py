@@ -51,7 +51,8 @@ def train_recipes(args, seed, train_data, val_data, meta):
     eval_cfg = train.TrainConfig(seed=EVAL_SEED, batch_size=args.batch_size, eval_steps=args.eval_steps, **shape)
     bits_per_token = meta["val_tokens"] / meta["val_bytes"] / math.log(2)  # nats/token -> bits/byte
     runs = []
-    for name, (model_fields, train_fields) in RECIPES.items():
+    for name in args.recipes:
+        model_fields, train_fields = RECIPES[name]
         cfg = train.TrainConfig(seed=seed, batch_size=args.batch_size, max_steps=args.steps,
                                 warmup_steps=args.warmup_steps, **shape, **train_fields)
         model = train.build_model(GPTConfig(vocab_size=meta["vocab_size"], **shape, **model_fields), seed)
@@ -68,6 +69,8 @@ def train_recipes(args, seed, train_data, val_data, meta):
             if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
                 loss = train.evaluate(run["model"], val_data, eval_cfg, 0, 1, device, nullcontext())
                 run["curve"].append((step + 1, run["seconds"], loss * bits_per_token))
+                print(f"  seed {seed} {run['name']:16s} step {step + 1:5d} {run['seconds']:7.0f} s  "
+                      f"val {run['curve'][-1][2]:.3f} bits/byte", flush=True)
     return {run["name"]: run["curve"] for run in runs}
 
 
@@ -94,10 +97,13 @@ def main():
     parser.add_argument("--block-size", type=int, default=256, help="default: 256")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES),
+                        help=f"which recipes (default: all; {BASELINE!r} is always run, the time baseline)")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps, args.warmup_steps, args.eval_every, args.eval_steps = 2, 60, 10, 20, 4
         args.n_layer, args.n_head, args.n_embd, args.block_size = 2, 2, 64, 64
+    args.recipes = [name for name in RECIPES if name in args.recipes or name == BASELINE]
     torch.set_num_threads(args.threads)
     train_data, val_data, meta = train.load_data(args.data_dir, args.block_size)
     if not meta.get("val_bytes"):
@@ -106,7 +112,7 @@ def main():
           f"{args.steps} steps, {args.seeds} seed(s), {args.threads} threads, vocab {meta['vocab_size']}", flush=True)
     curves = [train_recipes(args, 1337 + s, train_data, val_data, meta) for s in range(args.seeds)]
     print(f"\n{'recipe':18s} {'bpb, equal tokens':>22s} {'s/step':>8s} {'bpb, equal time':>22s}")
-    for name in RECIPES:
+    for name in args.recipes:
         end = [c[name][-1][2] for c in curves]
         ratio = statistics.mean(c[name][-1][1] / c[BASELINE][-1][1] for c in curves)
         timed = [at_time(c[name], c[BASELINE][-1][1]) for c in curves]
