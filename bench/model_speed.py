@@ -10,7 +10,9 @@ bench/model_speed.py: model.py's speed against plain baselines, measured side by
    Newton-Schulz iterations per step).
 2. Generation of 256 new tokens after a 1- and a 128-token prompt: with the KV cache against
    recomputing the whole visible sequence each step.
-Prints tokens/s and the ratio to the baseline; medians over --repeats.
+Prints tokens/s and the ratio to the baseline; medians over --repeats. On a busy machine pass --threads 1:
+with 2 threads on 2 shared cores, torch's threads wait on each other at every small matmul, which slowed
+Newton-Schulz's 256-wide products 12x here (1.5 s -> 18 s a step) and the large forward ones far less.
 """
 
 import argparse
