@@ -87,6 +87,7 @@ def main():
     parser.add_argument("--data-dir", default="data/tokens", help="tokenize_data.py's output (default: data/tokens)")
     parser.add_argument("--quick", action="store_true", help="2 layers x 64, block 64, 60 steps, 2 seeds")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per recipe (default: 3)")
+    parser.add_argument("--seed", type=int, default=1337, help="the first seed; then seed+1, ... (default: 1337)")
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000, the pipeline's)")
     parser.add_argument("--warmup-steps", type=int, default=50, help="linear warmup of every recipe (default: 50)")
     parser.add_argument("--eval-every", type=int, default=100, help="steps between evaluations (default: 100)")
@@ -110,7 +111,7 @@ def main():
         raise SystemExit(f"{args.data_dir}/meta.json has no val_bytes, so no bits per byte; rerun tokenize_data.py.")
     print(f"{args.n_layer} layers x {args.n_embd}, {args.batch_size} x {args.block_size} tokens per step, "
           f"{args.steps} steps, {args.seeds} seed(s), {args.threads} threads, vocab {meta['vocab_size']}", flush=True)
-    curves = [train_recipes(args, 1337 + s, train_data, val_data, meta) for s in range(args.seeds)]
+    curves = [train_recipes(args, args.seed + s, train_data, val_data, meta) for s in range(args.seeds)]
     print(f"\n{'recipe':18s} {'bpb, equal tokens':>22s} {'s/step':>8s} {'bpb, equal time':>22s}")
     for name in args.recipes:
         end = [c[name][-1][2] for c in curves]
