@@ -28,7 +28,10 @@ Design choices:
 - `--tp N --pp M` (data parallel takes the rest: world = dp x tp x pp; CPU/gloo or GPUs/NCCL) runs
   hand-written Megatron-style tensor parallelism (heads, MLP, vocabulary split over tp) and pipeline
   stages (--schedule gpipe | 1f1b, micro-batches = --grad-accum). Checkpoints are always saved whole, so
-  any layout, one process and sample.py load them, and --resume may change the layout.
+  any layout, one process and sample.py load them, and --resume may change the layout;
+- `--optimizer muon`: Muon (orthogonalised Nesterov momentum) for the blocks' matrices, AdamW at --lr for
+  embeddings, head, norms and biases, in one optimizer; under --tp a matrix's update is gathered whole
+  before it is orthogonalised, so every layout takes one process's step.
 
 Two parts: the whole single-process path as a run meets it (config, processes, data, model, step and eval,
 checkpoints and logs, main), then tensor and pipeline parallelism, which main() calls under --tp/--pp.
@@ -77,11 +80,14 @@ class TrainConfig:
     bias: bool = False             # biases in the linear layers and LayerNorm
     dropout: float = 0.0           # dropout probability (may change on resume)
     attn_impl: str = "sdpa"        # attention: sdpa (PyTorch), naive (textbook reference), triton (our kernel, CUDA)
-    # optimisation: AdamW; linear warmup, then cosine decay
+    # optimisation: AdamW or Muon; linear warmup, then cosine decay
     batch_size: int = 16           # sequences per micro-batch on each data-parallel rank
     grad_accum: int = 1            # micro-batches per optimizer step (under --pp: the pipeline's micro-batches)
     max_steps: int = 500           # optimizer steps to train to (on resume: the step to stop at)
-    lr: float = 1e-3               # peak learning rate, reached at the end of warmup
+    optimizer: str = "adamw"       # adamw; muon: Muon for the blocks' matrices, AdamW at --lr for embeddings, head, norms
+    lr: float = 1e-3               # peak learning rate, reached at the end of warmup (AdamW's)
+    muon_lr: float = 0.02          # --optimizer muon: the matrices' peak learning rate; follows --lr's schedule scaled
+    muon_momentum: float = 0.95    # --optimizer muon: the matrices' (Nesterov) momentum
     min_lr: float = 1e-4           # learning rate at the end of the cosine decay, and after it
     warmup_steps: int = 50         # steps of linear warmup, from lr/warmup_steps up to lr
     lr_decay_steps: int = 0        # step where the cosine reaches min_lr, flat after it; 0: at max_steps (the end)
@@ -104,7 +110,7 @@ PRESETS = {"gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024,
                              compile=True, batch_size=16, grad_accum=32, max_steps=19073, lr=6e-4,
                              min_lr=6e-5, warmup_steps=700, eval_interval=250, eval_steps=20)}
 CHOICES = {**CONFIG_CHOICES, "preset": list(PRESETS), "dtype": ["auto", "float32", "bfloat16", "float16"],
-           "schedule": ["gpipe", "1f1b"]}
+           "schedule": ["gpipe", "1f1b"], "optimizer": ["adamw", "muon"]}
 ALIASES = {"attn_impl": ["--attn"]}  # other spellings of a flag that users type
 SHAPE_FIELDS = ["n_layer", "n_head", "n_kv_head", "n_embd", "pos_encoding", "norm", "prenorm", "mlp",
                 "tie_weights", "bias"]
@@ -122,6 +128,8 @@ def resolve_config(argv):
     ckpt_path = os.path.join(given["out_dir"], "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path) if given.get("resume") and os.path.isfile(ckpt_path) else None
     saved = {k: v for k, v in (ckpt or {}).get("train_config", {}).items() if k in TrainConfig.__dataclass_fields__}
+    if ckpt is not None:
+        saved.setdefault("optimizer", "adamw")  # written before --optimizer existed
     preset = given.get("preset", saved.get("preset", ""))
     return TrainConfig(**{**PRESETS.get(preset, {}), **saved, **given}), given, ckpt, ckpt_path
 
@@ -134,8 +142,10 @@ def check_config(cfg):
     for name, least in at_least.items():
         if not getattr(cfg, name) >= least:  # `not >=` also catches nan
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least {least}.")
-    if not cfg.lr > 0:
-        raise SystemExit(f"--lr {cfg.lr} must be a positive number (the peak learning rate).")
+    if not (cfg.lr > 0 and cfg.muon_lr > 0):
+        raise SystemExit(f"--lr {cfg.lr} and --muon-lr {cfg.muon_lr} must be positive numbers (peak learning rates).")
+    if not 0 <= cfg.muon_momentum < 1:
+        raise SystemExit(f"--muon-momentum {cfg.muon_momentum} must be in [0, 1).")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise SystemExit(f"--device {cfg.device} is not one of auto, cpu, cuda, cuda:N.")
     if cfg.device.startswith("cuda") and int(cfg.device[5:] or 0) >= torch.cuda.device_count():
@@ -290,6 +300,109 @@ def learning_rate_at(step, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
+# Muon (Keller Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks",
+# kellerjordan.github.io/posts/muon): for a weight matrix that maps hidden states to hidden states, take
+# SGD's Nesterov momentum M = U S V^T and step along U V^T instead, every singular value set to ~1, so the
+# rare directions of the update move as far as the dominant ones. U V^T comes from a few matrix products
+# (Newton-Schulz), not an SVD. Embeddings, the head and vectors are not such maps and keep AdamW.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the blog's quintic: steep at 0, so small singular values grow fast
+
+
+def orthogonalize(G, steps=5):
+    """G (m, n) -> about U V^T, where G = U S V^T: the same singular vectors, singular values in ~[0.7, 1.2].
+
+    Dividing by the Frobenius norm puts every singular value in [0, 1]; each step maps X = U S V^T to
+    a X + b (X X^T) X + c (X X^T)^2 X = U p(S) V^T, p(s) = a s + b s^3 + c s^5, which pushes every s
+    that is not tiny into the band around 1 (it trades exactness at 1 for speed). X X^T is taken on
+    the short side, so a step costs 2 m^2 n + m^3 multiply-adds with m <= n.
+    """
+    a, b, c = NS_COEFFICIENTS
+    X = G.mT if G.size(0) > G.size(1) else G                            # (m, n), m <= n
+    X = X / (X.norm() + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT                                                    # (m, m)
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if G.size(0) > G.size(1) else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for the groups with muon=True; AdamW (torch.optim.AdamW's step and state names) for the
+    others, so one optimizer, one state_dict and one GradScaler serve both.
+
+    Muon's step for a matrix W (out x in): momentum buffer B = mu B + G; update O = orthogonalize(G + mu B)
+    (Nesterov) times sqrt(max(1, out/in)), so a tall matrix changes its outputs' RMS as much as a square
+    one; W -= lr O. A matrix may carry `muon_sections` (row counts of the maps fused in it: [q | k | v],
+    SwiGLU's [gate | up]), each orthogonalised on its own. Under --tp a matrix is a shard (it has tp_dim):
+    its update is gathered whole over tp_group, orthogonalised, and cut back, so every layout takes the
+    step one process takes (each tp rank repeats the whole matrix's Newton-Schulz).
+    """
+
+    def __init__(self, param_groups, lr, momentum=0.95, betas=(0.9, 0.95), eps=1e-8, ns_steps=5, tp_group=None):
+        super().__init__(param_groups, dict(lr=lr, momentum=momentum, betas=betas, eps=eps, weight_decay=0.0,
+                                            ns_steps=ns_steps, muon=False))
+        self.tp_group = tp_group
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in (p for p in group["params"] if p.grad is not None):
+                p.mul_(1 - group["lr"] * group["weight_decay"])        # decoupled weight decay
+                if group["muon"]:
+                    p.add_(self.muon_update(p, group), alpha=-group["lr"])
+                else:
+                    self.adamw_step(p, group)
+
+    def muon_update(self, p, group):
+        momentum, buf = group["momentum"], self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        buf.mul_(momentum).add_(p.grad)
+        G = p.grad.add(buf, alpha=momentum)                             # Nesterov: a step ahead
+        if hasattr(p, "tp_dim"):  # part 2: the whole matrix from the tp shards
+            G = whole_from_shards(p, G, self.tp_group)
+        update = torch.cat([orthogonalize(M.float(), group["ns_steps"]) * max(1, M.size(0) / M.size(1)) ** 0.5
+                            for M in G.split(getattr(p, "muon_sections", [G.size(0)]))])
+        if hasattr(p, "tp_dim"):  # this rank's shard of the whole update
+            index = shard_index(p.tp_sections, dist.get_rank(self.tp_group), dist.get_world_size(self.tp_group))
+            update = update.index_select(p.tp_dim, index.to(update.device))
+        return update.to(p.dtype)
+
+    def adamw_step(self, p, group):
+        """torch.optim.AdamW's update (weight decay already applied)."""
+        state, (beta1, beta2) = self.state[p], group["betas"]
+        if not state:
+            state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        state["step"] += 1
+        step = state["step"].item()
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** step))
+
+
+def make_optimizer(model, cfg, device_type="cpu", tp_group=None):
+    """--optimizer adamw: model.configure_optimizers. muon: Muon for the 2-D matrices inside the blocks (the
+    maps between hidden states), AdamW for the rest: embeddings and an untied head decayed, vectors not."""
+    if cfg.optimizer == "adamw":
+        return model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=device_type)
+    c = model.config
+    for block in model.blocks:  # whole-model sizes (under --tp these are also the shards' tp_sections)
+        block.attn.qkv.weight.muon_sections = [c.n_head * c.head_dim] + [c.n_kv_head * c.head_dim] * 2
+        if c.mlp == "swiglu":
+            block.mlp.fc.weight.muon_sections = [c.mlp_hidden, c.mlp_hidden]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = [n.startswith("blocks.") and p.dim() == 2 for n, p in named]
+    groups = [dict(params=[p for (_, p), h in zip(named, hidden) if h], muon=True, lr=cfg.muon_lr),
+              dict(params=[p for (_, p), h in zip(named, hidden) if not h and p.dim() >= 2],
+                   weight_decay=cfg.weight_decay),
+              dict(params=[p for _, p in named if p.dim() < 2])]
+    return Muon(groups, cfg.lr, cfg.muon_momentum, tp_group=tp_group)
+
+
+def set_learning_rate(optimizer, lr, cfg):
+    """The schedule's lr for AdamW's groups; Muon's groups run at --muon-lr / --lr times it."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * cfg.muon_lr / cfg.lr if group.get("muon") else lr
+
+
 # ---------------------------------------------------------------------------------------------------
 # The step and evaluation
 
@@ -298,8 +411,7 @@ def train_step(model, optimizer, scaler, batches, lr, cfg, autocast):
 
     Each micro loss is divided by grad_accum so the summed gradients are those of the mean over the
     whole batch. DDP all-reduces gradients only on the last micro-step (no_sync on the others)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_learning_rate(optimizer, lr, cfg)
     loss_sum = torch.zeros((), device=batches[0][0].device)
     for micro, (x, y) in enumerate(batches):
         last = micro == len(batches) - 1
@@ -441,9 +553,13 @@ def main(argv=None):
     if grid and scaler.is_enabled():
         raise SystemExit("float16 needs one loss scale agreed by all stages, which --tp/--pp do not do; "
                          "pass --dtype bfloat16 or float32.")
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=device.type)
+    optimizer = make_optimizer(model, cfg, device.type, grid.tp_group if grid else None)
     if ckpt is not None:
-        if grid:  # part 2: this shard's slice of the whole model's AdamW state
+        saved_optimizer = ckpt["train_config"].get("optimizer", "adamw")  # written before Muon: AdamW
+        if cfg.optimizer != saved_optimizer:
+            raise SystemExit(f"--optimizer {cfg.optimizer} differs from the checkpoint's {saved_optimizer} (its state "
+                             "does not carry over); drop the flag or train into a new --out-dir.")
+        if grid:  # part 2: this shard's slice of the whole model's optimizer state
             load_sharded_optimizer_state(model, grid, optimizer, ckpt["optimizer"])
         else:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -853,10 +969,9 @@ def finish_gradients(model, grid, loss_sum, grad_clip):
 
 
 def parallel_train_step(model, grid, optimizer, batches, lr, cfg, autocast):
-    """train_step under --tp/--pp: the schedule, finish_gradients, AdamW -> this replica's mean loss.
+    """train_step under --tp/--pp: the schedule, finish_gradients, the optimizer -> this replica's mean loss.
     Grads are zeroed before the step rather than after, so tests can read them."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_learning_rate(optimizer, lr, cfg)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = pipeline_step(model, grid, batches, cfg.schedule, autocast)
     loss, _ = finish_gradients(model, grid, loss_sum, cfg.grad_clip)
@@ -899,13 +1014,9 @@ def gather_full(model, grid, tensors):
     for name, t in tensors.items():
         if name == "lm_head.weight" and model.config.tie_weights and not grid.is_first:
             continue  # the first stage's wte.weight, the same values
-        p, t = named[name], t.detach().contiguous()
+        p, t = named[name], t.detach()
         if hasattr(p, "tp_dim"):  # a tp shard (only when tp > 1)
-            pieces = [torch.empty_like(t) for _ in range(grid.tp)]
-            dist.all_gather(pieces, t, group=grid.tp_group)
-            t = torch.cat(pieces, p.tp_dim)  # rank-major; reorder to the whole tensor's layout
-            index = torch.cat([shard_index(p.tp_sections, r, grid.tp) for r in range(grid.tp)]).to(t.device)
-            t = t.index_select(p.tp_dim, index.argsort())
+            t = whole_from_shards(p, t, grid.tp_group)
         whole[global_name(model, name)] = t.cpu()
     if grid.tp_rank != 0:
         return None
@@ -915,18 +1026,28 @@ def gather_full(model, grid, tensors):
         if not grid.is_first:
             return None
         whole = {k: v for stage in stages for k, v in stage.items()}
-    if model.config.tie_weights:
+    if model.config.tie_weights and "wte.weight" in whole:
         whole["lm_head.weight"] = whole["wte.weight"]
     return whole
 
 
+def whole_from_shards(p, shard, group):
+    """This rank's tp shard of parameter p (or a tensor shaped like it) -> the whole tensor, on every tp
+    rank: all-gathered, then put back in the order shard_index cut it."""
+    tp = dist.get_world_size(group)
+    pieces = [torch.empty_like(shard) for _ in range(tp)]
+    dist.all_gather(pieces, shard.contiguous(), group=group)
+    index = torch.cat([shard_index(p.tp_sections, r, tp) for r in range(tp)]).to(shard.device)
+    return torch.cat(pieces, p.tp_dim).index_select(p.tp_dim, index.argsort())  # rank-major -> whole layout
+
+
 def whole_skeleton(model, optimizer):
     """The whole model as a GPT on the meta device (names and shapes, no memory), {its param name: index
-    in its AdamW state_dict} and that state_dict's param_groups."""
+    in its optimizer's state_dict} and that state_dict's param_groups (the same kind of optimizer)."""
     with torch.device("meta"):
         whole = GPT(model.config)
-    g = optimizer.param_groups[0]
-    whole_opt = whole.configure_optimizers(g["weight_decay"], g["lr"], g["betas"], "cpu")
+    kind = "muon" if isinstance(optimizer, Muon) else "adamw"
+    whole_opt = make_optimizer(whole, TrainConfig(optimizer=kind))  # only its grouping is read
     return whole, param_index(whole, whole_opt), whole_opt.state_dict()["param_groups"]
 
 
@@ -936,26 +1057,37 @@ def param_index(model, optimizer):
     return {names[p]: i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
 
 
+# per-parameter optimizer state shaped like the parameter (AdamW, Muon); a tuple: every rank gathers in this order
+OPTIMIZER_TENSORS = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+
+
 def gather_checkpoint(model, grid, optimizer):
-    """-> (the whole model, its AdamW state_dict) on rank 0, (None, None) elsewhere; every rank calls it.
+    """-> (the whole model, its optimizer's state_dict) on rank 0, (None, None) elsewhere; every rank calls it.
     Saved unsharded, so any layout, a single process and sample.py load it."""
     params = gather_full(model, grid, dict(model.named_parameters()))
     local, index = optimizer.state_dict(), param_index(model, optimizer)
-    moments = {key: gather_full(model, grid, {n: local["state"][i][key] for n, i in index.items() if i in local["state"]})
-               for key in ("exp_avg", "exp_avg_sq")}
+    moments = {key: gather_full(model, grid, {n: local["state"][i][key] for n, i in index.items()
+                                              if key in local["state"].get(i, {})})
+               for key in OPTIMIZER_TENSORS}
     if params is None:
         return None, None
     whole, whole_index, groups = whole_skeleton(model, optimizer)
-    step = next(iter(local["state"].values()))["step"] if local["state"] else None  # one step for all
-    state = {whole_index[n]: {"step": step.clone(), "exp_avg": moments["exp_avg"][n], "exp_avg_sq": avg_sq}
-             for n, avg_sq in moments["exp_avg_sq"].items() if n in whole_index}
+    state = {}
+    for key, tensors in moments.items():
+        for n, t in tensors.items():
+            if n in whole_index:
+                state.setdefault(whole_index[n], {})[key] = t
+    step = next((s["step"] for s in local["state"].values() if "step" in s), None)  # AdamW's: one for all
+    for entry in state.values():
+        if "exp_avg" in entry:
+            entry["step"] = step.clone()
     groups = [{**g, "params": w["params"]} for g, w in zip(local["param_groups"], groups)]
     whole.load_state_dict(params, assign=True)  # the gathered tensors put into the skeleton
     return whole, {"state": state, "param_groups": groups}
 
 
 def load_sharded_optimizer_state(model, grid, optimizer, whole_state):
-    """Load a whole model's AdamW state_dict (any layout or a single process wrote it) into this shard."""
+    """Load a whole model's optimizer state_dict (any layout or a single process wrote it) into this shard."""
     _, whole_index, _ = whole_skeleton(model, optimizer)
     named, state = dict(model.named_parameters()), {}
     for name, i in param_index(model, optimizer).items():
@@ -963,7 +1095,7 @@ def load_sharded_optimizer_state(model, grid, optimizer, whole_state):
         if entry is not None:
             p, state[i] = named[name], dict(entry)
             if hasattr(p, "tp_dim"):  # a tp shard (only when tp > 1)
-                for key in ("exp_avg", "exp_avg_sq"):
+                for key in (k for k in OPTIMIZER_TENSORS if k in entry):
                     state[i][key] = entry[key].index_select(p.tp_dim, shard_index(p.tp_sections, grid.tp_rank, grid.tp))
     groups = [{**g, **{k: v for k, v in w.items() if k != "params"}}
               for g, w in zip(optimizer.state_dict()["param_groups"], whole_state["param_groups"])]

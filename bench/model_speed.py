@@ -3,12 +3,16 @@ bench/model_speed.py: model.py's speed against plain baselines, measured side by
 
     python bench/model_speed.py [--threads 2] [--repeats 5]
 
-1. Training step (forward + backward, 4 layers, 256 wide, 8 x 256 tokens): model.py against a
-   straightforward nanoGPT-style GPT written below (learned positions, fused qkv, GELU, LayerNorm
-   with bias, sdpa). Compared at the same configuration, and model.py's defaults (RoPE) shown too.
+1. Training step (forward + backward + optimizer step, 4 layers, 256 wide, 8 x 256 tokens): model.py
+   against a straightforward nanoGPT-style GPT written below (learned positions, fused qkv, GELU,
+   LayerNorm with bias, sdpa), both with AdamW. Compared at the same configuration, and model.py's
+   defaults (RoPE) shown too, with AdamW and with train.py's Muon (--optimizer muon: the price of its
+   Newton-Schulz iterations per step).
 2. Generation of 256 new tokens after a 1- and a 128-token prompt: with the KV cache against
    recomputing the whole visible sequence each step.
-Prints tokens/s and the ratio to the baseline; medians over --repeats.
+Prints tokens/s and the ratio to the baseline; medians over --repeats. On a busy machine pass --threads 1:
+with 2 threads on 2 shared cores, torch's threads wait on each other at every small matmul, which slowed
+Newton-Schulz's 256-wide products 12x here (1.5 s -> 18 s a step) and the large forward ones far less.
 """
 
 import argparse
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT, GPTConfig  # noqa: E402
+from train import TrainConfig, make_optimizer  # noqa: E402
 
 
 class PlainGPT(nn.Module):
@@ -53,20 +58,21 @@ class PlainGPT(nn.Module):
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
-def time_train_steps(models, idx, targets, repeats):
-    """Median seconds per forward+backward of each model; rounds interleave the models, so a
-    slow moment of the machine hits all of them alike."""
-    def step(model):
+def time_train_steps(runs, idx, targets, repeats):
+    """Median seconds per training step (forward, backward, optimizer step) of each (model, optimizer);
+    rounds interleave them, so a slow moment of the machine hits all of them alike."""
+    def step(model, optimizer):
         _, loss = model(idx, targets)
         loss.backward()
-        model.zero_grad(set_to_none=True)
-    for model in models:
-        step(model)  # warm-up
-    times = [[] for _ in models]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for run in runs:
+        step(*run)  # warm-up (and the optimizer's state allocated)
+    times = [[] for _ in runs]
     for _ in range(repeats):
-        for model, t in zip(models, times):
+        for run, t in zip(runs, times):
             t0 = time.perf_counter()
-            step(model)
+            step(*run)
             t.append(time.perf_counter() - t0)
     return [statistics.median(t) for t in times]
 
@@ -92,16 +98,19 @@ def main():
     targets = torch.randint(0, vocab, (B, block))
 
     shape = dict(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-    rows = [("nanoGPT-style baseline", PlainGPT(vocab, block, n_layer, n_head, n_embd)),
-            ("model.py, same config (learned pos, bias)", GPT(GPTConfig(**shape, pos_encoding="learned", bias=True))),
-            ("model.py defaults (RoPE, no bias)", GPT(GPTConfig(**shape)))]
-    print(f"train step: forward+backward, {n_layer} layers x {n_embd} wide, {B}x{block} tokens, "
-          f"{args.threads} threads, median of {args.repeats}")
-    seconds = time_train_steps([model for _, model in rows], idx, targets, args.repeats)
-    for (name, _), sec in zip(rows, seconds):
-        print(f"  {name:45s} {idx.numel() / sec:10.0f} tok/s   x{seconds[0] / sec:.2f}")
+    plain, same, ours = (PlainGPT(vocab, block, n_layer, n_head, n_embd),
+                         GPT(GPTConfig(**shape, pos_encoding="learned", bias=True)), GPT(GPTConfig(**shape)))
+    rows = [("nanoGPT-style baseline, AdamW", plain, torch.optim.AdamW(plain.parameters(), 1e-3)),
+            ("model.py, same config (learned pos, bias), AdamW", same, make_optimizer(same, TrainConfig())),
+            ("model.py defaults (RoPE, no bias), AdamW", ours, make_optimizer(ours, TrainConfig())),
+            ("model.py defaults, Muon + AdamW", ours, make_optimizer(ours, TrainConfig(optimizer="muon")))]
+    print(f"train step: forward + backward + optimizer step, {n_layer} layers x {n_embd} wide, {B}x{block} "
+          f"tokens, {args.threads} threads, median of {args.repeats}")
+    seconds = time_train_steps([(model, opt) for _, model, opt in rows], idx, targets, args.repeats)
+    for (name, *_), sec in zip(rows, seconds):
+        print(f"  {name:50s} {idx.numel() / sec:10.0f} tok/s   x{seconds[0] / sec:.2f}")
 
-    model = rows[2][1].eval()
+    model = ours.eval()
     for prompt_len in (1, 128):  # 128 + 256 runs past block_size: the window jumps, the cache is rebuilt
         prompt = torch.randint(0, vocab, (1, prompt_len))
         print(f"\ngenerate: 256 new tokens after a {prompt_len}-token prompt, batch 1, median of {args.repeats}")
