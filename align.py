@@ -1,14 +1,19 @@
-"""align.py: turn a pretrained GPT into a chat model: supervised fine-tuning (SFT), then DPO.
+"""align.py: turn a pretrained GPT into a chat model: supervised fine-tuning (SFT), then DPO or RL (GRPO).
 
     python plays.py --chat-from data/corpus.jsonl --out-dir data/chat    # the demo data: questions on the plays
     python align.py --method sft --init out/pretrain/ckpt.pt --data data/chat/sft.jsonl --out-dir out/sft
     python align.py --method dpo --init out/sft/ckpt.pt --data data/chat/dpo.jsonl --out-dir out/dpo
+    python align.py --method grpo --init out/sft/ckpt.pt --data data/chat/rl.jsonl --out-dir out/rl
+    python align.py --method grpo --init out/pretrain/ckpt.pt --data data/chat/rl.jsonl --out-dir out/eval \
+        --max-steps 0                                                    # only score a model on the questions
     torchrun --standalone --nproc-per-node 2 align.py --method sft ...        # data parallel (gloo/NCCL)
 
 Data, one JSON object per line, in the conventions of the popular trainers:
   SFT  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]} or
        {"prompt": "...", "response": "..."}
   DPO  {"prompt": ..., "chosen": ..., "rejected": ...}, each a string or a list of messages.
+  GRPO {"prompt": ..., "answer": "..."} (a string or a list of messages, ending with the user's turn) or
+       {"messages": [...], "answer": "..."}: the prompt and what the reward needs.
 Optional extra fields: "group" (the held-out split key), "task" (metrics are also broken down by it),
 "options" (SFT: the last assistant message is one of them; scored below).
 Held out: --val-data, or else the groups (hash of "group", else of the line) that fall in --eval-fraction.
@@ -19,7 +24,9 @@ one scores highest (the same test for any checkpoint, the pretrained one too); v
 decoding writes exactly the true answer's tokens and <|end|> (a model must also learn to stop). DPO val_loss,
 val_accuracy (chosen reward > rejected reward, a tie counts half), val_margin, val_chosen_reward,
 val_rejected_reward, and val_logp_accuracy (log pi(chosen) > log pi(rejected): no reference involved,
-so at step 0 it is the init model's own preference accuracy).
+so at step 0 it is the init model's own preference accuracy). GRPO val_accuracy: the greedy answer earns
+the reward (per "task" too); val_pass@1 and val_pass@G: of G answers sampled at --temperature, the share
+right and whether any is.
 
 Chat template (render_conversation, which sample.py's chat calls too; the token names are
 tokenize_data.SPECIAL_TOKENS): [<|endoftext|>] + per message [<|role|>] + content + [<|end|>]. Loss only
@@ -28,7 +35,17 @@ tokens (never a supervised one); if its supervised part alone does not fit, it i
 DPO: the frozen reference is the --init model; its log-probs for every held-out pair and every training
 pair the run will visit (max_steps x batch x ranks of them, a fixed sample) are computed once up front,
 so no second model is kept. loss = -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), log-probs
-summed over response tokens. Evaluates before the first step and after the last (and every
+summed over response tokens.
+GRPO (on-policy RL, as Dr. GRPO and nanochat's chat_rl simplify it): each step takes --batch-size
+prompts, samples --group-size answers to each with the KV cache (an answer ends at <|end|> or after
+--max-new-tokens tokens: cut off, it earns nothing), scores them with reward() (1 for the exact answer,
+else 0), and takes advantage = reward - its group's mean (not divided by the group's std: see
+group_advantages). The loss, -(1/N) sum over answers and their tokens of advantage * log pi(token),
+raises the log-probs of answers that beat their group and lowers the rest; prompt tokens are not
+trained. One update per batch of fresh samples, so no importance ratio or clipping. --beta > 0 adds a
+per-token KL(pi || init) estimate (a frozen copy of --init is kept). A step's samples follow from
+(--seed, step, rank), as its prompts do, so a resumed run draws exactly what the uninterrupted one did.
+Every method evaluates before the first step and after the last (and every
 --eval-interval steps, saving a checkpoint each time). Prints one line per step and per eval; writes
 OUT/log.jsonl and OUT/ckpt.pt (self-contained: weights, tokenizer, "stage", train_config, and the log up
 to its step, so --resume rewrites log.jsonl as that run's: each step once, however often it was killed).
@@ -58,16 +75,16 @@ from tokenize_data import SPECIAL_TOKENS, tokenizer_from_dict
 
 @dataclass
 class AlignConfig:
-    method: Literal["sft", "dpo", "grpo"] = "sft"  # sft: learn the answers of chat data; dpo: prefer chosen over rejected; grpo: RL on checkable answers
-    init: str = ""                 # checkpoint to start from (and the frozen reference of DPO and GRPO's KL), e.g. out/pretrain/ckpt.pt
+    method: Literal["sft", "dpo", "grpo"] = "sft"  # sft: learn chat answers; dpo: prefer chosen; grpo: RL on checkable answers
+    init: str = ""                 # checkpoint to start from (and the reference of DPO and GRPO's KL), e.g. out/sft/ckpt.pt
     data: str = ""                 # JSONL training data (conventions above)
     val_data: str = ""             # held-out JSONL; empty: hold out --eval-fraction of --data's groups
     out_dir: str = ""              # where ckpt.pt and log.jsonl are written
     eval_fraction: float = 0.1     # share of groups held out when there is no --val-data
     eval_max: int = 200            # held-out examples scored per eval (keeps evals cheap)
     eval_interval: int = 0         # evaluate and checkpoint every this many steps; 0: only at the start and the end
-    max_steps: int = -1            # optimizer steps; -1: 300 for sft, 100 for dpo, 60 for grpo; 0: only evaluate --init
-    batch_size: int = 0            # examples (DPO: pairs, GRPO: prompts) per step per rank; 0: 16 sft, 8 dpo, 8 grpo
+    max_steps: int = -1            # optimizer steps; -1: 300 sft, 100 dpo, 60 grpo; 0: only evaluate --init
+    batch_size: int = 0            # examples (DPO: pairs, GRPO: prompts) per step per rank; 0: 16 sft, 8 dpo/grpo
     lr: float = 0.0                # peak learning rate; 0: 1e-3 for sft, 3e-4 for dpo, 1e-4 for grpo
     min_lr_ratio: float = 0.1      # the schedule ends at lr * min_lr_ratio
     schedule: Literal["cosine", "linear"] = "cosine"  # how the learning rate decays after warmup
@@ -78,7 +95,7 @@ class AlignConfig:
     group_size: int = 8            # GRPO: answers sampled per prompt (G); advantages are relative to the group
     max_new_tokens: int = 16       # GRPO: an answer ends at <|end|> or after this many tokens (then it earns nothing)
     temperature: float = 1.0       # GRPO: sampling temperature of the answers (and of the held-out pass@k)
-    seed: int = 1337               # the batches, the held-out sample, DPO's visited pairs and GRPO's samples follow from it
+    seed: int = 1337               # batches, held-out sample, DPO's visited pairs, GRPO's samples follow from it
     device: str = "auto"           # auto (cuda when a GPU is visible, else cpu) | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 autocast on cuda, float32 on cpu
     resume: bool = False           # continue from OUT/ckpt.pt when it exists (same method)
@@ -370,10 +387,11 @@ def rollout(model, prompts, n_samples, max_new_tokens, temperature, end_id, gene
     for i, ids in enumerate(prompts):
         by_length.setdefault(len(ids), []).append(i)
     for length, which in by_length.items():
-        rows = torch.tensor([prompts[i] for i in which for _ in range(n_samples)], device=device)  # (len(which)*n, length)
+        rows = torch.tensor([prompts[i] for i in which for _ in range(n_samples)], device=device)  # (len(which)*n, L)
         new = model.generate(rows, max_new_tokens, temperature, eos_token=end_id, generator=generator)[:, length:]
         for r, ids in enumerate(new.tolist()):
-            completions[which[r // n_samples] * n_samples + r % n_samples] = ids[:ids.index(end_id) + 1] if end_id in ids else ids
+            cut = ids.index(end_id) + 1 if end_id in ids else len(ids)
+            completions[which[r // n_samples] * n_samples + r % n_samples] = ids[:cut]
     return completions, [c[-1:] == [end_id] for c in completions]
 
 

@@ -93,7 +93,7 @@ def test_help_explains_every_flag_with_default_and_choices(module, config, capsy
         words = text.split("(default:")[0].split()[2:]  # drop the flag and its metavar
         assert len(words) >= 3, f"{flag} has no help: {text}"
     if module is align:
-        assert "--method {sft,dpo}" in options and "{cosine,linear}" in options
+        assert "--method {sft,dpo,grpo}" in options and "{cosine,linear}" in options
         assert "--resume, --no-resume" in options
 
 
@@ -187,15 +187,18 @@ def test_pipeline_draws_every_training_stage_in_one_svg(tmp_path):
             + [{"step": 20, "val_loss": 2.0, "val_answer_accuracy": 0.4, "val_answer_exact": 0.1}],
             "dpo": [{"step": 0, "val_loss": 0.69, "val_accuracy": 0.5}]
             + [{"step": s, "loss": 0.69 - s / 100, "accuracy": 0.5 + s / 40} for s in range(1, 11)]
-            + [{"step": 10, "val_loss": 0.5, "val_accuracy": 0.7}]}
+            + [{"step": 10, "val_loss": 0.5, "val_accuracy": 0.7}],
+            "rl": [{"step": 0, "val_accuracy": 0.3, "val_pass@1": 0.28}]
+            + [{"step": s, "reward": 0.3 + s / 50} for s in range(1, 11)]
+            + [{"step": 10, "val_accuracy": 0.5, "val_pass@1": 0.45}]}
     for stage, rows in logs.items():
         (out / stage).mkdir(parents=True)
         (out / stage / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 11, "lo')
-    assert pipeline.draw_curves(out, out / "training.svg") == 5
+    assert pipeline.draw_curves(out, out / "training.svg") == 6
     svg = ET.parse(out / "training.svg").getroot()  # well-formed XML
     ns = "{http://www.w3.org/2000/svg}"
     lines = svg.findall(f"{ns}polyline")
-    assert len(lines) == 10  # pretrain 2, sft 2 + 2, dpo 2 + 2
+    assert len(lines) == 13  # pretrain 2, sft 2 + 2, dpo 2 + 2, rl 3
     loss = [tuple(map(float, p.split(","))) for p in lines[0].get("points").split()]
     assert len(loss) == 300 and loss[0][0] < loss[-1][0] and loss[0][1] < loss[-1][1]  # falling loss: y grows
     titles = [t.text for t in svg.findall(f"{ns}text") if t.get("font-weight") == "bold"]
@@ -332,12 +335,12 @@ def test_pipeline_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch
     assert capsys.readouterr().err.strip().splitlines() == [
         "interrupted during sft; rerun `python pipeline.py` with the same flags to continue."]
     ran.clear()
-    for done in ("scenes.jsonl", "report.json", "tokens/meta.json", "chat/dpo.jsonl"):
+    for done in ("scenes.jsonl", "report.json", "tokens/meta.json", "chat/rl.jsonl"):
         (data / done).parent.mkdir(parents=True, exist_ok=True)
         (data / done).write_text("{}")
     monkeypatch.setattr(pipeline, "trained_to", lambda ckpt, args: "pretrain" in str(ckpt))
     pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
-    assert [c[c.index("--method") + 1] for c in ran if "align.py" in c] == ["sft", "dpo"]
+    assert [c[c.index("--method") + 1] for c in ran if "align.py" in c] == ["sft", "dpo", "grpo"]
     assert "--resume" in ran[0]  # the interrupted stage continues from its checkpoint
 
 
