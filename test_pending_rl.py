@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 import align  # noqa: E402
 import plays  # noqa: E402
+import sample  # noqa: E402
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint  # noqa: E402
 from tokenize_data import SPECIAL_TOKENS, tokenizer_to_dict  # noqa: E402
 
@@ -143,7 +144,7 @@ def sft_then_questions(tmp_path):
     return str(tmp_path / "sft" / "ckpt.pt"), rl
 
 
-def test_grpo_raises_the_reward_on_a_tiny_learnable_task(tmp_path):
+def test_grpo_raises_the_reward_on_a_tiny_learnable_task(tmp_path, capsys):
     init, rl = sft_then_questions(tmp_path)
     align.main(["--method", "grpo", "--init", init, "--data", rl, "--val-data", rl, "--max-steps", "20",
                 "--batch-size", "2", "--group-size", "8", "--max-new-tokens", "4", "--lr", "1e-2",
@@ -158,6 +159,9 @@ def test_grpo_raises_the_reward_on_a_tiny_learnable_task(tmp_path):
     assert evals[-1]["val_accuracy_pick"] == evals[-1]["val_accuracy_choose"] == 1.0
     assert {"completion_len", "truncated", "no_signal", "loss", "lr"} <= set(steps[0])
     assert load_checkpoint(str(tmp_path / "rl" / "ckpt.pt"))["stage"] == "grpo"
+    capsys.readouterr()  # sample.py chats with the RL checkpoint through the same template
+    sample.main(["--ckpt", str(tmp_path / "rl" / "ckpt.pt"), "--chat", "--prompt", "choose", "--temperature", "0"])
+    assert capsys.readouterr().out == "C\n"
 
 
 def test_grpo_max_steps_0_only_evaluates_the_init_model(tmp_path):
