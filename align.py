@@ -771,7 +771,8 @@ def main(argv=None):
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         stats = {k: v / (len(idx) * world) for k, v in all_reduce_sums(sums, world).items()}
         check_finite({"the loss": stats["loss"], "the gradient norm": float(grad_norm)}, step + 1, ckpt_path)
-        optimizer.step()
+        if float(grad_norm) > 0:  # no gradient (GRPO: every group scored alike): Adam's momentum alone must not move
+            optimizer.step()      # the weights, as it would for ~10 steps, again and again when signal is sparse
         optimizer.zero_grad(set_to_none=True)
         entry = {"step": step + 1, **stats, "lr": lr, "grad_norm": float(grad_norm),
                  "dt_ms": 1000 * (time.time() - t0)}
