@@ -302,8 +302,9 @@ def make_demo_data(corpus, out_dir, max_chars=200, seed=1337):
 
     Checkable questions, per scene: up to 4 x two speeches -> who answers ("answers", 4 options from the
     play's main cast), up to 4 x a speech -> which play ("play", 4 titles); the options are listed in the
-    question. rl.jsonl holds them all as {"prompt", "answer", "options", "group", "task"}; SFT learns
-    from the first 2 of each kind, plus 2 x a speech -> the next speech ("next"). DPO, per scene:
+    question: sft.jsonl as chat records, rl.jsonl as {"prompt", "answer", "options", "group", "task"}.
+    (A speech -> the next speech, as SFT, drowned the 4-token answers in 40-token speeches: SFT then
+    answered 5% exactly, too rarely for RL to find answers to reinforce.) DPO, per scene:
     4 x a speech -> chosen: the next speech; rejected: a speech of about the same length from another
     play ("other_play", hard for a tiny model) or the next speech's words shuffled ("shuffled", easy)."""
     scenes = []  # (scene id, play, [(speaker, speech)])
@@ -326,8 +327,6 @@ def make_demo_data(corpus, out_dir, max_chars=200, seed=1337):
         rng, cast = random.Random(f"{seed}/{scene_id}"), main_cast[play]
         turns = [(a, b) for a, b in zip(speeches, speeches[1:]) if a[0] != b[0]]  # (speaker, speech) pairs
         for k, ((cue_speaker, cue), (speaker, reply)) in enumerate(rng.sample(turns, min(4, len(turns)))):
-            if k < 2:
-                sft.append({"prompt": cue, "response": reply, "group": scene_id, "task": "next"})
             sample = rng.sample(every_speech, min(50, len(every_speech))) if k % 2 == 0 else []
             others = [s for p, s in sample if p != play]
             if others:  # rejected: a speech of about the same length from another play
@@ -339,8 +338,8 @@ def make_demo_data(corpus, out_dir, max_chars=200, seed=1337):
             if rejected != reply:
                 dpo.append({"prompt": cue, "chosen": reply, "rejected": rejected, "group": scene_id, "task": kind})
         # Checkable questions, the options in the prompt (a reply is right only when it is the true one
-        # word for word: chance is 1 in 4 for a model that copies an option). SFT learns from the first
-        # 2 of each kind, RL (align.py --method grpo) practises on all of them.
+        # word for word: chance is 1 in 4 for a model that copies an option). SFT learns their answers,
+        # RL (align.py --method grpo) practises on the same questions with its own samples.
         # Who answers, after two speeches: asked the way the text runs (speeches, then the next speaker's
         # name), so what pretraining learnt about turn-taking (dialogue often alternates) can carry over.
         questions = {"answers": [], "play": []}
@@ -356,11 +355,10 @@ def make_demo_data(corpus, out_dir, max_chars=200, seed=1337):
             questions["play"].append((f"Which play is this from? {'; '.join(options)}\n\n{speaker}.\n{speech}",
                                       play, options))
         for task, asked in questions.items():
-            for k, (question, answer, options) in enumerate(asked):
+            for question, answer, options in asked:
                 row = {"options": options, "group": scene_id, "task": task}
-                if k < 2:
-                    sft.append({"messages": [{"role": "user", "content": question},
-                                             {"role": "assistant", "content": answer}], **row})
+                sft.append({"messages": [{"role": "user", "content": question},
+                                         {"role": "assistant", "content": answer}], **row})
                 rl.append({"prompt": question, "answer": answer, **row})
     for name, records in (("sft.jsonl", sft), ("dpo.jsonl", dpo), ("rl.jsonl", rl)):
         write_jsonl(Path(out_dir) / name, records)

@@ -244,9 +244,8 @@ def test_demo_data_writes_checkable_rl_questions_held_out_by_scene(tmp_path):
         per_scene.setdefault((r["group"], r["task"]), []).append(r)
     assert max(len(v) for v in per_scene.values()) == 4
     sft = [json.loads(line) for line in (tmp_path / "chat" / "sft.jsonl").read_text().splitlines()]
-    for r in sft:  # SFT's questions are the first two of each kind per scene, in the same words
-        if r["task"] != "next":
-            assert r["messages"][0]["content"] in [q["prompt"] for q in per_scene[(r["group"], r["task"])][:2]]
+    assert [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in sft] == [  # SFT: the same questions
+        (r["prompt"], r["answer"]) for r in rows]
     # align.py reads every row, and a scene's questions land on one side of the split
     records = align.read_records(str(tmp_path / "chat" / "rl.jsonl"), "grpo", "--data")
     assert len(records) == len(rows)
