@@ -83,7 +83,7 @@ class AlignConfig:
     eval_fraction: float = 0.1     # share of groups held out when there is no --val-data
     eval_max: int = 200            # held-out examples scored per eval (keeps evals cheap)
     eval_interval: int = 0         # evaluate and checkpoint every this many steps; 0: only at the start and the end
-    max_steps: int = -1            # optimizer steps; -1: 300 sft, 100 dpo, 60 grpo; 0: only evaluate --init
+    max_steps: int = -1            # optimizer steps; -1: 300 sft, 100 dpo, 40 grpo; 0: only evaluate --init
     batch_size: int = 0            # examples (DPO: pairs, GRPO: prompts) per step per rank; 0: 16 sft, 8 dpo/grpo
     lr: float = 0.0                # peak learning rate; 0: 1e-3 for sft, 3e-4 for dpo, 1e-4 for grpo
     min_lr_ratio: float = 0.1      # the schedule ends at lr * min_lr_ratio
@@ -624,7 +624,7 @@ def check_config(cfg):
         if getattr(cfg, flag) < 0:
             raise SystemExit(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must not be negative.")
     # Defaults (-1 / 0), measured on the demo data with the pipeline's CPU model.
-    defaults = {"sft": (300, 16, 1e-3, 0.1), "dpo": (100, 8, 3e-4, 0.1), "grpo": (60, 8, 1e-4, 0.0)}[cfg.method]
+    defaults = {"sft": (300, 16, 1e-3, 0.1), "dpo": (100, 8, 3e-4, 0.1), "grpo": (40, 8, 1e-4, 0.0)}[cfg.method]
     if cfg.max_steps < -1 or (cfg.beta < 0 and cfg.beta != -1):
         raise SystemExit("--max-steps and --beta take -1 (the method's default) or a value >= 0.")
     cfg.max_steps = defaults[0] if cfg.max_steps == -1 else cfg.max_steps

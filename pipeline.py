@@ -57,7 +57,7 @@ PRESETS = {
                   "--batch-size", "8", "--max-steps", "1000", "--warmup-steps", "50", "--lr", "2e-3",
                   "--min-lr", "2e-4", "--eval-interval", "250", "--eval-steps", "8"],
         sft=["--max-steps", "300"],
-        dpo=["--max-steps", "100"],
+        dpo=["--max-steps", "50"],
         rl=["--max-steps", "40"],
     ),
     # GPT-2 small on one node of 8 GPUs: 2-way tensor, 2-way pipeline, 2-way data parallel.
