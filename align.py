@@ -782,7 +782,8 @@ def main(argv=None):
         if last or (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0):
             run_eval(step + 1)
             save(step + 1)
-    say(f"{cfg.max_steps - start_step} steps in {time.time() - t_start:.1f}s; checkpoint {ckpt_path}")
+    say(f"{cfg.max_steps - start_step} steps in {time.time() - t_start:.1f}s; "
+        + (f"checkpoint {ckpt_path}" if cfg.max_steps else f"evaluated only (log {log_path})"))
     if distributed:
         dist.destroy_process_group()
 
