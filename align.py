@@ -1,14 +1,19 @@
-"""align.py: turn a pretrained GPT into a chat model: supervised fine-tuning (SFT), then DPO.
+"""align.py: turn a pretrained GPT into a chat model: supervised fine-tuning (SFT), then DPO or RL (GRPO).
 
     python plays.py --chat-from data/corpus.jsonl --out-dir data/chat    # the demo data: questions on the plays
     python align.py --method sft --init out/pretrain/ckpt.pt --data data/chat/sft.jsonl --out-dir out/sft
     python align.py --method dpo --init out/sft/ckpt.pt --data data/chat/dpo.jsonl --out-dir out/dpo
+    python align.py --method grpo --init out/sft/ckpt.pt --data data/chat/rl.jsonl --out-dir out/rl
+    python align.py --method grpo --init out/pretrain/ckpt.pt --data data/chat/rl.jsonl --out-dir out/eval \
+        --max-steps 0                                                    # only score a model on the questions
     torchrun --standalone --nproc-per-node 2 align.py --method sft ...        # data parallel (gloo/NCCL)
 
 Data, one JSON object per line, in the conventions of the popular trainers:
   SFT  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]} or
        {"prompt": "...", "response": "..."}
   DPO  {"prompt": ..., "chosen": ..., "rejected": ...}, each a string or a list of messages.
+  GRPO {"prompt": ..., "answer": "..."} (a string or a list of messages, ending with the user's turn) or
+       {"messages": [...], "answer": "..."}: the prompt and what the reward needs.
 Optional extra fields: "group" (the held-out split key), "task" (metrics are also broken down by it),
 "options" (SFT: the last assistant message is one of them; scored below).
 Held out: --val-data, or else the groups (hash of "group", else of the line) that fall in --eval-fraction.
@@ -19,7 +24,9 @@ one scores highest (the same test for any checkpoint, the pretrained one too); v
 decoding writes exactly the true answer's tokens and <|end|> (a model must also learn to stop). DPO val_loss,
 val_accuracy (chosen reward > rejected reward, a tie counts half), val_margin, val_chosen_reward,
 val_rejected_reward, and val_logp_accuracy (log pi(chosen) > log pi(rejected): no reference involved,
-so at step 0 it is the init model's own preference accuracy).
+so at step 0 it is the init model's own preference accuracy). GRPO val_accuracy: the greedy answer earns
+the reward (per "task" too); val_pass@1 and val_pass@G: of G answers sampled at --temperature, the share
+right and whether any is.
 
 Chat template (render_conversation, which sample.py's chat calls too; the token names are
 tokenize_data.SPECIAL_TOKENS): [<|endoftext|>] + per message [<|role|>] + content + [<|end|>]. Loss only
@@ -28,7 +35,17 @@ tokens (never a supervised one); if its supervised part alone does not fit, it i
 DPO: the frozen reference is the --init model; its log-probs for every held-out pair and every training
 pair the run will visit (max_steps x batch x ranks of them, a fixed sample) are computed once up front,
 so no second model is kept. loss = -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), log-probs
-summed over response tokens. Evaluates before the first step and after the last (and every
+summed over response tokens.
+GRPO (on-policy RL, as Dr. GRPO and nanochat's chat_rl simplify it): each step takes --batch-size
+prompts, samples --group-size answers to each with the KV cache (an answer ends at <|end|> or after
+--max-new-tokens tokens: cut off, it earns nothing), scores them with reward() (1 for the exact answer,
+else 0), and takes advantage = reward - its group's mean (not divided by the group's std: see
+group_advantages). The loss, -(1/N) sum over answers and their tokens of advantage * log pi(token),
+raises the log-probs of answers that beat their group and lowers the rest; prompt tokens are not
+trained. One update per batch of fresh samples, so no importance ratio or clipping. --beta > 0 adds a
+per-token KL(pi || init) estimate (a frozen copy of --init is kept). A step's samples follow from
+(--seed, step, rank), as its prompts do, so a resumed run draws exactly what the uninterrupted one did.
+Every method evaluates before the first step and after the last (and every
 --eval-interval steps, saving a checkpoint each time). Prints one line per step and per eval; writes
 OUT/log.jsonl and OUT/ckpt.pt (self-contained: weights, tokenizer, "stage", train_config, and the log up
 to its step, so --resume rewrites log.jsonl as that run's: each step once, however often it was killed).
@@ -58,24 +75,27 @@ from tokenize_data import SPECIAL_TOKENS, tokenizer_from_dict
 
 @dataclass
 class AlignConfig:
-    method: Literal["sft", "dpo"] = "sft"  # sft: learn the answers of chat data; dpo: prefer chosen over rejected
-    init: str = ""                 # checkpoint to start from (and DPO's frozen reference), e.g. out/pretrain/ckpt.pt
+    method: Literal["sft", "dpo", "grpo"] = "sft"  # sft: learn answers; dpo: prefer chosen; grpo: RL on exact answers
+    init: str = ""                 # checkpoint to start from (and DPO's and GRPO's KL reference), e.g. out/sft/ckpt.pt
     data: str = ""                 # JSONL training data (conventions above)
     val_data: str = ""             # held-out JSONL; empty: hold out --eval-fraction of --data's groups
     out_dir: str = ""              # where ckpt.pt and log.jsonl are written
     eval_fraction: float = 0.1     # share of groups held out when there is no --val-data
     eval_max: int = 200            # held-out examples scored per eval (keeps evals cheap)
     eval_interval: int = 0         # evaluate and checkpoint every this many steps; 0: only at the start and the end
-    max_steps: int = 0             # optimizer steps; 0: 300 for sft, 100 for dpo (1-2 minutes each on 2 CPU cores)
-    batch_size: int = 0            # examples (DPO: pairs) per step per rank; 0: 16 for sft, 8 for dpo
-    lr: float = 0.0                # peak learning rate; 0: 1e-3 for sft, 3e-4 for dpo
+    max_steps: int = -1            # optimizer steps; -1: 300 sft, 100 dpo, 40 grpo; 0: only evaluate --init
+    batch_size: int = 0            # examples (DPO: pairs, GRPO: prompts) per step per rank; 0: 16 sft, 8 dpo/grpo
+    lr: float = 0.0                # peak learning rate; 0: 1e-3 for sft, 3e-4 for dpo, 1e-4 for grpo
     min_lr_ratio: float = 0.1      # the schedule ends at lr * min_lr_ratio
     schedule: Literal["cosine", "linear"] = "cosine"  # how the learning rate decays after warmup
     warmup_steps: int = 5          # steps of linear warmup up to --lr
     weight_decay: float = 0.0      # AdamW weight decay on matrices (none on norms and biases)
     grad_clip: float = 1.0         # clip the gradient norm to this; 0 disables clipping
-    beta: float = 0.1              # DPO: strength of the pull towards the reference
-    seed: int = 1337               # the batches, the held-out sample and DPO's visited pairs follow from it
+    beta: float = -1.0             # DPO: pull towards the reference (-1: 0.1); GRPO: KL penalty to --init (-1: 0, none)
+    group_size: int = 8            # GRPO: answers sampled per prompt (G); advantages are relative to the group
+    max_new_tokens: int = 16       # GRPO: an answer ends at <|end|> or after this many tokens (then it earns nothing)
+    temperature: float = 1.0       # GRPO: sampling temperature of the answers (and of the held-out pass@k)
+    seed: int = 1337               # batches, held-out sample, DPO's visited pairs, GRPO's samples follow from it
     device: str = "auto"           # auto (cuda when a GPU is visible, else cpu) | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 autocast on cuda, float32 on cpu
     resume: bool = False           # continue from OUT/ckpt.pt when it exists (same method)
@@ -125,6 +145,16 @@ def parse_record(obj, method):
     SFT has one answer (the context's assistant turns are supervised too); DPO has chosen, rejected."""
     if not isinstance(obj, dict):
         return None, "not a JSON object"
+    if method == "grpo":  # a prompt and what the reward needs: the answer
+        if not isinstance(obj.get("answer"), str) or not obj["answer"].strip():
+            return None, "no 'answer' string"
+        key = "messages" if "messages" in obj else "prompt" if "prompt" in obj else None
+        prompt = as_messages(obj[key], "user") if key else None
+        if prompt is None or (key == "messages" and isinstance(obj[key], str)):
+            return None, "needs 'prompt' (a string or a list of messages) or 'messages' (a list of messages)"
+        if prompt[-1]["role"] == "assistant":
+            return None, "the prompt ends with an assistant message; end it with the user's question"
+        return {"context": prompt, "answer": obj["answer"], "task": str(obj.get("task", "answer"))}, None
     if method == "dpo":
         for key in ("prompt", "chosen", "rejected"):
             if key not in obj:
@@ -191,8 +221,8 @@ def read_records(path, method, flag):
     if bad:
         print(f"{path}: skipped {len(bad)} of {n_lines} lines ({'; '.join(bad[:5])}{'; ...' if len(bad) > 5 else ''})")
     if not records:
-        want = ('{"prompt", "chosen", "rejected"}' if method == "dpo"
-                else '{"messages": [...]} or {"prompt", "response"}')
+        want = {"dpo": '{"prompt", "chosen", "rejected"}', "grpo": '{"prompt", "answer"} or {"messages", "answer"}',
+                "sft": '{"messages": [...]} or {"prompt", "response"}'}[method]
         raise SystemExit(f"{flag} {path}: no usable {method.upper()} examples; each line needs {want}.")
     return records
 
@@ -283,8 +313,25 @@ def tokenize_records(records, enc, block_size, where):
     return examples
 
 
+def tokenize_questions(records, enc, block_size, max_new_tokens, where):
+    """[(record, group)] -> GRPO examples {"prompt": ids ending in <|assistant|>, "answer", "group", "task"};
+    a prompt that leaves no room for max_new_tokens of answer in the block is dropped and counted."""
+    examples = []
+    for record, group in records:
+        ids, _ = render_conversation(enc, record["context"], add_generation_prompt=True)
+        if len(ids) + max_new_tokens <= block_size:
+            examples.append({"prompt": ids, "answer": record["answer"], "group": group, "task": record["task"]})
+    if len(examples) < len(records):
+        print(f"{where}: {len(records) - len(examples)} prompts dropped: with --max-new-tokens {max_new_tokens} "
+              f"they do not fit in block_size={block_size} (shorten them)")
+    if not examples:
+        raise SystemExit(f"{where}: no prompt leaves room for --max-new-tokens {max_new_tokens} in "
+                         f"block_size={block_size} tokens; shorten the prompts or lower --max-new-tokens.")
+    return examples
+
+
 # ---------------------------------------------------------------------------------------------------
-# Batches, log-probs and the two losses
+# Batches, log-probs and the SFT and DPO losses
 
 def pad_batch(seqs, device):
     """[(inputs, targets)] -> x, y (B, T_max): inputs padded with 0, targets with -1 (ignored)."""
@@ -294,11 +341,16 @@ def pad_batch(seqs, device):
     return x.to(device), y.to(device)
 
 
-def sequence_logprobs(model, x, y):
-    """Sum over supervised positions of log p(target): (B,). Padding and prompt (-1) add nothing."""
+def token_logprobs(model, x, y):
+    """log p(target) at every position (B, T); 0 where the target is -1 (prompt, padding)."""
     logits, _ = model(x)                                                 # (B, T, vocab)
     nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="none")
-    return -nll.view(y.shape).sum(dim=1)
+    return -nll.view(y.shape)
+
+
+def sequence_logprobs(model, x, y):
+    """Sum over supervised positions of log p(target): (B,). Padding and prompt (-1) add nothing."""
+    return token_logprobs(model, x, y).sum(dim=1)
 
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
@@ -313,6 +365,116 @@ def preference_stats(losses, chosen_reward, rejected_reward):
     wins = (chosen_reward > rejected_reward).float() + 0.5 * (chosen_reward == rejected_reward).float()
     return {"loss": losses.sum(), "chosen_reward": chosen_reward.sum(), "rejected_reward": rejected_reward.sum(),
             "accuracy": wins.sum(), "margin": (chosen_reward - rejected_reward).sum()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# GRPO: sample G answers per prompt, score each with the reward, move towards those that beat their group.
+
+def reward(completion, answer, finished=True):
+    """The reward, one place to edit: 1.0 when the answer ended by itself (<|end|>, not cut off at
+    --max-new-tokens) and its text, stripped and whitespace-normalised, equals `answer` ignoring case."""
+    normal = lambda text: " ".join(text.split()).lower()  # noqa: E731
+    return float(finished and normal(completion) == normal(answer))
+
+
+@torch.no_grad()
+def rollout(model, prompts, n_samples, max_new_tokens, temperature, end_id, generator=None):
+    """prompts [[ids]] -> (completions, finished): n_samples answers per prompt, prompt i's at i*n .. i*n+n-1.
+    An answer is its tokens up to and including <|end|>, or max_new_tokens of them (finished False). The
+    model has no padding mask, so each generate call (KV cache) holds the samples of prompts of one length."""
+    device = model.lm_head.weight.device
+    completions, by_length = [None] * (len(prompts) * n_samples), {}
+    for i, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(i)
+    for length, which in by_length.items():
+        rows = torch.tensor([prompts[i] for i in which for _ in range(n_samples)], device=device)  # (len(which)*n, L)
+        new = model.generate(rows, max_new_tokens, temperature, eos_token=end_id, generator=generator)[:, length:]
+        for r, ids in enumerate(new.tolist()):
+            cut = ids.index(end_id) + 1 if end_id in ids else len(ids)
+            completions[which[r // n_samples] * n_samples + r % n_samples] = ids[:cut]
+    return completions, [c[-1:] == [end_id] for c in completions]
+
+
+def rewards_of(enc, completions, finished, answers):
+    """The reward of each completion (its <|end|> not part of the text); answers[i] for completion i."""
+    return [reward(enc.decode(c[:-1] if done else c), answer, done)
+            for c, done, answer in zip(completions, finished, answers)]
+
+
+def completion_batch(prompts, completions, device):
+    """prompt and completion ids, one pair per sample -> x, y (N, T_max) for token_logprobs: the targets are
+    the completion's tokens (its <|end|> too), -1 on the prompt and the padding."""
+    return pad_batch([((p + c)[:-1], [-1] * (len(p) - 1) + c) for p, c in zip(prompts, completions)], device)
+
+
+def group_advantages(rewards):
+    """rewards (P, G) -> advantages (P, G): each sample's reward minus its group's mean (the baseline), so a
+    group whose samples all scored the same teaches nothing. Not divided by the group's std as GRPO's
+    z-score does: that weights a question by how unanimous its group was, so one lucky hit on a question
+    nearly always missed (or one slip on one nearly always right) counts ~2.5x a 4-of-8 split (Dr. GRPO)."""
+    return rewards - rewards.mean(dim=1, keepdim=True)
+
+
+def policy_gradient_loss(logp, mask, advantages, ref_logp=None, beta=0.0):
+    """-(1/N) sum_i sum_t mask_it * (A_i logp_it - beta kl_it): logp (N, T) the policy's log-probs of the
+    sampled tokens, mask (N, T) True on completion tokens only (the <|end|> too: stopping is an action;
+    never prompt or padding), A_i (N,) the completion's advantage, shared by its tokens. Summed over a
+    completion's tokens, not averaged (1/|o_i| would go easy on long wrong answers: Dr. GRPO); averaged
+    over the N completions. One update per batch of fresh samples (on-policy): PPO's ratio pi/pi_old is 1
+    and its clipping never acts, so this is its gradient. kl_it = e^(ref-logp) - (ref-logp) - 1 >= 0
+    estimates KL(pi || ref) without bias (Schulman's k3); its gradient pulls logp towards ref_logp."""
+    per_token = advantages[:, None] * logp
+    if beta:
+        log_ratio = ref_logp - logp
+        per_token = per_token - beta * (log_ratio.exp() - log_ratio - 1)
+    return -(per_token * mask).sum() / logp.size(0)
+
+
+def grpo_step_loss(net, model, cfg, train, idx, ref, enc, end_id, generator, device):
+    """One step on this rank's prompts idx: sample, score, loss; and sums over the prompts of per-group
+    means for the log (reward, completion length, truncated share, groups with no signal, KL)."""
+    G, prompts = cfg.group_size, [train[i]["prompt"] for i in idx]
+    completions, finished = rollout(model, prompts, G, cfg.max_new_tokens, cfg.temperature, end_id, generator)
+    rewards = torch.tensor(rewards_of(enc, completions, finished, [train[i]["answer"] for i in idx for _ in range(G)]),
+                           device=device).view(len(idx), G)                                     # (P, G)
+    x, y = completion_batch([p for p in prompts for _ in range(G)], completions, device)
+    mask = y >= 0
+    logp = token_logprobs(net, x, y)                                                            # (P*G, T)
+    ref_logp, kl = None, torch.zeros((), device=device)
+    if ref is not None:
+        with torch.no_grad():
+            ref_logp = token_logprobs(ref, x, y)
+            log_ratio = ref_logp - logp.detach()
+            kl = ((log_ratio.exp() - log_ratio - 1) * mask).sum() / G
+    loss = policy_gradient_loss(logp, mask, group_advantages(rewards).flatten(), ref_logp, cfg.beta)
+    return loss, {"loss": loss.detach() * len(idx), "reward": rewards.sum() / G, "kl": kl,
+                  "completion_len": mask.sum() / G, "truncated": torch.tensor(finished).logical_not().sum() / G,
+                  "no_signal": (rewards.min(dim=1).values == rewards.max(dim=1).values).sum()}
+
+
+@torch.no_grad()
+def evaluate_answers(model, cfg, val, enc, end_id, device, rank, world):
+    """GRPO's held-out figures: val_accuracy (the greedy answer earns the reward), overall and per task;
+    val_pass@1 and val_pass@G from G samples per question at --temperature (pass@G: any of them right)."""
+    n, mine = cfg.group_size, list(range(rank, len(val), world))
+    prompts, answers = [val[i]["prompt"] for i in mine], [val[i]["answer"] for i in mine]
+    right, hits = torch.zeros(len(val), device=device), torch.zeros(len(val), device=device)
+    if mine:
+        greedy = rollout(model, prompts, 1, cfg.max_new_tokens, 0.0, end_id)
+        right[mine] = torch.tensor(rewards_of(enc, *greedy, answers), device=device)
+        generator = torch.Generator(device).manual_seed(cfg.seed)  # the same draws at every eval
+        samples = rollout(model, prompts, n, cfg.max_new_tokens, cfg.temperature, end_id, generator)
+        per_sample = torch.tensor(rewards_of(enc, *samples, [a for a in answers for _ in range(n)]), device=device)
+        hits[mine] = per_sample.view(len(mine), n).sum(dim=1)
+    if world > 1:
+        dist.all_reduce(right)
+        dist.all_reduce(hits)
+    metrics = {"val_accuracy": right.mean().item(), "val_pass@1": (hits / n).mean().item(),
+               f"val_pass@{n}": (hits > 0).float().mean().item()}
+    for task in sorted({ex["task"] for ex in val}):
+        of_task = torch.tensor([ex["task"] == task for ex in val], device=device)
+        metrics[f"val_accuracy_{task}"] = right[of_task].mean().item()
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -453,14 +615,23 @@ def check_config(cfg):
         raise SystemExit(f"--eval-fraction {cfg.eval_fraction}: must be in [0, 1).")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise SystemExit(f"--min-lr-ratio {cfg.min_lr_ratio}: must be in [0, 1].")
-    if cfg.beta <= 0 or cfg.eval_max < 1:
-        raise SystemExit("--beta must be positive and --eval-max at least 1.")
-    for flag in ("batch_size", "max_steps", "lr", "eval_interval", "warmup_steps", "weight_decay", "grad_clip"):
+    if cfg.eval_max < 1:
+        raise SystemExit(f"--eval-max {cfg.eval_max}: must be at least 1.")
+    if cfg.method == "grpo" and (cfg.group_size < 2 or cfg.max_new_tokens < 1 or cfg.temperature <= 0):
+        raise SystemExit("--group-size must be at least 2 (advantages are relative to the group), --max-new-tokens "
+                         "at least 1 and --temperature positive (equal samples teach nothing).")
+    for flag in ("batch_size", "lr", "eval_interval", "warmup_steps", "weight_decay", "grad_clip"):
         if getattr(cfg, flag) < 0:
             raise SystemExit(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must not be negative.")
-    sft = cfg.method == "sft"  # defaults measured on the demo data with the pipeline's CPU model
-    cfg.max_steps, cfg.batch_size = cfg.max_steps or (300 if sft else 100), cfg.batch_size or (16 if sft else 8)
-    cfg.lr = cfg.lr or (1e-3 if sft else 3e-4)
+    # Defaults (-1 / 0), measured on the demo data with the pipeline's CPU model.
+    defaults = {"sft": (300, 16, 1e-3, 0.1), "dpo": (100, 8, 3e-4, 0.1), "grpo": (40, 8, 1e-4, 0.0)}[cfg.method]
+    if cfg.max_steps < -1 or (cfg.beta < 0 and cfg.beta != -1):
+        raise SystemExit("--max-steps and --beta take -1 (the method's default) or a value >= 0.")
+    cfg.max_steps = defaults[0] if cfg.max_steps == -1 else cfg.max_steps
+    cfg.batch_size, cfg.lr = cfg.batch_size or defaults[1], cfg.lr or defaults[2]
+    cfg.beta = defaults[3] if cfg.beta == -1 else cfg.beta
+    if cfg.method == "dpo" and cfg.beta == 0:
+        raise SystemExit("--beta 0: DPO needs a positive beta (its loss is flat without one).")
     return cfg
 
 
@@ -488,7 +659,7 @@ def main(argv=None):
     enc = tokenizer_from_dict(init["tokenizer"])
     model = GPT.from_checkpoint(init, device)
     block_size = model.config.block_size
-    chat_token_ids(enc, model.config.vocab_size, f"--init {cfg.init}")
+    end_id = chat_token_ids(enc, model.config.vocab_size, f"--init {cfg.init}")[END]
 
     # Data: read, split by group, tokenize.
     records = read_records(cfg.data, cfg.method, "--data")
@@ -501,8 +672,13 @@ def main(argv=None):
             raise SystemExit(f"--eval-fraction {cfg.eval_fraction} held out every group of {cfg.data}; lower it.")
     # A fixed shuffle before capping, so the scored examples are not just the first lines of the file.
     random.Random(cfg.seed).shuffle(val_records)
-    train = tokenize_records(train_records, enc, block_size, cfg.data)
-    val = tokenize_records(val_records[:cfg.eval_max], enc, block_size, "held-out") if val_records else []
+    if cfg.method == "grpo":
+        train = tokenize_questions(train_records, enc, block_size, cfg.max_new_tokens, cfg.data)
+        val = tokenize_questions(val_records[:cfg.eval_max], enc, block_size, cfg.max_new_tokens,
+                                 "held-out") if val_records else []
+    else:
+        train = tokenize_records(train_records, enc, block_size, cfg.data)
+        val = tokenize_records(val_records[:cfg.eval_max], enc, block_size, "held-out") if val_records else []
     if cfg.method == "dpo":  # only the pairs the run will visit need reference log-probs: a fixed sample
         n_visited = min(len(train), cfg.max_steps * cfg.batch_size * world)
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:n_visited]
@@ -521,6 +697,10 @@ def main(argv=None):
             ref_val = logprobs_of(model, [s for ex in val for s in ex["seqs"]], device, rank, world,
                                   2 * cfg.batch_size, ctx).view(-1, 2)
         say(f"reference log-probs of {len(train) + len(val)} pairs in {time.time() - t0:.1f}s")
+    # GRPO's KL penalty needs the init model's per-token log-probs of fresh samples: a frozen copy.
+    ref_model = None
+    if cfg.method == "grpo" and cfg.beta > 0:
+        ref_model = GPT.from_checkpoint(init, device).eval().requires_grad_(False)
     model.train()
 
     # The checkpoint carries the log up to its step: resuming rewrites log.jsonl from it, so the log is
@@ -555,7 +735,11 @@ def main(argv=None):
 
     def run_eval(step):
         if val:
-            metrics = evaluate(model, cfg, val, ref_val, device, rank, world, ctx)
+            if cfg.method == "grpo":
+                with ctx:
+                    metrics = evaluate_answers(model, cfg, val, enc, end_id, device, rank, world)
+            else:
+                metrics = evaluate(model, cfg, val, ref_val, device, rank, world, ctx)
             say(f"eval step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             check_finite(metrics, step, ckpt_path)
             log({"step": step, **metrics})
@@ -578,12 +762,17 @@ def main(argv=None):
             group["lr"] = lr
         idx = batch_indices(step, len(train), cfg.batch_size, rank, world, cfg.seed)
         with ctx:
-            loss, sums = step_loss(net, cfg, train, ref_train, idx, device)
+            if cfg.method == "grpo":  # its samples follow from (seed, step, rank) alone: a resumed run draws the same
+                generator = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * (step + 1) + rank)
+                loss, sums = grpo_step_loss(net, model, cfg, train, idx, ref_model, enc, end_id, generator, device)
+            else:
+                loss, sums = step_loss(net, cfg, train, ref_train, idx, device)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         stats = {k: v / (len(idx) * world) for k, v in all_reduce_sums(sums, world).items()}
         check_finite({"the loss": stats["loss"], "the gradient norm": float(grad_norm)}, step + 1, ckpt_path)
-        optimizer.step()
+        if float(grad_norm) > 0:  # no gradient (GRPO: every group scored alike): Adam's momentum alone must not move
+            optimizer.step()      # the weights, as it would for ~10 steps, again and again when signal is sparse
         optimizer.zero_grad(set_to_none=True)
         entry = {"step": step + 1, **stats, "lr": lr, "grad_norm": float(grad_norm),
                  "dt_ms": 1000 * (time.time() - t0)}
@@ -593,7 +782,8 @@ def main(argv=None):
         if last or (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0):
             run_eval(step + 1)
             save(step + 1)
-    say(f"{cfg.max_steps - start_step} steps in {time.time() - t_start:.1f}s; checkpoint {ckpt_path}")
+    say(f"{cfg.max_steps - start_step} steps in {time.time() - t_start:.1f}s; "
+        + (f"checkpoint {ckpt_path}" if cfg.max_steps else f"evaluated only (log {log_path})"))
     if distributed:
         dist.destroy_process_group()
 

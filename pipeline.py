@@ -11,10 +11,11 @@ The stages, each a script a user can run by hand (the command is printed before 
   dedup     dedup.py: clean, quality filters, exact and near-duplicate removal -> data/corpus.jsonl
   tokenize  tokenize_data.py: byte-level BPE trained from scratch, token shards -> data/tokens/
   pretrain  train.py: next-token pretraining -> out/pretrain/ckpt.pt, log.jsonl
-  chatdata  plays.py --chat-from: checkable questions about the plays -> data/chat/sft.jsonl, dpo.jsonl
+  chatdata  plays.py --chat-from: questions about the plays -> data/chat/sft.jsonl, dpo.jsonl, rl.jsonl
   sft       align.py --method sft -> out/sft/ckpt.pt, log.jsonl
-  dpo       align.py --method dpo -> out/dpo/ckpt.pt, log.jsonl
-  sample    sample.py: a continuation from the pretrained model and a chat answer from the aligned one
+  dpo       align.py --method dpo, from SFT -> out/dpo/ckpt.pt, log.jsonl (a branch: RL does not start from it)
+  rl        align.py --method grpo, from SFT, rewarded for exact answers -> out/rl/ckpt.pt, log.jsonl
+  sample    sample.py: a continuation from the pretrained model and a chat answer from the RL one
 A stage whose outputs are complete is skipped, so a rerun after an interruption picks up where it
 stopped (training resumes from its last checkpoint); a stage that runs makes every stage after it
 run afresh, as their inputs changed. Prints each stage's wall time and keeps every stage's latest in
@@ -36,7 +37,7 @@ from typing import Literal
 
 from flags import parse_flags
 
-STAGES = ("fetch", "dedup", "tokenize", "pretrain", "chatdata", "sft", "dpo", "sample")  # in the order they run
+STAGES = ("fetch", "dedup", "tokenize", "pretrain", "chatdata", "sft", "dpo", "rl", "sample")  # in the order they run
 
 
 @dataclass
@@ -56,7 +57,8 @@ PRESETS = {
                   "--batch-size", "8", "--max-steps", "1000", "--warmup-steps", "50", "--lr", "2e-3",
                   "--min-lr", "2e-4", "--eval-interval", "250", "--eval-steps", "8"],
         sft=["--max-steps", "300"],
-        dpo=["--max-steps", "100"],
+        dpo=["--max-steps", "50"],
+        rl=["--max-steps", "40"],
     ),
     # GPT-2 small on one node of 8 GPUs: 2-way tensor, 2-way pipeline, 2-way data parallel.
     "gpu": dict(
@@ -66,16 +68,19 @@ PRESETS = {
                   "--max-steps", "5000", "--eval-interval", "250"],
         sft=["--max-steps", "500"],
         dpo=["--max-steps", "300"],
+        rl=["--max-steps", "300", "--batch-size", "4", "--eval-interval", "50", "--eval-max", "1000"],
     ),
 }
-CHAT_QUESTION = "Which play is this from?\n\nHam.\nTo be, or not to be, that is the question"
+CHAT_QUESTION = ("Which play is this from? Macbeth; Hamlet; Othello; King Lear\n\n"
+                 "Ham.\nTo be, or not to be, that is the question")
 # The training-stage picture: (stage, panel title, log keys); the first key is drawn per step, the
 # others (val_*) at each evaluation.
 CURVES = [("pretrain", "pretrain: loss (nats/token)", ["loss", "val_loss"]),
           ("sft", "SFT: loss (nats/token)", ["loss", "val_loss"]),
           ("sft", "SFT: held-out answers right", ["val_answer_accuracy", "val_answer_exact"]),
           ("dpo", "DPO: loss", ["loss", "val_loss"]),
-          ("dpo", "DPO: preference accuracy", ["accuracy", "val_accuracy"])]
+          ("dpo", "DPO: preference accuracy", ["accuracy", "val_accuracy"]),
+          ("rl", "RL: reward; held-out answers right (greedy, sampled)", ["reward", "val_accuracy", "val_pass@1"])]
 HERE = Path(__file__).resolve().parent
 
 
@@ -89,7 +94,7 @@ def plan(cfg):
     preset, py = PRESETS[cfg.preset], [sys.executable]
     data, out = Path(cfg.data_dir), Path(cfg.out_dir)
     scenes, corpus, tokens, chat = data / "scenes.jsonl", data / "corpus.jsonl", data / "tokens", data / "chat"
-    ckpt = {stage: out / stage / "ckpt.pt" for stage in ("pretrain", "sft", "dpo")}
+    ckpt = {stage: out / stage / "ckpt.pt" for stage in ("pretrain", "sft", "dpo", "rl")}
 
     def training(stage, script, *args):
         command = [*preset["launcher"], script, *args, "--out-dir", out / stage, "--resume", *preset[stage]]
@@ -101,12 +106,13 @@ def plan(cfg):
         "tokenize": ([py + ["tokenize_data.py", corpus, "--out-dir", tokens, "--vocab-size", preset["vocab_size"]]],
                      (tokens / "meta.json").exists),
         "pretrain": training("pretrain", "train.py", "--data-dir", tokens),
-        "chatdata": ([py + ["plays.py", "--chat-from", corpus, "--out-dir", chat]], (chat / "dpo.jsonl").exists),
+        "chatdata": ([py + ["plays.py", "--chat-from", corpus, "--out-dir", chat]], (chat / "rl.jsonl").exists),
         "sft": training("sft", "align.py", "--method", "sft", "--init", ckpt["pretrain"], "--data", chat / "sft.jsonl"),
         "dpo": training("dpo", "align.py", "--method", "dpo", "--init", ckpt["sft"], "--data", chat / "dpo.jsonl"),
+        "rl": training("rl", "align.py", "--method", "grpo", "--init", ckpt["sft"], "--data", chat / "rl.jsonl"),
         "sample": ([py + ["sample.py", "--ckpt", ckpt["pretrain"], "--prompt", "ROMEO.", "--max-new-tokens", "120",
                           "--temperature", "0.8", "--top-k", "50"],
-                    py + ["sample.py", "--ckpt", ckpt["dpo"], "--chat", "--prompt", CHAT_QUESTION,
+                    py + ["sample.py", "--ckpt", ckpt["rl"], "--chat", "--prompt", CHAT_QUESTION,
                           "--temperature", "0", "--max-new-tokens", "40"]], lambda: False),
     }
 

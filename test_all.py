@@ -2967,7 +2967,7 @@ def toy_sft(tmp_path, n=12):
 
 def test_align_help_explains_every_flag_with_default_and_choices(capsys):
     options = help_by_flag(align.main, align.AlignConfig, capsys)
-    assert "--method {sft,dpo}" in options and "{cosine,linear}" in options
+    assert "--method {sft,dpo,grpo}" in options and "{cosine,linear}" in options
     assert "--resume, --no-resume" in options
 
 
@@ -3325,7 +3325,7 @@ def test_align_demo_data_parses_speeches_and_writes_checkable_records(tmp_path):
         else:
             assert r["task"] == "other_play" and rejected.split()[-1] != play_of
     play_questions = [(r, group) for r, group in sft if r.get("task") == "play"]
-    assert len(play_questions) == 15 * 2 and all(len(r["options"]) == 4 for r, _ in play_questions)
+    assert len(play_questions) == 15 * 4 and all(len(r["options"]) == 4 for r, _ in play_questions)
     for r, group in play_questions:   # the answer is the play the scene (group) came from
         assert r["answers"][0][-1]["content"] == "Play " + group[1]
     assert not any("Folio" in json.dumps(r) for r, _ in sft)
@@ -3429,6 +3429,232 @@ def test_align_bad_flags_and_files_are_one_sentence(tmp_path, tiny_checkpoint):
             "--resume", "not a sft run from a model shaped as --init")
     if not torch.cuda.is_available():
         refused(align.main, [*base, "--init", init, "--out-dir", out, "--device", "cuda"], "--device cuda", "no GPU")
+
+
+# ---------------------------------------------------------------------------------- align: GRPO
+# A byte-level tokenizer (the special tokens after the 256 bytes: ids 256..260) and a one-layer model.
+
+BYTE_ENC = byte_tokenizer()
+END_ID = BYTE_ENC._special_tokens["<|end|>"]
+
+
+def rl_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=261, block_size=32, n_layer=1, n_head=2, n_embd=32))
+
+
+def rl_checkpoint(path, seed=0):
+    save_checkpoint(str(path), rl_model(seed), tokenizer=tokenize_data.tokenizer_to_dict(BYTE_ENC), stage="pretrain")
+    return str(path)
+
+
+def write_jsonl_str(path, records):
+    return str(write_jsonl(path, records))
+
+
+# ---------------------------------------------------------- align, grpo: the reward, the advantages, the loss
+
+def test_align_reward_is_exact_up_to_whitespace_and_case_and_never_pays_a_cut_off_answer():
+    assert align.reward("  Hamlet \n", "Hamlet") == 1.0
+    assert align.reward("king  henry\nv", "King Henry V") == 1.0
+    assert align.reward("Hamlet.", "Hamlet") == 0.0          # punctuation is not whitespace
+    assert align.reward("Hamlet Hamlet", "Hamlet") == 0.0
+    assert align.reward("", "Hamlet") == 0.0
+    assert align.reward("Hamlet", "Hamlet", finished=False) == 0.0
+    # the decoded completion loses its <|end|>; one cut off at the limit earns nothing even when right
+    right, cut = BYTE_ENC.encode_ordinary("Hamlet") + [END_ID], BYTE_ENC.encode_ordinary("Hamlet")
+    assert align.rewards_of(BYTE_ENC, [right, cut, [END_ID]], [True, False, True], ["hamlet"] * 3) == [1.0, 0.0, 0.0]
+
+
+def test_align_group_advantages_are_reward_minus_group_mean_and_zero_when_all_score_the_same():
+    rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    adv = align.group_advantages(rewards)
+    assert torch.equal(adv[:2], torch.zeros(2, 4))
+    assert torch.allclose(adv[2], torch.tensor([0.75, -0.25, -0.25, -0.25]))
+
+
+def test_align_policy_gradient_loss_by_hand_on_numbers():
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.25, -4.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    adv = torch.tensor([0.5, -1.5])
+    loss = align.policy_gradient_loss(logp, mask, adv)
+    want = -(0.5 * (-1.0 - 2.0) + -1.5 * (-0.25 - 4.0)) / 2
+    assert abs(loss.item() - want) < 1e-6
+    loss.backward()
+    assert torch.allclose(logp.grad, -adv[:, None] * mask / 2)  # masked tokens get no gradient
+    # with the KL term: k3 = e^(ref - logp) - (ref - logp) - 1 per unmasked token
+    ref = torch.tensor([[-1.5, -2.0, 3.0], [9.0, -0.75, -3.0]])
+    k3 = lambda r, p: math.exp(r - p) - (r - p) - 1  # noqa: E731
+    loss = align.policy_gradient_loss(logp, mask, adv, ref, beta=0.1)
+    want_kl = want + 0.1 * (k3(-1.5, -1.0) + k3(-2.0, -2.0) + k3(-0.75, -0.25) + k3(-3.0, -4.0)) / 2
+    assert abs(loss.item() - want_kl) < 1e-6
+
+
+def test_align_grpo_loss_on_a_padded_batch_equals_each_sequence_scored_alone():
+    """Prompts of different lengths; one answer finished right, one right but cut off at M = 3 (no
+    reward), one that ended at once: padded together, only completion tokens may count."""
+    model, ref = rl_model(0), rl_model(1)
+    prompts = [[1, 2, 3, 4], [5, 6], [5, 6]]
+    completions = [[72, 105, END_ID], [72, 105, 33], [END_ID]]
+    finished = [c[-1] == END_ID for c in completions]
+    rewards = torch.tensor([align.rewards_of(BYTE_ENC, completions, finished, ["Hi"] * 3)])        # one group
+    assert rewards.tolist() == [[1.0, 0.0, 0.0]]
+    adv = align.group_advantages(rewards).flatten()
+    x, y = align.completion_batch(prompts, completions, "cpu")
+    assert (y >= 0).sum(dim=1).tolist() == [3, 3, 1]
+    logp, ref_logp = align.token_logprobs(model, x, y), align.token_logprobs(ref, x, y).detach()
+    for beta in (0.0, 0.2):
+        loss = align.policy_gradient_loss(logp, y >= 0, adv, ref_logp, beta)
+        want = 0.0
+        for p, c, a in zip(prompts, completions, adv.tolist()):  # each sequence alone, no padding
+            seq = torch.tensor([p + c])
+            lp = F.log_softmax(model(seq)[0][0], dim=-1)
+            lr = F.log_softmax(ref(seq)[0][0], dim=-1)
+            for t, tok in enumerate(c):  # completion token t is predicted at position len(p) - 1 + t
+                pos = len(p) - 1 + t
+                d = (lr[pos, tok] - lp[pos, tok]).item()
+                want -= a * lp[pos, tok].item() - beta * (math.exp(d) - d - 1)
+        assert abs(loss.item() - want / 3) < 1e-5
+
+
+def test_align_rollout_batches_by_prompt_length_and_cuts_at_end_or_the_limit():
+    model = rl_model(0).eval()
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8], [9]]
+    completions, finished = align.rollout(model, prompts, 1, 5, 0.0, END_ID)
+    for p, c, done in zip(prompts, completions, finished):  # greedy: the same as one prompt at a time
+        alone = model.generate(torch.tensor([p]), 5, temperature=0)[0, len(p):].tolist()
+        want = alone[:alone.index(END_ID) + 1] if END_ID in alone else alone
+        assert c == want and done == (END_ID in alone)
+    # sampled: G per prompt, prompt-major; the same generator state gives the same samples
+    one = align.rollout(model, prompts, 3, 4, 1.0, END_ID, torch.Generator().manual_seed(5))
+    two = align.rollout(model, prompts, 3, 4, 1.0, END_ID, torch.Generator().manual_seed(5))
+    assert one == two and len(one[0]) == 12 and all(len(c) <= 4 for c in one[0])
+
+
+# ------------------------------------------------------ align, grpo: align.py --method grpo as a user runs it
+
+def sft_then_questions(tmp_path):
+    """A tiny model taught by SFT to answer "A", "B", "C" or "D" (and stop), a quarter each; the reward
+    pays "C" only, so only RL can lift it above a quarter."""
+    init = rl_checkpoint(tmp_path / "init.pt")
+    sft = write_jsonl_str(tmp_path / "sft.jsonl", [{"prompt": p, "response": a} for p in ("pick one", "choose")
+                                               for a in "ABCD"])
+    align.main(["--method", "sft", "--init", init, "--data", sft, "--eval-fraction", "0", "--max-steps", "60",
+                "--batch-size", "8", "--lr", "1e-2", "--out-dir", str(tmp_path / "sft")])
+    rl = write_jsonl_str(tmp_path / "rl.jsonl", [{"prompt": "pick one", "answer": "c", "task": "pick"},
+                                             {"messages": [{"role": "user", "content": "choose"}], "answer": "C",
+                                              "task": "choose"}])
+    return str(tmp_path / "sft" / "ckpt.pt"), rl
+
+
+def test_align_grpo_raises_the_reward_on_a_tiny_learnable_task(tmp_path, capsys):
+    init, rl = sft_then_questions(tmp_path)
+    align.main(["--method", "grpo", "--init", init, "--data", rl, "--val-data", rl, "--max-steps", "20",
+                "--batch-size", "2", "--group-size", "8", "--max-new-tokens", "4", "--lr", "1e-2",
+                "--warmup-steps", "0", "--out-dir", str(tmp_path / "rl")])
+    rows = read_log(tmp_path / "rl")
+    steps, evals = [r for r in rows if "reward" in r], [r for r in rows if "val_accuracy" in r]
+    assert [r["step"] for r in steps] == list(range(1, 21)) and [r["step"] for r in evals] == [0, 20]
+    first, last = sum(r["reward"] for r in steps[:3]) / 3, sum(r["reward"] for r in steps[-3:]) / 3
+    assert 0.05 < first < 0.5 and last > 0.85, (first, last)
+    assert 0.1 < evals[0]["val_pass@1"] < 0.4 and evals[-1]["val_pass@1"] > 0.9
+    assert evals[-1]["val_accuracy"] == evals[-1]["val_pass@8"] == 1.0
+    assert evals[-1]["val_accuracy_pick"] == evals[-1]["val_accuracy_choose"] == 1.0
+    assert {"completion_len", "truncated", "no_signal", "loss", "lr"} <= set(steps[0])
+    assert load_checkpoint(str(tmp_path / "rl" / "ckpt.pt"))["stage"] == "grpo"
+    capsys.readouterr()  # sample.py chats with the RL checkpoint through the same template
+    sample.main(["--ckpt", str(tmp_path / "rl" / "ckpt.pt"), "--chat", "--prompt", "choose", "--temperature", "0"])
+    assert capsys.readouterr().out == "C\n"
+
+
+def test_align_grpo_max_steps_0_only_evaluates_the_init_model(tmp_path):
+    init, rl = sft_then_questions(tmp_path)
+    align.main(["--method", "grpo", "--init", init, "--data", rl, "--val-data", rl, "--max-steps", "0",
+                "--out-dir", str(tmp_path / "eval")])
+    rows = read_log(tmp_path / "eval")
+    assert len(rows) == 1 and rows[0]["step"] == 0 and 0 <= rows[0]["val_accuracy"] <= 1
+    assert not (tmp_path / "eval" / "ckpt.pt").exists()
+
+
+def test_align_grpo_resume_after_a_crash_gives_the_same_weights_and_log(tmp_path, monkeypatch):
+    init, rl = sft_then_questions(tmp_path)
+    common = ["--method", "grpo", "--init", init, "--data", rl, "--val-data", rl, "--max-steps", "4",
+              "--eval-interval", "2", "--batch-size", "2", "--group-size", "4", "--max-new-tokens", "3",
+              "--lr", "1e-2", "--beta", "0.05"]
+    align.main(common + ["--out-dir", str(tmp_path / "a")])
+
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(*args, **kwargs):  # the run dies right after its step-2 checkpoint
+        save_checkpoint(*args, **kwargs)
+        raise Crash
+    monkeypatch.setattr(align, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        align.main(common + ["--out-dir", str(tmp_path / "b")])
+    monkeypatch.undo()
+    assert load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["step"] == 2
+    align.main(common + ["--out-dir", str(tmp_path / "b"), "--resume"])
+    a, b = load_checkpoint(str(tmp_path / "a" / "ckpt.pt")), load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    drop_time = lambda rows: [{k: v for k, v in r.items() if k != "dt_ms"} for r in rows]  # noqa: E731
+    assert drop_time(read_log(tmp_path / "a")) == drop_time(read_log(tmp_path / "b"))
+
+
+def test_align_grpo_bad_rows_are_skipped_by_number_and_no_usable_row_is_one_sentence(tmp_path, capsys):
+    init = rl_checkpoint(tmp_path / "init.pt")
+    lines = ['{"prompt": "left", "answer": "L"}', "not json", '{"prompt": "left"}', '{"prompt": "x", "answer": " "}',
+             '{"answer": "L"}', '{"messages": "left", "answer": "L"}',
+             '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "answer": "b"}']
+    records = align.read_records(write_jsonl_str(tmp_path / "rl.jsonl", lines), "grpo", "--data")
+    assert len(records) == 1 and records[0][0]["answer"] == "L"
+    said = capsys.readouterr().out
+    assert "skipped 6 of 7 lines" in said and "line 2: not valid JSON" in said and "line 3: no 'answer'" in said
+    bad = write_jsonl_str(tmp_path / "bad.jsonl", lines[1:])
+    for argv, words in [(["--data", bad], ["--data", "no usable GRPO examples", '"answer"']),
+                        (["--data", str(tmp_path)], ["--data", "a folder"]),
+                        (["--data", bad, "--group-size", "1"], ["--group-size"]),
+                        (["--data", bad, "--temperature", "0"], ["--temperature"]),
+                        (["--data", bad, "--beta", "-2"], ["--beta"])]:
+        with pytest.raises(SystemExit) as e:
+            align.main(["--method", "grpo", "--init", init, "--out-dir", str(tmp_path / "o"), *argv])
+        message = str(e.value)
+        assert all(w in message for w in words) and message.count(". ") <= 1 and "\n" not in message, message
+
+
+# -------------------------------------------------------------------- align, grpo: plays.py: the rl questions
+
+def test_align_demo_data_writes_checkable_rl_questions_held_out_by_scene(tmp_path):
+    docs, names = [], ["ALPHA", "BRAVO", "CHARLIE", "DELTA", "ECHO", "FOXTROT"]  # 21 speeches each per play
+    for p in range(5):
+        for s in range(3):
+            text = "\n\n".join(f"{names[k % 6]}.\nLine {k} of scene {s} in play {p}." for k in range(42)) + "\n"
+            docs.append({"id": f"p{p}/{s}", "play": f"Play {p}", "work": f"p{p}", "edition": "modern",
+                         "scene": f"Scene {s}", "text": text})
+    corpus = write_jsonl_str(tmp_path / "corpus.jsonl", docs)
+    plays.make_demo_data(corpus, tmp_path / "chat")
+    rows = [json.loads(line) for line in (tmp_path / "chat" / "rl.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in rows} == {"play", "answers"}
+    for r in rows:  # the answer is one of the 4 options, and the prompt lists them all
+        assert len(r["options"]) == 4 == len(set(r["options"])) and r["answer"] in r["options"]
+        assert "; ".join(r["options"]) in r["prompt"]
+        if r["task"] == "play":
+            assert r["answer"] == "Play " + r["group"][1]
+    per_scene = {}
+    for r in rows:
+        per_scene.setdefault((r["group"], r["task"]), []).append(r)
+    assert max(len(v) for v in per_scene.values()) == 4
+    sft = [json.loads(line) for line in (tmp_path / "chat" / "sft.jsonl").read_text().splitlines()]
+    assert [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in sft] == [  # SFT: the same questions
+        (r["prompt"], r["answer"]) for r in rows]
+    # align.py reads every row, and a scene's questions land on one side of the split
+    records = align.read_records(str(tmp_path / "chat" / "rl.jsonl"), "grpo", "--data")
+    assert len(records) == len(rows)
+    sides = {}
+    for _, group in records:
+        sides.setdefault(group, set()).add(align.held_out(group, 0.5))
+    assert all(len(s) == 1 for s in sides.values())
 
 
 # ==================================================================================================
@@ -3619,15 +3845,18 @@ def test_pipeline_draws_every_training_stage_in_one_svg(tmp_path):
             + [{"step": 20, "val_loss": 2.0, "val_answer_accuracy": 0.4, "val_answer_exact": 0.1}],
             "dpo": [{"step": 0, "val_loss": 0.69, "val_accuracy": 0.5}]
             + [{"step": s, "loss": 0.69 - s / 100, "accuracy": 0.5 + s / 40} for s in range(1, 11)]
-            + [{"step": 10, "val_loss": 0.5, "val_accuracy": 0.7}]}
+            + [{"step": 10, "val_loss": 0.5, "val_accuracy": 0.7}],
+            "rl": [{"step": 0, "val_accuracy": 0.3, "val_pass@1": 0.28}]
+            + [{"step": s, "reward": 0.3 + s / 50} for s in range(1, 11)]
+            + [{"step": 10, "val_accuracy": 0.5, "val_pass@1": 0.45}]}
     for stage, rows in logs.items():
         (out / stage).mkdir(parents=True)
         (out / stage / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 11, "lo')
-    assert pipeline.draw_curves(out, out / "training.svg") == 5
+    assert pipeline.draw_curves(out, out / "training.svg") == 6
     svg = ET.parse(out / "training.svg").getroot()  # well-formed XML
     ns = "{http://www.w3.org/2000/svg}"
     lines = svg.findall(f"{ns}polyline")
-    assert len(lines) == 10  # pretrain 2, sft 2 + 2, dpo 2 + 2
+    assert len(lines) == 13  # pretrain 2, sft 2 + 2, dpo 2 + 2, rl 3
     loss = [tuple(map(float, p.split(","))) for p in lines[0].get("points").split()]
     assert len(loss) == 300 and loss[0][0] < loss[-1][0] and loss[0][1] < loss[-1][1]  # falling loss: y grows
     titles = [t.text for t in svg.findall(f"{ns}text") if t.get("font-weight") == "bold"]
@@ -3659,12 +3888,12 @@ def test_pipeline_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch
     assert capsys.readouterr().err.strip().splitlines() == [
         "interrupted during sft; rerun `python pipeline.py` with the same flags to continue."]
     ran.clear()
-    for done in ("scenes.jsonl", "report.json", "tokens/meta.json", "chat/dpo.jsonl"):
+    for done in ("scenes.jsonl", "report.json", "tokens/meta.json", "chat/rl.jsonl"):
         (data / done).parent.mkdir(parents=True, exist_ok=True)
         (data / done).write_text("{}")
     monkeypatch.setattr(pipeline, "trained_to", lambda ckpt, args: "pretrain" in str(ckpt))
     pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
-    assert [c[c.index("--method") + 1] for c in ran if "align.py" in c] == ["sft", "dpo"]
+    assert [c[c.index("--method") + 1] for c in ran if "align.py" in c] == ["sft", "dpo", "grpo"]
     assert "--resume" in ran[0]  # the interrupted stage continues from its checkpoint
 
 
