@@ -269,6 +269,11 @@ def one_sentence(run, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+def last_line_says(run, expected):
+    """A failed run (a CompletedProcess) whose last stderr line names what was wrong, without a traceback."""
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+    assert expected in run.stderr.strip().split("\n")[-1], run.stderr
+
 def help_by_flag(main, config_class, capsys):
     """main(["--help"]) must show, for every field of config_class, a flag whose help says what it does
     (3 words at least) and its default -> the printed options."""
@@ -663,7 +668,7 @@ def test_dedup_default_side_outputs_never_replace_a_users_file(tmp_path, monkeyp
     assert json.loads((tmp_path / "notes.json").read_text())["documents"]["in"] == 5
 
 
-def test_dedup_output_under_a_file_isstops_with_sentence(tmp_path):
+def test_dedup_output_under_a_file_is_one_sentence(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", prose_docs(3))
     (tmp_path / "afile").write_text("x")
     r = run_script("dedup.py", src, "-o", "afile/sub/c.jsonl", cwd=tmp_path)
@@ -693,14 +698,12 @@ def test_dedup_killed_run_leaves_nothing_after_the_next_run(tmp_path):
     (["--ngram", "0"], "--ngram"), (["--threshold", "nan"], "--threshold"), (["--threshold", "-1"], "--threshold"),
     (["--num-perm", "x"], "--num-perm"),
 ])
-def test_dedup_bad_flags_arestops_with_sentence(tmp_path, args, expected):
+def test_dedup_bad_flags_are_one_sentence(tmp_path, args, expected):
     src = write_jsonl(tmp_path / "in.jsonl", prose_docs(3))
-    r = run_script("dedup.py", src, "-o", "o/c.jsonl", *args, cwd=tmp_path)
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-    assert expected in r.stderr.strip().split("\n")[-1], r.stderr
+    last_line_says(run_script("dedup.py", src, "-o", "o/c.jsonl", *args, cwd=tmp_path), expected)
 
 
-def test_dedup_unreadable_and_empty_inputs_arestops_with_sentence(tmp_path):
+def test_dedup_unreadable_and_empty_inputs_are_one_sentence(tmp_path):
     (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all")
     (tmp_path / "empty").mkdir()
     (tmp_path / "blank.jsonl").write_text("\n\n")
@@ -1139,14 +1142,12 @@ def test_tokenizer_single_document_says_val_is_empty(tmp_path, capsys):
     (["--val-fraction", "nan"], "--val-fraction"), (["--val-fraction", "-0.1"], "--val-fraction"),
     (["--vocab-size", "x"], "--vocab-size"), (["--out-dir", ""], "--out-dir"),
 ])
-def test_tokenizer_bad_flags_arestops_with_sentence(tmp_path, args, expected):
+def test_tokenizer_bad_flags_are_one_sentence(tmp_path, args, expected):
     corpus = write_jsonl(tmp_path / "c.jsonl", prose_docs(4))
-    r = run_script("tokenize_data.py", corpus, "--out-dir", "o", *args, cwd=tmp_path)
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-    assert expected in r.stderr.strip().split("\n")[-1], r.stderr
+    last_line_says(run_script("tokenize_data.py", corpus, "--out-dir", "o", *args, cwd=tmp_path), expected)
 
 
-def test_tokenizer_unreadable_and_empty_inputs_arestops_with_sentence(tmp_path):
+def test_tokenizer_unreadable_and_empty_inputs_are_one_sentence(tmp_path):
     (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "empty").mkdir()
@@ -3217,22 +3218,26 @@ def test_align_dpo_starts_at_ln2_and_preference_accuracy_rises(tmp_path, tiny_ch
     assert evals[-1]["val_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
 
 
+def crash_after_first_checkpoint(monkeypatch, argv):
+    """align.main(argv) dies (an exception) right after writing its first checkpoint, as a killed run would."""
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(*args, **kwargs):
+        save_checkpoint(*args, **kwargs)
+        raise Crash
+    monkeypatch.setattr(align, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        align.main(argv)
+    monkeypatch.undo()
+
+
 def test_align_resume_continues_to_the_same_weights(tmp_path, monkeypatch, tiny_checkpoint):
     data = toy_sft(tmp_path, 8)
     common = ["--method", "sft", "--init", tiny_checkpoint, "--data", data, "--eval-fraction", "0",
               "--batch-size", "3", "--lr", "1e-3", "--max-steps", "6", "--eval-interval", "3"]
     align.main(common + ["--out-dir", str(tmp_path / "a")])
-
-    class Crash(Exception):
-        pass
-
-    def save_then_crash(*args, **kwargs):  # the run dies right after its step-3 checkpoint
-        save_checkpoint(*args, **kwargs)
-        raise Crash
-    monkeypatch.setattr(align, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        align.main(common + ["--out-dir", str(tmp_path / "b")])
-    monkeypatch.undo()
+    crash_after_first_checkpoint(monkeypatch, common + ["--out-dir", str(tmp_path / "b")])
     assert load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["step"] == 3
     align.main(common + ["--out-dir", str(tmp_path / "b"), "--resume"])
     a, b = load_checkpoint(str(tmp_path / "a" / "ckpt.pt")), load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
@@ -3582,17 +3587,7 @@ def test_align_grpo_resume_after_a_crash_gives_the_same_weights_and_log(tmp_path
               "--eval-interval", "2", "--batch-size", "2", "--group-size", "4", "--max-new-tokens", "3",
               "--lr", "1e-2", "--beta", "0.05"]
     align.main(common + ["--out-dir", str(tmp_path / "a")])
-
-    class Crash(Exception):
-        pass
-
-    def save_then_crash(*args, **kwargs):  # the run dies right after its step-2 checkpoint
-        save_checkpoint(*args, **kwargs)
-        raise Crash
-    monkeypatch.setattr(align, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        align.main(common + ["--out-dir", str(tmp_path / "b")])
-    monkeypatch.undo()
+    crash_after_first_checkpoint(monkeypatch, common + ["--out-dir", str(tmp_path / "b")])
     assert load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["step"] == 2
     align.main(common + ["--out-dir", str(tmp_path / "b"), "--resume"])
     a, b = load_checkpoint(str(tmp_path / "a" / "ckpt.pt")), load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))

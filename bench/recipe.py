@@ -88,7 +88,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="2 layers x 64, block 64, 60 steps, 2 seeds")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per recipe (default: 3)")
     parser.add_argument("--seed", type=int, default=1337, help="the first seed; then seed+1, ... (default: 1337)")
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000, the pipeline's)")
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000)")
     parser.add_argument("--warmup-steps", type=int, default=50, help="linear warmup of every recipe (default: 50)")
     parser.add_argument("--eval-every", type=int, default=100, help="steps between evaluations (default: 100)")
     parser.add_argument("--eval-steps", type=int, default=8, help="validation batches per evaluation (default: 8)")
