@@ -3945,15 +3945,24 @@ def test_pipeline_ctrl_c_for_real_stops_the_stage_without_a_traceback(tmp_path):
         env = {**ENV, "PIP_INDEX_URL": f"http://127.0.0.1:{index.getsockname()[1]}/simple",
                "PIP_TIMEOUT": "60", "PIP_RETRIES": "0", "PIP_NO_CACHE_DIR": "1"}
         data = tmp_path / "data"
+        # as from a terminal: SIGINT at its default whatever this process inherited (a child of a process
+        # that ignores SIGINT ignores it too, and Python then raises no KeyboardInterrupt)
         proc = subprocess.Popen([sys.executable, str(ROOT / "pipeline.py"), "--data-dir", str(data),
                                  "--out-dir", str(tmp_path / "out")], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+                                stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 60
         while time.time() < deadline and not any("\0download\0" in p.read_text(errors="replace")
                                                   for p in processes_naming(data)):
             time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGINT)  # the terminal sends Ctrl-C to the foreground process group
-        stdout, stderr = proc.communicate(timeout=60)
+        try:
+            stdout, stderr = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            for cmdline in processes_naming(data):
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+            pytest.fail(f"pipeline.py still ran 120 s after SIGINT: {proc.communicate()}")
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stdout + stderr and "interrupted during fetch; rerun" in stderr
     time.sleep(0.5)
