@@ -267,8 +267,9 @@ def main(argv=None):
     try:
         for i, name in enumerate(STAGES):
             commands, complete = stages[name]
-            if skipped(cfg, name):
-                print(f"\n=== {name}: skipped: {skipped(cfg, name)}")
+            why_not = skipped(cfg, name)
+            if why_not:
+                print(f"\n=== {name}: skipped: {why_not}")
                 continue
             if not commands:  # fetch and chatdata with --corpus: the user's files are the input
                 print(f"\n=== {name}: nothing to do with --corpus")

@@ -165,9 +165,9 @@ def byte_data(tmp_path_factory):
     return make_byte_data(tmp_path_factory.mktemp("byte_data"))
 
 
-def tiny_model(**overrides):
+def tiny_model(seed=0, **overrides):
     """A tiny random GPT (seed 0): vocab 64, block 32, 2 layers, 4 query and 2 key/value heads, width 32."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
     cfg.update(overrides)
     return GPT(GPTConfig(**cfg))
@@ -3443,18 +3443,7 @@ BYTE_ENC = byte_tokenizer()
 END_ID = BYTE_ENC._special_tokens["<|end|>"]
 
 
-def rl_model(seed=0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=261, block_size=32, n_layer=1, n_head=2, n_embd=32))
-
-
-def rl_checkpoint(path, seed=0):
-    save_checkpoint(str(path), rl_model(seed), tokenizer=tokenize_data.tokenizer_to_dict(BYTE_ENC), stage="pretrain")
-    return str(path)
-
-
-def write_jsonl_str(path, records):
-    return str(write_jsonl(path, records))
+RL_MODEL = dict(vocab_size=BYTE_ENC.n_vocab, n_layer=1, n_head=2, n_kv_head=2)  # tiny_model(**RL_MODEL)
 
 
 # ---------------------------------------------------------- align, grpo: the reward, the advantages, the loss
@@ -3498,7 +3487,7 @@ def test_align_policy_gradient_loss_by_hand_on_numbers():
 def test_align_grpo_loss_on_a_padded_batch_equals_each_sequence_scored_alone():
     """Prompts of different lengths; one answer finished right, one right but cut off at M = 3 (no
     reward), one that ended at once: padded together, only completion tokens may count."""
-    model, ref = rl_model(0), rl_model(1)
+    model, ref = tiny_model(0, **RL_MODEL), tiny_model(1, **RL_MODEL)
     prompts = [[1, 2, 3, 4], [5, 6], [5, 6]]
     completions = [[72, 105, END_ID], [72, 105, 33], [END_ID]]
     finished = [c[-1] == END_ID for c in completions]
@@ -3523,7 +3512,7 @@ def test_align_grpo_loss_on_a_padded_batch_equals_each_sequence_scored_alone():
 
 
 def test_align_rollout_batches_by_prompt_length_and_cuts_at_end_or_the_limit():
-    model = rl_model(0).eval()
+    model = tiny_model(0, **RL_MODEL).eval()
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8], [9]]
     completions, finished = align.rollout(model, prompts, 1, 5, 0.0, END_ID)
     for p, c, done in zip(prompts, completions, finished):  # greedy: the same as one prompt at a time
@@ -3541,14 +3530,14 @@ def test_align_rollout_batches_by_prompt_length_and_cuts_at_end_or_the_limit():
 def sft_then_questions(tmp_path):
     """A tiny model taught by SFT to answer "A", "B", "C" or "D" (and stop), a quarter each; the reward
     pays "C" only, so only RL can lift it above a quarter."""
-    init = rl_checkpoint(tmp_path / "init.pt")
-    sft = write_jsonl_str(tmp_path / "sft.jsonl", [{"prompt": p, "response": a} for p in ("pick one", "choose")
-                                               for a in "ABCD"])
+    init = save_tiny_checkpoint(tmp_path / "init.pt", BYTE_ENC, **RL_MODEL)[1]
+    sft = str(write_jsonl(tmp_path / "sft.jsonl", [{"prompt": p, "response": a} for p in ("pick one", "choose")
+                                                   for a in "ABCD"]))
     align.main(["--method", "sft", "--init", init, "--data", sft, "--eval-fraction", "0", "--max-steps", "60",
                 "--batch-size", "8", "--lr", "1e-2", "--out-dir", str(tmp_path / "sft")])
-    rl = write_jsonl_str(tmp_path / "rl.jsonl", [{"prompt": "pick one", "answer": "c", "task": "pick"},
-                                             {"messages": [{"role": "user", "content": "choose"}], "answer": "C",
-                                              "task": "choose"}])
+    rl = str(write_jsonl(tmp_path / "rl.jsonl", [{"prompt": "pick one", "answer": "c", "task": "pick"},
+                                                 {"messages": [{"role": "user", "content": "choose"}], "answer": "C",
+                                                  "task": "choose"}]))
     return str(tmp_path / "sft" / "ckpt.pt"), rl
 
 
@@ -3598,15 +3587,15 @@ def test_align_grpo_resume_after_a_crash_gives_the_same_weights_and_log(tmp_path
 
 
 def test_align_grpo_bad_rows_are_skipped_by_number_and_no_usable_row_is_one_sentence(tmp_path, capsys):
-    init = rl_checkpoint(tmp_path / "init.pt")
+    init = save_tiny_checkpoint(tmp_path / "init.pt", BYTE_ENC, **RL_MODEL)[1]
     lines = ['{"prompt": "left", "answer": "L"}', "not json", '{"prompt": "left"}', '{"prompt": "x", "answer": " "}',
              '{"answer": "L"}', '{"messages": "left", "answer": "L"}',
              '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "answer": "b"}']
-    records = align.read_records(write_jsonl_str(tmp_path / "rl.jsonl", lines), "grpo", "--data")
+    records = align.read_records(str(write_jsonl(tmp_path / "rl.jsonl", lines)), "grpo", "--data")
     assert len(records) == 1 and records[0][0]["answer"] == "L"
     said = capsys.readouterr().out
     assert "skipped 6 of 7 lines" in said and "line 2: not valid JSON" in said and "line 3: no 'answer'" in said
-    bad = write_jsonl_str(tmp_path / "bad.jsonl", lines[1:])
+    bad = str(write_jsonl(tmp_path / "bad.jsonl", lines[1:]))
     for argv, words in [(["--data", bad], ["--data", "no usable GRPO examples", '"answer"']),
                         (["--data", str(tmp_path)], ["--data", "a folder"]),
                         (["--data", bad, "--group-size", "1"], ["--group-size"]),
@@ -3627,7 +3616,7 @@ def test_align_demo_data_writes_checkable_rl_questions_held_out_by_scene(tmp_pat
             text = "\n\n".join(f"{names[k % 6]}.\nLine {k} of scene {s} in play {p}." for k in range(42)) + "\n"
             docs.append({"id": f"p{p}/{s}", "play": f"Play {p}", "work": f"p{p}", "edition": "modern",
                          "scene": f"Scene {s}", "text": text})
-    corpus = write_jsonl_str(tmp_path / "corpus.jsonl", docs)
+    corpus = str(write_jsonl(tmp_path / "corpus.jsonl", docs))
     plays.make_demo_data(corpus, tmp_path / "chat")
     rows = [json.loads(line) for line in (tmp_path / "chat" / "rl.jsonl").read_text().splitlines()]
     assert {r["task"] for r in rows} == {"play", "answers"}
