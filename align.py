@@ -378,15 +378,19 @@ def reward(completion, answer, finished=True):
 
 
 @torch.no_grad()
-def rollout(model, prompts, n_samples, max_new_tokens, temperature, end_id, generator=None):
+def rollout(model, prompts, n_samples, max_new_tokens, temperature, end_id, seeds=None):
     """prompts [[ids]] -> (completions, finished): n_samples answers per prompt, prompt i's at i*n .. i*n+n-1.
     An answer is its tokens up to and including <|end|>, or max_new_tokens of them (finished False). The
-    model has no padding mask, so each generate call (KV cache) holds the samples of prompts of one length."""
+    model has no padding mask, so each generate call (KV cache) holds the samples of prompts of one length.
+    With seeds (sampling), prompt i is drawn alone from a generator seeded seeds[i]: its answers do not
+    depend on the other prompts of the batch, so a data-parallel run draws what one process would."""
     device = model.lm_head.weight.device
-    completions, by_length = [None] * (len(prompts) * n_samples), {}
+    completions, batches = [None] * (len(prompts) * n_samples), {}
     for i, ids in enumerate(prompts):
-        by_length.setdefault(len(ids), []).append(i)
-    for length, which in by_length.items():
+        batches.setdefault(len(ids) if seeds is None else i, []).append(i)
+    for which in batches.values():
+        length = len(prompts[which[0]])
+        generator = None if seeds is None else torch.Generator(device).manual_seed(seeds[which[0]])
         rows = torch.tensor([prompts[i] for i in which for _ in range(n_samples)], device=device)  # (len(which)*n, L)
         new = model.generate(rows, max_new_tokens, temperature, eos_token=end_id, generator=generator)[:, length:]
         for r, ids in enumerate(new.tolist()):
@@ -430,11 +434,13 @@ def policy_gradient_loss(logp, mask, advantages, ref_logp=None, beta=0.0):
     return -(per_token * mask).sum() / logp.size(0)
 
 
-def grpo_step_loss(net, model, cfg, train, idx, ref, enc, end_id, generator, device):
+def grpo_step_loss(net, model, cfg, train, idx, ref, enc, end_id, step, device):
     """One step on this rank's prompts idx: sample, score, loss; and sums over the prompts of per-group
-    means for the log (reward, completion length, truncated share, groups with no signal, KL)."""
+    means for the log (reward, completion length, truncated share, groups with no signal, KL). The samples
+    follow from (seed, step, prompt) alone: a resumed run, or another number of ranks, draws the same."""
     G, prompts = cfg.group_size, [train[i]["prompt"] for i in idx]
-    completions, finished = rollout(model, prompts, G, cfg.max_new_tokens, cfg.temperature, end_id, generator)
+    seeds = [cfg.seed + 1_000_003 * (step + 1) + i for i in idx]
+    completions, finished = rollout(model, prompts, G, cfg.max_new_tokens, cfg.temperature, end_id, seeds)
     rewards = torch.tensor(rewards_of(enc, completions, finished, [train[i]["answer"] for i in idx for _ in range(G)]),
                            device=device).view(len(idx), G)                                     # (P, G)
     x, y = completion_batch([p for p in prompts for _ in range(G)], completions, device)
@@ -462,8 +468,8 @@ def evaluate_answers(model, cfg, val, enc, end_id, device, rank, world):
     if mine:
         greedy = rollout(model, prompts, 1, cfg.max_new_tokens, 0.0, end_id)
         right[mine] = torch.tensor(rewards_of(enc, *greedy, answers), device=device)
-        generator = torch.Generator(device).manual_seed(cfg.seed)  # the same draws at every eval
-        samples = rollout(model, prompts, n, cfg.max_new_tokens, cfg.temperature, end_id, generator)
+        seeds = [cfg.seed + i for i in mine]  # the same draws at every eval, whatever the number of ranks
+        samples = rollout(model, prompts, n, cfg.max_new_tokens, cfg.temperature, end_id, seeds)
         per_sample = torch.tensor(rewards_of(enc, *samples, [a for a in answers for _ in range(n)]), device=device)
         hits[mine] = per_sample.view(len(mine), n).sum(dim=1)
     if world > 1:
@@ -762,9 +768,8 @@ def main(argv=None):
             group["lr"] = lr
         idx = batch_indices(step, len(train), cfg.batch_size, rank, world, cfg.seed)
         with ctx:
-            if cfg.method == "grpo":  # its samples follow from (seed, step, rank) alone: a resumed run draws the same
-                generator = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * (step + 1) + rank)
-                loss, sums = grpo_step_loss(net, model, cfg, train, idx, ref_model, enc, end_id, generator, device)
+            if cfg.method == "grpo":
+                loss, sums = grpo_step_loss(net, model, cfg, train, idx, ref_model, enc, end_id, step, device)
             else:
                 loss, sums = step_loss(net, cfg, train, ref_train, idx, device)
         loss.backward()

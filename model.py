@@ -16,6 +16,8 @@ switchable from `GPTConfig`. How the defaults differ from GPT-2, and why:
 - attention goes through `F.scaled_dot_product_attention` ("sdpa"); "naive" is the textbook
   reference it is tested against; "triton" is our own kernel in attention_kernel.py.
 - generation keeps a KV cache, so each new token costs one position of work, not the whole prefix.
+- switches from the speedrun literature (modded-nanogpt): QK-norm, ReLU^2, zero-initialised output
+  projections, logit soft-capping, an untied head; off unless the README's measurements keep them.
 Checkpoints are self-contained dicts (config, weights, and whatever the stage adds: optimizer, step,
 tokenizer), written atomically; `GPT.from_checkpoint(path)` rebuilds the model from the file alone.
 """
@@ -33,7 +35,7 @@ import attention_kernel  # imports only torch; triton is loaded on the first tri
 
 CHECKPOINT_FORMAT = "gpt-from-scratch/1"
 CONFIG_CHOICES = {"pos_encoding": ["rope", "learned", "sinusoidal"], "norm": ["layernorm", "rmsnorm"],
-                  "mlp": ["gelu", "swiglu"], "attn_impl": ["sdpa", "naive", "triton"]}
+                  "mlp": ["gelu", "swiglu", "relu2"], "attn_impl": ["sdpa", "naive", "triton"]}
 
 
 @dataclass
@@ -50,8 +52,12 @@ class GPTConfig:
     rope_theta: float = 10000.0
     norm: str = "layernorm"        # "layernorm" | "rmsnorm"
     prenorm: bool = True           # False: the original post-norm block, norm(x + sublayer(x))
-    mlp: str = "gelu"              # "gelu" (4x wide) | "swiglu" (8/3 x wide, same parameter count)
+    mlp: str = "gelu"              # "gelu" (4x wide) | "swiglu" (8/3 x wide, same parameter count) | "relu2"
     tie_weights: bool = True       # the output head reuses the token embedding matrix
+    # Switches from the speedrun literature (modded-nanogpt), off by default: each is measured in README.
+    qk_norm: bool = False          # RMS-normalise each head's q and k: attention logits stay bounded at high lr
+    zero_init_proj: bool = False   # residual branches' output projections start at 0: every block starts as identity
+    logit_softcap: float = 0.0     # > 0: logits = cap * tanh(logits / cap), so no token's score runs away
     attn_impl: str = "sdpa"        # "sdpa" | "naive" | "triton"
 
     def __post_init__(self):
@@ -60,6 +66,8 @@ class GPTConfig:
         for name, allowed in CONFIG_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap must be >= 0 (0 turns it off), got {self.logit_softcap}.")
         if min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) < 1:
             raise ValueError("vocab_size, block_size, n_layer, n_head and n_embd must all be positive.")
         if self.n_kv_head < 0 or not 0.0 <= self.dropout < 1.0:
@@ -83,7 +91,7 @@ class GPTConfig:
 
     @property
     def mlp_hidden(self):
-        if self.mlp == "gelu":
+        if self.mlp in ("gelu", "relu2"):
             return 4 * self.n_embd
         # SwiGLU has three matrices instead of two: 2/3 of 4x keeps the parameter count; round to 64.
         return 64 * math.ceil(8 * self.n_embd / 3 / 64)
@@ -166,6 +174,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.attn_impl = config.attn_impl
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
 
     def forward(self, x, rope=None, kv_cache=None, layer=0):
         B, T, _ = x.shape
@@ -174,6 +183,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hd).transpose(1, 2)                # (B, H, T, hd)
         k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)             # (B, H_kv, T, hd)
         v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)             # (B, H_kv, T, hd)
+        if self.qk_norm:  # no learned scale: then tensor-parallel shards have nothing to keep in sync
+            q, k = F.rms_norm(q, (hd,), eps=1e-6), F.rms_norm(k, (hd,), eps=1e-6)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
@@ -210,7 +221,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
+        self.swiglu, self.relu2 = config.mlp == "swiglu", config.mlp == "relu2"
         hidden = config.mlp_hidden
         # For SwiGLU, fc's output is [gate | up], each `hidden` wide, in one matmul.
         self.fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
@@ -222,6 +233,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.relu2:  # ReLU squared (So et al. 2021, "Primer"): sparse like ReLU, smooth at 0
+            h = F.relu(h).square()
         else:
             h = F.gelu(h)
         return F.dropout(self.proj(h), self.dropout, self.training)
@@ -275,7 +288,9 @@ class GPT(nn.Module):
         # Each residual branch ends in a `proj`; scaling them by 1/sqrt(2 * n_layer) keeps the
         # residual stream's variance from growing with depth (GPT-2).
         for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
+            if name.endswith("proj.weight") and config.zero_init_proj:
+                nn.init.zeros_(p)  # the gradient still reaches them: d loss / d W = grad_out x input
+            elif name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if config.tie_weights and not config.prenorm:
             # Post-norm hands the head unit-size vectors that are mostly the current token's own
@@ -304,6 +319,12 @@ class GPT(nn.Module):
             return None
         return self.rope_cos[start:start + T], self.rope_sin[start:start + T]
 
+    def head(self, x):
+        """Residual stream (B, T, C) -> logits (B, T, vocab), soft-capped when logit_softcap > 0."""
+        logits = self.lm_head(self.norm_f(x))
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
+
     def forward(self, idx, targets=None, kv_cache=None):
         """idx (B, T) -> logits (B, T, vocab); with targets (B, T), also the mean cross-entropy.
 
@@ -321,7 +342,7 @@ class GPT(nn.Module):
             x = block(x, rope, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.pos += T
-        logits = self.lm_head(self.norm_f(x))                            # (B, T, vocab)
+        logits = self.head(x)                                            # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)

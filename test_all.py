@@ -1242,7 +1242,8 @@ def test_tokenizer_help_explains_every_flag(capsys):
 
 MODEL_OPTIONS = [dict(pos_encoding="rope"), dict(pos_encoding="learned"), dict(pos_encoding="sinusoidal"),
                  dict(norm="rmsnorm"), dict(prenorm=False), dict(mlp="swiglu"), dict(tie_weights=False),
-                 dict(bias=True), dict(n_kv_head=1), dict(n_kv_head=4)]
+                 dict(bias=True), dict(n_kv_head=1), dict(n_kv_head=4), dict(qk_norm=True), dict(mlp="relu2"),
+                 dict(zero_init_proj=True), dict(logit_softcap=5.0)]
 
 
 @pytest.mark.parametrize("attn_impl", ["sdpa", "naive"])
@@ -1364,12 +1365,14 @@ def test_model_rope_angles_are_position_times_theta_power():
     torch.testing.assert_close(apply_rope(x, cos, sin).double(), roformer_rotate(x, 500.0), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("attn_impl", ["sdpa", "naive"])
-def test_model_attention_layer_is_the_textbook_formula(attn_impl):
+@pytest.mark.parametrize("attn_impl, qk_norm", [("sdpa", False), ("naive", False), ("sdpa", True)])
+def test_model_attention_layer_is_the_textbook_formula(attn_impl, qk_norm):
     """One attention layer against softmax(rope(q) rope(k)^T / sqrt(head_dim) + causal mask) v, written
     out per head from the layer's own projections: RoPE turns q and k, never v; each query head reads
-    the key/value head of its group; the heads, side by side, go through proj."""
-    model = tiny_model(attn_impl=attn_impl, rope_theta=100.0).eval()   # 4 query heads, 2 kv heads, head_dim 8
+    the key/value head of its group; the heads, side by side, go through proj. With qk_norm each head's
+    q and k are first divided by their root mean square (before RoPE, which keeps their length)."""
+    model = tiny_model(attn_impl=attn_impl, rope_theta=100.0, qk_norm=qk_norm).eval()  # 4 q, 2 kv heads, hd 8
+    rms = (lambda t: t / (t.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()) if qk_norm else (lambda t: t)  # noqa: E731
     attn, T, hd = model.blocks[0].attn, 7, 8
     with torch.no_grad():  # weights large enough that the scores, not only their mean, shape the output
         attn.qkv.weight.normal_(0, 0.3)
@@ -1381,7 +1384,8 @@ def test_model_attention_layer_is_the_textbook_formula(attn_impl):
     heads = []
     for h in range(4):
         g = h // 2  # query heads 0 and 1 read key/value head 0; heads 2 and 3 read head 1
-        qh, kh = roformer_rotate(q[..., h * hd:(h + 1) * hd], 100.0), roformer_rotate(k[..., g * hd:(g + 1) * hd], 100.0)
+        qh = roformer_rotate(rms(q[..., h * hd:(h + 1) * hd]), 100.0)
+        kh = roformer_rotate(rms(k[..., g * hd:(g + 1) * hd]), 100.0)
         scores = (qh @ kh.transpose(-1, -2) / math.sqrt(hd)).masked_fill(future, float("-inf"))
         heads.append(scores.softmax(dim=-1) @ v[..., g * hd:(g + 1) * hd])
     want = torch.cat(heads, dim=-1) @ attn.proj.weight.double().T
@@ -1405,13 +1409,15 @@ def test_model_position_tables_are_added_as_the_papers_write_them():
         torch.testing.assert_close(learned.embed(idx, start=5), learned.wte.weight[idx] + learned.wpe.weight[5:11])
 
 
-def test_model_mlp_is_gelu_or_swiglu_written_out():
+def test_model_mlp_is_gelu_swiglu_or_relu2_written_out():
     x = torch.randn(2, 5, 32, dtype=torch.float64)
-    for kind, hidden in (("gelu", 4 * 32), ("swiglu", 128)):  # swiglu: 8/3 x 32 rounded up to a multiple of 64
+    for kind, hidden in (("gelu", 4 * 32), ("swiglu", 128), ("relu2", 4 * 32)):  # swiglu: 8/3 x 32 up to 64s
         mlp = tiny_model(mlp=kind).blocks[0].mlp.double()
         h = x @ mlp.fc.weight.T
         if kind == "gelu":  # Hendrycks & Gimpel: x Phi(x), the exact (erf) form
             act = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+        elif kind == "relu2":  # So et al. 2021: max(x, 0)^2
+            act = torch.where(h > 0, h * h, torch.zeros_like(h))
         else:  # Shazeer 2020: SiLU(x W) * (x V), fc's output being [gate | up]
             gate, up = h[..., :hidden], h[..., hidden:]
             act = gate * torch.sigmoid(gate) * up
@@ -1450,6 +1456,39 @@ def test_model_init_scales_the_residual_projections():
             assert torch.equal(p, torch.ones_like(p)), name
         else:
             assert torch.equal(p, torch.zeros_like(p)), name
+
+
+def test_model_zero_init_proj_makes_every_block_the_identity():
+    """zero_init_proj: attn.proj and mlp.proj start at 0, so each residual branch adds nothing and the
+    logits at init are the head applied to the embeddings alone; every other matrix keeps N(0, 0.02)."""
+    model = tiny_model(zero_init_proj=True, bias=True).eval()
+    for name, p in model.named_parameters():
+        if name.endswith("proj.weight"):
+            assert torch.count_nonzero(p) == 0, name
+        elif p.dim() == 2:
+            assert abs(p.std().item() - 0.02) < 0.004, name
+    idx = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], model.norm_f(model.wte(idx)) @ model.wte.weight.T)
+
+
+def test_model_logit_softcap_is_cap_tanh_of_the_plain_logits():
+    """logit_softcap c: the logits are c * tanh(z / c) of the logits z the same weights give uncapped, so
+    they stay inside (-c, c) and are nearly unchanged near 0; the loss is cross-entropy of the capped ones."""
+    capped = tiny_model(logit_softcap=2.0).eval()
+    plain = tiny_model(logit_softcap=0.0).eval()
+    with torch.no_grad():
+        plain.lm_head.weight.mul_(40)  # large logits, so the cap bites (tied: the embedding grows too)
+        capped.load_state_dict(plain.state_dict())
+        idx = torch.randint(0, 64, (2, 9))
+        z = plain(idx)[0].double()
+        logits, loss = capped(idx, idx)
+    assert z.abs().max() > 6.0 and logits.abs().max() <= 2.0  # tanh rounds to 1 in float32 far out
+    torch.testing.assert_close(logits.double(), 2.0 * torch.tanh(z / 2.0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.double(), F.cross_entropy(2.0 * torch.tanh(z / 2.0).flatten(0, 1), idx.flatten()),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="logit_softcap"):
+        GPTConfig(logit_softcap=-1.0)
 
 
 def test_model_config_refuses_bad_shapes():
@@ -1518,7 +1557,8 @@ def test_model_bad_checkpoints_are_one_sentence(tmp_path):
 # ------------------------------------------------------------------------ sampling: KV cache, generate, filters
 
 @pytest.mark.parametrize("options", [dict(), dict(pos_encoding="learned", n_kv_head=1),
-                                     dict(pos_encoding="sinusoidal", prenorm=False)], ids=str)
+                                     dict(pos_encoding="sinusoidal", prenorm=False),
+                                     dict(qk_norm=True, mlp="relu2", logit_softcap=5.0)], ids=str)
 def test_model_kv_cache_matches_recompute(options):
     """Cached logits equal full-sequence logits; cached tokens equal uncached, across block_size too."""
     model = tiny_model(**options).eval()
@@ -1979,6 +2019,21 @@ def test_train_learning_rate_schedule_corners():
     assert train.learning_rate_at(30, short) == pytest.approx(0.55)
     assert train.learning_rate_at(50, short) == pytest.approx(0.1) and train.learning_rate_at(80, short) == pytest.approx(0.1)  # past it
     assert train.learning_rate_at(0, replace(cfg, warmup_steps=0)) == pytest.approx(1.0)  # no warmup: the peak at once
+
+
+def test_train_wsd_schedule_holds_then_falls_in_a_straight_line():
+    """--lr-schedule wsd: warmup as before, then flat at lr until the last cooldown_fraction of the decay
+    steps, then a straight line to min_lr at lr_decay_steps (or max_steps), then flat."""
+    cfg = train.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, lr_schedule="wsd",
+                            cooldown_fraction=0.5)                 # the cooldown: steps 55 .. 110
+    assert train.learning_rate_at(4, cfg) == pytest.approx(0.5)    # warmup unchanged
+    assert [train.learning_rate_at(t, cfg) for t in (10, 30, 55)] == pytest.approx([1.0, 1.0, 1.0])
+    assert train.learning_rate_at(66, cfg) == pytest.approx(1.0 - 0.9 * 11 / 55)
+    assert train.learning_rate_at(82.5, cfg) == pytest.approx(0.55)  # halfway down the line
+    assert train.learning_rate_at(110, cfg) == pytest.approx(0.1) and train.learning_rate_at(200, cfg) == pytest.approx(0.1)
+    long = replace(cfg, cooldown_fraction=1.0)                      # all of it: from the end of warmup
+    assert train.learning_rate_at(10, long) == pytest.approx(1.0)
+    assert train.learning_rate_at(60, long) == pytest.approx(1.0 - 0.9 * 50 / 100)
 
 
 def gradients_of_train_step(model, batches, grad_clip):
@@ -2653,9 +2708,10 @@ LAYOUTS = [(1, 1, 1, "gqa-swiglu"), (2, 1, 1, "mha-gelu"), (1, 2, 1, "gqa-swiglu
 
 def layout_config(kind):
     """Two model flavours so the layouts cover both code paths of every sharded layer."""
-    if kind == "gqa-swiglu":  # GQA (kv heads split too), swiglu halves, rmsnorm, rope, tied head
+    if kind == "gqa-swiglu":  # GQA (kv heads split too), swiglu halves, rmsnorm, rope, tied head, QK-norm,
         return GPTConfig(vocab_size=64, block_size=LAYOUT_T, n_layer=4, n_head=4, n_kv_head=2, n_embd=32,
-                         mlp="swiglu", norm="rmsnorm", tie_weights=True)
+                         mlp="swiglu", norm="rmsnorm", tie_weights=True, qk_norm=True,
+                         logit_softcap=3.0)  # and soft-capped logits on vocabulary shards
     # plain MHA, gelu, learned positions, biases everywhere (replicated row-parallel biases), untied head
     return GPTConfig(vocab_size=64, block_size=LAYOUT_T, n_layer=4, n_head=4, n_embd=32, mlp="gelu",
                      pos_encoding="learned", bias=True, tie_weights=False)
@@ -3519,10 +3575,14 @@ def test_align_rollout_batches_by_prompt_length_and_cuts_at_end_or_the_limit():
         alone = model.generate(torch.tensor([p]), 5, temperature=0)[0, len(p):].tolist()
         want = alone[:alone.index(END_ID) + 1] if END_ID in alone else alone
         assert c == want and done == (END_ID in alone)
-    # sampled: G per prompt, prompt-major; the same generator state gives the same samples
-    one = align.rollout(model, prompts, 3, 4, 1.0, END_ID, torch.Generator().manual_seed(5))
-    two = align.rollout(model, prompts, 3, 4, 1.0, END_ID, torch.Generator().manual_seed(5))
-    assert one == two and len(one[0]) == 12 and all(len(c) <= 4 for c in one[0])
+    # sampled: G per prompt, prompt-major; a prompt's samples follow from its seed alone, whatever its
+    # neighbours in the batch (what lets a data-parallel run draw what one process draws)
+    one = align.rollout(model, prompts, 3, 4, 1.0, END_ID, seeds=[5, 6, 7, 8])
+    two = align.rollout(model, prompts[2:], 3, 4, 1.0, END_ID, seeds=[7, 8])
+    alone = model.generate(torch.tensor([prompts[2]] * 3), 4, 1.0, eos_token=END_ID,
+                           generator=torch.Generator().manual_seed(7))[:, 3:].tolist()
+    assert one[0][6:] == two[0] and len(one[0]) == 12 and all(len(c) <= 4 for c in one[0])
+    assert one[0][6:9] == [a[:a.index(END_ID) + 1] if END_ID in a else a for a in alone]
 
 
 # ------------------------------------------------------ align, grpo: align.py --method grpo as a user runs it
@@ -3559,6 +3619,25 @@ def test_align_grpo_raises_the_reward_on_a_tiny_learnable_task(tmp_path, capsys)
     capsys.readouterr()  # sample.py chats with the RL checkpoint through the same template
     sample.main(["--ckpt", str(tmp_path / "rl" / "ckpt.pt"), "--chat", "--prompt", "choose", "--temperature", "0"])
     assert capsys.readouterr().out == "C\n"
+
+
+def test_align_grpo_on_two_gloo_ranks_equals_one_process_with_twice_the_batch(tmp_path):
+    """Each prompt's samples come from (seed, step, prompt), so 2 ranks x 2 prompts draw what 1 x 4 draws:
+    the same rewards, the same gradient (DDP's average of the ranks' means) and the same held-out figures."""
+    init, rl = sft_then_questions(tmp_path)
+    common = ["--method", "grpo", "--init", init, "--data", rl, "--val-data", rl, "--max-steps", 3, "--lr", "3e-3",
+              "--group-size", 4, "--max-new-tokens", 4, "--device", "cpu"]
+    align.main([*map(str, common), "--batch-size", "4", "--out-dir", str(tmp_path / "one")])
+    torchrun(2, "align.py", *common, "--batch-size", 2, "--out-dir", tmp_path / "two")
+    one, two = load_checkpoint(str(tmp_path / "one" / "ckpt.pt")), load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))
+    for k in one["model"]:
+        torch.testing.assert_close(one["model"][k], two["model"][k], rtol=1e-4, atol=1e-6)
+    log_one, log_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [sorted(r) for r in log_one] == [sorted(r) for r in log_two] and len(log_one) == 5  # 3 steps, 2 evals
+    for a, b in zip(log_one, log_two):
+        for key in set(a) - {"dt_ms", "lr"}:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a, b)
+    assert any(0 < r.get("reward", 0) < 1 for r in log_one)  # groups that disagreed: a real gradient was averaged
 
 
 def test_align_grpo_max_steps_0_only_evaluates_the_init_model(tmp_path):

@@ -75,12 +75,15 @@ class TrainConfig:
     pos_encoding: str = "rope"     # positions: rotary (rope), a learned table (GPT-2) or sinusoidal
     norm: str = "layernorm"        # the normalisation layer
     prenorm: bool = True           # normalise before each sublayer (GPT-2); --no-prenorm: the 2017 post-norm
-    mlp: str = "gelu"              # feed-forward: gelu (4x wide) or swiglu (8/3x wide, as many parameters)
+    mlp: str = "gelu"              # feed-forward: gelu (4x wide), swiglu (8/3x wide, as many parameters), relu2 (4x)
     tie_weights: bool = True       # the output head shares the token-embedding matrix
     bias: bool = False             # biases in the linear layers and LayerNorm
+    qk_norm: bool = False          # RMS-normalise each head's queries and keys (bounded attention logits)
+    zero_init_proj: bool = False   # start the blocks' output projections at zero (each block starts as identity)
+    logit_softcap: float = 0.0     # > 0: squash the logits into (-cap, cap) with cap * tanh(logits / cap)
     dropout: float = 0.0           # dropout probability (may change on resume)
     attn_impl: str = "sdpa"        # attention: sdpa (PyTorch), naive (textbook reference), triton (our kernel, CUDA)
-    # optimisation: AdamW or Muon; linear warmup, then cosine decay
+    # optimisation: AdamW or Muon; linear warmup, then cosine decay (or wsd: flat, then a linear cooldown)
     batch_size: int = 16           # sequences per micro-batch on each data-parallel rank
     grad_accum: int = 1            # micro-batches per optimizer step (under --pp: the pipeline's micro-batches)
     max_steps: int = 500           # optimizer steps to train to (on resume: the step to stop at)
@@ -88,9 +91,11 @@ class TrainConfig:
     lr: float = 1e-3               # peak learning rate, reached at the end of warmup (AdamW's)
     muon_lr: float = 0.02          # --optimizer muon: the matrices' peak learning rate; follows --lr's schedule scaled
     muon_momentum: float = 0.95    # --optimizer muon: the matrices' (Nesterov) momentum
-    min_lr: float = 1e-4           # learning rate at the end of the cosine decay, and after it
+    min_lr: float = 1e-4           # learning rate at the end of the decay, and after it
     warmup_steps: int = 50         # steps of linear warmup, from lr/warmup_steps up to lr
-    lr_decay_steps: int = 0        # step where the cosine reaches min_lr, flat after it; 0: at max_steps (the end)
+    lr_decay_steps: int = 0        # step where the decay reaches min_lr, flat after it; 0: at max_steps (the end)
+    lr_schedule: str = "cosine"    # after warmup: cosine down to min_lr, or wsd (warmup-stable-decay): hold lr, then linear
+    cooldown_fraction: float = 0.4 # --lr-schedule wsd: the share of the steps to lr_decay_steps spent decaying linearly
     weight_decay: float = 0.1      # AdamW weight decay on matrices and embeddings (none on norms and biases)
     grad_clip: float = 1.0         # clip the global gradient norm to this; 0: no clipping
     eval_interval: int = 100       # evaluate on val.bin and save ckpt.pt every this many steps; 0: only at the end
@@ -110,10 +115,10 @@ PRESETS = {"gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024,
                              compile=True, batch_size=16, grad_accum=32, max_steps=19073, lr=6e-4,
                              min_lr=6e-5, warmup_steps=700, eval_interval=250, eval_steps=20)}
 CHOICES = {**CONFIG_CHOICES, "preset": list(PRESETS), "dtype": ["auto", "float32", "bfloat16", "float16"],
-           "schedule": ["gpipe", "1f1b"], "optimizer": ["adamw", "muon"]}
+           "schedule": ["gpipe", "1f1b"], "optimizer": ["adamw", "muon"], "lr_schedule": ["cosine", "wsd"]}
 ALIASES = {"attn_impl": ["--attn"]}  # other spellings of a flag that users type
 SHAPE_FIELDS = ["n_layer", "n_head", "n_kv_head", "n_embd", "pos_encoding", "norm", "prenorm", "mlp",
-                "tie_weights", "bias"]
+                "tie_weights", "bias", "qk_norm", "zero_init_proj", "logit_softcap"]
 # bf16 dense tensor-core peaks (FLOP/s) by device name; the first match wins, unknown GPUs get no MFU
 PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
               ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165e12)]
@@ -144,6 +149,8 @@ def check_config(cfg):
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least {least}.")
     if not (cfg.lr > 0 and cfg.muon_lr > 0):
         raise SystemExit(f"--lr {cfg.lr} and --muon-lr {cfg.muon_lr} must be positive numbers (peak learning rates).")
+    if not 0 < cfg.cooldown_fraction <= 1:
+        raise SystemExit(f"--cooldown-fraction {cfg.cooldown_fraction} must be in (0, 1] (the share of steps spent decaying).")
     if not 0 <= cfg.muon_momentum < 1:
         raise SystemExit(f"--muon-momentum {cfg.muon_momentum} must be in [0, 1).")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
@@ -290,12 +297,20 @@ def build_model(model_config, seed):
 
 
 def learning_rate_at(step, cfg):
-    """Linear warmup to --lr over warmup_steps, then cosine down to --min-lr at lr_decay_steps, then flat."""
+    """Linear warmup to --lr over warmup_steps, then down to --min-lr at lr_decay_steps, then flat: along a
+    cosine, or (wsd) flat at --lr and then a straight line over the last cooldown_fraction of the steps.
+    WSD's case (Hu et al. 2024, MiniCPM; the speedruns): the long flat part makes the fastest progress,
+    and the loss drops most while the rate falls, so the fall is kept for the end."""
     decay_steps = cfg.lr_decay_steps or cfg.max_steps
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if step >= decay_steps:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        cooldown_start = max(cfg.warmup_steps, decay_steps - cfg.cooldown_fraction * decay_steps)
+        if step < cooldown_start:
+            return cfg.lr
+        return cfg.lr + (step - cooldown_start) / (decay_steps - cooldown_start) * (cfg.min_lr - cfg.lr)
     progress = (step - cfg.warmup_steps) / (decay_steps - cfg.warmup_steps)  # here warmup <= step < decay
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
@@ -877,7 +892,7 @@ def stage_forward(model, grid, x, targets, n_micro):
         x = block(x, rope)
     if not grid.is_last:
         return x
-    logits = model.lm_head(model.norm_f(x)).flatten(0, 1).float()      # (B*T, vocab/tp)
+    logits = model.head(x).flatten(0, 1).float()                        # (B*T, vocab/tp)
     if grid.tp > 1:
         start = grid.tp_rank * model.config.vocab_size // grid.tp
         return VocabParallelCrossEntropy.apply(logits, targets.flatten(), start, grid.tp_group) / n_micro

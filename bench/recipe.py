@@ -3,6 +3,7 @@ bench/recipe.py: train.py's pretraining recipe against its previous defaults and
 
     python bench/recipe.py --data-dir data/tokens            # the pipeline's shape and 1000 steps, 3 seeds (hours on 2 cores)
     python bench/recipe.py --data-dir data/tokens --quick    # 2 x 64, 60 steps, 2 seeds: a couple of minutes
+    python bench/recipe.py --data-dir data/tokens --switches # "train.py now" with each GPTConfig/schedule switch
 
 The recipes (RECIPES): "nanoGPT" is nanoGPT's GPT-2 model (learned positions, biases, LayerNorm, GELU,
 tied head) with its AdamW recipe (lr 6e-4 cosine to 6e-5, betas 0.9/0.95, weight decay 0.1, clip 1);
@@ -10,7 +11,8 @@ tied head) with its AdamW recipe (lr 6e-4 cosine to 6e-5, betas 0.9/0.95, weight
 "train.py now" is the recipe the pipeline runs now (Muon for the blocks' matrices). All share the shape,
 the warmup, the batches of each step (train.py's batch_starts) and the validation windows, and run
 through train.py's own train_step and evaluate. The recipes train interleaved, one step each in turn, so
-a busy moment of the machine slows them alike. Prints, as the mean (and range) over seeds:
+a busy moment of the machine slows them alike. --switches trains "train.py now" against itself with
+each of SWITCHES turned on (one at a time), and times them against it. Prints, as the mean (and range) over seeds:
   - validation bits per byte at equal tokens (after the last step);
   - seconds per step, as a ratio to "train.py before";
   - validation bits per byte at equal wall time: each recipe's curve (evaluated every --eval-every steps,
@@ -40,6 +42,15 @@ RECIPES = {
     "train.py now": (dict(), dict(optimizer="muon", lr=1e-2, min_lr=1e-3, muon_lr=0.02)),
 }
 BASELINE = "train.py before"
+# --switches: one literature option at a time on top of "train.py now" (its one-line why is in model.py)
+SWITCHES = {
+    "+ qk_norm": (dict(qk_norm=True), dict()),
+    "+ untied head": (dict(tie_weights=False), dict()),
+    "+ zero-init proj": (dict(zero_init_proj=True), dict()),
+    "+ relu2": (dict(mlp="relu2"), dict()),
+    "+ softcap 15": (dict(logit_softcap=15.0), dict()),
+    "+ wsd": (dict(), dict(lr_schedule="wsd")),
+}
 EVAL_SEED = 1337  # the validation windows: the same for every recipe and seed
 
 
@@ -52,7 +63,10 @@ def train_recipes(args, seed, train_data, val_data, meta):
     bits_per_token = meta["val_tokens"] / meta["val_bytes"] / math.log(2)  # nats/token -> bits/byte
     runs = []
     for name in args.recipes:
-        model_fields, train_fields = RECIPES[name]
+        model_fields, train_fields = RECIPES.get(name) or SWITCHES[name]
+        if name in SWITCHES:
+            model_fields = {**RECIPES["train.py now"][0], **model_fields}
+            train_fields = {**RECIPES["train.py now"][1], **train_fields}
         cfg = train.TrainConfig(seed=seed, batch_size=args.batch_size, max_steps=args.steps,
                                 warmup_steps=args.warmup_steps, **shape, **train_fields)
         model = train.build_model(GPTConfig(vocab_size=meta["vocab_size"], **shape, **model_fields), seed)
@@ -98,13 +112,18 @@ def main():
     parser.add_argument("--block-size", type=int, default=256, help="default: 256")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
-    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES),
-                        help=f"which recipes (default: all; {BASELINE!r} is always run, the time baseline)")
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES) + list(SWITCHES), default=list(RECIPES),
+                        help=f"which recipes (default: the three; {BASELINE!r} is always run, the time baseline)")
+    parser.add_argument("--switches", action="store_true",
+                        help="'train.py now' and each of SWITCHES on top of it; 'train.py now' is the time baseline")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps, args.warmup_steps, args.eval_every, args.eval_steps = 2, 60, 10, 20, 4
         args.n_layer, args.n_head, args.n_embd, args.block_size = 2, 2, 64, 64
-    args.recipes = [name for name in RECIPES if name in args.recipes or name == BASELINE]
+    args.baseline = "train.py now" if args.switches else BASELINE
+    if args.switches:
+        args.recipes = ["train.py now"] + list(SWITCHES)
+    args.recipes = [name for name in {**RECIPES, **SWITCHES} if name in args.recipes or name == args.baseline]
     torch.set_num_threads(args.threads)
     train_data, val_data, meta = train.load_data(args.data_dir, args.block_size)
     if not meta.get("val_bytes"):
@@ -115,8 +134,8 @@ def main():
     print(f"\n{'recipe':18s} {'bpb, equal tokens':>22s} {'s/step':>8s} {'bpb, equal time':>22s}")
     for name in args.recipes:
         end = [c[name][-1][2] for c in curves]
-        ratio = statistics.mean(c[name][-1][1] / c[BASELINE][-1][1] for c in curves)
-        timed = [at_time(c[name], c[BASELINE][-1][1]) for c in curves]
+        ratio = statistics.mean(c[name][-1][1] / c[args.baseline][-1][1] for c in curves)
+        timed = [at_time(c[name], c[args.baseline][-1][1]) for c in curves]
         same_time = [b for b, _ in timed]
         mark = "<" if any(early for _, early in timed) else " "
         print(f"{name:18s} {statistics.mean(end):8.3f} [{min(end):.3f}, {max(end):.3f}] {ratio:7.2f}x "
