@@ -341,10 +341,11 @@ def pad_batch(seqs, device):
     return x.to(device), y.to(device)
 
 
-def token_logprobs(model, x, y):
-    """log p(target) at every position (B, T); 0 where the target is -1 (prompt, padding)."""
+def token_logprobs(model, x, y, temperature=1.0):
+    """log p(target) at every position (B, T); 0 where the target is -1 (prompt, padding). With a
+    temperature, of softmax(logits / temperature): the distribution GRPO's answers were drawn from."""
     logits, _ = model(x)                                                 # (B, T, vocab)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="none")
+    nll = F.cross_entropy(logits.flatten(0, 1).float() / temperature, y.flatten(), ignore_index=-1, reduction="none")
     return -nll.view(y.shape)
 
 
@@ -445,11 +446,13 @@ def grpo_step_loss(net, model, cfg, train, idx, ref, enc, end_id, step, device):
                            device=device).view(len(idx), G)                                     # (P, G)
     x, y = completion_batch([p for p in prompts for _ in range(G)], completions, device)
     mask = y >= 0
-    logp = token_logprobs(net, x, y)                                                            # (P*G, T)
+    # The policy is the distribution the answers were sampled from, softmax(logits / T) (as TRL): then the
+    # gradient is on-policy at any --temperature, and its argmax, the greedy answer, is the model's own.
+    logp = token_logprobs(net, x, y, cfg.temperature)                                           # (P*G, T)
     ref_logp, kl = None, torch.zeros((), device=device)
     if ref is not None:
         with torch.no_grad():
-            ref_logp = token_logprobs(ref, x, y)
+            ref_logp = token_logprobs(ref, x, y, cfg.temperature)
             log_ratio = ref_logp - logp.detach()
             kl = ((log_ratio.exp() - log_ratio - 1) * mask).sum() / G
     loss = policy_gradient_loss(logp, mask, group_advantages(rewards).flatten(), ref_logp, cfg.beta)

@@ -3540,9 +3540,11 @@ def test_align_policy_gradient_loss_by_hand_on_numbers():
     assert abs(loss.item() - want_kl) < 1e-6
 
 
-def test_align_grpo_loss_on_a_padded_batch_equals_each_sequence_scored_alone():
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_align_grpo_loss_on_a_padded_batch_equals_each_sequence_scored_alone(temperature):
     """Prompts of different lengths; one answer finished right, one right but cut off at M = 3 (no
-    reward), one that ended at once: padded together, only completion tokens may count."""
+    reward), one that ended at once: padded together, only completion tokens may count. The policy is
+    the one sampled from: softmax(logits / temperature)."""
     model, ref = tiny_model(0, **RL_MODEL), tiny_model(1, **RL_MODEL)
     prompts = [[1, 2, 3, 4], [5, 6], [5, 6]]
     completions = [[72, 105, END_ID], [72, 105, 33], [END_ID]]
@@ -3552,14 +3554,14 @@ def test_align_grpo_loss_on_a_padded_batch_equals_each_sequence_scored_alone():
     adv = align.group_advantages(rewards).flatten()
     x, y = align.completion_batch(prompts, completions, "cpu")
     assert (y >= 0).sum(dim=1).tolist() == [3, 3, 1]
-    logp, ref_logp = align.token_logprobs(model, x, y), align.token_logprobs(ref, x, y).detach()
+    logp, ref_logp = align.token_logprobs(model, x, y, temperature), align.token_logprobs(ref, x, y, temperature).detach()
     for beta in (0.0, 0.2):
         loss = align.policy_gradient_loss(logp, y >= 0, adv, ref_logp, beta)
         want = 0.0
         for p, c, a in zip(prompts, completions, adv.tolist()):  # each sequence alone, no padding
             seq = torch.tensor([p + c])
-            lp = F.log_softmax(model(seq)[0][0], dim=-1)
-            lr = F.log_softmax(ref(seq)[0][0], dim=-1)
+            lp = F.log_softmax(model(seq)[0][0] / temperature, dim=-1)
+            lr = F.log_softmax(ref(seq)[0][0] / temperature, dim=-1)
             for t, tok in enumerate(c):  # completion token t is predicted at position len(p) - 1 + t
                 pos = len(p) - 1 + t
                 d = (lr[pos, tok] - lp[pos, tok]).item()

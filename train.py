@@ -94,8 +94,8 @@ class TrainConfig:
     min_lr: float = 1e-4           # learning rate at the end of the decay, and after it
     warmup_steps: int = 50         # steps of linear warmup, from lr/warmup_steps up to lr
     lr_decay_steps: int = 0        # step where the decay reaches min_lr, flat after it; 0: at max_steps (the end)
-    lr_schedule: str = "cosine"    # after warmup: cosine down to min_lr, or wsd (warmup-stable-decay): hold lr, then linear
-    cooldown_fraction: float = 0.4 # --lr-schedule wsd: the share of the steps to lr_decay_steps spent decaying linearly
+    lr_schedule: str = "cosine"    # after warmup: cosine down to min_lr, or wsd (warmup, stable, decay): hold lr, then a line
+    cooldown_fraction: float = 0.4  # --lr-schedule wsd: the share of the steps (to lr_decay_steps) spent decaying
     weight_decay: float = 0.1      # AdamW weight decay on matrices and embeddings (none on norms and biases)
     grad_clip: float = 1.0         # clip the global gradient norm to this; 0: no clipping
     eval_interval: int = 100       # evaluate on val.bin and save ckpt.pt every this many steps; 0: only at the end
