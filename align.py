@@ -42,9 +42,10 @@ prompts, samples --group-size answers to each with the KV cache (an answer ends 
 else 0), and takes advantage = reward - its group's mean (not divided by the group's std: see
 group_advantages). The loss, -(1/N) sum over answers and their tokens of advantage * log pi(token),
 raises the log-probs of answers that beat their group and lowers the rest; prompt tokens are not
-trained. One update per batch of fresh samples, so no importance ratio or clipping. --beta > 0 adds a
-per-token KL(pi || init) estimate (a frozen copy of --init is kept). A step's samples follow from
-(--seed, step, rank), as its prompts do, so a resumed run draws exactly what the uninterrupted one did.
+trained; pi is softmax(logits / --temperature), what the answers were drawn from. One update per batch
+of fresh samples, so no importance ratio or clipping. --beta > 0 adds a per-token KL(pi || init)
+estimate (a frozen copy of --init is kept). Each prompt's samples follow from (--seed, step, prompt),
+so a resumed run, or a run on another number of ranks, draws exactly what the uninterrupted one did.
 Every method evaluates before the first step and after the last (and every
 --eval-interval steps, saving a checkpoint each time). Prints one line per step and per eval; writes
 OUT/log.jsonl and OUT/ckpt.pt (self-contained: weights, tokenizer, "stage", train_config, and the log up

@@ -3303,17 +3303,23 @@ def test_align_resume_continues_to_the_same_weights(tmp_path, monkeypatch, tiny_
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)
 
 
-def test_align_dpo_on_two_gloo_ranks_equals_one_process_with_twice_the_batch(tmp_path, tiny_checkpoint):
-    records = [{"prompt": f"alpha {i}", "chosen": "good yes", "rejected": "bad" + " no" * (i % 3)} for i in range(12)]
-    data = write_jsonl(tmp_path / "dpo.jsonl", records)
-    common = ["--method", "dpo", "--init", tiny_checkpoint, "--data", data, "--val-data", data, "--max-steps", 4,
-              "--lr", "3e-3", "--device", "cpu"]
+def one_process_and_two_ranks(tmp_path, common):
+    """align.py with `common` flags: one process at --batch-size 4, then 2 gloo ranks at 2 each; asserts the
+    final weights are equal -> the two logs."""
     align.main([*map(str, common), "--batch-size", "4", "--out-dir", str(tmp_path / "one")])
     torchrun(2, "align.py", *common, "--batch-size", 2, "--out-dir", tmp_path / "two")
     one, two = load_checkpoint(str(tmp_path / "one" / "ckpt.pt")), load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))
     for k in one["model"]:
         torch.testing.assert_close(one["model"][k], two["model"][k], rtol=1e-4, atol=1e-6)
-    log_one, log_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    return read_log(tmp_path / "one"), read_log(tmp_path / "two")
+
+
+def test_align_dpo_on_two_gloo_ranks_equals_one_process_with_twice_the_batch(tmp_path, tiny_checkpoint):
+    records = [{"prompt": f"alpha {i}", "chosen": "good yes", "rejected": "bad" + " no" * (i % 3)} for i in range(12)]
+    data = write_jsonl(tmp_path / "dpo.jsonl", records)
+    common = ["--method", "dpo", "--init", tiny_checkpoint, "--data", data, "--val-data", data, "--max-steps", 4,
+              "--lr", "3e-3", "--device", "cpu"]
+    log_one, log_two = one_process_and_two_ranks(tmp_path, common)
     assert len(log_one) == len(log_two)
     for a, b in zip(log_one, log_two):
         assert abs(a.get("val_accuracy", a.get("accuracy")) - b.get("val_accuracy", b.get("accuracy"))) < 1e-6
@@ -3629,12 +3635,7 @@ def test_align_grpo_on_two_gloo_ranks_equals_one_process_with_twice_the_batch(tm
     init, rl = sft_then_questions(tmp_path)
     common = ["--method", "grpo", "--init", init, "--data", rl, "--val-data", rl, "--max-steps", 3, "--lr", "3e-3",
               "--group-size", 4, "--max-new-tokens", 4, "--device", "cpu"]
-    align.main([*map(str, common), "--batch-size", "4", "--out-dir", str(tmp_path / "one")])
-    torchrun(2, "align.py", *common, "--batch-size", 2, "--out-dir", tmp_path / "two")
-    one, two = load_checkpoint(str(tmp_path / "one" / "ckpt.pt")), load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))
-    for k in one["model"]:
-        torch.testing.assert_close(one["model"][k], two["model"][k], rtol=1e-4, atol=1e-6)
-    log_one, log_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    log_one, log_two = one_process_and_two_ranks(tmp_path, common)
     assert [sorted(r) for r in log_one] == [sorted(r) for r in log_two] and len(log_one) == 5  # 3 steps, 2 evals
     for a, b in zip(log_one, log_two):
         for key in set(a) - {"dt_ms", "lr"}:
