@@ -275,7 +275,7 @@ def model_config_for(cfg, given, meta, tokenizer, ckpt, ckpt_path):
     if ckpt is None:
         return GPTConfig(vocab_size=meta["vocab_size"], block_size=cfg.block_size, attn_impl=cfg.attn_impl,
                          **{k: getattr(cfg, k) for k in SHAPE_FIELDS + ["dropout"]})
-    saved = ckpt["model_config"]
+    saved = {k: getattr(GPTConfig, k) for k in SHAPE_FIELDS} | ckpt["model_config"]  # older files lack new switches
     for k in SHAPE_FIELDS:
         if k in given and given[k] != saved[k] and not (k == "n_kv_head" and given[k] == 0):
             raise SystemExit(f"--{k.replace('_', '-')} {given[k]} differs from the checkpoint's {saved[k]}; "
