@@ -8,7 +8,8 @@ bench/recipe.py: train.py's pretraining recipe against its previous defaults and
 The recipes (RECIPES): "nanoGPT" is nanoGPT's GPT-2 model (learned positions, biases, LayerNorm, GELU,
 tied head) with its AdamW recipe (lr 6e-4 cosine to 6e-5, betas 0.9/0.95, weight decay 0.1, clip 1);
 "train.py before" is the pipeline's pretraining before Muon (RoPE, no biases, AdamW lr 2e-3 to 2e-4);
-"train.py now" is the recipe the pipeline runs now (Muon for the blocks' matrices). All share the shape,
+"train.py now" is Muon for the blocks' matrices with a cosine (the pipeline's stage adds --lr-schedule wsd,
+which --switches measures, and runs 900 steps). All share the shape,
 the warmup, the batches of each step (train.py's batch_starts) and the validation windows, and run
 through train.py's own train_step and evaluate. The recipes train interleaved, one step each in turn, so
 a busy moment of the machine slows them alike. --switches trains "train.py now" against itself with
