@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from flags import parse_flags
-from model import GPT, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from model import GPT, PrefixCache, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from tokenize_data import SPECIAL_TOKENS, tokenizer_from_dict
 
 
@@ -383,9 +383,10 @@ def reward(completion, answer, finished=True):
 def rollout(model, prompts, n_samples, max_new_tokens, temperature, end_id, seeds=None):
     """prompts [[ids]] -> (completions, finished): n_samples answers per prompt, prompt i's at i*n .. i*n+n-1.
     An answer is its tokens up to and including <|end|>, or max_new_tokens of them (finished False). The
-    model has no padding mask, so each generate call (KV cache) holds the samples of prompts of one length.
-    With seeds (sampling), prompt i is drawn alone from a generator seeded seeds[i]: its answers do not
-    depend on the other prompts of the batch, so a data-parallel run draws what one process would."""
+    model has no padding mask, so each generate call (KV cache) holds the prompts of one length, each run
+    once and its cache copied for its n samples. With seeds (sampling), prompt i is drawn alone from a
+    generator seeded seeds[i]: its answers do not depend on the other prompts of the batch, so a
+    data-parallel run draws what one process would."""
     device = model.lm_head.weight.device
     completions, batches = [None] * (len(prompts) * n_samples), {}
     for i, ids in enumerate(prompts):
@@ -393,8 +394,9 @@ def rollout(model, prompts, n_samples, max_new_tokens, temperature, end_id, seed
     for which in batches.values():
         length = len(prompts[which[0]])
         generator = None if seeds is None else torch.Generator(device).manual_seed(seeds[which[0]])
-        rows = torch.tensor([prompts[i] for i in which for _ in range(n_samples)], device=device)  # (len(which)*n, L)
-        new = model.generate(rows, max_new_tokens, temperature, eos_token=end_id, generator=generator)[:, length:]
+        rows = torch.tensor([prompts[i] for i in which], device=device)                      # (len(which), L)
+        new = model.generate(rows, max_new_tokens, temperature, eos_token=end_id, generator=generator,
+                             num_samples=n_samples)[:, length:]                            # (len(which)*n, new)
         for r, ids in enumerate(new.tolist()):
             cut = ids.index(end_id) + 1 if end_id in ids else len(ids)
             completions[which[r // n_samples] * n_samples + r % n_samples] = ids[:cut]
@@ -407,10 +409,26 @@ def rewards_of(enc, completions, finished, answers):
             for c, done, answer in zip(completions, finished, answers)]
 
 
-def completion_batch(prompts, completions, device):
-    """prompt and completion ids, one pair per sample -> x, y (N, T_max) for token_logprobs: the targets are
-    the completion's tokens (its <|end|> too), -1 on the prompt and the padding."""
-    return pad_batch([((p + c)[:-1], [-1] * (len(p) - 1) + c) for p, c in zip(prompts, completions)], device)
+def completion_logprobs(model, prompts, completions, temperature=1.0):
+    """P prompts [ids] and their completions (prompt-major, G = len(completions) / P each) -> logp (P*G, T)
+    of every completion token (its <|end|> too) under softmax(logits / temperature), and mask (P*G, T),
+    False on padding. Each prompt runs once and its G completions attend to its keys and values
+    (model.PrefixCache): L + G*T positions of work instead of G*(L+T), the numbers of G full copies."""
+    device, G = next(model.parameters()).device, len(completions) // len(prompts)
+    T = max(map(len, completions))
+    y = torch.tensor([c + [-1] * (T - len(c)) for c in completions], device=device)      # (P*G, T) targets
+    rows = []
+    for i, prompt in enumerate(prompts):
+        cache, targets = PrefixCache(), y[i * G:(i + 1) * G]                                # (G, T)
+        logits, _ = model(torch.tensor([prompt], device=device), kv_cache=cache)         # (1, L, vocab)
+        logits = logits[:, -1:].expand(G, 1, -1)              # the prompt's last position predicts token 0
+        if T > 1:  # token t is predicted at completion token t-1 (padding fed as 0: its outputs are masked)
+            more, _ = model(targets[:, :-1].clamp(min=0), kv_cache=cache)                # (G, T-1, vocab)
+            logits = torch.cat([logits, more], dim=1)                                   # (G, T, vocab)
+        nll = F.cross_entropy(logits.flatten(0, 1).float() / temperature, targets.flatten(), ignore_index=-1,
+                              reduction="none")
+        rows.append(-nll.view(G, T))
+    return torch.cat(rows), y >= 0
 
 
 def group_advantages(rewards):
@@ -445,15 +463,13 @@ def grpo_step_loss(net, model, cfg, train, idx, ref, enc, end_id, step, device):
     completions, finished = rollout(model, prompts, G, cfg.max_new_tokens, cfg.temperature, end_id, seeds)
     rewards = torch.tensor(rewards_of(enc, completions, finished, [train[i]["answer"] for i in idx for _ in range(G)]),
                            device=device).view(len(idx), G)                                     # (P, G)
-    x, y = completion_batch([p for p in prompts for _ in range(G)], completions, device)
-    mask = y >= 0
     # The policy is the distribution the answers were sampled from, softmax(logits / T) (as TRL): then the
     # gradient is on-policy at any --temperature, and its argmax, the greedy answer, is the model's own.
-    logp = token_logprobs(net, x, y, cfg.temperature)                                           # (P*G, T)
+    logp, mask = completion_logprobs(net, prompts, completions, cfg.temperature)               # (P*G, T)
     ref_logp, kl = None, torch.zeros((), device=device)
     if ref is not None:
         with torch.no_grad():
-            ref_logp = token_logprobs(ref, x, y, cfg.temperature)
+            ref_logp, _ = completion_logprobs(ref, prompts, completions, cfg.temperature)
             log_ratio = ref_logp - logp.detach()
             kl = ((log_ratio.exp() - log_ratio - 1) * mask).sum() / G
     loss = policy_gradient_loss(logp, mask, group_advantages(rewards).flatten(), ref_logp, cfg.beta)

@@ -162,6 +162,31 @@ class KVCache:
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def repeat_interleave(self, n):
+        """Each sequence's cache becomes n copies (rows b*n .. b*n+n-1): one prompt, n continuations."""
+        self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+
+
+class PrefixCache:
+    """One prompt's keys and values, shared by many continuations, with gradients (RL's G answers).
+
+    A forward of the prompt (1, L) records each layer's keys and values; a forward of B continuations
+    then attends to them broadcast to B rows. That costs L + B*T positions instead of B*(L+T), and the
+    numbers are those of B full copies. It concatenates where KVCache writes in place (which autograd
+    cannot differentiate through), so the continuations' gradients flow back into the prompt's forward.
+    """
+
+    def __init__(self):
+        self.k, self.v, self.pos = {}, {}, 0
+
+    def append(self, layer, k, v):
+        if layer not in self.k:  # the prompt's forward: keep (1, H_kv, L, d)
+            self.k[layer], self.v[layer] = k, v
+            return k, v
+        B = k.size(0)
+        return (torch.cat([self.k[layer].expand(B, -1, -1, -1), k], dim=2),
+                torch.cat([self.v[layer].expand(B, -1, -1, -1), v], dim=2))
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
@@ -351,19 +376,20 @@ class GPT(nn.Module):
     # --- generation ---------------------------------------------------------------------------------
     @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None,
-               use_cache=True, generator=None):
-        """Yield the next token (B, 1) of each sequence, one step at a time.
+               use_cache=True, generator=None, num_samples=1):
+        """Yield the next token (B * num_samples, 1) of each sequence, one step at a time.
 
         With the cache, the prompt is run once (prefill) and each later step runs only the newest
         token. Without it, every step recomputes the whole visible sequence: the reference.
         Both see the same window (window_start): all tokens while they fit in block_size, then a
         window that jumps forward by half a block, so the cache is rebuilt once every block_size/2
         steps rather than every step. Sequences that produced eos_token keep producing it; the
-        stream ends when all of them have.
+        stream ends when all of them have. With num_samples > 1 each prompt is continued that many
+        times (rows b*n .. b*n+n-1): the prompt runs once, then its cache is copied.
         """
         was_training = self.training
         self.eval()
-        B, bs = idx.size(0), self.config.block_size
+        B, bs = idx.size(0) * num_samples, self.config.block_size
         finished = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
         cache, cache_start, context = None, None, idx
         try:
@@ -372,10 +398,15 @@ class GPT(nn.Module):
                 if not use_cache:
                     logits, _ = self(context[:, start:])
                 elif start != cache_start:  # prefill, or the window jumped: positions changed
-                    cache, cache_start = KVCache(self.config, B, bs, idx.device, self.lm_head.weight.dtype), start
+                    cache = KVCache(self.config, context.size(0), bs, idx.device, self.lm_head.weight.dtype)
+                    cache_start = start
                     logits, _ = self(context[:, start:], kv_cache=cache)
                 else:
                     logits, _ = self(context[:, -1:], kv_cache=cache)
+                if context.size(0) < B:  # the prompts ran once; now each becomes num_samples rows
+                    logits, context = logits[:, -1:].repeat_interleave(num_samples, 0), context.repeat_interleave(num_samples, 0)
+                    if cache is not None:
+                        cache.repeat_interleave(num_samples)
                 next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
                 if eos_token is not None:
                     next_token = next_token.masked_fill(finished, eos_token)
@@ -388,10 +419,12 @@ class GPT(nn.Module):
             self.train(was_training)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None,
-                 use_cache=True, generator=None):
-        """The prompt idx (B, T) followed by up to max_new_tokens new tokens. temperature=0 is greedy."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token, use_cache, generator))
-        return torch.cat([idx] + new, dim=1)
+                 use_cache=True, generator=None, num_samples=1):
+        """The prompt idx (B, T) followed by up to max_new_tokens new tokens: (B * num_samples, T + new),
+        each prompt's continuations in consecutive rows. temperature=0 is greedy."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token, use_cache, generator,
+                               num_samples))
+        return torch.cat([idx.repeat_interleave(num_samples, 0)] + new, dim=1)
 
     # --- training helpers ---------------------------------------------------------------------------
     def num_params(self, non_embedding=False):

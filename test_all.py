@@ -3548,31 +3548,52 @@ def test_align_policy_gradient_loss_by_hand_on_numbers():
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_align_grpo_loss_on_a_padded_batch_equals_each_sequence_scored_alone(temperature):
-    """Prompts of different lengths; one answer finished right, one right but cut off at M = 3 (no
-    reward), one that ended at once: padded together, only completion tokens may count. The policy is
-    the one sampled from: softmax(logits / temperature)."""
+    """Two prompts of different lengths, two answers each: one finished right, one right but cut off at
+    M = 3 (no reward), two that ended at once. Each prompt runs once, its answers sharing its keys and
+    values (PrefixCache), all padded together; only completion tokens may count, and loss and gradients
+    must be those of every prompt + answer scored alone. The policy is the one sampled from:
+    softmax(logits / temperature)."""
     model, ref = tiny_model(0, **RL_MODEL), tiny_model(1, **RL_MODEL)
-    prompts = [[1, 2, 3, 4], [5, 6], [5, 6]]
-    completions = [[72, 105, END_ID], [72, 105, 33], [END_ID]]
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    completions = [[72, 105, END_ID], [END_ID], [72, 105, 33], [END_ID]]
     finished = [c[-1] == END_ID for c in completions]
-    rewards = torch.tensor([align.rewards_of(BYTE_ENC, completions, finished, ["Hi"] * 3)])        # one group
-    assert rewards.tolist() == [[1.0, 0.0, 0.0]]
+    rewards = torch.tensor(align.rewards_of(BYTE_ENC, completions, finished, ["Hi"] * 4)).view(2, 2)
+    assert rewards.tolist() == [[1.0, 0.0], [0.0, 0.0]]
     adv = align.group_advantages(rewards).flatten()
-    x, y = align.completion_batch(prompts, completions, "cpu")
-    assert (y >= 0).sum(dim=1).tolist() == [3, 3, 1]
-    logp, ref_logp = align.token_logprobs(model, x, y, temperature), align.token_logprobs(ref, x, y, temperature).detach()
+    logp, mask = align.completion_logprobs(model, prompts, completions, temperature)
+    ref_logp = align.completion_logprobs(ref, prompts, completions, temperature)[0].detach()
+    assert mask.sum(dim=1).tolist() == [3, 1, 3, 1]
     for beta in (0.0, 0.2):
-        loss = align.policy_gradient_loss(logp, y >= 0, adv, ref_logp, beta)
-        want = 0.0
-        for p, c, a in zip(prompts, completions, adv.tolist()):  # each sequence alone, no padding
+        model.zero_grad()
+        loss = align.policy_gradient_loss(logp, mask, adv, ref_logp, beta)
+        loss.backward(retain_graph=True)
+        shared_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        want = torch.zeros(())
+        for i, (c, a) in enumerate(zip(completions, adv.tolist())):  # each sequence alone, no padding
+            p = prompts[i // 2]
             seq = torch.tensor([p + c])
             lp = F.log_softmax(model(seq)[0][0] / temperature, dim=-1)
-            lr = F.log_softmax(ref(seq)[0][0] / temperature, dim=-1)
+            lr = F.log_softmax(ref(seq)[0][0] / temperature, dim=-1).detach()
             for t, tok in enumerate(c):  # completion token t is predicted at position len(p) - 1 + t
-                pos = len(p) - 1 + t
-                d = (lr[pos, tok] - lp[pos, tok]).item()
-                want -= a * lp[pos, tok].item() - beta * (math.exp(d) - d - 1)
-        assert abs(loss.item() - want / 3) < 1e-5
+                d = lr[len(p) - 1 + t, tok] - lp[len(p) - 1 + t, tok]
+                want = want - (a * lp[len(p) - 1 + t, tok] - beta * (d.exp() - d - 1))
+        (want / 4).backward()
+        assert abs(loss.item() - want.item() / 4) < 1e-5
+        for got, expect in zip(shared_grads, (p.grad for p in model.parameters())):
+            assert torch.allclose(got, expect, atol=1e-5)
+
+
+def test_generate_num_samples_equals_the_prompt_repeated():
+    """num_samples runs each prompt once and copies its cache: the same draws as the prompt repeated."""
+    model = tiny_model(0, **RL_MODEL).eval()
+    prompts = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    for use_cache in (True, False):
+        shared = model.generate(prompts, 6, 1.0, generator=torch.Generator().manual_seed(4), num_samples=3,
+                                use_cache=use_cache)
+        copies = model.generate(prompts.repeat_interleave(3, 0), 6, 1.0, generator=torch.Generator().manual_seed(4),
+                                use_cache=use_cache)
+        assert torch.equal(shared, copies) and shared.shape == (6, 9)
 
 
 def test_align_rollout_batches_by_prompt_length_and_cuts_at_end_or_the_limit():
