@@ -66,9 +66,9 @@ PRESETS = {
                   "--batch-size", "8", "--max-steps", "900", "--warmup-steps", "40", "--optimizer", "muon",
                   "--muon-lr", "0.02", "--lr", "1e-2", "--min-lr", "1e-3", "--lr-schedule", "wsd",
                   "--eval-interval", "300", "--eval-steps", "8"],
-        sft=["--max-steps", "300"],
+        sft=["--max-steps", "300", "--eval-max", "1000"],  # every held-out question (448 of the plays')
         dpo=["--max-steps", "50"],
-        rl=["--max-steps", "40"],
+        rl=["--max-steps", "40", "--eval-max", "1000"],
     ),
     # GPT-2 small on one node of 8 GPUs: 2-way tensor, 2-way pipeline, 2-way data parallel.
     "gpu": dict(

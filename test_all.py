@@ -3596,6 +3596,17 @@ def test_generate_num_samples_equals_the_prompt_repeated():
         assert torch.equal(shared, copies) and shared.shape == (6, 9)
 
 
+def test_align_paired_change_counts_flips_and_their_standard_error_by_hand():
+    # 10 questions: 3 gained, 1 lost, 6 unchanged; per-question differences d: three +1, one -1, six 0
+    got = align.paired_change("0001111100", "1111111000")
+    d = [1, 1, 1, 0, 0, 0, 0, 0, -1, 0]
+    mean = sum(d) / 10
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / 10) / math.sqrt(10)  # std (1/n) of d over sqrt(n)
+    assert got["val_gained"] == 3 and got["val_lost"] == 1
+    assert abs(got["val_change_se"] - mean / se) < 1e-12
+    assert align.paired_change("0101", "0101")["val_change_se"] == 0.0  # nothing flipped: no change, no noise
+
+
 def test_align_rollout_batches_by_prompt_length_and_cuts_at_end_or_the_limit():
     model = tiny_model(0, **RL_MODEL).eval()
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8], [9]]
@@ -3634,7 +3645,7 @@ def test_align_grpo_raises_the_reward_on_a_tiny_learnable_task(tmp_path, capsys)
     init, rl = sft_then_questions(tmp_path)
     align.main(["--method", "grpo", "--init", init, "--data", rl, "--val-data", rl, "--max-steps", "20",
                 "--batch-size", "2", "--group-size", "8", "--max-new-tokens", "4", "--lr", "1e-2",
-                "--warmup-steps", "0", "--out-dir", str(tmp_path / "rl")])
+                "--warmup-steps", "0", "--temperature", "1", "--out-dir", str(tmp_path / "rl")])
     rows = read_log(tmp_path / "rl")
     steps, evals = [r for r in rows if "reward" in r], [r for r in rows if "val_accuracy" in r]
     assert [r["step"] for r in steps] == list(range(1, 21)) and [r["step"] for r in evals] == [0, 20]
@@ -3643,6 +3654,8 @@ def test_align_grpo_raises_the_reward_on_a_tiny_learnable_task(tmp_path, capsys)
     assert 0.1 < evals[0]["val_pass@1"] < 0.4 and evals[-1]["val_pass@1"] > 0.9
     assert evals[-1]["val_accuracy"] == evals[-1]["val_pass@8"] == 1.0
     assert evals[-1]["val_accuracy_pick"] == evals[-1]["val_accuracy_choose"] == 1.0
+    assert evals[0]["val_right"] in ("00", "01", "10") and evals[-1]["val_right"] == "11"  # per question, greedy
+    assert evals[-1]["val_gained"] == evals[0]["val_right"].count("0") and evals[-1]["val_lost"] == 0
     assert {"completion_len", "truncated", "no_signal", "loss", "lr"} <= set(steps[0])
     assert load_checkpoint(str(tmp_path / "rl" / "ckpt.pt"))["stage"] == "grpo"
     capsys.readouterr()  # sample.py chats with the RL checkpoint through the same template

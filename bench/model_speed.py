@@ -10,6 +10,10 @@ bench/model_speed.py: model.py's speed against plain baselines, measured side by
    Newton-Schulz iterations per step).
 2. Generation of 256 new tokens after a 1- and a 128-token prompt: with the KV cache against
    recomputing the whole visible sequence each step.
+3. A GRPO step's work (align.py --method grpo): G = 8 answers of 4-8 tokens to each of 8 prompts of
+   ~100 tokens, sampled, then scored forward + backward. Each prompt run once for its G answers
+   (generate's num_samples, model.PrefixCache) against the prompt repeated G times, as a batch of
+   full sequences (the straightforward way, and TRL's).
 Prints tokens/s and the ratio to the baseline; medians over --repeats. On a busy machine pass --threads 1:
 with 2 threads on 2 shared cores, torch's threads wait on each other at every small matmul, which slowed
 Newton-Schulz's 256-wide products 12x here (1.5 s -> 18 s a step) and the large forward ones far less.
@@ -26,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from align import completion_logprobs, pad_batch, token_logprobs  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from train import TrainConfig, make_optimizer  # noqa: E402
 
@@ -86,6 +91,39 @@ def time_generate(model, prompt, new_tokens, use_cache, repeats):
     return new_tokens / statistics.median(times)
 
 
+def time_grpo_work(model, prompts, G, new_tokens, repeats):
+    """Median seconds of sampling G answers per prompt and of scoring them forward + backward, with
+    each prompt run once for its answers and with each prompt repeated G times."""
+    gen = torch.Generator().manual_seed(0)
+    answers = [model.generate(torch.tensor([p]), new_tokens, 1.0, generator=gen, num_samples=G)[:, len(p):].tolist()
+               for p in prompts]
+    answers = [a[:1 + k % new_tokens] for per_prompt in answers for k, a in enumerate(per_prompt)]  # 1..8 tokens
+    repeated = [p for p in prompts for _ in range(G)]
+
+    def sample(shared):
+        for p in prompts:
+            rows = torch.tensor([p]) if shared else torch.tensor([p] * G)
+            model.generate(rows, new_tokens, 1.0, num_samples=G if shared else 1)
+
+    def score(shared):
+        if shared:
+            logp, mask = completion_logprobs(model, prompts, answers)
+        else:
+            x, y = pad_batch([((p + a)[:-1], [-1] * (len(p) - 1) + a) for p, a in zip(repeated, answers)], "cpu")
+            logp, mask = token_logprobs(model, x, y), y >= 0
+        (logp * mask).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    times = {}
+    for _ in range(repeats):  # interleaved, so a slow moment of the machine hits both alike
+        for name, fn in (("sample", sample), ("score", score)):
+            for shared in (False, True):
+                t0 = time.perf_counter()
+                fn(shared)
+                times.setdefault((name, shared), []).append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
@@ -118,6 +156,15 @@ def main():
         cache = time_generate(model, prompt, 256, True, args.repeats)
         print(f"  {'recompute every step (no cache)':45s} {no_cache:10.0f} tok/s   x1.00")
         print(f"  {'KV cache':45s} {cache:10.0f} tok/s   x{cache / no_cache:.2f}")
+
+    G, new_tokens = 8, 8
+    prompts = [torch.randint(0, vocab, (90 + 4 * i,)).tolist() for i in range(8)]
+    print(f"\nGRPO step's work: {G} answers (1-{new_tokens} tokens) to each of {len(prompts)} prompts of 90-118 "
+          "tokens; seconds, median")
+    t = time_grpo_work(model.train(), prompts, G, new_tokens, args.repeats)
+    for name, what in (("sample", f"sample {new_tokens} tokens"), ("score", "score: forward + backward")):
+        print(f"  {what:28s} prompt repeated {t[name, False]:7.2f}   prompt once {t[name, True]:7.2f}   "
+              f"x{t[name, False] / t[name, True]:.2f}")
 
 if __name__ == "__main__":
     main()
