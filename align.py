@@ -47,9 +47,9 @@ of fresh samples, so no importance ratio or clipping. The default temperature is
 scored is the greedy answer, and at T=0.5 a group's samples are the few answers greedy decoding weighs,
 so the update settles the contests it decides. At T=1 most samples of this small model were names not
 among the options; RL raised its sampled accuracy but not the greedy one (README: RL). Each prompt
-runs once for its G answers, in sampling and in the loss (model.PrefixCache), not G times. --beta > 0 adds a per-token KL(pi || init)
-estimate (a frozen copy of --init is kept). Each prompt's samples follow from (--seed, step, prompt),
-so a resumed run, or a run on another number of ranks, draws exactly what the uninterrupted one did.
+runs once for its G answers, in sampling and in the loss (model.PrefixCache), not G times. --beta > 0
+adds a per-token KL(pi || init) estimate (a frozen copy of --init is kept). Each prompt's samples
+follow from (--seed, step, prompt), so a resumed run, or a run on another number of ranks, draws exactly what the uninterrupted one did.
 Every method evaluates before the first step and after the last (and every
 --eval-interval steps, saving a checkpoint each time). Prints one line per step and per eval; writes
 OUT/log.jsonl and OUT/ckpt.pt (self-contained: weights, tokenizer, "stage", train_config, and the log up

@@ -404,7 +404,8 @@ class GPT(nn.Module):
                 else:
                     logits, _ = self(context[:, -1:], kv_cache=cache)
                 if context.size(0) < B:  # the prompts ran once; now each becomes num_samples rows
-                    logits, context = logits[:, -1:].repeat_interleave(num_samples, 0), context.repeat_interleave(num_samples, 0)
+                    logits = logits[:, -1:].repeat_interleave(num_samples, 0)
+                    context = context.repeat_interleave(num_samples, 0)
                     if cache is not None:
                         cache.repeat_interleave(num_samples)
                 next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
