@@ -68,7 +68,7 @@ PRESETS = {
                   "--eval-interval", "300", "--eval-steps", "8"],
         sft=["--max-steps", "300", "--eval-max", "1000"],  # every held-out question (448 of the plays')
         dpo=["--max-steps", "50"],
-        rl=["--max-steps", "40", "--eval-max", "1000"],
+        rl=["--max-steps", "40", "--eval-max", "1000", "--eval-interval", "20"],  # a mid-run point for the picture
     ),
     # GPT-2 small on one node of 8 GPUs: 2-way tensor, 2-way pipeline, 2-way data parallel.
     "gpu": dict(
