@@ -28,8 +28,8 @@ so at step 0 it is the init model's own preference accuracy). GRPO val_accuracy:
 the reward (per "task" too); val_pass@1 and val_pass@G: of G answers sampled at --temperature, the share
 right and whether any is.
 
-Chat template (render_conversation, which sample.py's chat calls too; the token names are
-tokenize_data.SPECIAL_TOKENS): [<|endoftext|>] + per message [<|role|>] + content + [<|end|>]. Loss only
+Chat template (tokenize_data.render_conversation, the tokenizer's chat contract, which sample.py's chat
+calls too): [<|endoftext|>] + per message [<|role|>] + content + [<|end|>]. Loss only
 on assistant content and its <|end|>. A conversation longer than the block loses its oldest context
 tokens (never a supervised one); if its supervised part alone does not fit, it is dropped and counted.
 DPO: the frozen reference is the --init model; its log-probs for every held-out pair and every training
@@ -75,7 +75,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from flags import parse_flags
 from model import GPT, PrefixCache, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from tokenize_data import SPECIAL_TOKENS, tokenizer_from_dict
+from tokenize_data import END, ROLES, chat_token_ids, render_conversation, tokenizer_from_dict
 
 
 @dataclass
@@ -131,9 +131,6 @@ def read_checkpoint(path, flag):
 
 # ---------------------------------------------------------------------------------------------------
 # Reading JSONL: every record becomes messages; bad lines are reported by number and skipped.
-
-ROLES = ("system", "user", "assistant")
-
 
 def as_messages(value, role):
     """A string (one message of `role`) or a list of {"role", "content"} -> list of messages, or None."""
@@ -233,40 +230,7 @@ def read_records(path, method, flag):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The chat template: messages -> token ids and which of them the loss sees. The tokenizer owns the names.
-
-DOC_START, SYSTEM, USER, ASSISTANT, END = SPECIAL_TOKENS
-ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
-
-
-def chat_token_ids(enc, vocab_size, where):
-    """{token: id} of the reserved chat tokens; one clear sentence when the tokenizer lacks them."""
-    missing = [t for t in SPECIAL_TOKENS if t not in enc.special_tokens_set]
-    if missing:
-        raise SystemExit(f"{where}: its tokenizer has no {' '.join(missing)}; tokenize the corpus with "
-                         "tokenize_data.py (which reserves the chat tokens) and pretrain again.")
-    special = {t: enc.encode_single_token(t) for t in SPECIAL_TOKENS}
-    if max(special.values()) >= vocab_size:
-        raise SystemExit(f"{where}: chat token ids reach {max(special.values())} but the model has "
-                         f"vocab_size={vocab_size}; pretrain with the vocab size tokenize_data.py wrote.")
-    return special
-
-
-def render_conversation(enc, messages, n_context=0, add_generation_prompt=False):
-    """messages -> (ids, supervised): ids = [<|endoftext|>] + per message [<|role|>] + content + [<|end|>]
-    (+ [<|assistant|>] to ask for a reply); supervised[i] is True for the content and <|end|> of
-    assistant messages from index n_context on. Training and sample.py's chat both render through here."""
-    ids, supervised = [enc.encode_single_token(DOC_START)], [False]
-    for k, m in enumerate(messages):
-        content = enc.encode_ordinary(m["content"])  # special-token text inside content stays plain text
-        train = m["role"] == "assistant" and k >= n_context
-        ids += [enc.encode_single_token(ROLE_TOKENS[m["role"]])] + content + [enc.encode_single_token(END)]
-        supervised += [False] + [train] * (len(content) + 1)
-    if add_generation_prompt:
-        ids.append(enc.encode_single_token(ASSISTANT))
-        supervised.append(False)
-    return ids, supervised
-
+# The chat template (tokenize_data.render_conversation) -> token ids and which of them the loss sees.
 
 def fit_and_shift(ids, supervised, block_size):
     """-> (inputs, targets, how) with len <= block_size; targets[t] = ids[t+1] if supervised else -1.

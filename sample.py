@@ -10,7 +10,7 @@ The tokenizer travels inside the checkpoint; a checkpoint without one (a bare mo
 vocabulary 256) falls back to raw UTF-8 bytes as tokens. A plain prompt starts with the document
 separator, as every pretraining document did, and a prompt longer than the block keeps its last
 block_size - 1 tokens (with a note on stderr). A chat renders the conversation with
-align.render_conversation, the template align.py trains on, then asks for the assistant's turn; the
+tokenize_data.render_conversation, the template align.py trains on, then asks for the assistant's turn; the
 reply ends at the first special token, and the oldest turns are dropped when the conversation outgrows
 the block. --num-samples N prints N samples of one --prompt (with --chat: N replies to that message).
 """
@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from align import DOC_START, chat_token_ids, pick_device, read_checkpoint, render_conversation
+from align import pick_device, read_checkpoint
 from flags import parse_flags
 from model import GPT
+from tokenize_data import DOC_START, chat_token_ids, render_conversation
 
 
 @dataclass

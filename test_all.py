@@ -1085,6 +1085,56 @@ def test_tokenizer_dtype_by_vocab_size(monkeypatch, tmp_path):
     assert shard.tolist() == expected and max(expected) > 65535
 
 
+def chat_ids(enc):
+    return tokenize_data.chat_token_ids(enc, enc.n_vocab, "test")
+
+
+def test_tokenizer_chat_render_round_trips_with_the_chat_tokens():
+    _, enc = tiny_tokenizer()
+    special = chat_ids(enc)
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is there?"},
+            {"role": "assistant", "content": "Nay, answer me."}]
+    ids, sup = tokenize_data.render_conversation(enc, conv)
+    assert enc.decode(ids) == ("<|endoftext|><|system|>Be brief.<|end|><|user|>Who is there?<|end|>"
+                               "<|assistant|>Nay, answer me.<|end|>")
+    assert ids.count(special["<|end|>"]) == 3 and ids[0] == special["<|endoftext|>"]
+    # Special-token text inside content is plain text, never the special id.
+    ids2, _ = tokenize_data.render_conversation(enc, [{"role": "user", "content": "<|end|>"}],
+                                                add_generation_prompt=True)
+    assert enc.decode(ids2) == "<|endoftext|><|user|><|end|><|end|><|assistant|>"
+    assert ids2.count(special["<|end|>"]) == 1 and ids2[-1] == special["<|assistant|>"]
+
+
+# a 2-turn conversation with a system message, rendered to ids by hand below
+HAND_CONVERSATION = [{"role": "system", "content": "Be"}, {"role": "user", "content": "hi"},
+                     {"role": "assistant", "content": "yo"}, {"role": "user", "content": "ok?"},
+                     {"role": "assistant", "content": "no"}]
+
+
+def test_tokenizer_chat_renders_the_ids_spelled_out_by_hand():
+    """Bytes are tokens 0..255; <|endoftext|> 256, <|system|> 257, <|user|> 258, <|assistant|> 259,
+    <|end|> 260. Supervised: the assistant contents and their <|end|>."""
+    enc, conv = byte_tokenizer(), HAND_CONVERSATION
+    ids, supervised = tokenize_data.render_conversation(enc, conv)
+    assert ids == [256, 257, *b"Be", 260, 258, *b"hi", 260, 259, *b"yo", 260, 258, *b"ok?", 260, 259, *b"no", 260]
+    assert [i for i, s in enumerate(supervised) if s] == [10, 11, 12, 19, 20, 21]  # y o <|end|>, n o <|end|>
+    # the turn sample.py asks for: the user's message, then the assistant's header and nothing after it
+    assert tokenize_data.render_conversation(enc, conv[1:2], add_generation_prompt=True)[0] == \
+        [256, 258, *b"hi", 260, 259]
+
+
+def test_tokenizer_chat_token_ids_refuse_a_tokenizer_without_them():
+    enc = byte_tokenizer()
+    assert chat_ids(enc) == {"<|endoftext|>": 256, "<|system|>": 257, "<|user|>": 258, "<|assistant|>": 259,
+                             "<|end|>": 260}
+    plain = tiktoken.Encoding("plain", pat_str=tokenize_data.PAT_STR, mergeable_ranks=enc._mergeable_ranks,
+                              special_tokens={"<|endoftext|>": 256})
+    message = stops_with_sentence(lambda: tokenize_data.chat_token_ids(plain, 261, "--ckpt x.pt"))
+    assert message.startswith("--ckpt x.pt: its tokenizer has no <|system|> <|user|> <|assistant|> <|end|>")
+    message = stops_with_sentence(lambda: tokenize_data.chat_token_ids(enc, 260, "--ckpt x.pt"))
+    assert "chat token ids reach 260 but the model has vocab_size=260" in message
+
+
 # ---------------------------------------- tokenizer: never lose a file; one sentence for bad input
 
 def tokenize_tiny(tmp_path, inputs, out="tok", *flags):
@@ -3012,10 +3062,6 @@ def test_parallel_train_py_tp2_pp2_equals_one_process_and_resumes_anywhere(tmp_p
 # align: chat template, masks, truncation, DPO math, SFT/DPO runs on toy data, bad input
 # ==================================================================================================
 
-def chat_ids(enc):
-    return align.chat_token_ids(enc, enc.n_vocab, "test")
-
-
 def toy_sft(tmp_path, n=12):
     """n toy SFT records (prompt "alpha i", response "beta gamma", group i) as a JSONL file -> its path."""
     return str(write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"alpha {i}", "response": "beta gamma", "group": str(i)}
@@ -3028,27 +3074,12 @@ def test_align_help_explains_every_flag_with_default_and_choices(capsys):
     assert "--resume, --no-resume" in options
 
 
-def test_align_render_round_trips_with_the_chat_tokens():
-    _, enc = tiny_tokenizer()
-    special = chat_ids(enc)
-    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is there?"},
-            {"role": "assistant", "content": "Nay, answer me."}]
-    ids, sup = align.render_conversation(enc, conv)
-    assert enc.decode(ids) == ("<|endoftext|><|system|>Be brief.<|end|><|user|>Who is there?<|end|>"
-                               "<|assistant|>Nay, answer me.<|end|>")
-    assert ids.count(special["<|end|>"]) == 3 and ids[0] == special["<|endoftext|>"]
-    # Special-token text inside content is plain text, never the special id.
-    ids2, _ = align.render_conversation(enc, [{"role": "user", "content": "<|end|>"}], add_generation_prompt=True)
-    assert enc.decode(ids2) == "<|endoftext|><|user|><|end|><|end|><|assistant|>"
-    assert ids2.count(special["<|end|>"]) == 1 and ids2[-1] == special["<|assistant|>"]
-
-
 def test_align_mask_covers_assistant_content_and_end_only_and_is_shifted():
     _, enc = tiny_tokenizer()
     special = chat_ids(enc)
     conv = [{"role": "user", "content": "alpha"}, {"role": "assistant", "content": "beta gamma"},
             {"role": "user", "content": "delta"}, {"role": "assistant", "content": "yes"}]
-    ids, sup = align.render_conversation(enc, conv)
+    ids, sup = tokenize_data.render_conversation(enc, conv)
     supervised_text = enc.decode([t for t, s in zip(ids, sup) if s])
     assert supervised_text == "beta gamma<|end|>yes<|end|>"
     inputs, targets, how = align.fit_and_shift(ids, sup, block_size=64)
@@ -3058,7 +3089,7 @@ def test_align_mask_covers_assistant_content_and_end_only_and_is_shifted():
         assert target == (ids[t + 1] if sup[t + 1] else -1)
     assert sum(t >= 0 for t in targets) >= 1 and targets[-1] == special["<|end|>"]
     # n_context: assistant turns in the context are not supervised (DPO's prompt)
-    _, sup_ctx = align.render_conversation(enc, conv, n_context=2)
+    _, sup_ctx = tokenize_data.render_conversation(enc, conv, n_context=2)
     assert enc.decode([t for t, s in zip(ids, sup_ctx) if s]) == "yes<|end|>"
 
 
@@ -3066,14 +3097,14 @@ def test_align_long_conversations_lose_old_context_never_the_answer(capsys):
     _, enc = tiny_tokenizer()
     special = chat_ids(enc)
     conv = [{"role": "user", "content": "alpha beta " * 40}, {"role": "assistant", "content": "good"}]
-    ids, sup = align.render_conversation(enc, conv)
+    ids, sup = tokenize_data.render_conversation(enc, conv)
     assert len(ids) > 33
     inputs, targets, how = align.fit_and_shift(ids, sup, block_size=32)
     assert how == "cut" and len(inputs) == 32 and inputs[0] == special["<|endoftext|>"]
     assert [t for t in targets if t >= 0] == [t for t, s in zip(ids, sup) if s]        # answer intact
     assert inputs[-len(enc.encode_ordinary("good")) - 1] == special["<|assistant|>"]   # header kept
     long_answer = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "alpha beta " * 40}]
-    assert align.fit_and_shift(*align.render_conversation(enc, long_answer), 32)[2] == "drop"
+    assert align.fit_and_shift(*tokenize_data.render_conversation(enc, long_answer), 32)[2] == "drop"
     records = [({"context": [], "answers": [conv]}, "a"), ({"context": [], "answers": [long_answer]}, "b")]
     examples = align.tokenize_records(records, enc, 32, "toy.jsonl")
     assert len(examples) == 1
@@ -3084,18 +3115,10 @@ def test_align_long_conversations_lose_old_context_never_the_answer(capsys):
 
 
 def test_align_sft_supervises_exactly_the_answers_and_their_end():
-    """A 2-turn conversation rendered to ids by hand (bytes are tokens 0..255; <|endoftext|> 256,
-    <|system|> 257, <|user|> 258, <|assistant|> 259, <|end|> 260): the loss sees the assistant contents and
-    their <|end|>, nothing of the system, the users or the <|assistant|> headers."""
-    enc = byte_tokenizer()
-    conv = [{"role": "system", "content": "Be"}, {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "yo"}, {"role": "user", "content": "ok?"},
-            {"role": "assistant", "content": "no"}]
-    ids, supervised = align.render_conversation(enc, conv)
-    assert ids == [256, 257, *b"Be", 260, 258, *b"hi", 260, 259, *b"yo", 260, 258, *b"ok?", 260, 259, *b"no", 260]
-    assert [i for i, s in enumerate(supervised) if s] == [10, 11, 12, 19, 20, 21]  # y o <|end|>, n o <|end|>
-    # the turn sample.py asks for: the user's message, then the assistant's header and nothing after it
-    assert align.render_conversation(enc, conv[1:2], add_generation_prompt=True)[0] == [256, 258, *b"hi", 260, 259]
+    """The conversation of test_tokenizer_chat_renders_the_ids_spelled_out_by_hand as training sees it: the
+    loss sees the assistant contents and their <|end|>, nothing of the system, the users or the headers."""
+    enc, conv = byte_tokenizer(), HAND_CONVERSATION
+    ids, _ = tokenize_data.render_conversation(enc, conv)
     # as training sees it: inputs without the last token, targets the next token where supervised, else -1
     (inputs, targets), = align.tokenize_records([({"context": [], "answers": [conv]}, "g")], enc, 64, "toy")[0]["seqs"]
     assert inputs == ids[:-1]
@@ -3232,10 +3255,10 @@ def test_align_sft_lowers_loss_and_raises_answer_accuracy(tmp_path, tiny_checkpo
     with torch.no_grad():
         for r in records:
             conv = r["messages"]
-            inputs, targets, _ = align.fit_and_shift(*align.render_conversation(enc, conv), 64)
+            inputs, targets, _ = align.fit_and_shift(*tokenize_data.render_conversation(enc, conv), 64)
             nll -= summed_logprob(init, inputs, targets)
             n_tokens += sum(t >= 0 for t in targets)
-            scores = [summed_logprob(init, *align.fit_and_shift(*align.render_conversation(
+            scores = [summed_logprob(init, *align.fit_and_shift(*tokenize_data.render_conversation(
                 enc, conv[:1] + [{"role": "assistant", "content": o}], 1), 64)[:2]) for o in r["options"]]
             right += r["options"][scores.index(max(scores))] == conv[1]["content"]
     assert evals[0]["val_loss"] == pytest.approx(nll / n_tokens, abs=1e-4)
@@ -3794,13 +3817,13 @@ def greedy_reply(model, ids, n):
     return bytes(out[:stop]).decode("utf-8", errors="replace")
 
 
-def test_sample_chat_renders_through_align_render_conversation_and_stops(tmp_path, monkeypatch, capsys):
+def test_sample_chat_renders_through_render_conversation_and_stops(tmp_path, monkeypatch, capsys):
     model, path = sample_chat_checkpoint(tmp_path)
     calls, fed = [], []
 
     def spy(*args, **kwargs):
         calls.append(args[1])
-        return align.render_conversation(*args, **kwargs)
+        return tokenize_data.render_conversation(*args, **kwargs)
     monkeypatch.setattr(sample, "render_conversation", spy)
     stream = GPT.stream
 
@@ -3814,7 +3837,7 @@ def test_sample_chat_renders_through_align_render_conversation_and_stops(tmp_pat
     # the template spelled out by hand: <|endoftext|> <|system|> be brief <|end|> <|user|> hi <|end|> <|assistant|>
     ids = [256, 257, *b"be brief", 260, 258, *b"hi", 260, 259]
     assert fed == [ids]
-    assert align.render_conversation(byte_tokenizer(), calls[0], add_generation_prompt=True)[0] == ids
+    assert tokenize_data.render_conversation(byte_tokenizer(), calls[0], add_generation_prompt=True)[0] == ids
     assert capsys.readouterr().out == greedy_reply(model, ids, 20) + "\n"
 
 

@@ -474,6 +474,43 @@ def _process_alive(pid):
     return True
 
 
+# ---------------------------------------------------------------------------- the chat contract
+# A conversation as token ids, for every stage that speaks in turns: align.py trains on it, sample.py
+# chats through it, and hf_tokenizer_files writes the same template as Jinja for transformers.
+DOC_START, SYSTEM, USER, ASSISTANT, END = SPECIAL_TOKENS
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+ROLES = tuple(ROLE_TOKENS)  # the roles a message may have
+
+
+def chat_token_ids(enc, vocab_size, where):
+    """{token: id} of the reserved chat tokens; one clear sentence when the tokenizer lacks them."""
+    missing = [t for t in SPECIAL_TOKENS if t not in enc.special_tokens_set]
+    if missing:
+        raise SystemExit(f"{where}: its tokenizer has no {' '.join(missing)}; tokenize the corpus with "
+                         "tokenize_data.py (which reserves the chat tokens) and pretrain again.")
+    special = {t: enc.encode_single_token(t) for t in SPECIAL_TOKENS}
+    if max(special.values()) >= vocab_size:
+        raise SystemExit(f"{where}: chat token ids reach {max(special.values())} but the model has "
+                         f"vocab_size={vocab_size}; pretrain with the vocab size tokenize_data.py wrote.")
+    return special
+
+
+def render_conversation(enc, messages, n_context=0, add_generation_prompt=False):
+    """messages -> (ids, supervised): ids = [<|endoftext|>] + per message [<|role|>] + content + [<|end|>]
+    (+ [<|assistant|>] to ask for a reply); supervised[i] is True for the content and <|end|> of
+    assistant messages from index n_context on. Training and sample.py's chat both render through here."""
+    ids, supervised = [enc.encode_single_token(DOC_START)], [False]
+    for k, m in enumerate(messages):
+        content = enc.encode_ordinary(m["content"])  # special-token text inside content stays plain text
+        train = m["role"] == "assistant" and k >= n_context
+        ids += [enc.encode_single_token(ROLE_TOKENS[m["role"]])] + content + [enc.encode_single_token(END)]
+        supervised += [False] + [train] * (len(content) + 1)
+    if add_generation_prompt:
+        ids.append(enc.encode_single_token(ASSISTANT))
+        supervised.append(False)
+    return ids, supervised
+
+
 # ---------------------------------------------------------------------------- main
 def parse_config(argv=None):
     parser = config_parser(TokenizeConfig, __doc__)
