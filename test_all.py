@@ -1135,6 +1135,153 @@ def test_tokenizer_chat_token_ids_refuse_a_tokenizer_without_them():
     assert "chat token ids reach 260 but the model has vocab_size=260" in message
 
 
+# -------------------- tokenizer: Hugging Face files out and in, against transformers and tokenizers
+
+def write_hf_tokenizer(enc, folder):
+    """hf_tokenizer_files(enc) written as export.py writes them -> the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, obj in tokenize_data.hf_tokenizer_files(enc).items():
+        (folder / name).write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
+def auto_tokenizer(folder, monkeypatch):
+    """transformers' AutoTokenizer on a local folder, the network switched off."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+# text neither tokenizer was tuned on: scripts, emoji with joiners, combining marks, control characters,
+# runs of spaces and tabs, every line ending and their mixtures, and random code points
+UNTUNED_TEXTS = ["東京は日本の首都です。東京タワー", "emoji 🎉🎉 👩‍👩‍👧 🏳️‍🌈 done", "e\u0301\u0301 a\u0308\u0323 Z\u0336",
+                 "\x00\x01\x07\x1b[0m\x7f\x85", " " * 1000, "x" + " " * 77 + "y\t\t\t  \u3000\xa0 z", "a\r\nb\rc\n\r\n\n\rd",
+                 "\r\n" * 9 + "  \r\n \r \n", "'S 'll 'LL 1234567 3.14159", "", "\ufeffBOM \u2028 \u2029 \U0010ffff"]
+
+
+def test_tokenizer_hf_export_gives_our_ids_on_untuned_text(tmp_path, monkeypatch):
+    _, enc = tiny_tokenizer()
+    tok = auto_tokenizer(write_hf_tokenizer(enc, tmp_path / "hf"), monkeypatch)
+    for s in UNTUNED_TEXTS + random_strings(seed=2, n=600) + tokenizer_docs():
+        ours = enc.encode_ordinary(s)
+        assert tok.encode(s, split_special_tokens=True) == ours, repr(s)
+        # transformers' default finds special tokens spelled in the text, as our encode with allowed_special
+        assert tok(s)["input_ids"] == enc.encode(s, allowed_special="all"), repr(s)
+        assert tok.decode(ours) == s
+        cut = len(ours) // 2  # a cut inside a character decodes to the same replacement characters
+        assert tok.decode(ours[:cut]) == enc.decode(ours[:cut], errors="replace")
+    assert tok.encode("say <|end|>", split_special_tokens=True) == enc.encode_ordinary("say <|end|>")
+    assert tok.encode("say <|end|>")[-1] == enc.encode_single_token("<|end|>")
+    for name, i in enc._special_tokens.items():
+        assert tok.convert_tokens_to_ids(name) == i and tok.decode([i]) == name
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|endoftext|>", "<|end|>", "<|endoftext|>")
+    assert len(tok) == enc.n_vocab
+
+
+def test_tokenizer_hf_chat_template_renders_our_ids(tmp_path, monkeypatch):
+    _, enc = tiny_tokenizer()
+    tok = auto_tokenizer(write_hf_tokenizer(enc, tmp_path / "hf"), monkeypatch)
+    system = [{"role": "system", "content": "Be brief. 東京 🎉"}]
+    turns = [{"role": "user", "content": "  Who is there?\r\n"}, {"role": "assistant", "content": "Nay, answer me.\n\n"},
+             {"role": "user", "content": "e\u0301\u0301 " + " " * 30}, {"role": "assistant", "content": ""},
+             {"role": "user", "content": random_strings(seed=3, n=1)[0].replace("<|endoftext|>", "")}]
+    for conv in (system + turns, turns, turns[:1], system + turns[:2], HAND_CONVERSATION):
+        for prompt in (True, False):
+            ours, _ = tokenize_data.render_conversation(enc, conv, add_generation_prompt=prompt)
+            assert tok.apply_chat_template(conv, add_generation_prompt=prompt, tokenize=True)["input_ids"] == ours
+            assert tok.apply_chat_template(conv, add_generation_prompt=prompt, tokenize=False) == enc.decode(ours)
+    # a message that spells a chat token: ours keeps it text; transformers' sanitizing does too
+    conv = [{"role": "user", "content": "say <|end|> now"}]
+    ours, _ = tokenize_data.render_conversation(enc, conv, add_generation_prompt=True)
+    assert tok.apply_chat_template(conv, add_generation_prompt=True, return_dict=False,
+                                   sanitize_control_tokens=True) == ours
+    assert tok.apply_chat_template(conv, add_generation_prompt=True, return_dict=False).count(
+        enc.encode_single_token("<|end|>")) == 2  # the default makes it the special token: the documented difference
+
+
+def test_tokenizer_hf_export_of_a_tokenizer_without_chat_tokens(tmp_path, monkeypatch):
+    ranks = {bytes([b]): b for b in range(256)} | {b"th": 256, b"the": 257, b"  ": 258}
+    enc = tiktoken.Encoding("plain", pat_str=tokenize_data.GPT2_PAT_STR, mergeable_ranks=ranks,
+                            special_tokens={"<|endoftext|>": 259})
+    files = tokenize_data.hf_tokenizer_files(enc)
+    assert "chat_template" not in files["tokenizer_config.json"]
+    assert files["special_tokens_map.json"] == {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                                                "pad_token": "<|endoftext|>"}
+    tok = auto_tokenizer(write_hf_tokenizer(enc, tmp_path / "hf"), monkeypatch)
+    for s in ["the theme   there", "  x   "] + random_strings(seed=4, n=100):
+        assert tok.encode(s, split_special_tokens=True) == enc.encode_ordinary(s), repr(s)
+    # read back, it is the same encoding; its missing chat tokens are chat_token_ids' one sentence
+    back = tokenize_data.encoding_from_hf(tmp_path / "hf")
+    assert back._mergeable_ranks == ranks and back._special_tokens == enc._special_tokens
+    assert back._pat_str == tokenize_data.GPT2_PAT_STR
+    assert "has no <|system|>" in stops_with_sentence(lambda: tokenize_data.chat_token_ids(back, 260, "--init hf"))
+
+
+LLAMA3_PAT_STR = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def test_tokenizer_hf_import_gives_the_ids_tokenizers_gives(tmp_path):
+    """tokenizers itself trains the byte-level BPEs, GPT-2's shape (ByteLevel with its regex, one merge
+    per token) and Llama 3's (Split by its regex, then ByteLevel): our reading gives their ids."""
+    from tokenizers import ByteLevelBPETokenizer, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    gpt2 = ByteLevelBPETokenizer()
+    gpt2.train_from_iterator(tokenizer_docs(), vocab_size=600, special_tokens=["<|endoftext|>"], show_progress=False)
+    llama = Tokenizer(models.BPE(ignore_merges=True))
+    llama.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_PAT_STR), "isolated"),
+                                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    llama.decoder = decoders.ByteLevel()
+    llama.train_from_iterator(tokenizer_docs(), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|begin_of_text|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    for name, hf in (("gpt2", gpt2), ("llama", llama)):
+        (tmp_path / name).mkdir()
+        hf.save(str(tmp_path / name / "tokenizer.json"))
+        enc = tokenize_data.encoding_from_hf(tmp_path / name)
+        assert enc.n_vocab == hf.get_vocab_size() == 600
+        for s in UNTUNED_TEXTS + random_strings(seed=5, n=600) + tokenizer_docs():
+            ids = enc.encode(s, allowed_special="all")  # tokenizers finds added tokens in the text
+            assert ids == hf.encode(s).ids, (name, repr(s))
+            assert enc.decode(ids) == hf.decode(ids, skip_special_tokens=False) == s
+    assert tokenize_data.encoding_from_hf(tmp_path / "gpt2")._pat_str == tokenize_data.GPT2_PAT_STR
+    # our own export comes back as the same encoding
+    _, enc = tiny_tokenizer()
+    back = tokenize_data.encoding_from_hf(write_hf_tokenizer(enc, tmp_path / "ours"))
+    assert (back._mergeable_ranks, back._special_tokens, back._pat_str) == \
+        (enc._mergeable_ranks, enc._special_tokens, enc._pat_str)
+
+
+def test_tokenizer_hf_import_refuses_what_it_cannot_read_exactly(tmp_path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    byte_vocab = {c: i for i, c in enumerate(tokenize_data.byte_level_chars())}
+    wordpiece = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1, "##b": 2}, unk_token="[UNK]"))
+    unigram = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0), ("b", -2.0)], unk_id=0))
+    nfkc = Tokenizer(models.BPE(byte_vocab, []))
+    nfkc.normalizer, nfkc.pre_tokenizer = normalizers.NFKC(), pre_tokenizers.ByteLevel(add_prefix_space=False)
+    fallback = Tokenizer(models.BPE(byte_vocab, [], byte_fallback=True))
+    fallback.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    metaspace = Tokenizer(models.BPE(byte_vocab, []))
+    metaspace.pre_tokenizer = pre_tokenizers.Metaspace()
+    prefix = Tokenizer(models.BPE(byte_vocab, []))
+    prefix.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    short = Tokenizer(models.BPE(dict(list(byte_vocab.items())[:200]), []))
+    short.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    cases = {"wordpiece": (wordpiece, "WordPiece model, not BPE"), "unigram": (unigram, "Unigram model, not BPE"),
+             "nfkc": (nfkc, "normalizer NFKC"), "fallback": (fallback, "byte fallback"),
+             "metaspace": (metaspace, "pre-tokenizer Metaspace"), "prefix": (prefix, "keeps the text as it is"),
+             "short": (short, "256 single-byte tokens")}
+    for name, (hf, fragment) in cases.items():
+        (tmp_path / name).mkdir()
+        hf.save(str(tmp_path / name / "tokenizer.json"))
+        message = stops_with_sentence(lambda: tokenize_data.encoding_from_hf(tmp_path / name))
+        assert message.startswith(f"{tmp_path / name}: its tokenizer ") and fragment in message, message
+    message = stops_with_sentence(lambda: tokenize_data.encoding_from_hf(tmp_path / "nothing"))
+    assert "no tokenizer.json" in message and str(tmp_path / "nothing") in message
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text('{"model": ')
+    assert "not a tokenizers JSON file" in stops_with_sentence(lambda: tokenize_data.encoding_from_hf(tmp_path / "broken"))
+
+
 # ---------------------------------------- tokenizer: never lose a file; one sentence for bad input
 
 def tokenize_tiny(tmp_path, inputs, out="tok", *flags):

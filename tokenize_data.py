@@ -17,6 +17,11 @@ Streaming, so memory does not grow with the corpus: the BPE trains on the first 
 batch at a time (tiktoken's Rust encoder releases the GIL) and this thread appends each document's ids
 to train.bin or val.bin, in input order, under temporary names renamed into place at the end.
 
+The chat contract lives here too, as nanochat keeps it on its tokenizer: the role tokens and
+render_conversation (align.py trains on it, sample.py chats through it), and the same template in Jinja.
+hf_tokenizer_files writes an Encoding as Hugging Face tokenizer files (export.py calls it);
+encoding_from_hf reads a byte-level BPE tokenizer.json back into an Encoding with the same ids.
+
 Training: pre-tokenize with the regex below and count unique chunks; then merge the most frequent
 adjacent pair of ids again and again, updating pair counts and the pair -> chunks index only in the
 chunks that hold the merged pair. Lone surrogates (JSON escapes can make them) have no UTF-8 form: they
@@ -509,6 +514,169 @@ def render_conversation(enc, messages, n_context=0, add_generation_prompt=False)
         ids.append(enc.encode_single_token(ASSISTANT))
         supervised.append(False)
     return ids, supervised
+
+
+# render_conversation spelled in Jinja, for transformers' apply_chat_template (hf_tokenizer_files writes it
+# into tokenizer_config.json); the tests render both and compare the ids.
+CHAT_TEMPLATE = (
+    "{{- '<|endoftext|>' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{- '<|system|>' -}}"
+    "{%- elif message['role'] == 'user' -%}{{- '<|user|>' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- '<|assistant|>' -}}"
+    "{%- else -%}{{- raise_exception('a message role must be system, user or assistant') -}}{%- endif -%}"
+    "{{- message['content'] + '<|end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}")
+
+
+# ---------------------------------------------------------------------------- Hugging Face tokenizer files
+# GPT-2's pre-tokenizer pattern: the one a ByteLevel pre-tokenizer with use_regex applies.
+GPT2_PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def byte_level_chars():
+    """-> 256 characters, the b-th spells byte b: byte-level BPE files (GPT-2's) write a token's bytes as
+    printable characters so that the vocabulary is JSON text. The 188 printable Latin-1 bytes stand for
+    themselves; the other 68 (controls, space, ...) become chr(256), chr(257), ... in byte order."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+
+
+def hf_tokenizer_files(enc):
+    """Encoding -> {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json": JSON object}: a
+    Hugging Face fast tokenizer (byte-level BPE, no normalizer, our regex then bytes) with enc's ids, and
+    our chat template. Export writes these three files; transformers' AutoTokenizer loads them.
+
+    tiktoken joins the two neighbours whose bytes make the lowest-ranked token; a BPE file joins listed
+    pairs in list order. So every split of a token into two tokens is listed, in the token's rank order,
+    and ignore_merges takes a chunk that is a whole token as it is, as tiktoken does. What differs:
+    - text that spells a special token (<|end|>): transformers makes it the special token (as our
+      enc.encode(text, allowed_special="all")), we keep it text (encode_ordinary). split_special_tokens=True
+      per call gives ours; it is not the default here, since apply_chat_template tokenizes the rendered
+      chat with it and would then spell the template's own <|user|> as text. For the same reason a chat
+      message that spells one renders as the special token; apply_chat_template(...,
+      sanitize_control_tokens=True) keeps it text but encodes the text on each side of it on its own.
+    - tokenizers matches the regex with Oniguruma, tiktoken with fancy-regex: where their Unicode tables
+      differ (characters one version assigns and the other does not), the chunks can differ.
+    """
+    chars = byte_level_chars()
+    ranks = enc._mergeable_ranks
+
+    def spell(token):
+        return "".join(chars[b] for b in token)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges += [f"{spell(a)} {spell(b)}" for a, b in sorted(splits, key=lambda ab: (ranks[ab[0]], ranks[ab[1]]))]
+    special = sorted(enc._special_tokens.items(), key=lambda kv: kv[1])
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for tok, i in special],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": enc._pat_str}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": {spell(token): rank for token, rank in ranks.items()}, "merges": merges}}
+    # a chat model ends its turn with <|end|>; every document and conversation starts with <|endoftext|>,
+    # which the template writes (so the tokenizer adds nothing itself)
+    names = enc.special_tokens_set
+    chat = all(t in names for t in SPECIAL_TOKENS)
+    roles = {"bos_token": DOC_START, "eos_token": END if chat else DOC_START, "pad_token": DOC_START}
+    roles = {k: v for k, v in roles.items() if v in names}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **roles, "add_bos_token": False, "add_eos_token": False,
+              "clean_up_tokenization_spaces": False, "split_special_tokens": False}
+    if chat:
+        config["chat_template"] = CHAT_TEMPLATE
+    return {"tokenizer.json": tokenizer, "tokenizer_config.json": config, "special_tokens_map.json": roles}
+
+
+def _hf_pattern(pre_tokenizer, refuse):
+    """A tokenizer.json pre-tokenizer -> the regex tiktoken splits by: GPT-2's for a ByteLevel one that
+    applies its own regex, the pattern of a Split before a ByteLevel that does not (Llama 3's, ours)."""
+    pre = pre_tokenizer or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    last = steps[-1] if steps else {}
+    if not kinds or kinds[-1] != "ByteLevel" or last.get("add_prefix_space"):
+        refuse(f"has the pre-tokenizer {' + '.join(map(str, kinds)) or 'None'}, not a byte-level one that keeps "
+               f"the text as it is")
+    if kinds == ["ByteLevel"] and last.get("use_regex", True):
+        return GPT2_PAT_STR
+    split = steps[0]
+    if kinds != ["Split", "ByteLevel"] or last.get("use_regex", True) or "Regex" not in split.get("pattern", {}) \
+            or split.get("behavior") != "Isolated" or split.get("invert"):
+        refuse(f"splits text with {' + '.join(map(str, kinds))} in a way this reader does not know (it reads "
+               f"a ByteLevel, or a Split by a regex, isolated, then a ByteLevel without its regex)")
+    pattern = split["pattern"]["Regex"]
+    if pattern in (PAT_STR, GPT2_PAT_STR):
+        return pattern
+    # text the regex does not match is a piece of its own to tokenizers, and dropped by tiktoken: match
+    # each such run as one piece too (a pattern that matches everything never takes this branch)
+    return f"{pattern}|(?:(?!{pattern})(?s:.))+"
+
+
+def encoding_from_hf(folder):
+    """A Hugging Face model folder -> tiktoken.Encoding that gives the ids its tokenizer.json gives, for a
+    byte-level BPE (GPT-2's, Llama 3's, hf_tokenizer_files'); anything else stops with one sentence.
+
+    Ranks are the vocabulary's ids, so the merges must make ids in increasing order (tiktoken joins the
+    pair whose token has the lowest id); special tokens are the added tokens. The folder's chat_template
+    is not read: align.py and sample.py speak render_conversation's template, whose tokens a folder
+    that was not written by this project lacks (GPT-2's, Llama 3's), and chat_token_ids then refuses the
+    encoding with its sentence. Text that spells a special token stays text, as in every encode here.
+    """
+    folder = Path(folder)
+    path = folder / "tokenizer.json"
+
+    def refuse(what):
+        raise SystemExit(f"{folder}: its tokenizer {what}; only byte-level BPE tokenizers (as GPT-2's and "
+                         f"Llama 3's) can be read exactly.")
+
+    if not path.is_file():
+        raise SystemExit(f"{folder}: no tokenizer.json in it; pass a Hugging Face model folder with a fast "
+                         f"tokenizer (transformers' save_pretrained writes one).")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        model, vocab = spec["model"], spec["model"].get("vocab")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise SystemExit(f"{path}: not a tokenizers JSON file; write it again with transformers' save_pretrained.")
+    if model.get("type", "BPE") != "BPE" or not isinstance(vocab, dict):
+        refuse(f"is a {model.get('type')} model, not BPE")
+    if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") \
+            or model.get("dropout"):
+        refuse("uses byte fallback, word-piece markers or dropout, which byte-level BPE does not")
+    if spec.get("normalizer") is not None:
+        refuse(f"changes the text first (normalizer {spec['normalizer'].get('type')})")
+    pat_str = _hf_pattern(spec.get("pre_tokenizer"), refuse)
+    byte_of = {c: b for b, c in enumerate(byte_level_chars())}
+    if not all(c in byte_of for token in vocab for c in token):
+        refuse("spells tokens in characters outside the byte-level alphabet")
+    ranks = {bytes(byte_of[c] for c in token): i for token, i in vocab.items()}
+    made = [vocab.get("".join(m.split(" ")) if isinstance(m, str) else "".join(m)) for m in model.get("merges", [])]
+    if None in made or any(a > b for a, b in zip(made, made[1:])):
+        refuse("lists merges that do not make tokens of increasing ids, the order tiktoken merges in")
+    if len(ranks) < len(vocab) or len(set(vocab.values())) < len(vocab):
+        refuse("gives two tokens the same id")
+    # tokenizers finds every added token in the text before it splits it, as tiktoken finds special
+    # tokens (encode with allowed_special): they are the special tokens, out of the ranks
+    special = {added["content"]: added["id"] for added in spec.get("added_tokens", [])}
+    special_ids = set(special.values())
+    ranks = {token: i for token, i in ranks.items() if i not in special_ids}
+    if sum(len(token) == 1 for token in ranks) < 256:
+        refuse("lacks some of the 256 single-byte tokens (or makes one an added token), so some text has no ids")
+    try:
+        return tiktoken.Encoding(f"hf-{folder.name}", pat_str=pat_str, mergeable_ranks=ranks,
+                                 special_tokens=special)
+    except ValueError as e:  # fancy-regex could not compile the pattern
+        refuse(f"splits text by a regex tiktoken cannot compile ({e})")
 
 
 # ---------------------------------------------------------------------------- main
