@@ -1200,21 +1200,23 @@ def test_tokenizer_hf_chat_template_renders_our_ids(tmp_path, monkeypatch):
 
 
 def test_tokenizer_hf_export_of_a_tokenizer_without_chat_tokens(tmp_path, monkeypatch):
-    ranks = {bytes([b]): b for b in range(256)} | {b"th": 256, b"the": 257, b"  ": 258}
+    # xyz is no two tokens joined: only a chunk that is all of it becomes it (ignore_merges, as tiktoken)
+    ranks = {bytes([b]): b for b in range(256)} | {b"th": 256, b"the": 257, b"  ": 258, b"xyz": 259}
     enc = tiktoken.Encoding("plain", pat_str=tokenize_data.GPT2_PAT_STR, mergeable_ranks=ranks,
-                            special_tokens={"<|endoftext|>": 259})
+                            special_tokens={"<|endoftext|>": 260})
     files = tokenize_data.hf_tokenizer_files(enc)
     assert "chat_template" not in files["tokenizer_config.json"]
     assert files["special_tokens_map.json"] == {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
                                                 "pad_token": "<|endoftext|>"}
     tok = auto_tokenizer(write_hf_tokenizer(enc, tmp_path / "hf"), monkeypatch)
-    for s in ["the theme   there", "  x   "] + random_strings(seed=4, n=100):
+    assert tok.encode("xyz") == enc.encode_ordinary("xyz") == [259]
+    for s in ["the theme   there", "  x   ", "xyz xyzxyz"] + random_strings(seed=4, n=100):
         assert tok.encode(s, split_special_tokens=True) == enc.encode_ordinary(s), repr(s)
     # read back, it is the same encoding; its missing chat tokens are chat_token_ids' one sentence
     back = tokenize_data.encoding_from_hf(tmp_path / "hf")
     assert back._mergeable_ranks == ranks and back._special_tokens == enc._special_tokens
     assert back._pat_str == tokenize_data.GPT2_PAT_STR
-    assert "has no <|system|>" in stops_with_sentence(lambda: tokenize_data.chat_token_ids(back, 260, "--init hf"))
+    assert "has no <|system|>" in stops_with_sentence(lambda: tokenize_data.chat_token_ids(back, 261, "--init hf"))
 
 
 LLAMA3_PAT_STR = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -1223,7 +1225,8 @@ LLAMA3_PAT_STR = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N
 
 def test_tokenizer_hf_import_gives_the_ids_tokenizers_gives(tmp_path):
     """tokenizers itself trains the byte-level BPEs, GPT-2's shape (ByteLevel with its regex, one merge
-    per token) and Llama 3's (Split by its regex, then ByteLevel): our reading gives their ids."""
+    per token), Llama 3's (Split by its regex, then ByteLevel) and one whose regex leaves text unmatched:
+    our reading gives their ids."""
     from tokenizers import ByteLevelBPETokenizer, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     gpt2 = ByteLevelBPETokenizer()
     gpt2.train_from_iterator(tokenizer_docs(), vocab_size=600, special_tokens=["<|endoftext|>"], show_progress=False)
@@ -1234,11 +1237,18 @@ def test_tokenizer_hf_import_gives_the_ids_tokenizers_gives(tmp_path):
     llama.train_from_iterator(tokenizer_docs(), trainers.BpeTrainer(
         vocab_size=600, special_tokens=["<|begin_of_text|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
-    for name, hf in (("gpt2", gpt2), ("llama", llama)):
+    # a Split regex that leaves text unmatched: tokenizers keeps each unmatched run as a piece of its own
+    letters = Tokenizer(models.BPE())
+    letters.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\p{L}+"), "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    letters.decoder = decoders.ByteLevel()
+    letters.train_from_iterator(tokenizer_docs(), trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    for name, hf in (("gpt2", gpt2), ("llama", llama), ("letters", letters)):
         (tmp_path / name).mkdir()
         hf.save(str(tmp_path / name / "tokenizer.json"))
         enc = tokenize_data.encoding_from_hf(tmp_path / name)
-        assert enc.n_vocab == hf.get_vocab_size() == 600
+        assert enc.n_vocab == hf.get_vocab_size()
         for s in UNTUNED_TEXTS + random_strings(seed=5, n=600) + tokenizer_docs():
             ids = enc.encode(s, allowed_special="all")  # tokenizers finds added tokens in the text
             assert ids == hf.encode(s).ids, (name, repr(s))
