@@ -1217,6 +1217,10 @@ def test_tokenizer_hf_export_of_a_tokenizer_without_chat_tokens(tmp_path, monkey
     assert back._mergeable_ranks == ranks and back._special_tokens == enc._special_tokens
     assert back._pat_str == tokenize_data.GPT2_PAT_STR
     assert "has no <|system|>" in stops_with_sentence(lambda: tokenize_data.chat_token_ids(back, 261, "--init hf"))
+    chat = tokenize_data.with_chat_tokens(back)  # for a model whose embedding grows by the new ids
+    assert tokenize_data.chat_token_ids(chat, 265, "--init hf") == {
+        "<|endoftext|>": 260, "<|system|>": 261, "<|user|>": 262, "<|assistant|>": 263, "<|end|>": 264}
+    assert chat._mergeable_ranks == ranks
 
 
 LLAMA3_PAT_STR = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""

@@ -279,6 +279,15 @@ def build_encoding(name, mergeable_ranks, pat_str=PAT_STR, special_tokens=None):
                              special_tokens=special_tokens)
 
 
+def with_chat_tokens(enc):
+    """enc plus our special tokens: an <|endoftext|> it has is reused, the ones it lacks go after its vocab."""
+    special, next_id = dict(enc._special_tokens), enc.n_vocab
+    for tok in SPECIAL_TOKENS:
+        if tok not in special:
+            special[tok], next_id = next_id, next_id + 1
+    return build_encoding(enc.name, enc._mergeable_ranks, enc._pat_str, special)
+
+
 def load_base_encoding(name):
     """tiktoken's own encoding plus our special tokens: reuse its <|endoftext|>, chat tokens after its vocab."""
     try:
@@ -286,11 +295,7 @@ def load_base_encoding(name):
     except Exception:  # offline it is a requests ConnectionError from deep inside tiktoken
         raise SystemExit(f"--encoding {name}: tiktoken could not load it (unknown name, or its BPE file must "
                          f"be downloaded and this machine is offline); train one with --vocab-size instead.")
-    special, next_id = dict(base._special_tokens), base.n_vocab
-    for tok in SPECIAL_TOKENS:
-        if tok not in special:
-            special[tok], next_id = next_id, next_id + 1
-    return build_encoding(name, base._mergeable_ranks, base._pat_str, special)
+    return with_chat_tokens(base)  # base.name is name
 
 
 # ---------------------------------------------------------------------------- tokenizer files
@@ -546,20 +551,23 @@ def byte_level_chars():
 
 def hf_tokenizer_files(enc):
     """Encoding -> {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json": JSON object}: a
-    Hugging Face fast tokenizer (byte-level BPE, no normalizer, our regex then bytes) with enc's ids, and
-    our chat template. Export writes these three files; transformers' AutoTokenizer loads them.
+    Hugging Face fast tokenizer (byte-level BPE, no normalizer, our regex then bytes) with enc's ids and
+    special tokens, and CHAT_TEMPLATE. export.py writes the three files; AutoTokenizer loads them
+    (tokenizers >= 0.19 reads ignore_merges, as for Llama 3's files).
 
     tiktoken joins the two neighbours whose bytes make the lowest-ranked token; a BPE file joins listed
     pairs in list order. So every split of a token into two tokens is listed, in the token's rank order,
-    and ignore_merges takes a chunk that is a whole token as it is, as tiktoken does. What differs:
-    - text that spells a special token (<|end|>): transformers makes it the special token (as our
-      enc.encode(text, allowed_special="all")), we keep it text (encode_ordinary). split_special_tokens=True
-      per call gives ours; it is not the default here, since apply_chat_template tokenizes the rendered
-      chat with it and would then spell the template's own <|user|> as text. For the same reason a chat
-      message that spells one renders as the special token; apply_chat_template(...,
-      sanitize_control_tokens=True) keeps it text but encodes the text on each side of it on its own.
-    - tokenizers matches the regex with Oniguruma, tiktoken with fancy-regex: where their Unicode tables
-      differ (characters one version assigns and the other does not), the chunks can differ.
+    and ignore_merges takes a chunk that is one whole token as it is, as tiktoken does. What differs:
+    - text that spells a special token (<|end|>): transformers makes it the special token, as our
+      enc.encode(text, allowed_special="all") does; we encode it as text (encode_ordinary), as transformers
+      does with split_special_tokens=True per call. That is not the default written here: apply_chat_template
+      tokenizes the rendered chat with it, and would spell the template's own <|user|> as text. So a chat
+      message that spells one renders as the special token too; apply_chat_template(...,
+      sanitize_control_tokens=True) keeps it text, but encodes the text on each side of it on its own.
+    - tokenizers matches the regex with Oniguruma, tiktoken with fancy-regex: a character that one's
+      Unicode tables assign and the other's do not can land in another chunk.
+    - two overlapping splits of one token (a + bc and ab + c, with a, bc, ab, c all neighbours at once)
+      are a tie tiktoken gives to the left one and the list gives to the split of lower ranks.
     """
     chars = byte_level_chars()
     ranks = enc._mergeable_ranks
@@ -628,10 +636,13 @@ def encoding_from_hf(folder):
     byte-level BPE (GPT-2's, Llama 3's, hf_tokenizer_files'); anything else stops with one sentence.
 
     Ranks are the vocabulary's ids, so the merges must make ids in increasing order (tiktoken joins the
-    pair whose token has the lowest id); special tokens are the added tokens. The folder's chat_template
-    is not read: align.py and sample.py speak render_conversation's template, whose tokens a folder
-    that was not written by this project lacks (GPT-2's, Llama 3's), and chat_token_ids then refuses the
-    encoding with its sentence. Text that spells a special token stays text, as in every encode here.
+    pair whose token has the lowest id); special tokens are the added tokens, which tokenizers finds in
+    text as encode(text, allowed_special="all") does (encode_ordinary keeps them text). Not taken over:
+    a post-processor's tokens (Llama 3's <|begin_of_text|> in front: tokenizers' add_special_tokens=False)
+    and the folder's chat_template. align.py and sample.py speak render_conversation's template, whose
+    tokens a folder this project did not write lacks (GPT-2's, Llama 3's): chat_token_ids then stops with
+    its sentence, and with_chat_tokens(enc) appends them after the last id, for a model whose
+    embedding grows to match.
     """
     folder = Path(folder)
     path = folder / "tokenizer.json"
