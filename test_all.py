@@ -1161,7 +1161,12 @@ UNTUNED_TEXTS = ["東京は日本の首都です。東京タワー", "emoji 🎉
 
 def test_tokenizer_hf_export_gives_our_ids_on_untuned_text(tmp_path, monkeypatch):
     _, enc = tiny_tokenizer()
-    tok = auto_tokenizer(write_hf_tokenizer(enc, tmp_path / "hf"), monkeypatch)
+    folder = write_hf_tokenizer(enc, tmp_path / "hf")
+    # beside a model's config.json, as export.py writes it: the tokenizer files still decide the tokenizer
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": enc.n_vocab,
+                                                    "bos_token_id": enc.encode_single_token("<|endoftext|>"),
+                                                    "eos_token_id": enc.encode_single_token("<|end|>")}))
+    tok = auto_tokenizer(folder, monkeypatch)
     for s in UNTUNED_TEXTS + random_strings(seed=2, n=600) + tokenizer_docs():
         ours = enc.encode_ordinary(s)
         assert tok.encode(s, split_special_tokens=True) == ours, repr(s)
@@ -1197,6 +1202,8 @@ def test_tokenizer_hf_chat_template_renders_our_ids(tmp_path, monkeypatch):
                                    sanitize_control_tokens=True) == ours
     assert tok.apply_chat_template(conv, add_generation_prompt=True, return_dict=False).count(
         enc.encode_single_token("<|end|>")) == 2  # the default makes it the special token: the documented difference
+    with pytest.raises(Exception, match="must be system, user or assistant"):  # ours: a KeyError
+        tok.apply_chat_template([{"role": "tool", "content": "x"}])
 
 
 def test_tokenizer_hf_export_of_a_tokenizer_without_chat_tokens(tmp_path, monkeypatch):
