@@ -44,6 +44,7 @@ import gzip
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import math
 import random
@@ -1270,6 +1271,45 @@ def test_tokenizer_hf_import_gives_the_ids_tokenizers_gives(tmp_path):
     back = tokenize_data.encoding_from_hf(write_hf_tokenizer(enc, tmp_path / "ours"))
     assert (back._mergeable_ranks, back._special_tokens, back._pat_str) == \
         (enc._mergeable_ranks, enc._special_tokens, enc._pat_str)
+
+
+def test_tokenizer_hf_import_takes_exactly_the_merge_lists_tiktoken_can_follow(tmp_path):
+    """Random vocabularies over "abc" (ids in random order) with random merge lists: every split of each
+    token, one of them, or some of them, with and without ignore_merges. Every list encoding_from_hf
+    takes gives tokenizers' ids on random text; most it refuses would not."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    rng = random.Random(0)
+    words = ["".join(p) for n in (2, 3, 4) for p in itertools.product("abc", repeat=n)]
+    taken = refused_but_different = refused = 0
+    byte_of = {c: b for b, c in enumerate(tokenize_data.byte_level_chars())}
+    for trial in range(300):
+        vocab = {c: i for i, c in enumerate(tokenize_data.byte_level_chars())}
+        chosen = rng.sample(words, rng.randint(3, 12))
+        vocab.update({w: 256 + k for k, w in enumerate(chosen)})
+        how, merges = rng.choice(["all", "one", "some"]), []
+        for w in chosen:
+            splits = [(w[:i], w[i:]) for i in range(1, len(w)) if w[:i] in vocab and w[i:] in vocab]
+            merges += rng.sample(splits, {"all": len(splits), "one": min(1, len(splits)),
+                                          "some": rng.randint(0, len(splits))}[how])
+        hf = Tokenizer(models.BPE(vocab, merges, ignore_merges=rng.random() < 0.5))
+        hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\S+|\s+"), "isolated"),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        (tmp_path / str(trial)).mkdir()
+        hf.save(str(tmp_path / str(trial) / "tokenizer.json"))
+        texts = ["".join(rng.choice("abc ") for _ in range(rng.randint(1, 12))) for _ in range(200)]
+        try:
+            enc = tokenize_data.encoding_from_hf(tmp_path / str(trial))
+        except SystemExit as e:
+            assert "from other pairs than tiktoken's rule would" in str(e.code), e.code
+            tiktoken_rule = tiktoken.Encoding("rule", pat_str=r"\S+|\s+", special_tokens={},
+                                              mergeable_ranks={bytes(map(byte_of.get, w)): i for w, i in vocab.items()})
+            refused += 1
+            refused_but_different += any(tiktoken_rule.encode_ordinary(t) != hf.encode(t).ids for t in texts)
+            continue
+        taken += 1
+        for text in texts:
+            assert enc.encode_ordinary(text) == hf.encode(text).ids, (vocab, merges, text)
+    assert taken > 100 and refused > 50 and refused_but_different > 0.8 * refused, (taken, refused)
 
 
 def test_tokenizer_hf_import_refuses_what_it_cannot_read_exactly(tmp_path):

@@ -631,6 +631,40 @@ def _hf_pattern(pre_tokenizer, refuse):
     return f"{pattern}|(?:(?!{pattern})(?s:.))+"
 
 
+def _merge_by_list(word, merge_index, limit):
+    """tokenizers' BPE on a word (a string of byte-level characters): join the neighbours whose merge is
+    listed first, the leftmost on a tie, until no pair is listed before `limit` -> the pieces."""
+    pieces = list(word)
+    while len(pieces) > 1:
+        k, i = min((merge_index.get(pair, limit), i) for i, pair in enumerate(zip(pieces, pieces[1:])))
+        if k >= limit:
+            break
+        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
+def _joined_otherwise(vocab, pairs, ignore_merges):
+    """The first token that tiktoken's rule can make where the file's merges cannot, or None.
+
+    tiktoken joins any two neighbours that make a token; the file joins only the pairs it lists. They
+    agree when each token either has every pair that makes it listed (Llama 3's files, ours), or is what
+    BPE training lists (GPT-2's): the merges listed before it, applied to its bytes, end in a pair listed
+    for it. Without ignore_merges, every token's own bytes must also merge into it, since tiktoken takes
+    a chunk that is a token as that token. The tests check this rule on random merge lists."""
+    index, first = {}, {}
+    for k, (left, right) in enumerate(pairs):
+        index.setdefault((left, right), k)
+        first.setdefault(left + right, k)
+    for token in vocab:
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+        if any(split not in index for split in splits) and \
+                tuple(_merge_by_list(token, index, first.get(token, 0))) not in index:
+            return token
+        if not ignore_merges and len(token) > 1 and _merge_by_list(token, index, len(pairs)) != [token]:
+            return token
+    return None
+
+
 def encoding_from_hf(folder):
     """A Hugging Face model folder -> tiktoken.Encoding that gives the ids its tokenizer.json gives, for a
     byte-level BPE (GPT-2's, Llama 3's, hf_tokenizer_files'); anything else stops with one sentence.
@@ -667,22 +701,26 @@ def encoding_from_hf(folder):
     if spec.get("normalizer") is not None:
         refuse(f"changes the text first (normalizer {spec['normalizer'].get('type')})")
     pat_str = _hf_pattern(spec.get("pre_tokenizer"), refuse)
+    # tokenizers finds every added token in the text before it splits it, as tiktoken finds special
+    # tokens (encode with allowed_special): they are the special tokens, out of the vocabulary
+    special = {added["content"]: added["id"] for added in spec.get("added_tokens", [])}
+    special_ids = set(special.values())
+    vocab = {token: i for token, i in vocab.items() if i not in special_ids}
     byte_of = {c: b for b, c in enumerate(byte_level_chars())}
     if not all(c in byte_of for token in vocab for c in token):
         refuse("spells tokens in characters outside the byte-level alphabet")
-    ranks = {bytes(byte_of[c] for c in token): i for token, i in vocab.items()}
-    made = [vocab.get("".join(m.split(" ")) if isinstance(m, str) else "".join(m)) for m in model.get("merges", [])]
+    if len(set(vocab.values())) < len(vocab):
+        refuse("gives two tokens the same id")
+    if sum(len(token) == 1 for token in vocab) < 256:
+        refuse("lacks some of the 256 single-byte tokens (or makes one an added token), so some text has no ids")
+    pairs = [tuple(m.split(" ") if isinstance(m, str) else m) for m in model.get("merges", [])]
+    made = [vocab.get("".join(pair)) for pair in pairs]
     if None in made or any(a > b for a, b in zip(made, made[1:])):
         refuse("lists merges that do not make tokens of increasing ids, the order tiktoken merges in")
-    if len(ranks) < len(vocab) or len(set(vocab.values())) < len(vocab):
-        refuse("gives two tokens the same id")
-    # tokenizers finds every added token in the text before it splits it, as tiktoken finds special
-    # tokens (encode with allowed_special): they are the special tokens, out of the ranks
-    special = {added["content"]: added["id"] for added in spec.get("added_tokens", [])}
-    special_ids = set(special.values())
-    ranks = {token: i for token, i in ranks.items() if i not in special_ids}
-    if sum(len(token) == 1 for token in ranks) < 256:
-        refuse("lacks some of the 256 single-byte tokens (or makes one an added token), so some text has no ids")
+    token = _joined_otherwise(vocab, pairs, model.get("ignore_merges", False))
+    if token is not None:
+        refuse(f"makes {bytes(byte_of[c] for c in token)!r} from other pairs than tiktoken's rule would")
+    ranks = {bytes(byte_of[c] for c in token): i for token, i in vocab.items()}
     try:
         return tiktoken.Encoding(f"hf-{folder.name}", pat_str=pat_str, mergeable_ranks=ranks,
                                  special_tokens=special)
