@@ -1184,6 +1184,22 @@ def test_tokenizer_hf_export_gives_our_ids_on_untuned_text(tmp_path, monkeypatch
     assert len(tok) == enc.n_vocab
 
 
+def test_tokenizer_hf_export_follows_tiktoken_on_random_vocabularies():
+    """Vocabularies no training made: random words over "ab" at random ranks, where tiktoken's rule
+    (join the neighbours that make the lowest-ranked token) and a merge list part most easily."""
+    from tokenizers import Tokenizer
+    rng = random.Random(0)
+    words = ["".join(p) for n in (2, 3, 4, 5) for p in itertools.product("ab", repeat=n)]
+    for _ in range(150):
+        chosen = rng.sample(words, rng.randint(3, 14))
+        ranks = {bytes([b]): b for b in range(256)} | {w.encode(): 256 + k for k, w in enumerate(chosen)}
+        enc = tiktoken.Encoding("random", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={})
+        hf = Tokenizer.from_str(json.dumps(tokenize_data.hf_tokenizer_files(enc)["tokenizer.json"]))
+        for _ in range(100):
+            text = "".join(rng.choice("ab ") for _ in range(rng.randint(1, 14)))
+            assert hf.encode(text).ids == enc.encode_ordinary(text), (chosen, text)
+
+
 def test_tokenizer_hf_chat_template_renders_our_ids(tmp_path, monkeypatch):
     _, enc = tiny_tokenizer()
     tok = auto_tokenizer(write_hf_tokenizer(enc, tmp_path / "hf"), monkeypatch)

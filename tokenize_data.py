@@ -669,14 +669,15 @@ def encoding_from_hf(folder):
     """A Hugging Face model folder -> tiktoken.Encoding that gives the ids its tokenizer.json gives, for a
     byte-level BPE (GPT-2's, Llama 3's, hf_tokenizer_files'); anything else stops with one sentence.
 
-    Ranks are the vocabulary's ids, so the merges must make ids in increasing order (tiktoken joins the
-    pair whose token has the lowest id); special tokens are the added tokens, which tokenizers finds in
-    text as encode(text, allowed_special="all") does (encode_ordinary keeps them text). Not taken over:
-    a post-processor's tokens (Llama 3's <|begin_of_text|> in front: tokenizers' add_special_tokens=False)
-    and the folder's chat_template. align.py and sample.py speak render_conversation's template, whose
-    tokens a folder this project did not write lacks (GPT-2's, Llama 3's): chat_token_ids then stops with
-    its sentence, and with_chat_tokens(enc) appends them after the last id, for a model whose
-    embedding grows to match.
+    Ranks are the vocabulary's ids, so the merges must make ids in increasing order (tiktoken joins the pair
+    whose token has the lowest id), and every token must be made by the pairs tiktoken would join
+    (_joined_otherwise: BPE training writes such lists). Special tokens are the added tokens, which
+    tokenizers finds in text as encode(text, allowed_special="all") does (encode_ordinary keeps them text).
+    Not taken over: a post-processor's tokens (Llama 3's <|begin_of_text|> in front: tokenizers'
+    add_special_tokens=False) and the folder's chat_template. align.py and sample.py speak
+    render_conversation's template, whose tokens a folder this project did not write lacks (GPT-2's, Llama
+    3's): chat_token_ids then stops with its sentence, and with_chat_tokens(enc) appends them after the last
+    id, for a model whose embedding grows to match.
     """
     folder = Path(folder)
     path = folder / "tokenizer.json"
