@@ -564,10 +564,12 @@ def hf_tokenizer_files(enc):
       tokenizes the rendered chat with it, and would spell the template's own <|user|> as text. So a chat
       message that spells one renders as the special token too; apply_chat_template(...,
       sanitize_control_tokens=True) keeps it text, but encodes the text on each side of it on its own.
-    - tokenizers matches the regex with Oniguruma, tiktoken with fancy-regex: a character that one's
-      Unicode tables assign and the other's do not can land in another chunk.
-    - two overlapping splits of one token (a + bc and ab + c, with a, bc, ab, c all neighbours at once)
-      are a tie tiktoken gives to the left one and the list gives to the split of lower ranks.
+    - tokenizers matches the regex with Oniguruma, tiktoken with fancy-regex: the pattern must compile in
+      both (ours and GPT-2's do), and a character that one's Unicode tables assign and the other's do not
+      could land in another chunk.
+    - in principle, a tie between two overlapping splits of one token (ab + a and a + ba, in ab a ba):
+      tiktoken takes the left one, the list the one it lists first. The tests' random vocabularies
+      never reach one.
     """
     chars = byte_level_chars()
     ranks = enc._mergeable_ranks
