@@ -1156,7 +1156,8 @@ def auto_tokenizer(folder, monkeypatch):
 # text neither tokenizer was tuned on: scripts, emoji with joiners, combining marks, control characters,
 # runs of spaces and tabs, every line ending and their mixtures, and random code points
 UNTUNED_TEXTS = ["東京は日本の首都です。東京タワー", "emoji 🎉🎉 👩‍👩‍👧 🏳️‍🌈 done", "e\u0301\u0301 a\u0308\u0323 Z\u0336",
-                 "\x00\x01\x07\x1b[0m\x7f\x85", " " * 1000, "x" + " " * 77 + "y\t\t\t  \u3000\xa0 z", "a\r\nb\rc\n\r\n\n\rd",
+                 "\x00\x01\x07\x1b[0m\x7f\x85", " " * 1000, "x" + " " * 77 + "y\t\t\t  \u3000\xa0 z",
+                 "a\r\nb\rc\n\r\n\n\rd",
                  "\r\n" * 9 + "  \r\n \r \n", "'S 'll 'LL 1234567 3.14159", "", "\ufeffBOM \u2028 \u2029 \U0010ffff"]
 
 
@@ -1204,7 +1205,8 @@ def test_tokenizer_hf_chat_template_renders_our_ids(tmp_path, monkeypatch):
     _, enc = tiny_tokenizer()
     tok = auto_tokenizer(write_hf_tokenizer(enc, tmp_path / "hf"), monkeypatch)
     system = [{"role": "system", "content": "Be brief. 東京 🎉"}]
-    turns = [{"role": "user", "content": "  Who is there?\r\n"}, {"role": "assistant", "content": "Nay, answer me.\n\n"},
+    turns = [{"role": "user", "content": "  Who is there?\r\n"},
+             {"role": "assistant", "content": "Nay, answer me.\n\n"},
              {"role": "user", "content": "e\u0301\u0301 " + " " * 30}, {"role": "assistant", "content": ""},
              {"role": "user", "content": random_strings(seed=3, n=1)[0].replace("<|endoftext|>", "")}]
     for conv in (system + turns, turns, turns[:1], system + turns[:2], HAND_CONVERSATION):
@@ -1356,7 +1358,8 @@ def test_tokenizer_hf_import_refuses_what_it_cannot_read_exactly(tmp_path):
     assert "no tokenizer.json" in message and str(tmp_path / "nothing") in message
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "tokenizer.json").write_text('{"model": ')
-    assert "not a tokenizers JSON file" in stops_with_sentence(lambda: tokenize_data.encoding_from_hf(tmp_path / "broken"))
+    message = stops_with_sentence(lambda: tokenize_data.encoding_from_hf(tmp_path / "broken"))
+    assert "tokenizer.json: not a tokenizers JSON file" in message
 
 
 # ---------------------------------------- tokenizer: never lose a file; one sentence for bad input
