@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from align import DOC_START, chat_token_ids, pick_device, read_checkpoint, render_conversation
+from align import DOC_START, chat_token_ids, render_conversation
 from flags import parse_flags
-from model import GPT
+from model import GPT, pick_device, read_checkpoint
 
 
 @dataclass
