@@ -26,6 +26,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, fields
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -34,8 +35,6 @@ import torch.nn.functional as F
 import attention_kernel  # imports only torch; triton is loaded on the first triton call
 
 CHECKPOINT_FORMAT = "gpt-from-scratch/1"
-CONFIG_CHOICES = {"pos_encoding": ["rope", "learned", "sinusoidal"], "norm": ["layernorm", "rmsnorm"],
-                  "mlp": ["gelu", "swiglu", "relu2"], "attn_impl": ["sdpa", "naive", "triton"]}
 
 
 @dataclass
@@ -48,28 +47,35 @@ class GPTConfig:
     n_embd: int = 256
     dropout: float = 0.0
     bias: bool = False             # biases in Linear layers and LayerNorm
-    pos_encoding: str = "rope"     # "rope" | "learned" | "sinusoidal"
+    pos_encoding: Literal["rope", "learned", "sinusoidal"] = "rope"
     rope_theta: float = 10000.0
-    norm: str = "layernorm"        # "layernorm" | "rmsnorm"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5         # added to the variance in every norm (Llama checkpoints use 1e-6 or 1e-5)
     prenorm: bool = True           # False: the original post-norm block, norm(x + sublayer(x))
-    mlp: str = "gelu"              # "gelu" (4x wide) | "swiglu" (8/3 x wide, same parameter count) | "relu2"
+    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"  # gelu, relu2: 4x wide; swiglu: 8/3 x wide, as many parameters
+    mlp_width: int = 0             # the MLP's hidden width; 0: the rule of `mlp` above (imported models set it)
+    gelu_approx: Literal["none", "tanh"] = "none"  # tanh: GPT-2's approximation of GELU, kept for its weights
     tie_weights: bool = True       # the output head reuses the token embedding matrix
     # Switches from the speedrun literature (modded-nanogpt), off by default: each is measured in README.
     qk_norm: bool = False          # RMS-normalise each head's q and k: attention logits stay bounded at high lr
     zero_init_proj: bool = False   # residual branches' output projections start at 0: every block starts as identity
     logit_softcap: float = 0.0     # > 0: logits = cap * tanh(logits / cap), so no token's score runs away
-    attn_impl: str = "sdpa"        # "sdpa" | "naive" | "triton"
+    attn_impl: Literal["sdpa", "naive", "triton"] = "sdpa"
 
     def __post_init__(self):
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
-        for name, allowed in CONFIG_CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
+        for f in fields(self):
+            allowed = list(get_args(f.type))
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r} is not one of {allowed}.")
         if self.logit_softcap < 0:
             raise ValueError(f"logit_softcap must be >= 0 (0 turns it off), got {self.logit_softcap}.")
         if min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) < 1:
             raise ValueError("vocab_size, block_size, n_layer, n_head and n_embd must all be positive.")
+        if self.mlp_width < 0 or self.norm_eps <= 0:
+            raise ValueError(f"mlp_width must be >= 0 (0: the rule) and norm_eps > 0; got {self.mlp_width}, "
+                             f"{self.norm_eps}.")
         if self.n_kv_head < 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"n_kv_head must be >= 0 and dropout in [0, 1); got {self.n_kv_head}, {self.dropout}.")
         if self.n_embd % self.n_head:
@@ -91,6 +97,8 @@ class GPTConfig:
 
     @property
     def mlp_hidden(self):
+        if self.mlp_width:
+            return self.mlp_width
         if self.mlp in ("gelu", "relu2"):
             return 4 * self.n_embd
         # SwiGLU has three matrices instead of two: 2/3 of 4x keeps the parameter count; round to 64.
@@ -247,6 +255,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.swiglu, self.relu2 = config.mlp == "swiglu", config.mlp == "relu2"
+        self.gelu_approx = config.gelu_approx
         hidden = config.mlp_hidden
         # For SwiGLU, fc's output is [gate | up], each `hidden` wide, in one matmul.
         self.fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
@@ -261,14 +270,14 @@ class MLP(nn.Module):
         elif self.relu2:  # ReLU squared (So et al. 2021, "Primer"): sparse like ReLU, smooth at 0
             h = F.relu(h).square()
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.gelu_approx)
         return F.dropout(self.proj(h), self.dropout, self.training)
 
 
 def make_norm(config):
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=1e-5)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 class Block(nn.Module):

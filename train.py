@@ -46,7 +46,8 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import get_args
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from flags import config_parser
-from model import CONFIG_CHOICES, GPT, GPTConfig, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from model import GPT, GPTConfig, load_checkpoint, remove_stale_temporaries, save_checkpoint
 
 
 @dataclass
@@ -114,7 +115,8 @@ class TrainConfig:
 PRESETS = {"gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dtype="bfloat16",
                              compile=True, batch_size=16, grad_accum=32, max_steps=19073, lr=6e-4,
                              min_lr=6e-5, warmup_steps=700, eval_interval=250, eval_steps=20)}
-CHOICES = {**CONFIG_CHOICES, "preset": list(PRESETS), "dtype": ["auto", "float32", "bfloat16", "float16"],
+CHOICES = {**{f.name: get_args(f.type) for f in fields(GPTConfig) if get_args(f.type)},  # GPTConfig's Literals
+           "preset": list(PRESETS), "dtype": ["auto", "float32", "bfloat16", "float16"],
            "schedule": ["gpipe", "1f1b"], "optimizer": ["adamw", "muon"], "lr_schedule": ["cosine", "wsd"]}
 ALIASES = {"attn_impl": ["--attn"]}  # other spellings of a flag that users type
 SHAPE_FIELDS = ["n_layer", "n_head", "n_kv_head", "n_embd", "pos_encoding", "norm", "prenorm", "mlp",
