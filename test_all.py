@@ -4130,8 +4130,9 @@ def test_export_with_a_tokenizer_feeds_transformers_align_and_sample_chat(tmp_pa
 
 @needs_hf_tokenizer
 def test_export_train_init_from_a_folder_takes_its_tokenizer_and_refuses_shards_of_another(tmp_path):
-    data = tmp_path / "tokens"
-    tokenize_data.main([str(ROOT / "testdata" / "hamlet.txt"), "--out-dir", str(data), "--vocab-size", "300",
+    data, text = tmp_path / "tokens", hamlet()
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": text[i:i + 3000]} for i in range(0, len(text), 3000)])
+    tokenize_data.main([str(corpus), "--out-dir", str(data), "--vocab-size", "300", "--val-fraction", "0.3",
                         "--workers", "1"])
     enc = tokenize_data.load_tokenizer(data)
     save_tiny_checkpoint(tmp_path / "same.pt", enc, block_size=64, n_kv_head=4)
