@@ -751,12 +751,30 @@ def hf_state_dict(config, state, arch):
     return out
 
 
+def state_shapes(config):
+    """{name: shape} of a pre-norm GPT(config).state_dict() (what a Hugging Face folder holds), without
+    building one: on the meta device its init would first import torch._dynamo, seconds."""
+    C, hidden, qkv = config.n_embd, config.mlp_hidden, (config.n_head + 2 * config.n_kv_head) * config.head_dim
+    modules = {"attn.qkv": (qkv, C), "attn.proj": (C, config.n_head * config.head_dim),
+               "mlp.fc": (2 * hidden if config.mlp == "swiglu" else hidden, C), "mlp.proj": (C, hidden)}
+    norm_bias = config.bias and config.norm == "layernorm"
+    shapes = {"wte.weight": (config.vocab_size, C), "norm_f.weight": (C,), "lm_head.weight": (config.vocab_size, C)}
+    shapes.update({"norm_f.bias": (C,)} if norm_bias else {})
+    shapes.update({"wpe.weight": (config.block_size, C)} if config.pos_encoding == "learned" else {})
+    for i in range(config.n_layer):
+        for norm in ("norm1", "norm2"):
+            shapes.update({f"blocks.{i}.{norm}.{kind}": (C,) for kind in ("weight", "bias")[:1 + norm_bias]})
+        for name, shape in modules.items():
+            shapes.update({f"blocks.{i}.{name}.{kind}": s for kind, s in (("weight", shape), ("bias", shape[:1]))
+                           if kind == "weight" or config.bias})
+    return {k: torch.Size(v) for k, v in shapes.items()}
+
+
 def state_from_hf(config, arch, tensors, where):
     """{HF tensor name: tensor} -> our state dict for config; a missing tensor or a wrong shape is one sentence.
     A bias their layer lacks (Llama without attention_bias, ...) is zero, which is what their layer computes."""
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in GPT(config).state_dict().items()}
     state, used = {}, set()
+    expected = state_shapes(config)
     for name, shape in expected.items():
         if name == "lm_head.weight" and config.tie_weights:
             continue

@@ -44,6 +44,7 @@ import gzip
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import math
 import random
@@ -4000,6 +4001,14 @@ def test_export_every_preset_configuration_has_an_architecture():
         cfg = train.resolve_config(["--data-dir", "d", *preset["pretrain"]])[0]
         shape = {k: getattr(cfg, k) for k in train.SHAPE_FIELDS}
         assert hf_architecture(GPTConfig(block_size=cfg.block_size, **shape)) == "gpt_neox"
+
+
+def test_export_state_shapes_are_the_models():
+    for pos, norm, mlp, bias in itertools.product(["rope", "learned"], ["layernorm", "rmsnorm"],
+                                                  ["gelu", "swiglu", "relu2"], [False, True]):
+        config = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                           pos_encoding=pos, norm=norm, mlp=mlp, bias=bias, mlp_width=24 if bias else 0)
+        assert model_py.state_shapes(config) == {k: v.shape for k, v in GPT(config).state_dict().items()}
 
 
 @pytest.mark.parametrize("switch, fragment", [
