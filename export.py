@@ -38,14 +38,14 @@ def model_card(ckpt, config, arch, n_params):
     """README.md for the folder: what the model is, what it was trained on, the figures its checkpoint holds."""
     run = ckpt.get("train_config") or {}
     data = run.get("data") or run.get("data_dir") or ckpt.get("hf_folder") or "not recorded in the checkpoint"
-    rows = [r for r in ckpt.get("log") or [] if any(k.startswith(("val", "eval", "acc")) for k in r)]
-    figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()
-                        if k != "step") if rows else "none recorded"
+    rows = [r for r in ckpt.get("log") or [] if any(k.startswith("val") for k in r)]  # the evaluations
+    figures = ", ".join(f"{k} {v:.4g}" for k, v in rows[-1].items() if k.startswith("val") and
+                        isinstance(v, (int, float))) if rows else "none recorded"
     return "\n".join([
         f"# {HF_ARCHITECTURES[arch][0]}, {n_params / 1e6:.2f}M parameters", "",
         "Trained with the gpt-from-scratch reference implementation and exported by its export.py.", "",
-        f"- stage: {ckpt.get('stage', 'unknown')}, {ckpt.get('step', '?')} steps"
-        + (f", from {ckpt['init']}" if ckpt.get("init") else ""),
+        f"- stage: {ckpt['stage']}, {ckpt.get('step')} steps" + (f", from {ckpt['init']}" if ckpt.get("init") else "")
+        if ckpt.get("stage") else "- stage: not recorded (exported from a Hugging Face folder)",
         f"- trained on: {data}",
         f"- shape: {config.n_layer} layers x {config.n_embd} wide, {config.n_head} heads ({config.n_kv_head} key/value), "
         f"context {config.block_size}, vocabulary {config.vocab_size}",

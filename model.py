@@ -691,12 +691,15 @@ def config_from_hf(hf, where):
     mlp, approx = ("swiglu", "none") if arch == "llama" else HF_ACTIVATIONS[act]
     names, block_size, norm_eps = HF_SIZES[arch]
     partial = rope.get("partial_rotary_factor", get("rotary_pct", 0.25))
-    refusals = {"llama": get("head_dim") not in (None, get("hidden_size", 0) // get("num_attention_heads", 1)),
-                "gpt2": not get("scale_attn_weights", True) or get("scale_attn_by_inverse_layer_idx", False),
-                "gpt_neox": get("use_parallel_residual", True) or partial != 1}
-    if refusals[arch]:
-        raise SystemExit(f"{where}: this {arch} variant (head_dim other than hidden/heads, attention scaled other "
-                         "than by 1/sqrt(head_dim), parallel residual or partial rotary) is not computed here.")
+    refused, what = {  # the variants of each architecture that our blocks do not compute
+        "llama": (get("head_dim") not in (None, get("hidden_size", 0) // get("num_attention_heads", 1)),
+                  "a head_dim other than hidden_size / num_attention_heads"),
+        "gpt2": (not get("scale_attn_weights", True) or get("scale_attn_by_inverse_layer_idx", False),
+                 "attention scaled other than by 1/sqrt(head_dim)"),
+        "gpt_neox": (get("use_parallel_residual", True) or partial != 1,
+                     "parallel residual blocks (use_parallel_residual) or rotary_pct below 1")}[arch]
+    if refused:
+        raise SystemExit(f"{where}: {what} is not computed here; only the plain {arch} block is.")
     try:
         n_embd, n_layer, n_head = (hf[k] for k in names[:3])
         mlp_width = get("n_inner") or 0 if arch == "gpt2" else hf[names[3]]  # GPT-2's default: 4 x n_embd
@@ -745,8 +748,8 @@ def hf_state_dict(config, state, arch):
         if arch == "gpt_neox" and ".attn.qkv." in name:
             t = neox_qkv(t, config.n_head, to_hf=True)
         names = hf_names(arch, name)
-        rows = [config.n_head * config.head_dim] + [config.n_kv_head * config.head_dim] * 2 if len(names) == 3 else \
-            [t.shape[0] // len(names)] * len(names)
+        q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+        rows = {1: [t.shape[0]], 2: [t.shape[0] // 2] * 2, 3: [q, kv, kv]}[len(names)]  # whole, [gate|up], [q|k|v]
         out.update({n: part.contiguous().clone() for n, part in zip(names, t.split(rows))})
     return out
 

@@ -3995,6 +3995,26 @@ def test_export_transformers_models_import_exactly_and_export_back_bit_for_bit(t
         assert all(torch.equal(saved[k], again[k]) for k in saved), name
 
 
+def test_export_reads_sharded_weights_and_gpt2_files_without_the_transformer_prefix(tmp_path):
+    save_checkpoint(str(tmp_path / "ckpt.pt"), export_model(pos_encoding="learned", bias=True))
+    export.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "hf")])
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    names = sorted(tensors)
+    shards = {f"model-0000{i + 1}-of-00002.safetensors": names[i::2] for i in range(2)}
+    for folder in ("sharded", "bare"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(tmp_path / "hf" / "config.json", tmp_path / folder)
+    for file, part in shards.items():
+        safetensors.torch.save_file({k: tensors[k] for k in part}, tmp_path / "sharded" / file)
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: file for file, part in shards.items() for k in part}}))
+    safetensors.torch.save_file({k.removeprefix("transformer."): v for k, v in tensors.items()},
+                                tmp_path / "bare" / "model.safetensors")  # as the original GPT-2 files name them
+    want = load_checkpoint(tmp_path / "ckpt.pt")["model"]
+    for folder in ("hf", "sharded", "bare"):
+        assert max_diff(model_py.read_checkpoint(tmp_path / folder, "--ckpt")["model"], want) == 0, folder
+
+
 def test_export_every_preset_configuration_has_an_architecture():
     """What pipeline.py's presets and train.py's presets train, as train.py builds it, exports."""
     for preset in pipeline.PRESETS.values():
@@ -4096,6 +4116,9 @@ def test_export_hf_folder_feeds_sample_and_train(tmp_path, byte_data, capsys):
     a, b = (load_checkpoint(tmp_path / f"from_{i}" / "ckpt.pt") for i in ("ckpt.pt", "hf"))
     assert a["model_config"]["block_size"] == 64 and a["model_config"] == b["model_config"]
     assert max_diff(a["model"], b["model"]) == 0
+    export.main(["--ckpt", str(tmp_path / "from_hf" / "ckpt.pt"), "--out", str(tmp_path / "again")])
+    card = (tmp_path / "again" / "README.md").read_text()
+    assert f"val_loss {a['log'][-1]['val_loss']:.4g}" in card and f"trained on: {byte_data}" in card, card
     start = load_checkpoint(tmp_path / "ckpt.pt")["model"]  # one AdamW step at 1e-3 moves a weight about 1e-3
     assert max_diff(a["model"], start) < 3e-3 < max_diff(train.build_model(GPTConfig(**a["model_config"]), 0)
                                                          .state_dict(), start)
