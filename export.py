@@ -37,22 +37,26 @@ class ExportConfig:
 def model_card(ckpt, config, arch, n_params):
     """README.md for the folder: what the model is, what it was trained on, the figures its checkpoint holds."""
     run = ckpt.get("train_config") or {}
-    data = run.get("data") or run.get("data_dir") or ckpt.get("hf_folder") or "not recorded in the checkpoint"
+    data = run.get("data") or run.get("data_dir") or "not recorded in the checkpoint"
+    origin = (f"Read from the Hugging Face folder {ckpt['hf_folder']}" if ckpt.get("hf_folder") else
+              "Trained with the gpt-from-scratch reference implementation")
     rows = [r for r in ckpt.get("log") or [] if any(k.startswith("val") for k in r)]  # the evaluations
     figures = ", ".join(f"{k} {v:.4g}" for k, v in rows[-1].items() if k.startswith("val") and
                         isinstance(v, (int, float))) if rows else "none recorded"
     return "\n".join([
         f"# {HF_ARCHITECTURES[arch][0]}, {n_params / 1e6:.2f}M parameters", "",
-        "Trained with the gpt-from-scratch reference implementation and exported by its export.py.", "",
+        f"{origin} and exported by gpt-from-scratch's export.py.", "",
         f"- stage: {ckpt['stage']}, {ckpt.get('step')} steps" + (f", from {ckpt['init']}" if ckpt.get("init") else "")
-        if ckpt.get("stage") else "- stage: not recorded (exported from a Hugging Face folder)",
+        if ckpt.get("stage") else "- stage: not recorded",
         f"- trained on: {data}",
         f"- shape: {config.n_layer} layers x {config.n_embd} wide, {config.n_head} heads ({config.n_kv_head} key/value), "
         f"context {config.block_size}, vocabulary {config.vocab_size}",
-        f"- switches: positions {config.pos_encoding}, norm {config.norm} (eps {config.norm_eps}), mlp {config.mlp}, "
+        f"- switches: positions {config.pos_encoding}, norm {config.norm} (eps {config.norm_eps}), mlp {config.mlp}"
+        f"{' (tanh approximation)' if config.mlp == 'gelu' and config.gelu_approx == 'tanh' else ''}, "
         f"{'tied' if config.tie_weights else 'untied'} head, {'biases' if config.bias else 'no biases'}",
         f"- figures at the last evaluation{' (step ' + str(rows[-1].get('step')) + ')' if rows else ''}: {figures}",
         "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "DIR = \"path/to/this/folder\"",
         "model, tokenizer = AutoModelForCausalLM.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR)",
         "```", ""])
 

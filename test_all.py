@@ -4015,6 +4015,10 @@ def test_export_reads_sharded_weights_and_gpt2_files_without_the_transformer_pre
         assert max_diff(model_py.read_checkpoint(tmp_path / folder, "--ckpt")["model"], want) == 0, folder
 
 
+def test_export_help_explains_every_flag_with_default(capsys):
+    help_by_flag(export.main, export.ExportConfig, capsys)
+
+
 def test_export_every_preset_configuration_has_an_architecture():
     """What pipeline.py's presets and train.py's presets train, as train.py builds it, exports."""
     for preset in pipeline.PRESETS.values():
