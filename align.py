@@ -82,7 +82,7 @@ from tokenize_data import SPECIAL_TOKENS, tokenizer_from_dict
 @dataclass
 class AlignConfig:
     method: Literal["sft", "dpo", "grpo"] = "sft"  # sft: learn answers; dpo: prefer chosen; grpo: RL on exact answers
-    init: str = ""                 # checkpoint to start from (and DPO's and GRPO's KL reference), e.g. out/sft/ckpt.pt
+    init: str = ""                 # checkpoint to start from (and DPO's and GRPO's KL reference): out/sft/ckpt.pt, an HF folder
     data: str = ""                 # JSONL training data (conventions above)
     val_data: str = ""             # held-out JSONL; empty: hold out --eval-fraction of --data's groups
     out_dir: str = ""              # where ckpt.pt and log.jsonl are written

@@ -30,7 +30,7 @@ from model import GPTConfig, HF_ARCHITECTURES, hf_architecture, hf_config, hf_st
 
 @dataclass
 class ExportConfig:
-    ckpt: str = "out/rl/ckpt.pt"   # the checkpoint to export: a ckpt.pt of train.py or align.py, or a Hugging Face folder
+    ckpt: str = "out/rl/ckpt.pt"   # what to export: a ckpt.pt of train.py or align.py, or a Hugging Face folder
     out: str = "out/hf"            # the folder to write (an earlier export there is replaced)
 
 
@@ -49,7 +49,8 @@ def model_card(ckpt, config, arch, n_params):
         f"- stage: {ckpt['stage']}, {ckpt.get('step')} steps" + (f", from {ckpt['init']}" if ckpt.get("init") else "")
         if ckpt.get("stage") else "- stage: not recorded",
         f"- trained on: {data}",
-        f"- shape: {config.n_layer} layers x {config.n_embd} wide, {config.n_head} heads ({config.n_kv_head} key/value), "
+        f"- shape: {config.n_layer} layers x {config.n_embd} wide, {config.n_head} heads "
+        f"({config.n_kv_head} key/value), "
         f"context {config.block_size}, vocabulary {config.vocab_size}",
         f"- switches: positions {config.pos_encoding}, norm {config.norm} (eps {config.norm_eps}), mlp {config.mlp}"
         f"{' (tanh approximation)' if config.mlp == 'gelu' and config.gelu_approx == 'tanh' else ''}, "
@@ -114,8 +115,9 @@ def main(argv=None):
                   "README.md": model_card(ckpt, config, arch, n_params)})
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     write_folder(cfg.out, files)
-    print(f"wrote {cfg.out} ({HF_ARCHITECTURES[arch][0]}, {n_params:,} parameters"
-          f"{'' if ckpt.get('tokenizer') else ', no tokenizer in the checkpoint'}) in {time.time() - t0:.1f}s; load it with")
+    note = "" if ckpt.get("tokenizer") else ", no tokenizer in the checkpoint"
+    print(f"wrote {cfg.out} ({HF_ARCHITECTURES[arch][0]}, {n_params:,} parameters{note}) in {time.time() - t0:.1f}s; "
+          "load it with")
     print("  from transformers import AutoModelForCausalLM, AutoTokenizer")
     print(f"  model, tokenizer = AutoModelForCausalLM.from_pretrained({cfg.out!r}), "
           f"AutoTokenizer.from_pretrained({cfg.out!r})")

@@ -20,6 +20,8 @@ switchable from `GPTConfig`. How the defaults differ from GPT-2, and why:
   projections, logit soft-capping, an untied head; off unless the README's measurements keep them.
 Checkpoints are self-contained dicts (config, weights, and whatever the stage adds: optimizer, step,
 tokenizer), written atomically; `GPT.from_checkpoint(path)` rebuilds the model from the file alone.
+Hugging Face folders (Llama, GPT-2, GPT-NeoX) map onto GPTConfig and these weights exactly, both ways:
+`read_checkpoint(folder)` reads one as a checkpoint dict, export.py writes one.
 """
 
 import json

@@ -29,7 +29,7 @@ from model import GPT, pick_device, read_checkpoint
 
 @dataclass
 class SampleConfig:
-    ckpt: str = "out/pretrain/ckpt.pt"  # a ckpt.pt that train.py or align.py wrote
+    ckpt: str = "out/pretrain/ckpt.pt"  # a ckpt.pt that train.py or align.py wrote, or a Hugging Face folder
     prompt: str = ""               # the text to continue (with --chat: the one user message), or FILE:path
     max_new_tokens: int = 200      # tokens generated per sample (at most)
     temperature: float = 0.8       # 0 = greedy; higher = more varied

@@ -6,8 +6,8 @@ test_all.py: every test of the project, on CPU (pytest; a few minutes on 2 idle 
     python -m pytest -q test_all.py --durations=10       # where the time goes
 
 Every test's name starts with test_<stage>, stages in the order the data meets them: dedup (with the
-corpus it reads), tokenizer, model (with sampling), attention_kernel, train, parallel, align, sample;
-then pipeline (every stage in one command) and gpu (bench/gpu.py's dry run). `-k test_train` selects
+corpus it reads), tokenizer, model (with sampling), attention_kernel, train, parallel, align, sample,
+export; then pipeline (every stage in one command) and gpu (bench/gpu.py's dry run). `-k test_train` selects
 exactly one stage; a bare `-k train` also matches words in other names.
 
 Every test checks a result against an independent reference: labelled pairs of known Jaccard
@@ -15,7 +15,8 @@ similarity and datasketch's own MinHash for dedup; a slow, obviously-correct BPE
 for the tokenizer; naive attention, float64 arithmetic and generation without the KV cache for the
 model and the Triton kernel; a hand-written training loop, an uninterrupted run (for resume) and one
 process (for every dp x tp x pp layout) for training; the DPO formulas written out for alignment;
-the model's own greedy continuation for sample.py; bash itself re-reading the commands pipeline.py
+the model's own greedy continuation for sample.py; transformers' own Llama, GPT-2 and GPT-NeoX for
+export.py and the folders model.py reads; bash itself re-reading the commands pipeline.py
 prints; for bench/gpu.py each row's rule recomputed from the numbers in the row. A piece that every
 path shares (RoPE, position tables, the attention formula, the MLP, the init, sampling and its filters,
 the learning-rate schedules, gradient accumulation, the reported losses, DPO, the chat template) is

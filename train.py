@@ -68,7 +68,7 @@ class TrainConfig:
     out_dir: str = "out"           # where ckpt.pt, log.jsonl and loss.png are written
     resume: bool = False           # continue from OUT_DIR/ckpt.pt if there is one; its config is the default
     preset: str = ""               # a named set of defaults (PRESETS); gpt2-124m: GPT-2 small on GPUs
-    init_from: str = ""            # start from these weights (a ckpt.pt or a Hugging Face folder): its shape and context
+    init_from: str = ""            # start from these weights (a ckpt.pt or a Hugging Face folder), its shape, context
     # the model (GPTConfig); on resume its shape comes from the checkpoint
     n_layer: int = 4               # transformer blocks
     n_head: int = 4                # attention (query) heads
