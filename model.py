@@ -410,7 +410,10 @@ class GPT(nn.Module):
                 if not use_cache:
                     logits, _ = self(context[:, start:])
                 elif start != cache_start:  # prefill, or the window jumped: positions changed
-                    cache = KVCache(self.config, context.size(0), bs, idx.device, self.lm_head.weight.dtype)
+                    # room for this window's tokens and the rest to come, never more than the block: an
+                    # imported model's context may be 100k positions
+                    room = min(bs, context.size(1) - start + max_new_tokens)
+                    cache = KVCache(self.config, context.size(0), room, idx.device, self.lm_head.weight.dtype)
                     cache_start = start
                     logits, _ = self(context[:, start:], kv_cache=cache)
                 else:

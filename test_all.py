@@ -1607,6 +1607,21 @@ def test_model_stream_uses_the_cache():
     assert seen[:23] == [10] + [1] * 22 and seen[23] == 32 - 16 + 1 and set(seen[24:]) == {1}
 
 
+def test_model_cache_holds_only_the_positions_generation_can_reach(monkeypatch):
+    """A model with a long context (an imported Llama has 100k positions) allocates its cache for the
+    prompt and the new tokens, not the whole block; the tokens are those of generation without a cache."""
+    sizes = []
+    monkeypatch.setattr(model_py, "KVCache", lambda config, b, max_len, *a: sizes.append(max_len) or
+                        KVCache(config, b, max_len, *a))
+    for block_size, prompt, new in ((4096, 10, 5), (32, 10, 30)):
+        model = tiny_model(block_size=block_size).eval()
+        idx = torch.randint(0, 64, (2, prompt), generator=torch.Generator().manual_seed(0))
+        sizes.clear()
+        assert torch.equal(model.generate(idx, new, temperature=0), model.generate(idx, new, temperature=0,
+                                                                                   use_cache=False))
+        assert max(sizes) == min(block_size, prompt + new)
+
+
 def test_model_generate_stops_at_eos_and_keeps_prompt():
     model = tiny_model().eval()
     prompt = torch.randint(0, 64, (1, 5))
