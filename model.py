@@ -599,15 +599,17 @@ def read_checkpoint(path, flag):
 
 # ---------------------------------------------------------------------------------------------------
 # Hugging Face folders: config.json + model.safetensors in transformers' own layout, both ways.
-# Three architectures cover every switch combination that has an exact counterpart; our RoPE rotates
-# halves (i, i + d/2) as theirs does, so q and k rows need no permutation.
+# Three architectures cover every switch combination that has an exact counterpart (Qwen2, a Llama with
+# q, k, v biases, is read too); our RoPE rotates halves (i, i + d/2) as theirs does, so q and k rows
+# need no permutation.
 
+LLAMA_NAMES = {"wte": "model.embed_tokens", "norm_f": "model.norm", "lm_head": "lm_head",
+               "norm1": "input_layernorm", "norm2": "post_attention_layernorm",
+               "attn.qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "attn.proj": "self_attn.o_proj",
+               "mlp.fc": ["mlp.gate_proj", "mlp.up_proj"], "mlp.proj": "mlp.down_proj"}
 HF_ARCHITECTURES = {  # model_type -> the class, the layer prefix, {our module: theirs (a list: concatenated)}
-    "llama": ("LlamaForCausalLM", "model.layers.", {
-        "wte": "model.embed_tokens", "norm_f": "model.norm", "lm_head": "lm_head",
-        "norm1": "input_layernorm", "norm2": "post_attention_layernorm",
-        "attn.qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "attn.proj": "self_attn.o_proj",
-        "mlp.fc": ["mlp.gate_proj", "mlp.up_proj"], "mlp.proj": "mlp.down_proj"}),
+    "llama": ("LlamaForCausalLM", "model.layers.", LLAMA_NAMES),
+    "qwen2": ("Qwen2ForCausalLM", "model.layers.", LLAMA_NAMES),  # read only: a Llama with q, k, v biases
     "gpt2": ("GPT2LMHeadModel", "transformer.h.", {  # Conv1D layers: weights stored (in, out)
         "wte": "transformer.wte", "wpe": "transformer.wpe", "norm_f": "transformer.ln_f", "lm_head": "lm_head",
         "norm1": "ln_1", "norm2": "ln_2", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj",
@@ -622,6 +624,8 @@ HF_SIZES = {  # model_type -> their names of (n_embd, n_layer, n_head, mlp_width
     # their defaults for the last two when config.json leaves them out
     "llama": (("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "max_position_embeddings", "rms_norm_eps"), 2048, 1e-6),
+    "qwen2": (("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings", "rms_norm_eps"), 32768, 1e-6),
     "gpt2": (("n_embd", "n_layer", "n_head", "n_inner", "n_positions", "layer_norm_epsilon"), 1024, 1e-5),
     "gpt_neox": (("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                   "max_position_embeddings", "layer_norm_eps"), 2048, 1e-5),
@@ -690,15 +694,18 @@ def config_from_hf(hf, where):
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise SystemExit(f"{where}: RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not computed "
                          "here; only plain RoPE (rope_type default) is read.")
-    act = get("hidden_act", get("activation_function", {"llama": "silu", "gpt2": "gelu_new"}.get(arch, "gelu")))
-    if act not in (["silu"] if arch == "llama" else HF_ACTIVATIONS):
+    llama = arch in ("llama", "qwen2")
+    act = get("hidden_act", get("activation_function", "silu" if llama else "gelu_new" if arch == "gpt2" else "gelu"))
+    if act not in (["silu"] if llama else HF_ACTIVATIONS):
         raise SystemExit(f"{where}: activation {act!r} is not computed here in a {arch} model.")
-    mlp, approx = ("swiglu", "none") if arch == "llama" else HF_ACTIVATIONS[act]
+    mlp, approx = ("swiglu", "none") if llama else HF_ACTIVATIONS[act]
     names, block_size, norm_eps = HF_SIZES[arch]
     partial = rope.get("partial_rotary_factor", get("rotary_pct", 0.25))
     refused, what = {  # the variants of each architecture that our blocks do not compute
         "llama": (get("head_dim") not in (None, get("hidden_size", 0) // get("num_attention_heads", 1)),
                   "a head_dim other than hidden_size / num_attention_heads"),
+        "qwen2": (get("use_sliding_window") or "sliding_attention" in (get("layer_types") or []),
+                  "sliding-window attention"),
         "gpt2": (not get("scale_attn_weights", True) or get("scale_attn_by_inverse_layer_idx", False),
                  "attention scaled other than by 1/sqrt(head_dim)"),
         "gpt_neox": (get("use_parallel_residual", True) or partial != 1,
@@ -711,7 +718,7 @@ def config_from_hf(hf, where):
         config = GPTConfig(vocab_size=hf["vocab_size"], block_size=get(names[4], block_size), n_layer=n_layer,
                            n_head=n_head, n_kv_head=get("num_key_value_heads") or n_head, n_embd=n_embd,
                            pos_encoding="learned" if arch == "gpt2" else "rope", rope_theta=theta,
-                           norm="rmsnorm" if arch == "llama" else "layernorm", norm_eps=get(names[5], norm_eps),
+                           norm="rmsnorm" if llama else "layernorm", norm_eps=get(names[5], norm_eps),
                            mlp=mlp, gelu_approx=approx, mlp_width=mlp_width,
                            tie_weights=get("tie_word_embeddings", arch == "gpt2"))
     except KeyError as e:
