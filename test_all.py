@@ -4115,6 +4115,8 @@ def test_export_bad_folders_and_hub_names_are_one_sentence(tmp_path):
              (variant("mistral", {"model_type": "mistral"}), "model_type 'mistral'"),
              (variant("yarn", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}), "yarn"),
              (variant("gelu_llama", {"hidden_act": "gelu"}), "activation 'gelu'"),
+             (variant("sliding", {"model_type": "qwen2", "use_sliding_window": True}), "sliding-window"),
+             (variant("parallel", {"model_type": "gpt_neox", "hidden_act": "gelu"}), "parallel residual"),
              ("meta-llama/Llama-3.2-1B", "nothing is downloaded")]
     for folder, fragment in cases:
         refused(export.main, ["--ckpt", folder, "--out", tmp_path / "out"], fragment)
