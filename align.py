@@ -74,14 +74,15 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from flags import parse_flags
-from model import GPT, PrefixCache, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from model import (GPT, PrefixCache, load_checkpoint, pick_device, read_checkpoint, remove_stale_temporaries,
+                   save_checkpoint)
 from tokenize_data import END, ROLES, chat_token_ids, render_conversation, tokenizer_from_dict
 
 
 @dataclass
 class AlignConfig:
     method: Literal["sft", "dpo", "grpo"] = "sft"  # sft: learn answers; dpo: prefer chosen; grpo: RL on exact answers
-    init: str = ""                 # checkpoint to start from (and DPO's and GRPO's KL reference), e.g. out/sft/ckpt.pt
+    init: str = ""                 # checkpoint to start from (and DPO's and GRPO's KL reference): out/sft/ckpt.pt, an HF folder
     data: str = ""                 # JSONL training data (conventions above)
     val_data: str = ""             # held-out JSONL; empty: hold out --eval-fraction of --data's groups
     out_dir: str = ""              # where ckpt.pt and log.jsonl are written
@@ -104,29 +105,6 @@ class AlignConfig:
     device: str = "auto"           # auto (cuda when a GPU is visible, else cpu) | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 autocast on cuda, float32 on cpu
     resume: bool = False           # continue from OUT/ckpt.pt when it exists (same method)
-
-
-def pick_device(flag):
-    """--device auto|cpu|cuda|cuda:N -> a device string; a GPU asked for and missing is one sentence."""
-    if flag == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(flag)
-    except RuntimeError:
-        raise SystemExit(f"--device {flag}: not a device; use auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {flag}: PyTorch sees no GPU on this machine; use --device cpu (or auto).")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SystemExit(f"--device {flag}: only {torch.cuda.device_count()} GPU(s) visible; use cuda:0 or auto.")
-    return flag
-
-
-def read_checkpoint(path, flag):
-    """load_checkpoint, with a folder named in a flag answered by the file the user most likely meant."""
-    if os.path.isdir(path):
-        raise SystemExit(f"{flag} {path} is a folder; pass the checkpoint file in it, e.g. "
-                         f"{flag} {os.path.join(path, 'ckpt.pt')}.")
-    return load_checkpoint(path)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,12 +20,16 @@ switchable from `GPTConfig`. How the defaults differ from GPT-2, and why:
   projections, logit soft-capping, an untied head; off unless the README's measurements keep them.
 Checkpoints are self-contained dicts (config, weights, and whatever the stage adds: optimizer, step,
 tokenizer), written atomically; `GPT.from_checkpoint(path)` rebuilds the model from the file alone.
+Hugging Face folders (Llama, GPT-2, GPT-NeoX) map onto GPTConfig and these weights exactly, both ways:
+`read_checkpoint(folder)` reads one as a checkpoint dict, export.py writes one.
 """
 
+import json
 import math
 import os
 import re
 from dataclasses import asdict, dataclass, fields
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -34,8 +38,6 @@ import torch.nn.functional as F
 import attention_kernel  # imports only torch; triton is loaded on the first triton call
 
 CHECKPOINT_FORMAT = "gpt-from-scratch/1"
-CONFIG_CHOICES = {"pos_encoding": ["rope", "learned", "sinusoidal"], "norm": ["layernorm", "rmsnorm"],
-                  "mlp": ["gelu", "swiglu", "relu2"], "attn_impl": ["sdpa", "naive", "triton"]}
 
 
 @dataclass
@@ -48,28 +50,35 @@ class GPTConfig:
     n_embd: int = 256
     dropout: float = 0.0
     bias: bool = False             # biases in Linear layers and LayerNorm
-    pos_encoding: str = "rope"     # "rope" | "learned" | "sinusoidal"
+    pos_encoding: Literal["rope", "learned", "sinusoidal"] = "rope"
     rope_theta: float = 10000.0
-    norm: str = "layernorm"        # "layernorm" | "rmsnorm"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5         # added to the variance in every norm (Llama checkpoints use 1e-6 or 1e-5)
     prenorm: bool = True           # False: the original post-norm block, norm(x + sublayer(x))
-    mlp: str = "gelu"              # "gelu" (4x wide) | "swiglu" (8/3 x wide, same parameter count) | "relu2"
+    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"  # gelu, relu2: 4x wide; swiglu: 8/3 x wide, as many parameters
+    mlp_width: int = 0             # the MLP's hidden width; 0: the rule of `mlp` above (imported models set it)
+    gelu_approx: Literal["none", "tanh"] = "none"  # tanh: GPT-2's approximation of GELU, kept for its weights
     tie_weights: bool = True       # the output head reuses the token embedding matrix
     # Switches from the speedrun literature (modded-nanogpt), off by default: each is measured in README.
     qk_norm: bool = False          # RMS-normalise each head's q and k: attention logits stay bounded at high lr
     zero_init_proj: bool = False   # residual branches' output projections start at 0: every block starts as identity
     logit_softcap: float = 0.0     # > 0: logits = cap * tanh(logits / cap), so no token's score runs away
-    attn_impl: str = "sdpa"        # "sdpa" | "naive" | "triton"
+    attn_impl: Literal["sdpa", "naive", "triton"] = "sdpa"
 
     def __post_init__(self):
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
-        for name, allowed in CONFIG_CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
+        for f in fields(self):
+            allowed = list(get_args(f.type))
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r} is not one of {allowed}.")
         if self.logit_softcap < 0:
             raise ValueError(f"logit_softcap must be >= 0 (0 turns it off), got {self.logit_softcap}.")
         if min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) < 1:
             raise ValueError("vocab_size, block_size, n_layer, n_head and n_embd must all be positive.")
+        if self.mlp_width < 0 or self.norm_eps <= 0:
+            raise ValueError(f"mlp_width must be >= 0 (0: the rule) and norm_eps > 0; got {self.mlp_width}, "
+                             f"{self.norm_eps}.")
         if self.n_kv_head < 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"n_kv_head must be >= 0 and dropout in [0, 1); got {self.n_kv_head}, {self.dropout}.")
         if self.n_embd % self.n_head:
@@ -91,6 +100,8 @@ class GPTConfig:
 
     @property
     def mlp_hidden(self):
+        if self.mlp_width:
+            return self.mlp_width
         if self.mlp in ("gelu", "relu2"):
             return 4 * self.n_embd
         # SwiGLU has three matrices instead of two: 2/3 of 4x keeps the parameter count; round to 64.
@@ -247,6 +258,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.swiglu, self.relu2 = config.mlp == "swiglu", config.mlp == "relu2"
+        self.gelu_approx = config.gelu_approx
         hidden = config.mlp_hidden
         # For SwiGLU, fc's output is [gate | up], each `hidden` wide, in one matmul.
         self.fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
@@ -261,14 +273,14 @@ class MLP(nn.Module):
         elif self.relu2:  # ReLU squared (So et al. 2021, "Primer"): sparse like ReLU, smooth at 0
             h = F.relu(h).square()
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.gelu_approx)
         return F.dropout(self.proj(h), self.dropout, self.training)
 
 
 def make_norm(config):
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=1e-5)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 class Block(nn.Module):
@@ -398,7 +410,10 @@ class GPT(nn.Module):
                 if not use_cache:
                     logits, _ = self(context[:, start:])
                 elif start != cache_start:  # prefill, or the window jumped: positions changed
-                    cache = KVCache(self.config, context.size(0), bs, idx.device, self.lm_head.weight.dtype)
+                    # room for this window's tokens and the rest to come, never more than the block: an
+                    # imported model's context may be 100k positions
+                    room = min(bs, context.size(1) - start + max_new_tokens)
+                    cache = KVCache(self.config, context.size(0), room, idx.device, self.lm_head.weight.dtype)
                     cache_start = start
                     logits, _ = self(context[:, start:], kv_cache=cache)
                 else:
@@ -551,3 +566,296 @@ def load_checkpoint(path, map_location="cpu"):
                          "train.py or align.py wrote.")
     return ckpt
 
+
+def pick_device(flag):
+    """--device auto|cpu|cuda|cuda:N -> a device string; a GPU asked for and missing is one sentence."""
+    if flag == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise SystemExit(f"--device {flag}: not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {flag}: PyTorch sees no GPU on this machine; use --device cpu (or auto).")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {flag}: only {torch.cuda.device_count()} GPU(s) visible; use cuda:0 or auto.")
+    return flag
+
+
+def read_checkpoint(path, flag):
+    """load_checkpoint, or read_hf_folder for a Hugging Face folder; any other folder, or a hub name, is
+    answered by what the user most likely meant."""
+    path = str(path)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return read_hf_folder(path)
+    if os.path.isdir(path):
+        raise SystemExit(f"{flag} {path} is a folder; pass the checkpoint file in it, e.g. "
+                         f"{flag} {os.path.join(path, 'ckpt.pt')}, or a Hugging Face folder with config.json.")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        raise SystemExit(f"{flag} {path} is neither a file nor a folder here, and nothing is downloaded: fetch "
+                         f"the hub model yourself (huggingface-cli download {path} --local-dir DIR) and pass DIR.")
+    return load_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hugging Face folders: config.json + model.safetensors in transformers' own layout, both ways.
+# Three architectures cover every switch combination that has an exact counterpart (Qwen2, a Llama with
+# q, k, v biases, is read too); our RoPE rotates halves (i, i + d/2) as theirs does, so q and k rows
+# need no permutation.
+
+LLAMA_NAMES = {"wte": "model.embed_tokens", "norm_f": "model.norm", "lm_head": "lm_head",
+               "norm1": "input_layernorm", "norm2": "post_attention_layernorm",
+               "attn.qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "attn.proj": "self_attn.o_proj",
+               "mlp.fc": ["mlp.gate_proj", "mlp.up_proj"], "mlp.proj": "mlp.down_proj"}
+HF_ARCHITECTURES = {  # model_type -> the class, the layer prefix, {our module: theirs (a list: concatenated)}
+    "llama": ("LlamaForCausalLM", "model.layers.", LLAMA_NAMES),
+    "qwen2": ("Qwen2ForCausalLM", "model.layers.", LLAMA_NAMES),  # read only: a Llama with q, k, v biases
+    "gpt2": ("GPT2LMHeadModel", "transformer.h.", {  # Conv1D layers: weights stored (in, out)
+        "wte": "transformer.wte", "wpe": "transformer.wpe", "norm_f": "transformer.ln_f", "lm_head": "lm_head",
+        "norm1": "ln_1", "norm2": "ln_2", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj",
+        "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}),
+    "gpt_neox": ("GPTNeoXForCausalLM", "gpt_neox.layers.", {  # qkv rows per head: [q_h | k_h | v_h]
+        "wte": "gpt_neox.embed_in", "norm_f": "gpt_neox.final_layer_norm", "lm_head": "embed_out",
+        "norm1": "input_layernorm", "norm2": "post_attention_layernorm",
+        "attn.qkv": "attention.query_key_value", "attn.proj": "attention.dense",
+        "mlp.fc": "mlp.dense_h_to_4h", "mlp.proj": "mlp.dense_4h_to_h"}),
+}
+HF_SIZES = {  # model_type -> their names of (n_embd, n_layer, n_head, mlp_width, block_size, norm_eps), and
+    # their defaults for the last two when config.json leaves them out
+    "llama": (("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings", "rms_norm_eps"), 2048, 1e-6),
+    "qwen2": (("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings", "rms_norm_eps"), 32768, 1e-6),
+    "gpt2": (("n_embd", "n_layer", "n_head", "n_inner", "n_positions", "layer_norm_epsilon"), 1024, 1e-5),
+    "gpt_neox": (("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "max_position_embeddings", "layer_norm_eps"), 2048, 1e-5),
+}
+HF_ACTIVATIONS = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"),
+                  "relu2": ("relu2", "none")}  # their hidden_act -> our (mlp, gelu_approx)
+HF_BUFFERS = re.compile(r".*(attn\.bias|attn\.masked_bias|attention\.bias|attention\.masked_bias|rotary_emb\.inv_freq)")
+
+
+def hf_architecture(config):
+    """The model_type that computes exactly what config does; a switch none of them has is one sentence."""
+    unsupported = [("logit_softcap > 0", "logit soft-capping", config.logit_softcap > 0),
+                   ("qk_norm", "QK-norm without a learned scale", config.qk_norm),
+                   ("pos_encoding=sinusoidal", "sinusoidal positions", config.pos_encoding == "sinusoidal"),
+                   ("prenorm=False", "post-norm blocks", not config.prenorm)]
+    for switch, what, on in unsupported:
+        if on:
+            raise SystemExit(f"this checkpoint uses {switch} ({what}), which no Hugging Face architecture "
+                             "computes; only a model trained without it can be exported.")
+    shape = (config.pos_encoding, config.norm, config.mlp)
+    if shape == ("rope", "rmsnorm", "swiglu"):
+        return "llama"
+    if config.n_kv_head != config.n_head:
+        raise SystemExit(f"this checkpoint's grouped-query attention (n_kv_head={config.n_kv_head}) exists in "
+                         "Hugging Face's Llama only, which needs rope + rmsnorm + swiglu; it has "
+                         f"{' + '.join(shape)}.")
+    if config.pos_encoding == "learned" and config.norm == "layernorm" and config.mlp != "swiglu":
+        return "gpt2"
+    if config.pos_encoding == "rope" and config.norm == "layernorm" and config.mlp != "swiglu":
+        return "gpt_neox"
+    raise SystemExit(f"no Hugging Face architecture computes pos_encoding={config.pos_encoding}, norm={config.norm} "
+                     f"and mlp={config.mlp} together; exportable are rope + rmsnorm + swiglu (Llama), "
+                     "learned + layernorm + gelu/relu2 (GPT-2) and rope + layernorm + gelu/relu2 (GPT-NeoX).")
+
+
+def hf_config(config, arch):
+    """Our GPTConfig -> the config.json of arch (each architecture spells the sizes its own way)."""
+    sizes = dict(zip(HF_SIZES[arch][0], (config.n_embd, config.n_layer, config.n_head, config.mlp_hidden,
+                                         config.block_size, config.norm_eps)))
+    act = "silu" if config.mlp == "swiglu" else "gelu_pytorch_tanh" if (config.mlp, config.gelu_approx) == (
+        "gelu", "tanh") else config.mlp
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    hf = {"architectures": [HF_ARCHITECTURES[arch][0]], "model_type": arch, "vocab_size": config.vocab_size,
+          **sizes, "tie_word_embeddings": config.tie_weights, "bos_token_id": None, "eos_token_id": None,
+          "dtype": "float32"}
+    if arch == "llama":
+        return {**hf, "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim, "hidden_act": act,
+                "rope_theta": config.rope_theta, "rope_scaling": None, "rope_parameters": rope,
+                "attention_bias": config.bias, "mlp_bias": config.bias}
+    if arch == "gpt2":  # GPT-2 always has biases: ours, or zeros
+        return {**hf, "activation_function": act, "scale_attn_weights": True,
+                "scale_attn_by_inverse_layer_idx": False, "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
+    return {**hf, "hidden_act": act, "use_parallel_residual": False, "rotary_pct": 1.0,  # gpt_neox
+            "rotary_emb_base": config.rope_theta, "rope_parameters": {**rope, "partial_rotary_factor": 1.0},
+            "attention_bias": True}
+
+
+def config_from_hf(hf, where):
+    """A config.json's dict -> (GPTConfig, model_type), or one sentence for what we cannot compute exactly."""
+    arch, get = hf.get("model_type"), hf.get
+    if arch not in HF_ARCHITECTURES:
+        raise SystemExit(f"{where}: model_type {arch!r} is not one this project reads; it reads "
+                         f"{', '.join(HF_ARCHITECTURES)}.")
+    rope = get("rope_parameters") or get("rope_scaling") or {}
+    theta = rope.get("rope_theta", get("rope_theta", get("rotary_emb_base", 10000.0)))
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise SystemExit(f"{where}: RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not computed "
+                         "here; only plain RoPE (rope_type default) is read.")
+    llama = arch in ("llama", "qwen2")
+    act = get("hidden_act", get("activation_function", "silu" if llama else "gelu_new" if arch == "gpt2" else "gelu"))
+    if act not in (["silu"] if llama else HF_ACTIVATIONS):
+        raise SystemExit(f"{where}: activation {act!r} is not computed here in a {arch} model.")
+    mlp, approx = ("swiglu", "none") if llama else HF_ACTIVATIONS[act]
+    names, block_size, norm_eps = HF_SIZES[arch]
+    partial = rope.get("partial_rotary_factor", get("rotary_pct", 0.25))
+    refused, what = {  # the variants of each architecture that our blocks do not compute
+        "llama": (get("head_dim") not in (None, get("hidden_size", 0) // get("num_attention_heads", 1)),
+                  "a head_dim other than hidden_size / num_attention_heads"),
+        "qwen2": (get("use_sliding_window") or "sliding_attention" in (get("layer_types") or []),
+                  "sliding-window attention"),
+        "gpt2": (not get("scale_attn_weights", True) or get("scale_attn_by_inverse_layer_idx", False),
+                 "attention scaled other than by 1/sqrt(head_dim)"),
+        "gpt_neox": (get("use_parallel_residual", True) or partial != 1,
+                     "parallel residual blocks (use_parallel_residual) or rotary_pct below 1")}[arch]
+    if refused:
+        raise SystemExit(f"{where}: {what} is not computed here; only the plain {arch} block is.")
+    try:
+        n_embd, n_layer, n_head = (hf[k] for k in names[:3])
+        mlp_width = get("n_inner") or 0 if arch == "gpt2" else hf[names[3]]  # GPT-2's default: 4 x n_embd
+        config = GPTConfig(vocab_size=hf["vocab_size"], block_size=get(names[4], block_size), n_layer=n_layer,
+                           n_head=n_head, n_kv_head=get("num_key_value_heads") or n_head, n_embd=n_embd,
+                           pos_encoding="learned" if arch == "gpt2" else "rope", rope_theta=theta,
+                           norm="rmsnorm" if llama else "layernorm", norm_eps=get(names[5], norm_eps),
+                           mlp=mlp, gelu_approx=approx, mlp_width=mlp_width,
+                           tie_weights=get("tie_word_embeddings", arch == "gpt2"))
+    except KeyError as e:
+        raise SystemExit(f"{where} has no {e.args[0]}; it is not a complete {arch} config.json.") from None
+    except ValueError as e:  # GPTConfig's own checks
+        raise SystemExit(f"{where}: {e}") from None
+    rule = GPTConfig(**{**asdict(config), "mlp_width": 0}).mlp_hidden
+    return GPTConfig(**{**asdict(config), "mlp_width": 0 if config.mlp_width == rule else config.mlp_width}), arch
+
+
+def hf_names(arch, ours):
+    """Our tensor name -> the HF names it is made of (several: concatenated along the output rows)."""
+    _, layers, modules = HF_ARCHITECTURES[arch]
+    block = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", ours)
+    module, kind = (block[2], block[3]) if block else ours.rsplit(".", 1)
+    theirs = modules[module]
+    prefix = f"{layers}{block[1]}." if block else ""
+    return [f"{prefix}{t}.{kind}" for t in ([theirs] if isinstance(theirs, str) else theirs)]
+
+
+def neox_qkv(t, n_head, to_hf):
+    """Rows [q heads | k heads | v heads] <-> GPT-NeoX's [q_0 k_0 v_0 | q_1 k_1 v_1 | ...]."""
+    rest = t.shape[1:]
+    if to_hf:
+        return t.reshape(3, n_head, -1, *rest).transpose(0, 1).reshape(t.shape)
+    return t.reshape(n_head, 3, -1, *rest).transpose(0, 1).reshape(t.shape)
+
+
+def hf_state_dict(config, state, arch):
+    """Our state dict -> {HF tensor name: tensor}; a tied head is the embedding, stored once."""
+    out = {}
+    for name, t in state.items():
+        if name == "lm_head.weight" and config.tie_weights:
+            continue
+        if arch != "llama" and not config.bias and name.endswith(".weight") and name.startswith(("blocks.", "norm_f")):
+            out.update(dict.fromkeys(hf_names(arch, name[:-6] + "bias"), torch.zeros(t.shape[0], dtype=t.dtype)))
+        if arch == "gpt2" and name.startswith("blocks.") and t.dim() == 2:
+            t = t.t()
+        if arch == "gpt_neox" and ".attn.qkv." in name:
+            t = neox_qkv(t, config.n_head, to_hf=True)
+        names = hf_names(arch, name)
+        q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+        rows = {1: [t.shape[0]], 2: [t.shape[0] // 2] * 2, 3: [q, kv, kv]}[len(names)]  # whole, [gate|up], [q|k|v]
+        out.update({n: part.contiguous().clone() for n, part in zip(names, t.split(rows))})
+    return out
+
+
+def state_shapes(config):
+    """{name: shape} of a pre-norm GPT(config).state_dict() (what a Hugging Face folder holds), without
+    building one: on the meta device its init would first import torch._dynamo, seconds."""
+    C, hidden, qkv = config.n_embd, config.mlp_hidden, (config.n_head + 2 * config.n_kv_head) * config.head_dim
+    modules = {"attn.qkv": (qkv, C), "attn.proj": (C, config.n_head * config.head_dim),
+               "mlp.fc": (2 * hidden if config.mlp == "swiglu" else hidden, C), "mlp.proj": (C, hidden)}
+    norm_bias = config.bias and config.norm == "layernorm"
+    shapes = {"wte.weight": (config.vocab_size, C), "norm_f.weight": (C,), "lm_head.weight": (config.vocab_size, C)}
+    shapes.update({"norm_f.bias": (C,)} if norm_bias else {})
+    shapes.update({"wpe.weight": (config.block_size, C)} if config.pos_encoding == "learned" else {})
+    for i in range(config.n_layer):
+        for norm in ("norm1", "norm2"):
+            shapes.update({f"blocks.{i}.{norm}.{kind}": (C,) for kind in ("weight", "bias")[:1 + norm_bias]})
+        for name, shape in modules.items():
+            shapes.update({f"blocks.{i}.{name}.{kind}": s for kind, s in (("weight", shape), ("bias", shape[:1]))
+                           if kind == "weight" or config.bias})
+    return {k: torch.Size(v) for k, v in shapes.items()}
+
+
+def state_from_hf(config, arch, tensors, where):
+    """{HF tensor name: tensor} -> our state dict for config; a missing tensor or a wrong shape is one sentence.
+    A bias their layer lacks (Llama without attention_bias, ...) is zero, which is what their layer computes."""
+    state, used = {}, set()
+    expected = state_shapes(config)
+    for name, shape in expected.items():
+        if name == "lm_head.weight" and config.tie_weights:
+            continue
+        names = hf_names(arch, name)
+        if name == "lm_head.weight" and names[0] not in tensors:
+            names = ["lm_head.weight"]  # GPT-NeoX saved by transformers 5 names its head so
+        missing = [n for n in names if n not in tensors]
+        if missing and name.endswith(".bias"):
+            state[name] = torch.zeros(shape)
+            continue
+        if missing:
+            raise SystemExit(f"{where} has no tensor {missing[0]}; the weights are incomplete or not this "
+                             "config.json's.")
+        used.update(names)
+        t = torch.cat([tensors[n] for n in names]).float()
+        if arch == "gpt2" and name.startswith("blocks.") and t.dim() == 2:
+            t = t.t()
+        if t.shape != shape:
+            raise SystemExit(f"{where}: tensor {names[0]} has shape {tuple(tensors[names[0]].shape)}, which "
+                             "config.json's sizes do not give; the config and the weights disagree.")
+        if arch == "gpt_neox" and ".attn.qkv." in name:
+            t = neox_qkv(t, config.n_head, to_hf=False)
+        state[name] = t.contiguous()
+    if config.tie_weights:  # a head stored beside tied embeddings is ignored, as transformers ignores it
+        used.update(["lm_head.weight", hf_names(arch, "lm_head.weight")[0]])
+    unused = sorted(n for n in set(tensors) - used  # zero biases are what bias=False computes
+                    if not HF_BUFFERS.fullmatch(n) and not (n.endswith(".bias") and not tensors[n].any()))
+    if unused:
+        raise SystemExit(f"{where} holds tensors this architecture does not use (e.g. {unused[0]}); "
+                         "it is not the model config.json describes.")
+    if config.tie_weights:
+        state["lm_head.weight"] = state["wte.weight"]
+    return state
+
+
+def read_hf_folder(folder):
+    """A Hugging Face folder (config.json, model.safetensors, tokenizer.json) -> a checkpoint dict as ours."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    config_path = os.path.join(folder, "config.json")
+    try:
+        hf = json.load(open(config_path, encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{config_path} cannot be read as JSON ({e}); pass a folder that save_pretrained wrote.")
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    files = ["model.safetensors"]
+    if os.path.isfile(index_path):  # sharded: the index names each tensor's file
+        files = sorted(set(json.load(open(index_path, encoding="utf-8"))["weight_map"].values()))
+    elif not os.path.isfile(os.path.join(folder, files[0])):
+        raise SystemExit(f"{folder} holds no model.safetensors; only safetensors weights are read (re-save "
+                         "the model with save_pretrained(folder, safe_serialization=True)).")
+    tensors = {}
+    for name in files:
+        try:
+            tensors.update(load_file(os.path.join(folder, name)))
+        except (SafetensorError, OSError) as e:
+            raise SystemExit(f"{os.path.join(folder, name)} cannot be read ({e}): the file is cut short or "
+                             "damaged; copy or save it again.") from None
+    config, arch = config_from_hf(hf, config_path)
+    if arch == "gpt2" and not any(k.startswith("transformer.") for k in tensors):  # the original GPT-2 files
+        tensors = {(k if k.startswith("lm_head") else "transformer." + k): v for k, v in tensors.items()}
+    if any(k.endswith(".bias") and v.dim() == 1 and v.any() for k, v in tensors.items()):
+        config = GPTConfig(**{**asdict(config), "bias": True})
+    tokenizer = None
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        import tokenize_data  # the tokenizer's owner: byte-level BPE into a tiktoken Encoding, or a sentence
+        tokenizer = tokenize_data.tokenizer_to_dict(tokenize_data.encoding_from_hf(folder))
+    return {"format": CHECKPOINT_FORMAT, "model_config": asdict(config), "tokenizer": tokenizer,
+            "model": state_from_hf(config, arch, tensors, folder), "hf_folder": os.path.abspath(folder)}

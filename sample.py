@@ -22,15 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
-from align import pick_device, read_checkpoint
 from flags import parse_flags
-from model import GPT
+from model import GPT, pick_device, read_checkpoint
 from tokenize_data import DOC_START, chat_token_ids, render_conversation
 
 
 @dataclass
 class SampleConfig:
-    ckpt: str = "out/pretrain/ckpt.pt"  # a ckpt.pt that train.py or align.py wrote
+    ckpt: str = "out/pretrain/ckpt.pt"  # a ckpt.pt that train.py or align.py wrote, or a Hugging Face folder
     prompt: str = ""               # the text to continue (with --chat: the one user message), or FILE:path
     max_new_tokens: int = 200      # tokens generated per sample (at most)
     temperature: float = 0.8       # 0 = greedy; higher = more varied

@@ -3,6 +3,7 @@ train.py: next-token pretraining of the GPT in model.py on the token shards toke
 
     python train.py --data-dir data/tokens --out-dir out/pretrain            # small model, CPU, minutes
     python train.py --data-dir data/tokens --out-dir out/pretrain --resume   # continue from its ckpt.pt
+    python train.py --data-dir data/tokens --out-dir out/more --init-from out/hf  # from a Hugging Face folder
     python train.py --help                                                   # every flag, default, choices
     torchrun --standalone --nproc_per_node=8 train.py --data-dir data/tokens --out-dir out/gpt2 --preset gpt2-124m --grad-accum 4
     torchrun --standalone --nproc_per_node=8 train.py --data-dir data/tokens --out-dir out/gpt2 --preset gpt2-124m --tp 2 --pp 2 --grad-accum 16
@@ -46,7 +47,8 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import get_args
 
 import numpy as np
 import torch
@@ -56,7 +58,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from flags import config_parser
-from model import CONFIG_CHOICES, GPT, GPTConfig, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from model import GPT, GPTConfig, load_checkpoint, read_checkpoint, remove_stale_temporaries, save_checkpoint
 
 
 @dataclass
@@ -66,6 +68,7 @@ class TrainConfig:
     out_dir: str = "out"           # where ckpt.pt, log.jsonl and loss.png are written
     resume: bool = False           # continue from OUT_DIR/ckpt.pt if there is one; its config is the default
     preset: str = ""               # a named set of defaults (PRESETS); gpt2-124m: GPT-2 small on GPUs
+    init_from: str = ""            # start from these weights (a ckpt.pt or a Hugging Face folder), its shape, context
     # the model (GPTConfig); on resume its shape comes from the checkpoint
     n_layer: int = 4               # transformer blocks
     n_head: int = 4                # attention (query) heads
@@ -114,7 +117,8 @@ class TrainConfig:
 PRESETS = {"gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dtype="bfloat16",
                              compile=True, batch_size=16, grad_accum=32, max_steps=19073, lr=6e-4,
                              min_lr=6e-5, warmup_steps=700, eval_interval=250, eval_steps=20)}
-CHOICES = {**CONFIG_CHOICES, "preset": list(PRESETS), "dtype": ["auto", "float32", "bfloat16", "float16"],
+CHOICES = {**{f.name: get_args(f.type) for f in fields(GPTConfig) if get_args(f.type)},  # GPTConfig's Literals
+           "preset": list(PRESETS), "dtype": ["auto", "float32", "bfloat16", "float16"],
            "schedule": ["gpipe", "1f1b"], "optimizer": ["adamw", "muon"], "lr_schedule": ["cosine", "wsd"]}
 ALIASES = {"attn_impl": ["--attn"]}  # other spellings of a flag that users type
 SHAPE_FIELDS = ["n_layer", "n_head", "n_kv_head", "n_embd", "pos_encoding", "norm", "prenorm", "mlp",
@@ -283,10 +287,11 @@ def model_config_for(cfg, given, meta, tokenizer, ckpt, ckpt_path):
     if cfg.block_size > saved["block_size"]:
         raise SystemExit(f"--block-size {cfg.block_size} is above the checkpoint's block_size "
                          f"{saved['block_size']}; pass --block-size {saved['block_size']} or less.")
-    if meta["vocab_size"] != saved["vocab_size"] or (
-            tokenizer is not None and ckpt.get("tokenizer") is not None and tokenizer != ckpt["tokenizer"]):
-        raise SystemExit(f"the tokenizer of {cfg.data_dir} does not match the one in {ckpt_path}; resume with "
-                         "the data dir the checkpoint was trained on.")
+    unnamed = lambda tok: {k: v for k, v in tok.items() if k != "name"}  # same ranks, another name: a match
+    if meta["vocab_size"] != saved["vocab_size"] or (tokenizer is not None and ckpt.get("tokenizer") is not None
+                                                     and unnamed(tokenizer) != unnamed(ckpt["tokenizer"])):
+        raise SystemExit(f"the tokenizer of {cfg.data_dir} does not match the one in {ckpt_path}; pass a data dir "
+                         "tokenized with the checkpoint's tokenizer.")
     return GPTConfig(**{**saved, "attn_impl": cfg.attn_impl, "dropout": cfg.dropout})
 
 
@@ -543,15 +548,17 @@ def main(argv=None):
 
     train_data, val_data, meta = load_data(cfg.data_dir, cfg.block_size)
     tokenizer = data_tokenizer(cfg.data_dir)
-    try:
-        model_config = model_config_for(cfg, given, meta, tokenizer, ckpt, ckpt_path)
+    init = read_checkpoint(cfg.init_from, "--init-from") if cfg.init_from and ckpt is None else None
+    try:  # --init-from: the model is the init's, as on resume
+        model_config = model_config_for(cfg, given, meta, tokenizer, ckpt or init,
+                                         cfg.init_from if init else ckpt_path)
     except ValueError as e:  # GPTConfig: a shape the model cannot take, e.g. n_embd not divisible by n_head
         raise SystemExit(str(e)) from None
     start_step = ckpt["step"] if ckpt is not None else 0
 
     model = build_model(model_config, cfg.seed)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+    if ckpt is not None or init is not None:
+        model.load_state_dict((ckpt or init)["model"])
     n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.block_size)  # whole model
     if grid:  # part 2: load whole, then shard, so every layout starts from the same weights
         shard_model(model, grid)
