@@ -4411,13 +4411,6 @@ def test_export_hf_folder_feeds_sample_and_train(tmp_path, byte_data, capsys):
     refused(train.main, [*base, "--init-from", tmp_path / "hf96", "--out-dir", tmp_path / "o"], "tokenizer")
 
 
-# The tokenizer files are tokenize_data.py's (hf_tokenizer_files out, encoding_from_hf in); until they
-# are in it these tests are skipped, and they say so.
-needs_hf_tokenizer = pytest.mark.skipif(not hasattr(tokenize_data, "encoding_from_hf"),
-                                        reason="tokenize_data.hf_tokenizer_files / encoding_from_hf are not there yet")
-
-
-@needs_hf_tokenizer
 def test_export_with_a_tokenizer_feeds_transformers_align_and_sample_chat(tmp_path, transformers, capsys):
     enc = tiny_tokenizer()[1]
     model, path = save_tiny_checkpoint(tmp_path / "ckpt.pt", enc, block_size=64, n_kv_head=4)
@@ -4442,7 +4435,6 @@ def test_export_with_a_tokenizer_feeds_transformers_align_and_sample_chat(tmp_pa
     assert load_checkpoint(tmp_path / "sft" / "ckpt.pt")["model_config"] == back["model_config"]
 
 
-@needs_hf_tokenizer
 def test_export_train_init_from_a_folder_takes_its_tokenizer_and_refuses_shards_of_another(tmp_path):
     data, text = tmp_path / "tokens", hamlet()
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": text[i:i + 3000]} for i in range(0, len(text), 3000)])
