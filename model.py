@@ -22,6 +22,7 @@ Checkpoints are self-contained dicts (config, weights, and whatever the stage ad
 tokenizer), written atomically; `GPT.from_checkpoint(path)` rebuilds the model from the file alone.
 """
 
+import base64
 import math
 import os
 import re
@@ -34,6 +35,8 @@ import torch.nn.functional as F
 import attention_kernel  # imports only torch; triton is loaded on the first triton call
 
 CHECKPOINT_FORMAT = "gpt-from-scratch/1"
+DAMAGED = "the file is damaged or not one that train.py or align.py wrote; pass another, or retrain"
+MAX_BLOCK_SIZE = 2**20  # a checkpoint's block_size above this is damage: its position tables would not fit in memory
 CONFIG_CHOICES = {"pos_encoding": ["rope", "learned", "sinusoidal"], "norm": ["layernorm", "rmsnorm"],
                   "mlp": ["gelu", "swiglu", "relu2"], "attn_impl": ["sdpa", "naive", "triton"]}
 
@@ -507,7 +510,8 @@ def filter_logits(logits, top_k=None, top_p=None):
 def save_checkpoint(path, model, **extra):
     """Write {format, model_config, model weights, **extra} to path atomically (temp file + rename).
 
-    A crash mid-write leaves the previous checkpoint intact: os.replace is atomic on one filesystem.
+    A crash mid-write leaves the previous checkpoint intact: os.replace is atomic on one filesystem; a
+    write that fails (a full disk) removes its temporary and says so in one sentence.
     """
     raw = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     raw = getattr(raw, "module", raw)         # unwrap DDP
@@ -521,9 +525,13 @@ def save_checkpoint(path, model, **extra):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # the disk is full, a quota, a folder gone: the user can fix it
+            kept = f"the previous {path} is kept" if os.path.isfile(path) else "nothing was saved"
+            raise SystemExit(f"cannot write {path} ({e.strerror or e}); {kept}: free some space (or pick another "
+                             "--out-dir) and run again with --resume.") from None
         raise
 
 
@@ -546,8 +554,70 @@ def load_checkpoint(path, map_location="cpu"):
     except Exception as e:
         raise SystemExit(f"{path} is not a checkpoint this project can read ({type(e).__name__}); "
                          "pass the ckpt.pt that train.py or align.py wrote.") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("format"), str):
         raise SystemExit(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint; pass the ckpt.pt that "
                          "train.py or align.py wrote.")
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise SystemExit(f"{path} is a {ckpt['format']} checkpoint, written by an older version of this project "
+                         f"(this one reads {CHECKPOINT_FORMAT}); retrain or convert it.")
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise SystemExit(f"{path}: {problem}.")
     return ckpt
+
+
+def checkpoint_problem(ckpt):
+    """What keeps a checkpoint dict from building its model and tokenizer, and the fix, in words; or None. On
+    the meta device (shapes, no memory) before anything is built, so a wrong shape or a huge config value
+    is a sentence here rather than a deep error, or an allocation that never ends, in whichever stage loads it."""
+    config, weights = ckpt.get("model_config"), ckpt.get("model")
+    if not isinstance(config, dict) or not isinstance(weights, dict):
+        return f"it holds no model_config or no weights; {DAMAGED}"
+    names = [f.name for f in fields(GPTConfig)]
+    missing, unknown = [k for k in names if k not in config], sorted(set(config) - set(names))
+    if missing:
+        return f"its model_config lacks {', '.join(missing)}: written by an older version; retrain or convert it"
+    if unknown:
+        return f"its model_config has fields GPTConfig does not know ({', '.join(unknown)}); {DAMAGED}"
+    for f in fields(GPTConfig):
+        value, kind = config[f.name], type(f.default)
+        finite_number = type(value) in (int, float) and math.isfinite(value)
+        if not (finite_number if kind is float else type(value) is kind):
+            return f"its model_config {f.name}={value!r} is not a finite {kind.__name__}; {DAMAGED}"
+    if not 0 <= config["n_layer"] <= len(weights) or not config["block_size"] <= MAX_BLOCK_SIZE:
+        return (f"its model_config n_layer={config['n_layer']} or block_size={config['block_size']} is out of range "
+                f"(one block per weight at most, {MAX_BLOCK_SIZE:,} positions at most); {DAMAGED}")
+    try:
+        with torch.device("meta"):  # every other size is checked against the weights' shapes below
+            want = {k: v.shape for k, v in GPT(GPTConfig(**config)).state_dict().items()}
+    except (ValueError, RuntimeError) as e:
+        return f"its model_config cannot build a model ({str(e).rstrip('.')}); {DAMAGED}"
+    if set(weights) != set(want):
+        odd = sorted(set(weights) ^ set(want))
+        return f"its weights do not match its model_config ({', '.join(odd[:3])} differ); {DAMAGED}"
+    for name, shape in want.items():
+        t = weights[name]
+        if not isinstance(t, torch.Tensor) or t.shape != shape or not t.is_floating_point():
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            return f"its weight {name} is {got}, not a float tensor of shape {tuple(shape)}; {DAMAGED}"
+    return tokenizer_problem(ckpt.get("tokenizer"), config["vocab_size"])
+
+
+def tokenizer_problem(tok, vocab_size):
+    """A tokenizer dict (tokenize_data.tokenizer_to_dict: name, pat_str, mergeable_ranks {base64: id},
+    special_tokens {name: id}) that cannot be rebuilt, or whose ids miss the embedding, in words; or None."""
+    if tok is None:
+        return None
+    if not (isinstance(tok, dict) and isinstance(tok.get("name"), str) and isinstance(tok.get("pat_str"), str)
+            and isinstance(tok.get("mergeable_ranks"), dict) and isinstance(tok.get("special_tokens"), dict)):
+        return f"its tokenizer is not the dict tokenize_data.py writes (name, pat_str, ranks, special tokens); {DAMAGED}"
+    ids = [*tok["mergeable_ranks"].values(), *tok["special_tokens"].values()]
+    if not all(type(i) is int and 0 <= i < vocab_size for i in ids) or len(set(ids)) != len(ids):
+        return f"its tokenizer's ids are not distinct integers below its vocab_size={vocab_size}; {DAMAGED}"
+    try:
+        for token in tok["mergeable_ranks"]:
+            base64.b64decode(token, validate=True)
+    except (ValueError, TypeError):
+        return f"its tokenizer's token {token!r} is not base64; {DAMAGED}"
+    return None
 
