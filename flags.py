@@ -7,9 +7,10 @@ flags.py: a script's config dataclass becomes its command-line flags, and the on
 Each field is a --kebab-case flag. The comment after the field, on its line, is the flag's help; a
 Literal[...] type (or an entry of `choices`) gives the values it accepts; the field's default is the
 flag's default, and --help shows all three. Booleans take --name / --no-name (a field named
-no_x takes --no-x alone). A float flag refuses nan and inf with one sentence, for every script at once
-(float("nan") parses, and nan slips through every `<` check a script makes afterwards). Every script of the project reads its flags this way, so a field added to
-a config dataclass is a documented flag at once.
+no_x takes --no-x alone). A float flag refuses nan and inf with one sentence, for every script at
+once: float("nan") parses, and nan slips through every `<` check a script makes afterwards. Every
+script of the project reads its flags this way, so a field added to a config dataclass is a
+documented flag at once.
 Imports no torch: dedup.py, tokenize_data.py, plays.py and pipeline.py run without it.
 """
 

@@ -36,7 +36,7 @@ import attention_kernel  # imports only torch; triton is loaded on the first tri
 
 CHECKPOINT_FORMAT = "gpt-from-scratch/1"
 DAMAGED = "the file is damaged or not one that train.py or align.py wrote; pass another, or retrain"
-MAX_BLOCK_SIZE = 2**20  # a checkpoint's block_size above this is damage: its position tables would not fit in memory
+MAX_BLOCK_SIZE = 2**20  # positions; a checkpoint's block_size above it is damage (its tables would fill memory)
 CONFIG_CHOICES = {"pos_encoding": ["rope", "learned", "sinusoidal"], "norm": ["layernorm", "rmsnorm"],
                   "mlp": ["gelu", "swiglu", "relu2"], "attn_impl": ["sdpa", "naive", "triton"]}
 
@@ -584,9 +584,10 @@ def checkpoint_problem(ckpt):
         finite_number = type(value) in (int, float) and math.isfinite(value)
         if not (finite_number if kind is float else type(value) is kind):
             return f"its model_config {f.name}={value!r} is not a finite {kind.__name__}; {DAMAGED}"
-    if not 0 <= config["n_layer"] <= len(weights) or not config["block_size"] <= MAX_BLOCK_SIZE:
-        return (f"its model_config n_layer={config['n_layer']} or block_size={config['block_size']} is out of range "
-                f"(one block per weight at most, {MAX_BLOCK_SIZE:,} positions at most); {DAMAGED}")
+    if config["n_layer"] > len(weights):  # bounds the model built below, as the shapes bound the rest
+        return f"its model_config n_layer={config['n_layer']} is more blocks than it has weights; {DAMAGED}"
+    if config["block_size"] > MAX_BLOCK_SIZE:
+        return f"its model_config block_size={config['block_size']} is above {MAX_BLOCK_SIZE:,} positions; {DAMAGED}"
     try:
         with torch.device("meta"):  # every other size is checked against the weights' shapes below
             want = {k: v.shape for k, v in GPT(GPTConfig(**config)).state_dict().items()}
@@ -610,7 +611,7 @@ def tokenizer_problem(tok, vocab_size):
         return None
     if not (isinstance(tok, dict) and isinstance(tok.get("name"), str) and isinstance(tok.get("pat_str"), str)
             and isinstance(tok.get("mergeable_ranks"), dict) and isinstance(tok.get("special_tokens"), dict)):
-        return f"its tokenizer is not the dict tokenize_data.py writes (name, pat_str, ranks, special tokens); {DAMAGED}"
+        return f"its tokenizer is not the dict tokenize_data.py writes (name, pat_str, ranks, specials); {DAMAGED}"
     ids = [*tok["mergeable_ranks"].values(), *tok["special_tokens"].values()]
     if not all(type(i) is int and 0 <= i < vocab_size for i in ids) or len(set(ids)) != len(ids):
         return f"its tokenizer's ids are not distinct integers below its vocab_size={vocab_size}; {DAMAGED}"

@@ -155,14 +155,6 @@ def main(argv=None):
     if cfg.chat and not cfg.prompt and (sys.stdin is None or sys.stdin.closed):  # e.g. `sample.py --chat <&-`
         raise SystemExit("--chat without --prompt reads your messages from stdin, which is closed; run it in a "
                          "terminal, or pass --prompt.")
-    try:
-        generate(cfg)
-    except BrokenPipeError:  # the reader went away (`| head -c 10`): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit must not fail
-
-
-def generate(cfg):
-    """The checkpoint loaded, then the samples or the chat written to stdout."""
     device = pick_device(cfg.device)
     ckpt = read_checkpoint(cfg.ckpt, "--ckpt")
     broken = next((k for k, v in ckpt["model"].items() if v.is_floating_point() and not v.isfinite().all()), None)
@@ -199,4 +191,7 @@ def generate(cfg):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # the reader went away (`| head -c 10`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so Python's flush at exit cannot fail

@@ -1583,9 +1583,10 @@ def test_model_checkpoint_with_wrong_weights_tokenizer_or_config_is_one_sentence
     broken("other_vocab.pt", lambda c: c["model_config"].update(vocab_size=32), "wte.weight")
     broken("old.pt", lambda c: c["model_config"].pop("qk_norm"), "lacks qk_norm", "older version", "retrain or convert")
     broken("no_ranks.pt", lambda c: c["tokenizer"].pop("mergeable_ranks"), "tokenizer")
-    broken("big_id.pt", lambda c: c["tokenizer"]["mergeable_ranks"].update({"eA==": 261}), "tokenizer", "vocab_size=261")
-    broken("not_b64.pt", lambda c: c["tokenizer"]["mergeable_ranks"].update({"%%": c["tokenizer"]["mergeable_ranks"].pop("AA==")}),
-           "'%%'", "base64")
+    def ranks(ckpt):
+        return ckpt["tokenizer"]["mergeable_ranks"]
+    broken("big_id.pt", lambda c: ranks(c).update({"eA==": 261}), "tokenizer", "vocab_size=261")
+    broken("not_b64.pt", lambda c: ranks(c).update({"%%": ranks(c).pop("AA==")}), "'%%'", "base64")
     broken("format.pt", lambda c: c.update(format="gpt-from-scratch/0"), "gpt-from-scratch/0",
            "older version", "retrain or convert")
     # as sample.py meets one: the sentence alone on stderr
@@ -2390,7 +2391,8 @@ def test_train_bad_flag_values_are_one_sentence(tmp_path, monkeypatch):
 def test_train_float_flags_of_every_script_refuse_nan_and_inf(tmp_path):
     """flags.py gives every float flag of every script one sentence for nan and inf, before any work."""
     scripts = [(train, train.TrainConfig), (align, align.AlignConfig), (sample, sample.SampleConfig),
-               (dedup, dedup.DedupConfig), (tokenize_data, tokenize_data.TokenizeConfig), (pipeline, pipeline.PipelineConfig)]
+               (dedup, dedup.DedupConfig), (tokenize_data, tokenize_data.TokenizeConfig),
+               (pipeline, pipeline.PipelineConfig)]
     n_float_flags = 0
     for module, config in scripts:
         for f in fields(config):
@@ -3675,7 +3677,8 @@ def test_align_out_dir_holding_its_own_input_is_refused_however_spelled(tmp_path
 def test_align_data_lines_that_are_not_utf8_are_skipped_by_number(tmp_path, capsys):
     path = tmp_path / "sft.jsonl"
     good = json.dumps({"prompt": "alpha", "response": "beta"}).encode()
-    path.write_bytes(b"\n".join([good, b'{"prompt": "caf\xe9", "response": "x"}', good, b"\xff\xfe\x00\x01", good]) + b"\n")
+    latin1 = b'{"prompt": "caf\xe9", "response": "x"}'  # café in Latin-1: not UTF-8
+    path.write_bytes(b"\n".join([good, latin1, good, b"\xff\xfe\x00\x01", good]) + b"\n")
     records = align.read_records(str(path), "sft", "--data")
     assert len(records) == 3 and records[0][0]["answers"][0][-1]["content"] == "beta"
     assert f"{path}: skipped 2 of 5 lines (line 2: not UTF-8 text; line 4: not UTF-8 text)" in capsys.readouterr().out
@@ -4101,7 +4104,7 @@ def test_sample_binary_prompt_file_and_closed_stdin_or_stdout_are_one_sentence(t
     (tmp_path / "image.bin").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
     refused(sample.main, ["--ckpt", path, "--prompt", f"FILE:{tmp_path / 'image.bin'}"],
             f"--prompt FILE:{tmp_path / 'image.bin'}: the file is not UTF-8 text (byte 0 is not)")
-    sample_py = f"{shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'sample.py'))} --ckpt {shlex.quote(path)} --chat"
+    sample_py = " ".join(map(shlex.quote, [sys.executable, str(ROOT / "sample.py"), "--ckpt", path, "--chat"]))
     closed_stdin = subprocess.run(["bash", "-c", f"{sample_py} <&-"], capture_output=True, text=True, env=ENV)
     one_sentence(closed_stdin, "--chat without --prompt reads your messages from stdin, which is closed")
     closed_stdout = subprocess.run(["bash", "-c", f"{sample_py} --prompt hi >&-"], capture_output=True, text=True,
