@@ -567,9 +567,9 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def checkpoint_problem(ckpt):
-    """What keeps a checkpoint dict from building its model and tokenizer, and the fix, in words; or None. On
-    the meta device (shapes, no memory) before anything is built, so a wrong shape or a huge config value
-    is a sentence here rather than a deep error, or an allocation that never ends, in whichever stage loads it."""
+    """What keeps a checkpoint dict from building its model and tokenizer, and the fix, in words; or None.
+    Shapes only, before anything is built: a wrong shape or a huge config value is a sentence here rather
+    than a deep error, or an allocation that never ends, in whichever stage loads it."""
     config, weights = ckpt.get("model_config"), ckpt.get("model")
     if not isinstance(config, dict) or not isinstance(weights, dict):
         return f"it holds no model_config or no weights; {DAMAGED}"
@@ -589,8 +589,7 @@ def checkpoint_problem(ckpt):
     if config["block_size"] > MAX_BLOCK_SIZE:
         return f"its model_config block_size={config['block_size']} is above {MAX_BLOCK_SIZE:,} positions; {DAMAGED}"
     try:
-        with torch.device("meta"):  # every other size is checked against the weights' shapes below
-            want = {k: v.shape for k, v in GPT(GPTConfig(**config)).state_dict().items()}
+        want = state_shapes(GPTConfig(**config))  # every other size is checked against the weights' shapes below
     except (ValueError, RuntimeError) as e:
         return f"its model_config cannot build a model ({str(e).rstrip('.')}); {DAMAGED}"
     if set(weights) != set(want):
@@ -602,6 +601,20 @@ def checkpoint_problem(ckpt):
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             return f"its weight {name} is {got}, not a float tensor of shape {tuple(shape)}; {DAMAGED}"
     return tokenizer_problem(ckpt.get("tokenizer"), config["vocab_size"])
+
+
+def state_shapes(config):
+    """{name: shape} of GPT(config).state_dict(), from one block and the final norm built on the meta device
+    (all blocks are alike; the whole GPT is not built there: its normal_ init would import torch._dynamo, seconds)."""
+    with torch.device("meta"):
+        block = Block(config).state_dict()
+        norm_f = make_norm(config).state_dict() if config.prenorm else {}
+    table = {"wte.weight": (config.vocab_size, config.n_embd)}
+    table.update({"wpe.weight": (config.block_size, config.n_embd)} if config.pos_encoding == "learned" else {})
+    table.update({f"blocks.{i}.{k}": v.shape for i in range(config.n_layer) for k, v in block.items()})
+    table.update({f"norm_f.{k}": v.shape for k, v in norm_f.items()})
+    table["lm_head.weight"] = (config.vocab_size, config.n_embd)
+    return {k: torch.Size(v) for k, v in table.items()}
 
 
 def tokenizer_problem(tok, vocab_size):

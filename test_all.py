@@ -1591,6 +1591,12 @@ def test_model_checkpoint_with_wrong_weights_tokenizer_or_config_is_one_sentence
            "older version", "retrain or convert")
     # as sample.py meets one: the sentence alone on stderr
     one_sentence(run_script("sample.py", "--ckpt", tmp_path / "shape.pt", "--prompt", "x"), "blocks.0.mlp.fc.weight")
+    # and every layout of weights the options make passes the check
+    for options in (dict(pos_encoding="learned", mlp="swiglu", bias=True, tie_weights=False),
+                    dict(prenorm=False, norm="rmsnorm", qk_norm=True, n_kv_head=1, mlp="relu2"),
+                    dict(pos_encoding="sinusoidal", norm="rmsnorm", bias=True, zero_init_proj=True)):
+        save_checkpoint(str(tmp_path / "options.pt"), tiny_model(**options))
+        assert load_checkpoint(str(tmp_path / "options.pt"))["model_config"]["n_head"] == 4
 
 
 # ------------------------------------------------------------------------ sampling: KV cache, generate, filters
