@@ -165,7 +165,7 @@ def main(argv=None):
     model = GPT.from_checkpoint(ckpt, device=device, dropout=0.0, attn_impl="sdpa")
     enc = load_tokenizer_from(ckpt, cfg.ckpt)
     if cfg.chat and ckpt.get("stage") not in ("sft", "dpo", "grpo"):
-        print(f"note: {cfg.ckpt} is a {ckpt.get('stage')} checkpoint, not trained to chat, so its replies will not "
+        print(f"note: {cfg.ckpt} was not trained to chat (align.py did not write it), so its replies will not "
               "follow the conversation; align it first (align.py --method sft).", file=sys.stderr)
     del ckpt
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -4122,8 +4122,9 @@ def test_sample_chat_with_a_model_not_trained_to_chat_says_so(tmp_path, capsys):
     _, path = sample_chat_checkpoint(tmp_path)  # stage "pretrain"
     chat = ["--chat", "--prompt", "hi", "--max-new-tokens", "3"]
     sample.main(["--ckpt", path, *chat])
-    assert capsys.readouterr().err == (f"note: {path} is a pretrain checkpoint, not trained to chat, so its replies "
-                                       "will not follow the conversation; align it first (align.py --method sft).\n")
+    assert capsys.readouterr().err == (f"note: {path} was not trained to chat (align.py did not write it), so its "
+                                       "replies will not follow the conversation; align it first (align.py --method "
+                                       "sft).\n")
     torch.save({**load_checkpoint(path), "stage": "sft"}, tmp_path / "sft.pt")
     sample.main(["--ckpt", str(tmp_path / "sft.pt"), *chat])
     sample.main(["--ckpt", path, "--prompt", "hi", "--max-new-tokens", "3"])  # continuing text is what it does
