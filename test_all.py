@@ -2582,8 +2582,8 @@ def test_train_a_killed_rank_stops_the_other_with_one_sentence(tmp_path):
             os.killpg(launcher.pid, signal.SIGKILL)
     said = (tmp_path / "output.txt").read_text()
     rank0 = [line for line in said.splitlines() if line.startswith("[rank0]") or line.startswith("rank 0 of 2")]
-    assert rank0 == ["rank 0 of 2: rank 1 died mid-run (killed, or out of memory?), so this one stops too; the last "
-                     "checkpoint in --out-dir is kept, and --resume continues from it."], said[-3000:]
+    assert rank0 == ["rank 0 of 2: rank 1 stopped mid-run (killed, out of memory, or see its own message), so this one "
+                     "stops too; the last checkpoint in --out-dir is kept, and --resume continues from it."], said[-3000:]
     assert load_checkpoint(str(out / "ckpt.pt"))["step"] % 5 == 0
 
 

@@ -210,7 +210,8 @@ def peak_flops(device):
 # Data: token shards on disk, batches as a function of (seed, step)
 
 def load_data(data_dir, seq_len):
-    """-> (train tokens, val tokens, meta): the shards memory-mapped read-only, checked against meta.json."""
+    """-> (train tokens, val tokens, meta): the shards memory-mapped read-only, checked against meta.json
+    (their sizes, and their largest id against vocab_size)."""
     if not data_dir or not os.path.isdir(data_dir):
         raise SystemExit(f"--data-dir {data_dir or '(none given)'} is not a folder; pass the --out-dir of tokenize_data.py.")
     meta_path, rerun = os.path.join(data_dir, "meta.json"), f"run tokenize_data.py --out-dir {data_dir}"
@@ -1135,10 +1136,11 @@ def load_sharded_optimizer_state(model, grid, optimizer, whole_state):
 if __name__ == "__main__":
     try:
         main()
-    except RuntimeError as e:  # under torchrun, a rank that died (killed, out of memory) fails its peers'
+    except RuntimeError as e:  # under torchrun, a rank that stopped (killed, out of memory) fails its peers'
         if not lost_a_peer(e):  # next collective; that is the news, not the collective's traceback
             raise
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        dead = f"rank {1 - rank}" if world == 2 else "another rank"
-        raise SystemExit(f"rank {rank} of {world}: {dead} died mid-run (killed, or out of memory?), so this one stops "
-                         "too; the last checkpoint in --out-dir is kept, and --resume continues from it.") from None
+        other = f"rank {1 - rank}" if world == 2 else "another rank"
+        raise SystemExit(f"rank {rank} of {world}: {other} stopped mid-run (killed, out of memory, or see its own "
+                         "message), so this one stops too; the last checkpoint in --out-dir is kept, and --resume "
+                         "continues from it.") from None
