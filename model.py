@@ -589,7 +589,7 @@ def checkpoint_problem(ckpt):
     if config["block_size"] > MAX_BLOCK_SIZE:
         return f"its model_config block_size={config['block_size']} is above {MAX_BLOCK_SIZE:,} positions; {DAMAGED}"
     try:
-        want = state_shapes(GPTConfig(**config))  # every other size is checked against the weights' shapes below
+        want = weight_shapes(GPTConfig(**config))  # every other size is checked against the weights' shapes below
     except (ValueError, RuntimeError) as e:
         return f"its model_config cannot build a model ({str(e).rstrip('.')}); {DAMAGED}"
     if set(weights) != set(want):
@@ -603,7 +603,7 @@ def checkpoint_problem(ckpt):
     return tokenizer_problem(ckpt.get("tokenizer"), config["vocab_size"])
 
 
-def state_shapes(config):
+def weight_shapes(config):
     """{name: shape} of GPT(config).state_dict(), from one block and the final norm built on the meta device
     (all blocks are alike; the whole GPT is not built there: its normal_ init would import torch._dynamo, seconds)."""
     with torch.device("meta"):
