@@ -880,4 +880,12 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RuntimeError as e:  # under torchrun, a rank that stopped fails its peers' next collective: say so,
+        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or "gloo/transport" in str(e))):
+            raise              # instead of the collective's traceback (as train.py does)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        other = f"rank {1 - rank}" if world == 2 else "another rank"
+        raise SystemExit(f"rank {rank} of {world}: {other} stopped mid-run (killed, out of memory, or see its own "
+                         "message), so this one stops too; --resume continues from the last checkpoint.") from None

@@ -2560,16 +2560,17 @@ def test_train_ranks_stop_when_the_launcher_is_killed(tmp_path):
     assert [r["step"] for r in read_log(out)] == list(range(1, ckpt["step"] + 2))
 
 
-def test_train_a_killed_rank_stops_the_other_with_one_sentence(tmp_path):
-    """kill -9 of rank 1 (what the OOM killer does): rank 0 says rank 1 died, no gloo traceback."""
-    data, out = make_byte_data(tmp_path / "data", 40_000), tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-           "--data-dir", str(data), "--out-dir", str(out), *TRAIN_TINY, "--max-steps", "100000", "--eval-interval", "5"]
+def kill_rank_1_once_it_saved(tmp_path, script, *args):
+    """torchrun of script on 2 CPU ranks with args; once OUT/ckpt.pt exists (both ranks are past their first
+    checkpoint), kill -9 rank 1, as the out-of-memory killer does -> (what rank 0 printed, all the output)."""
+    out = Path(args[args.index("--out-dir") + 1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / script),
+           *map(str, args)]
     with open(tmp_path / "output.txt", "w") as output:
         launcher = subprocess.Popen(cmd, env=ENV, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 240
-        while not (out / "ckpt.pt").exists():  # both ranks are training
+        while not (out / "ckpt.pt").exists():
             assert launcher.poll() is None and time.time() < deadline, (tmp_path / "output.txt").read_text()[-3000:]
             time.sleep(0.2)
         rank1 = [pid for pid in children_of(launcher.pid)
@@ -2581,7 +2582,15 @@ def test_train_a_killed_rank_stops_the_other_with_one_sentence(tmp_path):
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
     said = (tmp_path / "output.txt").read_text()
-    rank0 = [line for line in said.splitlines() if line.startswith("[rank0]") or line.startswith("rank 0 of 2")]
+    return [line for line in said.splitlines() if line.startswith(("[rank0]", "rank 0 of 2"))], said
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds rank 1 in /proc")
+def test_train_a_killed_rank_stops_the_other_with_one_sentence(tmp_path):
+    """kill -9 of rank 1: rank 0 says that rank 1 stopped, in one sentence, not with gloo's traceback."""
+    data, out = make_byte_data(tmp_path / "data", 40_000), tmp_path / "out"
+    rank0, said = kill_rank_1_once_it_saved(tmp_path, "train.py", "--data-dir", data, "--out-dir", out, *TRAIN_TINY,
+                                            "--max-steps", "100000", "--eval-interval", "5")
     assert rank0 == ["rank 0 of 2: rank 1 stopped mid-run (killed, out of memory, or see its own message), so this one "
                      "stops too; the last checkpoint in --out-dir is kept, and --resume continues from it."], said[-3000:]
     assert load_checkpoint(str(out / "ckpt.pt"))["step"] % 5 == 0
@@ -3679,6 +3688,14 @@ def test_align_out_dir_holding_its_own_input_is_refused_however_spelled(tmp_path
             "--data S/log.jsonl is the log.jsonl that --out-dir link would overwrite")
     assert (stage / "ckpt.pt").read_bytes() == before and sorted(os.listdir(stage)) == ["ckpt.pt", "log.jsonl"]
 
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds rank 1 in /proc")
+def test_align_a_killed_rank_stops_the_other_with_one_sentence(tmp_path, tiny_checkpoint):
+    rank0, said = kill_rank_1_once_it_saved(tmp_path, "align.py", "--init", tiny_checkpoint, "--data", toy_sft(tmp_path),
+                                            "--out-dir", tmp_path / "out", "--eval-fraction", "0", "--batch-size", "2",
+                                            "--max-steps", "100000", "--eval-interval", "3")
+    assert rank0 == ["rank 0 of 2: rank 1 stopped mid-run (killed, out of memory, or see its own message), so this one "
+                     "stops too; --resume continues from the last checkpoint."], said[-3000:]
 
 def test_align_data_lines_that_are_not_utf8_are_skipped_by_number(tmp_path, capsys):
     path = tmp_path / "sft.jsonl"
