@@ -57,7 +57,7 @@ to its step, so --resume rewrites log.jsonl as that run's: each step once, howev
 and sha256 fingerprints of --data, --val-data and, where it is the reference, the --init model's weights,
 so --resume refuses other inputs). --out-dir may not hold an input: its ckpt.pt is never the --init.
 A loss, gradient or weight that becomes nan/inf stops the run before it is saved: the checkpoint on disk
-stays the last good one.
+stays the last good one. Under torchrun, a rank that dies stops the others with one sentence.
 """
 
 import hashlib
