@@ -53,9 +53,11 @@ follow from (--seed, step, prompt), so a resumed run, or a run on another number
 Every method evaluates before the first step and after the last (and every
 --eval-interval steps, saving a checkpoint each time). Prints one line per step and per eval; writes
 OUT/log.jsonl and OUT/ckpt.pt (self-contained: weights, tokenizer, "stage", train_config, and the log up
-to its step, so --resume rewrites log.jsonl as that run's: each step once, however often it was killed).
+to its step, so --resume rewrites log.jsonl as that run's: each step once, however often it was killed;
+and sha256 fingerprints of --data, --val-data and, where it is the reference, the --init model's weights,
+so --resume refuses other inputs). --out-dir may not hold an input: its ckpt.pt is never the --init.
 A loss, gradient or weight that becomes nan/inf stops the run before it is saved: the checkpoint on disk
-stays the last good one.
+stays the last good one. Under torchrun, a rank that dies stops the others with one sentence.
 """
 
 import hashlib
@@ -182,13 +184,17 @@ def read_records(path, method, flag):
         what = "a folder" if os.path.isdir(path) else "no such file"
         raise SystemExit(f"{flag} {path}: {what}; pass a JSONL file (see align.py's docstring).")
     records, bad, n_lines = [], [], 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is one bad line, not the end of the file
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             n_lines += 1
             try:
+                line = raw.decode("utf-8")
                 obj = json.loads(line)
+            except UnicodeDecodeError:
+                bad.append(f"line {line_no}: not UTF-8 text")
+                continue
             except json.JSONDecodeError:
                 bad.append(f"line {line_no}: not valid JSON")
                 continue
@@ -588,12 +594,38 @@ def write_log(path, rows):
     os.replace(f"{path}.tmp{os.getpid()}", path)
 
 
+def same_file(a, b):
+    """Whether paths a and b name one file: relative or absolute, through symlinks, or hard-linked."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def fingerprint(paths=(), tensors=None):
+    """sha256 of the files' bytes and of {name: tensor}'s values: what a run was made from, so --resume
+    can tell the same inputs from others (a copied or renamed file is the same; an edited one is not)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    for name, t in sorted((tensors or {}).items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def check_config(cfg):
     for flag, value in (("--init", cfg.init), ("--data", cfg.data), ("--out-dir", cfg.out_dir)):
         if not value:
             raise SystemExit(f"{flag} is required (see `python align.py --help`).")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise SystemExit(f"--out-dir {cfg.out_dir} is a file; pass a folder for ckpt.pt and log.jsonl.")
+    for flag, path in (("--init", cfg.init), ("--data", cfg.data), ("--val-data", cfg.val_data)):
+        for name in ("ckpt.pt", "log.jsonl"):  # an input is never overwritten, however it is spelled
+            if path and same_file(path, os.path.join(cfg.out_dir, name)):
+                raise SystemExit(f"{flag} {path} is the {name} that --out-dir {cfg.out_dir} would overwrite; "
+                                 "pass another --out-dir.")
     if not 0 <= cfg.eval_fraction < 1:
         raise SystemExit(f"--eval-fraction {cfg.eval_fraction}: must be in [0, 1).")
     if not 0 <= cfg.min_lr_ratio <= 1:
@@ -691,11 +723,24 @@ def main(argv=None):
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (0.9, 0.95), device.split(":")[0])
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
     start_step, rows = 0, []
+    # What the run is made from: the data, and the --init model where it stays the reference (DPO; GRPO's KL)
+    made_from = {"data": fingerprint([cfg.data]), "val_data": fingerprint([cfg.val_data] if cfg.val_data else [])}
+    if cfg.method == "dpo" or ref_model is not None:
+        made_from["init"] = fingerprint(tensors=init["model"])
     if cfg.resume and os.path.isfile(ckpt_path):
         state = load_checkpoint(ckpt_path)
         if state.get("stage") != cfg.method or state["model_config"] != init["model_config"]:
             raise SystemExit(f"--resume: {ckpt_path} (a {state.get('stage')} checkpoint) is not a {cfg.method} run "
                              "from a model shaped as --init; pick another --out-dir or drop --resume.")
+        if "made_from" not in state:
+            raise SystemExit(f"--resume: {ckpt_path} was written by an older version of align.py (it does not record "
+                             "its data); drop --resume to start again, or pick another --out-dir.")
+        changed = [k for k in made_from if state["made_from"].get(k) != made_from[k]]
+        if changed:
+            now, then = (" and ".join(f"--{k.replace('_', '-')} {c[k] or '(none)'}" for k in changed)
+                         for c in (asdict(cfg), state["train_config"]))
+            raise SystemExit(f"--resume: {ckpt_path} was made from {then} as it was then, not from {now} as it is "
+                             "now; pass the inputs it was made from, or drop --resume to start again.")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, rows = state["step"], state.get("log", [])
@@ -738,7 +783,8 @@ def main(argv=None):
         if rank == 0:
             save_checkpoint(ckpt_path, model, tokenizer=init["tokenizer"], stage=cfg.method,
                             train_config=asdict(cfg), step=step, optimizer=optimizer.state_dict(),
-                            data_position=step * cfg.batch_size * world, init=cfg.init, log=rows)
+                            data_position=step * cfg.batch_size * world, init=cfg.init, log=rows,
+                            made_from=made_from)
 
     if start_step == 0:
         run_eval(0)
@@ -776,4 +822,12 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RuntimeError as e:  # under torchrun, a rank that stopped fails its peers' next collective: say so,
+        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or "gloo/transport" in str(e))):
+            raise              # instead of the collective's traceback (as train.py does)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        other = f"rank {1 - rank}" if world == 2 else "another rank"
+        raise SystemExit(f"rank {rank} of {world}: {other} stopped mid-run (killed, out of memory, or see its own "
+                         "message), so this one stops too; --resume continues from the last checkpoint.") from None

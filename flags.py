@@ -7,13 +7,16 @@ flags.py: a script's config dataclass becomes its command-line flags, and the on
 Each field is a --kebab-case flag. The comment after the field, on its line, is the flag's help; a
 Literal[...] type (or an entry of `choices`) gives the values it accepts; the field's default is the
 flag's default, and --help shows all three. Booleans take --name / --no-name (a field named
-no_x takes --no-x alone). Every script of the project reads its flags this way, so a field added to
-a config dataclass is a documented flag at once.
+no_x takes --no-x alone). A float flag refuses nan and inf with one sentence, for every script at
+once: float("nan") parses, and nan slips through every `<` check a script makes afterwards. Every
+script of the project reads its flags this way, so a field added to a config dataclass is a
+documented flag at once.
 Imports no torch: dedup.py, tokenize_data.py, plays.py and pipeline.py run without it.
 """
 
 import argparse
 import inspect
+import math
 import re
 from dataclasses import MISSING, fields
 from typing import get_args
@@ -22,6 +25,17 @@ from typing import get_args
 def field_comments(config_class):
     """{field name: the comment after it} read from the dataclass's source."""
     return dict(re.findall(r"^ +(\w+): [^#\n]*?  # (.*)$", inspect.getsource(config_class), re.M))
+
+
+def finite_float(flag):
+    """argparse type of a float flag: nan and inf are one sentence, as the scripts' own checks are."""
+    def parse(text):
+        value = float(text)  # a ValueError here is argparse's usual "invalid float value"
+        if not math.isfinite(value):
+            raise SystemExit(f"{flag} {text}: must be a finite number.")
+        return value
+    parse.__name__ = "float"  # argparse names the type in its own messages
+    return parse
 
 
 def config_parser(config_class, doc, choices=None, aliases=None, given_only=False):
@@ -40,7 +54,8 @@ def config_parser(config_class, doc, choices=None, aliases=None, given_only=Fals
             parser.add_argument(*names, action=action, help=text, **default)
         else:
             allowed = choices.get(f.name) or get_args(f.type) or None
-            parser.add_argument(*names, type=type(f.default), choices=allowed, help=text, **default)
+            kind = finite_float(names[0]) if f.type is float else type(f.default)
+            parser.add_argument(*names, type=kind, choices=allowed, help=text, **default)
     return parser
 
 

@@ -24,6 +24,7 @@ Hugging Face folders (Llama, GPT-2, GPT-NeoX) map onto GPTConfig and these weigh
 `read_checkpoint(folder)` reads one as a checkpoint dict, export.py writes one.
 """
 
+import base64
 import json
 import math
 import os
@@ -37,7 +38,9 @@ import torch.nn.functional as F
 
 import attention_kernel  # imports only torch; triton is loaded on the first triton call
 
-CHECKPOINT_FORMAT = "gpt-from-scratch/1"
+CHECKPOINT_FORMAT = "gpt-from-scratch/2"  # 2: GPTConfig gained norm_eps, mlp_width, gelu_approx
+DAMAGED = "the file is damaged or not one that train.py or align.py wrote; pass another, or retrain"
+MAX_BLOCK_SIZE = 2**20  # positions; a checkpoint's block_size above it is damage (its tables would fill memory)
 
 
 @dataclass
@@ -522,7 +525,8 @@ def filter_logits(logits, top_k=None, top_p=None):
 def save_checkpoint(path, model, **extra):
     """Write {format, model_config, model weights, **extra} to path atomically (temp file + rename).
 
-    A crash mid-write leaves the previous checkpoint intact: os.replace is atomic on one filesystem.
+    A crash mid-write leaves the previous checkpoint intact: os.replace is atomic on one filesystem; a
+    write that fails (a full disk) removes its temporary and says so in one sentence.
     """
     raw = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     raw = getattr(raw, "module", raw)         # unwrap DDP
@@ -536,9 +540,13 @@ def save_checkpoint(path, model, **extra):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # the disk is full, a quota, a folder gone: the user can fix it
+            kept = f"the previous {path} is kept" if os.path.isfile(path) else "nothing was saved"
+            raise SystemExit(f"cannot write {path} ({e.strerror or e}); {kept}: free some space (or pick another "
+                             "--out-dir) and run again with --resume.") from None
         raise
 
 
@@ -561,10 +569,86 @@ def load_checkpoint(path, map_location="cpu"):
     except Exception as e:
         raise SystemExit(f"{path} is not a checkpoint this project can read ({type(e).__name__}); "
                          "pass the ckpt.pt that train.py or align.py wrote.") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("format"), str):
         raise SystemExit(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint; pass the ckpt.pt that "
                          "train.py or align.py wrote.")
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise SystemExit(f"{path} is a {ckpt['format']} checkpoint, written by an older version of this project "
+                         f"(this one reads {CHECKPOINT_FORMAT}); retrain or convert it.")
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise SystemExit(f"{path}: {problem}.")
     return ckpt
+
+
+def checkpoint_problem(ckpt):
+    """What keeps a checkpoint dict from building its model and tokenizer, and the fix, in words; or None.
+    Shapes only, before anything is built: a wrong shape or a huge config value is a sentence here rather
+    than a deep error, or an allocation that never ends, in whichever stage loads it."""
+    config, weights = ckpt.get("model_config"), ckpt.get("model")
+    if not isinstance(config, dict) or not isinstance(weights, dict):
+        return f"it holds no model_config or no weights; {DAMAGED}"
+    names = [f.name for f in fields(GPTConfig)]
+    missing, unknown = [k for k in names if k not in config], sorted(set(config) - set(names))
+    if missing:
+        return f"its model_config lacks {', '.join(missing)}: written by an older version; retrain or convert it"
+    if unknown:
+        return f"its model_config has fields GPTConfig does not know ({', '.join(unknown)}); {DAMAGED}"
+    for f in fields(GPTConfig):
+        value, kind = config[f.name], type(f.default)
+        finite_number = type(value) in (int, float) and math.isfinite(value)
+        if not (finite_number if kind is float else type(value) is kind):
+            return f"its model_config {f.name}={value!r} is not a finite {kind.__name__}; {DAMAGED}"
+    if config["n_layer"] > len(weights):  # bounds the model built below, as the shapes bound the rest
+        return f"its model_config n_layer={config['n_layer']} is more blocks than it has weights; {DAMAGED}"
+    if config["block_size"] > MAX_BLOCK_SIZE:
+        return f"its model_config block_size={config['block_size']} is above {MAX_BLOCK_SIZE:,} positions; {DAMAGED}"
+    try:
+        want = weight_shapes(GPTConfig(**config))  # every other size is checked against the weights' shapes below
+    except (ValueError, RuntimeError) as e:
+        return f"its model_config cannot build a model ({str(e).rstrip('.')}); {DAMAGED}"
+    if set(weights) != set(want):
+        odd = sorted(set(weights) ^ set(want))
+        return f"its weights do not match its model_config ({', '.join(odd[:3])} differ); {DAMAGED}"
+    for name, shape in want.items():
+        t = weights[name]
+        if not isinstance(t, torch.Tensor) or t.shape != shape or not t.is_floating_point():
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            return f"its weight {name} is {got}, not a float tensor of shape {tuple(shape)}; {DAMAGED}"
+    return tokenizer_problem(ckpt.get("tokenizer"), config["vocab_size"])
+
+
+def weight_shapes(config):
+    """{name: shape} of GPT(config).state_dict(), from one block and the final norm built on the meta device
+    (all blocks are alike; the whole GPT is not built there: its normal_ init would import torch._dynamo, seconds)."""
+    with torch.device("meta"):
+        block = Block(config).state_dict()
+        norm_f = make_norm(config).state_dict() if config.prenorm else {}
+    table = {"wte.weight": (config.vocab_size, config.n_embd)}
+    table.update({"wpe.weight": (config.block_size, config.n_embd)} if config.pos_encoding == "learned" else {})
+    table.update({f"blocks.{i}.{k}": v.shape for i in range(config.n_layer) for k, v in block.items()})
+    table.update({f"norm_f.{k}": v.shape for k, v in norm_f.items()})
+    table["lm_head.weight"] = (config.vocab_size, config.n_embd)
+    return {k: torch.Size(v) for k, v in table.items()}
+
+
+def tokenizer_problem(tok, vocab_size):
+    """A tokenizer dict (tokenize_data.tokenizer_to_dict: name, pat_str, mergeable_ranks {base64: id},
+    special_tokens {name: id}) that cannot be rebuilt, or whose ids miss the embedding, in words; or None."""
+    if tok is None:
+        return None
+    if not (isinstance(tok, dict) and isinstance(tok.get("name"), str) and isinstance(tok.get("pat_str"), str)
+            and isinstance(tok.get("mergeable_ranks"), dict) and isinstance(tok.get("special_tokens"), dict)):
+        return f"its tokenizer is not the dict tokenize_data.py writes (name, pat_str, ranks, specials); {DAMAGED}"
+    ids = [*tok["mergeable_ranks"].values(), *tok["special_tokens"].values()]
+    if not all(type(i) is int and 0 <= i < vocab_size for i in ids) or len(set(ids)) != len(ids):
+        return f"its tokenizer's ids are not distinct integers below its vocab_size={vocab_size}; {DAMAGED}"
+    try:
+        for token in tok["mergeable_ranks"]:
+            base64.b64decode(token, validate=True)
+    except (ValueError, TypeError):
+        return f"its tokenizer's token {token!r} is not base64; {DAMAGED}"
+    return None
 
 
 def pick_device(flag):
@@ -766,30 +850,12 @@ def hf_state_dict(config, state, arch):
     return out
 
 
-def state_shapes(config):
-    """{name: shape} of a pre-norm GPT(config).state_dict() (what a Hugging Face folder holds), without
-    building one: on the meta device its init would first import torch._dynamo, seconds."""
-    C, hidden, qkv = config.n_embd, config.mlp_hidden, (config.n_head + 2 * config.n_kv_head) * config.head_dim
-    modules = {"attn.qkv": (qkv, C), "attn.proj": (C, config.n_head * config.head_dim),
-               "mlp.fc": (2 * hidden if config.mlp == "swiglu" else hidden, C), "mlp.proj": (C, hidden)}
-    norm_bias = config.bias and config.norm == "layernorm"
-    shapes = {"wte.weight": (config.vocab_size, C), "norm_f.weight": (C,), "lm_head.weight": (config.vocab_size, C)}
-    shapes.update({"norm_f.bias": (C,)} if norm_bias else {})
-    shapes.update({"wpe.weight": (config.block_size, C)} if config.pos_encoding == "learned" else {})
-    for i in range(config.n_layer):
-        for norm in ("norm1", "norm2"):
-            shapes.update({f"blocks.{i}.{norm}.{kind}": (C,) for kind in ("weight", "bias")[:1 + norm_bias]})
-        for name, shape in modules.items():
-            shapes.update({f"blocks.{i}.{name}.{kind}": s for kind, s in (("weight", shape), ("bias", shape[:1]))
-                           if kind == "weight" or config.bias})
-    return {k: torch.Size(v) for k, v in shapes.items()}
-
 
 def state_from_hf(config, arch, tensors, where):
     """{HF tensor name: tensor} -> our state dict for config; a missing tensor or a wrong shape is one sentence.
     A bias their layer lacks (Llama without attention_bias, ...) is zero, which is what their layer computes."""
     state, used = {}, set()
-    expected = state_shapes(config)
+    expected = weight_shapes(config)
     for name, shape in expected.items():
         if name == "lm_head.weight" and config.tie_weights:
             continue
@@ -857,5 +923,9 @@ def read_hf_folder(folder):
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         import tokenize_data  # the tokenizer's owner: byte-level BPE into a tiktoken Encoding, or a sentence
         tokenizer = tokenize_data.tokenizer_to_dict(tokenize_data.encoding_from_hf(folder))
-    return {"format": CHECKPOINT_FORMAT, "model_config": asdict(config), "tokenizer": tokenizer,
+    ckpt = {"format": CHECKPOINT_FORMAT, "model_config": asdict(config), "tokenizer": tokenizer,
             "model": state_from_hf(config, arch, tensors, folder), "hf_folder": os.path.abspath(folder)}
+    problem = checkpoint_problem(ckpt)  # the checks every checkpoint passes (a tokenizer beyond the vocabulary)
+    if problem:
+        raise SystemExit(f"{folder}: {problem.replace('train.py or align.py wrote', 'this project reads')}.")
+    return ckpt

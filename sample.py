@@ -13,10 +13,13 @@ block_size - 1 tokens (with a note on stderr). A chat renders the conversation w
 tokenize_data.render_conversation, the template align.py trains on, then asks for the assistant's turn; the
 reply ends at the first special token, and the oldest turns are dropped when the conversation outgrows
 the block. --num-samples N prints N samples of one --prompt (with --chat: N replies to that message).
+--chat on a checkpoint that align.py did not write says so on stderr (a pretrained model continues text,
+it was not taught to answer). A reader that closes the pipe (`| head -c 10`) ends the run quietly.
 """
 
 import codecs
 import contextlib
+import os
 import sys
 from dataclasses import dataclass
 
@@ -71,6 +74,9 @@ def read_prompt(prompt):
                 return f.read()
         except OSError as e:
             raise SystemExit(f"--prompt {prompt}: cannot read that file ({e.strerror}).")
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"--prompt {prompt}: the file is not UTF-8 text (byte {e.start:,} is not); "
+                             "pass a text file.") from None
     return prompt
 
 
@@ -144,6 +150,11 @@ def check_config(cfg):
 
 def main(argv=None):
     cfg = check_config(parse_flags(SampleConfig, argv, __doc__))
+    if sys.stdout is None or sys.stdout.closed:  # e.g. `sample.py >&-`: nowhere to write the text
+        raise SystemExit("stdout is closed, so there is nowhere to write the samples; redirect it to a file instead.")
+    if cfg.chat and not cfg.prompt and (sys.stdin is None or sys.stdin.closed):  # e.g. `sample.py --chat <&-`
+        raise SystemExit("--chat without --prompt reads your messages from stdin, which is closed; run it in a "
+                         "terminal, or pass --prompt.")
     device = pick_device(cfg.device)
     ckpt = read_checkpoint(cfg.ckpt, "--ckpt")
     broken = next((k for k, v in ckpt["model"].items() if v.is_floating_point() and not v.isfinite().all()), None)
@@ -153,6 +164,9 @@ def main(argv=None):
     # sdpa computes what every attn_impl computes, and runs everywhere (triton needs a GPU).
     model = GPT.from_checkpoint(ckpt, device=device, dropout=0.0, attn_impl="sdpa")
     enc = load_tokenizer_from(ckpt, cfg.ckpt)
+    if cfg.chat and ckpt.get("stage") not in ("sft", "dpo", "grpo"):
+        print(f"note: {cfg.ckpt} was not trained to chat (align.py did not write it), so its replies will not "
+              "follow the conversation; align it first (align.py --method sft).", file=sys.stderr)
     del ckpt
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
@@ -177,4 +191,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # the reader went away (`| head -c 10`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so Python's flush at exit cannot fail

@@ -40,6 +40,7 @@ import os
 # checks that a later setting works too).
 os.environ["TRITON_INTERPRET"] = "1"
 
+import errno  # noqa: E402  (imports after the line above, on purpose)
 import functools  # noqa: E402  (imports after the line above, on purpose)
 import gzip
 import hashlib
@@ -50,6 +51,7 @@ import json
 import math
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -1853,6 +1855,49 @@ def test_model_bad_checkpoints_are_one_sentence(tmp_path):
         load_checkpoint(str(tmp_path / "other.pt"))
 
 
+def test_model_checkpoint_with_wrong_weights_tokenizer_or_config_is_one_sentence(tmp_path):
+    """A file that passes the format check but cannot build its model or tokenizer: one sentence naming
+    the file and what is wrong, from load_checkpoint (every stage loads through it), before any model is built."""
+    model = tiny_model(vocab_size=261)  # the byte-level tokenizer's
+    save_checkpoint(str(tmp_path / "good.pt"), model, tokenizer=tokenize_data.tokenizer_to_dict(byte_tokenizer()),
+                    stage="pretrain")
+    good = load_checkpoint(str(tmp_path / "good.pt"))
+
+    def broken(name, change, *fragments):
+        ckpt = {**good, "model_config": dict(good["model_config"]), "model": dict(good["model"]),
+                "tokenizer": {**good["tokenizer"], "mergeable_ranks": dict(good["tokenizer"]["mergeable_ranks"])}}
+        change(ckpt)
+        torch.save(ckpt, tmp_path / name)
+        message = stops_with_sentence(lambda: load_checkpoint(str(tmp_path / name)))
+        assert message.startswith(str(tmp_path / name)) and all(f in message for f in fragments), message
+    broken("shape.pt", lambda c: c["model"].update({"blocks.0.mlp.fc.weight": torch.zeros(3, 3)}),
+           "blocks.0.mlp.fc.weight", "(3, 3)", "(128, 32)")
+    broken("missing.pt", lambda c: c["model"].pop("blocks.1.attn.proj.weight"), "blocks.1.attn.proj.weight")
+    broken("not_a_tensor.pt", lambda c: c["model"].update({"norm_f.weight": [1.0] * 32}), "norm_f.weight")
+    broken("huge_layers.pt", lambda c: c["model_config"].update(n_layer=10**9), "n_layer=1000000000")
+    broken("huge_width.pt", lambda c: c["model_config"].update(n_embd=2**40), "cannot build")
+    broken("huge_block.pt", lambda c: c["model_config"].update(block_size=10**12), "block_size=1000000000000")
+    broken("half_a_head.pt", lambda c: c["model_config"].update(n_head=2.5), "n_head=2.5", "int")
+    broken("nan_dropout.pt", lambda c: c["model_config"].update(dropout=float("nan")), "dropout=nan")
+    broken("other_vocab.pt", lambda c: c["model_config"].update(vocab_size=32), "wte.weight")
+    broken("old.pt", lambda c: c["model_config"].pop("qk_norm"), "lacks qk_norm", "older version", "retrain or convert")
+    broken("no_ranks.pt", lambda c: c["tokenizer"].pop("mergeable_ranks"), "tokenizer")
+    def ranks(ckpt):
+        return ckpt["tokenizer"]["mergeable_ranks"]
+    broken("big_id.pt", lambda c: ranks(c).update({"eA==": 261}), "tokenizer", "vocab_size=261")
+    broken("not_b64.pt", lambda c: ranks(c).update({"%%": ranks(c).pop("AA==")}), "'%%'", "base64")
+    broken("format.pt", lambda c: c.update(format="gpt-from-scratch/0"), "gpt-from-scratch/0",
+           "older version", "retrain or convert")
+    # as sample.py meets one: the sentence alone on stderr
+    one_sentence(run_script("sample.py", "--ckpt", tmp_path / "shape.pt", "--prompt", "x"), "blocks.0.mlp.fc.weight")
+    # and every layout of weights the options make passes the check
+    for options in (dict(pos_encoding="learned", mlp="swiglu", bias=True, tie_weights=False),
+                    dict(prenorm=False, norm="rmsnorm", qk_norm=True, n_kv_head=1, mlp="relu2"),
+                    dict(pos_encoding="sinusoidal", norm="rmsnorm", bias=True, zero_init_proj=True)):
+        save_checkpoint(str(tmp_path / "options.pt"), tiny_model(**options))
+        assert load_checkpoint(str(tmp_path / "options.pt"))["model_config"]["n_head"] == 4
+
+
 # ------------------------------------------------------------------------ sampling: KV cache, generate, filters
 
 @pytest.mark.parametrize("options", [dict(), dict(pos_encoding="learned", n_kv_head=1),
@@ -2469,7 +2514,7 @@ def test_train_checkpoint_survives_kill_mid_write(tmp_path, monkeypatch, byte_da
         f.write(b"half")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", save_half_then_raise)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit, match="disk full"):
         train.main(argv)
     monkeypatch.setattr(torch, "save", real_save)
     assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
@@ -2663,6 +2708,96 @@ def test_train_bad_flag_values_are_one_sentence(tmp_path, monkeypatch):
     assert train_command_message([*argv, "--n-embd", "32", "--n-head", "3"]) == "n_embd=32 must be divisible by n_head=3."
 
 
+def test_train_float_flags_of_every_script_refuse_nan_and_inf(tmp_path):
+    """flags.py gives every float flag of every script one sentence for nan and inf, before any work."""
+    scripts = [(train, train.TrainConfig), (align, align.AlignConfig), (sample, sample.SampleConfig),
+               (dedup, dedup.DedupConfig), (tokenize_data, tokenize_data.TokenizeConfig),
+               (pipeline, pipeline.PipelineConfig)]
+    n_float_flags = 0
+    for module, config in scripts:
+        for f in fields(config):
+            if f.type is float:
+                flag = "--" + f.name.replace("_", "-")
+                for value in ("nan", "inf", "-inf", "NaN"):
+                    refused(module.main, [f"{flag}={value}"], f"{flag} {value}: must be a finite number")
+                n_float_flags += 1
+    assert n_float_flags >= 20
+    # as users meet them: align --lr nan, sample --temperature nan
+    one_sentence(run_script("align.py", "--lr", "nan"), "--lr nan")
+    one_sentence(run_script("sample.py", "--temperature", "nan"), "--temperature nan")
+
+
+def test_train_token_ids_beyond_the_vocabulary_are_one_sentence(tmp_path):
+    """A meta.json whose vocab_size is below the shards' ids, or a shard holding an id >= vocab_size:
+    refused when the data is loaded, not with an IndexError when training meets the id."""
+    out = ["--out-dir", tmp_path / "out", *TRAIN_TINY, "--max-steps", "1"]
+    data = make_byte_data(tmp_path / "small_vocab", 40_000)
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "vocab_size": 100}))  # Hamlet's bytes reach 'z' = 122
+    largest = max(hamlet().encode()[:meta["train_tokens"]])
+    message = train_exit_message(["--data-dir", data, *out])
+    assert "train.bin" in message and f"token id {largest}" in message and "vocab_size 100" in message, message
+    data = make_byte_data(tmp_path / "big_id", 40_000)
+    ids = np.fromfile(data / "val.bin", dtype=np.uint16)
+    ids[len(ids) // 2] = 300
+    ids.tofile(data / "val.bin")
+    message = train_exit_message(["--data-dir", data, *out])
+    assert "val.bin" in message and "token id 300" in message and "vocab_size 256" in message, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_disk_full_while_saving_is_one_sentence_and_keeps_the_checkpoint(tmp_path, monkeypatch, byte_data):
+    out = tmp_path / "out"
+    run_train(byte_data, out, "--max-steps", 2)
+    before = weights(out)
+
+    def save_until_the_disk_is_full(obj, f, *args, **kwargs):
+        f.write(b"the first part of a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    message = train_exit_message(["--out-dir", str(out), "--resume", "--max-steps", "4", "--eval-interval", "1"])
+    assert message.startswith(f"cannot write {out / 'ckpt.pt'} (No space left on device); the previous"), message
+    assert "is kept" in message and "--resume" in message
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl"]  # no temporary left
+    monkeypatch.undo()
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] == 2 and max_diff(ckpt["model"], before) == 0.0
+
+
+def test_train_data_dir_without_a_tokenizer_says_what_the_model_cannot_do(tmp_path, capsys, byte_data):
+    run_train(byte_data, tmp_path / "bytes", "--max-steps", 1)
+    said = capsys.readouterr().out
+    assert f"note: {byte_data} has no tokenizer.tiktoken, so align.py will refuse this model" in said, said
+    assert "raw bytes" in said
+    data = make_byte_data(tmp_path / "data", 40_000)
+    (data / "meta.json").write_text(json.dumps({**json.loads((data / "meta.json").read_text()), "vocab_size": 300}))
+    run_train(data, tmp_path / "v300", "--max-steps", 1)
+    said = capsys.readouterr().out
+    assert "sample.py will too (its vocab_size is 300" in said and "tokenize_data.py" in said, said
+    refused(align.main, ["--init", tmp_path / "v300" / "ckpt.pt", "--data", "x.jsonl", "--out-dir", tmp_path / "a"],
+            "carries no tokenizer")  # what the note foretold
+
+
+def test_train_resume_of_an_older_or_another_stages_checkpoint_is_one_sentence(tmp_path, byte_data):
+    """No shims for earlier checkpoints: one written before the model's switches existed, one of another
+    format, and one that align.py wrote are refused with a sentence, not continued with guessed fields."""
+    out = tmp_path / "out"
+    run_train(byte_data, out, "--max-steps", 1)
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    resume = ["--out-dir", str(out), "--resume", "--max-steps", "2"]
+    for switch in ("qk_norm", "zero_init_proj", "logit_softcap"):
+        del ckpt["model_config"][switch]
+    torch.save(ckpt, out / "ckpt.pt")
+    assert "lacks qk_norm, zero_init_proj, logit_softcap: written by an older version; retrain or convert it" in \
+        train_exit_message(resume)
+    torch.save({**ckpt, "format": "gpt-from-scratch/0"}, out / "ckpt.pt")
+    assert "older version" in train_exit_message(resume)
+    save_tiny_checkpoint(out / "ckpt.pt", None, vocab_size=256)
+    torch.save({**load_checkpoint(str(out / "ckpt.pt")), "stage": "sft"}, out / "ckpt.pt")
+    assert "is a sft checkpoint, not one train.py wrote" in train_exit_message(resume)
+    assert [r["step"] for r in read_log(out)] == [1]  # nothing was trained on any of them
+
+
 def set_val_tokens(data, n):
     """Cut val.bin to its first n tokens and say so in meta.json, as tokenize_data.py would have."""
     (data / "val.bin").write_bytes((data / "val.bin").read_bytes()[:2 * n])
@@ -2737,6 +2872,42 @@ def test_train_ranks_stop_when_the_launcher_is_killed(tmp_path):
     assert ckpt["step"] >= 5 and ckpt["step"] % 5 == 0
     train.main(["--out-dir", str(out), "--resume", "--max-steps", str(ckpt["step"] + 1)])
     assert [r["step"] for r in read_log(out)] == list(range(1, ckpt["step"] + 2))
+
+
+def kill_rank_1_once_it_saved(tmp_path, script, *args):
+    """torchrun of script on 2 CPU ranks with args; once OUT/ckpt.pt exists (both ranks are past their first
+    checkpoint), kill -9 rank 1, as the out-of-memory killer does -> (what rank 0 printed, all the output)."""
+    out = Path(args[args.index("--out-dir") + 1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / script),
+           *map(str, args)]
+    with open(tmp_path / "output.txt", "w") as output:
+        launcher = subprocess.Popen(cmd, env=ENV, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "ckpt.pt").exists():
+            assert launcher.poll() is None and time.time() < deadline, (tmp_path / "output.txt").read_text()[-3000:]
+            time.sleep(0.2)
+        rank1 = [pid for pid in children_of(launcher.pid)
+                 if "RANK=1\0" in Path(f"/proc/{pid}/environ").read_text(errors="replace")]
+        assert len(rank1) == 1
+        os.kill(rank1[0], signal.SIGKILL)
+        launcher.wait(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    said = (tmp_path / "output.txt").read_text()
+    return [line for line in said.splitlines() if line.startswith(("[rank0]", "rank 0 of 2"))], said
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds rank 1 in /proc")
+def test_train_a_killed_rank_stops_the_other_with_one_sentence(tmp_path):
+    """kill -9 of rank 1: rank 0 says that rank 1 stopped, in one sentence, not with gloo's traceback."""
+    data, out = make_byte_data(tmp_path / "data", 40_000), tmp_path / "out"
+    rank0, said = kill_rank_1_once_it_saved(tmp_path, "train.py", "--data-dir", data, "--out-dir", out, *TRAIN_TINY,
+                                            "--max-steps", "100000", "--eval-interval", "5")
+    assert rank0 == ["rank 0 of 2: rank 1 stopped mid-run (killed, out of memory, or see its own message), so this one "
+                     "stops too; the last checkpoint in --out-dir is kept, and --resume continues from it."], said[-3000:]
+    assert load_checkpoint(str(out / "ckpt.pt"))["step"] % 5 == 0
 
 
 # ------ issue 13: every flag explained from one source; the flag and field agree; the closing line
@@ -3785,6 +3956,66 @@ def test_align_bad_flags_and_files_are_one_sentence(tmp_path, tiny_checkpoint):
         refused(align.main, [*base, "--init", init, "--out-dir", out, "--device", "cuda"], "--device cuda", "no GPU")
 
 
+def test_align_out_dir_holding_its_own_input_is_refused_however_spelled(tmp_path, monkeypatch, tiny_checkpoint):
+    """align.py --init S/ckpt.pt --out-dir S would replace the checkpoint it starts from: refused, spelled
+    relative, absolute, through a symlink, with a trailing slash or a dot; so is --data S/log.jsonl."""
+    stage = tmp_path / "S"
+    stage.mkdir()
+    shutil.copy(tiny_checkpoint, stage / "ckpt.pt")
+    (tmp_path / "link").symlink_to(stage)
+    before = (stage / "ckpt.pt").read_bytes()
+    data = toy_sft(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for init, out in (("S/ckpt.pt", "S"), (stage / "ckpt.pt", "S/"), ("S/ckpt.pt", stage), ("link/ckpt.pt", "S"),
+                      ("S/ckpt.pt", "./link/"), ("./S/../S/ckpt.pt", "S/.")):
+        refused(align.main, ["--method", "dpo", "--init", init, "--data", data, "--out-dir", out, "--max-steps", "0"],
+                f"--init {init} is the ckpt.pt that --out-dir {out} would overwrite")
+    shutil.copy(data, stage / "log.jsonl")
+    refused(align.main, ["--init", tiny_checkpoint, "--data", "S/log.jsonl", "--out-dir", "link", "--max-steps", "0"],
+            "--data S/log.jsonl is the log.jsonl that --out-dir link would overwrite")
+    assert (stage / "ckpt.pt").read_bytes() == before and sorted(os.listdir(stage)) == ["ckpt.pt", "log.jsonl"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds rank 1 in /proc")
+def test_align_a_killed_rank_stops_the_other_with_one_sentence(tmp_path, tiny_checkpoint):
+    rank0, said = kill_rank_1_once_it_saved(tmp_path, "align.py", "--init", tiny_checkpoint, "--data", toy_sft(tmp_path),
+                                            "--out-dir", tmp_path / "out", "--eval-fraction", "0", "--batch-size", "2",
+                                            "--max-steps", "100000", "--eval-interval", "3")
+    assert rank0 == ["rank 0 of 2: rank 1 stopped mid-run (killed, out of memory, or see its own message), so this one "
+                     "stops too; --resume continues from the last checkpoint."], said[-3000:]
+
+def test_align_data_lines_that_are_not_utf8_are_skipped_by_number(tmp_path, capsys):
+    path = tmp_path / "sft.jsonl"
+    good = json.dumps({"prompt": "alpha", "response": "beta"}).encode()
+    latin1 = b'{"prompt": "caf\xe9", "response": "x"}'  # café in Latin-1: not UTF-8
+    path.write_bytes(b"\n".join([good, latin1, good, b"\xff\xfe\x00\x01", good]) + b"\n")
+    records = align.read_records(str(path), "sft", "--data")
+    assert len(records) == 3 and records[0][0]["answers"][0][-1]["content"] == "beta"
+    assert f"{path}: skipped 2 of 5 lines (line 2: not UTF-8 text; line 4: not UTF-8 text)" in capsys.readouterr().out
+
+
+def test_align_resume_with_other_data_or_another_init_is_one_sentence(tmp_path, tiny_checkpoint):
+    """A run's checkpoint records what it was made from; --resume with an edited --data, or (DPO) another
+    --init, is refused instead of continuing a mixture."""
+    pairs = [{"prompt": f"alpha {i}", "chosen": "good", "rejected": "bad"} for i in range(8)]
+    data = str(write_jsonl(tmp_path / "dpo.jsonl", pairs))
+    out = tmp_path / "dpo"
+    run = ["--method", "dpo", "--init", tiny_checkpoint, "--data", data, "--out-dir", out, "--eval-fraction", "0",
+           "--batch-size", "2", "--max-steps", "2", "--eval-interval", "1"]
+    align.main(list(map(str, run)))
+    copy = str(shutil.copy(data, tmp_path / "same.jsonl"))  # the same bytes under another name: the same data
+    align.main(list(map(str, run)) + ["--resume", "--max-steps", "3", "--data", copy])
+    assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 3
+    write_jsonl(data, pairs[:-1])  # edited since
+    refused(align.main, [*run, "--resume", "--max-steps", "4"], f"--resume: {out / 'ckpt.pt'} was made from",
+            f"--data {copy} as it was then, not from --data {data} as it is now")
+    write_jsonl(data, pairs)
+    _, other = save_tiny_checkpoint(tmp_path / "other.pt", tiny_tokenizer()[1], seed=1, **ALIGN_MODEL)
+    refused(align.main, [*run, "--resume", "--max-steps", "4", "--init", other],
+            f"--init {tiny_checkpoint} as it was then, not from --init {other} as it is now")
+    assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 3
+
+
 # ---------------------------------------------------------------------------------- align: GRPO
 # A byte-level tokenizer (the special tokens after the 256 bytes: ids 256..260) and a one-layer model.
 
@@ -4167,6 +4398,43 @@ def test_sample_refuses_bad_inputs(tmp_path):
                      "--device cuda", "no GPU")
 
 
+def test_sample_closed_pipe_ends_quietly(tmp_path):
+    """`sample.py ... | head -c 10`: the reader goes away mid-stream; the run ends with no traceback, status 0."""
+    _, path = save_tiny_checkpoint(tmp_path / "ckpt.pt", None, vocab_size=256, block_size=64)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--ckpt", path, "--prompt", "Hi",
+                             "--max-new-tokens", "5000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    assert len(proc.stdout.read(10)) == 10
+    proc.stdout.close()  # as head does after its 10 bytes
+    stderr = proc.communicate(timeout=300)[1].decode()
+    assert proc.returncode == 0 and stderr == "", stderr
+
+
+def test_sample_binary_prompt_file_and_closed_stdin_or_stdout_are_one_sentence(tmp_path):
+    model, path = sample_chat_checkpoint(tmp_path)
+    (tmp_path / "image.bin").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    refused(sample.main, ["--ckpt", path, "--prompt", f"FILE:{tmp_path / 'image.bin'}"],
+            f"--prompt FILE:{tmp_path / 'image.bin'}: the file is not UTF-8 text (byte 0 is not)")
+    sample_py = " ".join(map(shlex.quote, [sys.executable, str(ROOT / "sample.py"), "--ckpt", path, "--chat"]))
+    closed_stdin = subprocess.run(["bash", "-c", f"{sample_py} <&-"], capture_output=True, text=True, env=ENV)
+    one_sentence(closed_stdin, "--chat without --prompt reads your messages from stdin, which is closed")
+    closed_stdout = subprocess.run(["bash", "-c", f"{sample_py} --prompt hi >&-"], capture_output=True, text=True,
+                                   env=ENV)
+    one_sentence(closed_stdout, "stdout is closed")
+
+
+def test_sample_chat_with_a_model_not_trained_to_chat_says_so(tmp_path, capsys):
+    _, path = sample_chat_checkpoint(tmp_path)  # stage "pretrain"
+    chat = ["--chat", "--prompt", "hi", "--max-new-tokens", "3"]
+    sample.main(["--ckpt", path, *chat])
+    assert capsys.readouterr().err == (f"note: {path} was not trained to chat (align.py did not write it), so its "
+                                       "replies will not follow the conversation; align it first (align.py --method "
+                                       "sft).\n")
+    torch.save({**load_checkpoint(path), "stage": "sft"}, tmp_path / "sft.pt")
+    sample.main(["--ckpt", str(tmp_path / "sft.pt"), *chat])
+    sample.main(["--ckpt", path, "--prompt", "hi", "--max-new-tokens", "3"])  # continuing text is what it does
+    assert capsys.readouterr().err == ""
+
+
 # ==================================================================================================
 # export: Hugging Face folders out and back in, against transformers' own model classes
 # ==================================================================================================
@@ -4304,12 +4572,12 @@ def test_export_every_preset_configuration_has_an_architecture():
         assert hf_architecture(GPTConfig(block_size=cfg.block_size, **shape)) == "gpt_neox"
 
 
-def test_export_state_shapes_are_the_models():
+def test_export_weight_shapes_are_the_models():
     for pos, norm, mlp, bias in itertools.product(["rope", "learned"], ["layernorm", "rmsnorm"],
                                                   ["gelu", "swiglu", "relu2"], [False, True]):
         config = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
                            pos_encoding=pos, norm=norm, mlp=mlp, bias=bias, mlp_width=24 if bias else 0)
-        assert model_py.state_shapes(config) == {k: v.shape for k, v in GPT(config).state_dict().items()}
+        assert model_py.weight_shapes(config) == {k: v.shape for k, v in GPT(config).state_dict().items()}
 
 
 @pytest.mark.parametrize("switch, fragment", [
@@ -4436,7 +4704,7 @@ def test_export_with_a_tokenizer_feeds_transformers_align_and_sample_chat(tmp_pa
     assert load_checkpoint(tmp_path / "sft" / "ckpt.pt")["model_config"] == back["model_config"]
 
 
-def test_export_train_init_from_a_folder_takes_its_tokenizer_and_refuses_shards_of_another(tmp_path):
+def test_export_train_init_from_a_folder_takes_its_tokenizer_and_refuses_shards_of_another(tmp_path, monkeypatch):
     data, text = tmp_path / "tokens", hamlet()
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": text[i:i + 3000]} for i in range(0, len(text), 3000)])
     tokenize_data.main([str(corpus), "--out-dir", str(data), "--vocab-size", "300", "--val-fraction", "0.3",
@@ -4454,6 +4722,12 @@ def test_export_train_init_from_a_folder_takes_its_tokenizer_and_refuses_shards_
     train.main([*map(str, base), "--init-from", str(tmp_path / "same"), "--out-dir", str(tmp_path / "run")])
     assert load_checkpoint(tmp_path / "run" / "ckpt.pt")["model_config"]["block_size"] == 64
     refused(train.main, [*base, "--init-from", tmp_path / "other", "--out-dir", tmp_path / "run2"], "tokenizer")
+    # the init inside the out-dir this run writes its checkpoint into, however spelled, is refused before anything
+    (tmp_path / "link.pt").symlink_to(tmp_path / "run" / "ckpt.pt")
+    for init in (tmp_path / "run" / "ckpt.pt", tmp_path / "run" / "." / "ckpt.pt", tmp_path / "link.pt"):
+        refused(train.main, [*base, "--init-from", init, "--out-dir", tmp_path / "run"], "inside --out-dir")
+    monkeypatch.chdir(tmp_path / "run")
+    refused(train.main, [*base, "--init-from", "ckpt.pt", "--out-dir", "."], "inside --out-dir")
 
 
 # ==================================================================================================

@@ -25,7 +25,8 @@ Design choices:
 - ckpt.pt carries the log up to its step and --resume rewrites log.jsonl from it, so after any kills and
   resumes the log holds each step once, of one run; a run first deletes the temporaries a killed one left;
 - a non-finite loss stops the run before anything is saved, so the last checkpoint stays good; under
-  torchrun (Linux) each rank asks the kernel to kill it when the launcher dies, so none trains on alone;
+  torchrun (Linux) each rank asks the kernel to kill it when the launcher dies, so none trains on alone,
+  and a rank that dies stops the others at their next collective with one sentence, not gloo's traceback;
 - `--tp N --pp M` (data parallel takes the rest: world = dp x tp x pp; CPU/gloo or GPUs/NCCL) runs
   hand-written Megatron-style tensor parallelism (heads, MLP, vocabulary split over tp) and pipeline
   stages (--schedule gpipe | 1f1b, micro-batches = --grad-accum). Checkpoints are always saved whole, so
@@ -136,9 +137,10 @@ def resolve_config(argv):
     given["out_dir"] = given.get("out_dir", TrainConfig.out_dir)  # where we looked, not where it was first written
     ckpt_path = os.path.join(given["out_dir"], "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path) if given.get("resume") and os.path.isfile(ckpt_path) else None
+    if ckpt is not None and ckpt.get("stage") != "pretrain":
+        raise SystemExit(f"--resume: {ckpt_path} is a {ckpt.get('stage')} checkpoint, not one train.py wrote; pick "
+                         "another --out-dir or drop --resume.")
     saved = {k: v for k, v in (ckpt or {}).get("train_config", {}).items() if k in TrainConfig.__dataclass_fields__}
-    if ckpt is not None:
-        saved.setdefault("optimizer", "adamw")  # written before --optimizer existed
     preset = given.get("preset", saved.get("preset", ""))
     return TrainConfig(**{**PRESETS.get(preset, {}), **saved, **given}), given, ckpt, ckpt_path
 
@@ -166,6 +168,10 @@ def check_config(cfg):
     if cfg.attn_impl == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("--attn-impl triton needs a CUDA GPU (or TRITON_INTERPRET=1 for Triton's slow CPU "
                          "interpreter); use --attn-impl sdpa on the CPU.")
+    out_dir = os.path.realpath(cfg.out_dir)
+    if cfg.init_from and os.path.commonpath([out_dir, os.path.realpath(cfg.init_from)]) == out_dir:
+        raise SystemExit(f"--init-from {cfg.init_from} is inside --out-dir {cfg.out_dir}, whose checkpoint this run "
+                         "writes over; pass another --out-dir (or move the weights out of it).")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -187,6 +193,12 @@ def setup_distributed(device_flag):
     return rank, world_size, local_rank, device
 
 
+def lost_a_peer(error):
+    """Whether error is a collective failing because another rank is gone: gloo's reset or closed
+    connection (a plain RuntimeError naming gloo's transport), or NCCL's DistError."""
+    return dist.is_initialized() and (isinstance(error, dist.DistError) or "gloo/transport" in str(error))
+
+
 def all_reduce_mean(value, group=None):
     """Mean of a scalar tensor over the group (gloo has no AVG, so SUM then divide)."""
     if dist.is_initialized():
@@ -206,7 +218,8 @@ def peak_flops(device):
 # Data: token shards on disk, batches as a function of (seed, step)
 
 def load_data(data_dir, seq_len):
-    """-> (train tokens, val tokens, meta): the shards memory-mapped read-only, checked against meta.json."""
+    """-> (train tokens, val tokens, meta): the shards memory-mapped read-only, checked against meta.json
+    (their sizes, and their largest id against vocab_size)."""
     if not data_dir or not os.path.isdir(data_dir):
         raise SystemExit(f"--data-dir {data_dir or '(none given)'} is not a folder; pass the --out-dir of tokenize_data.py.")
     meta_path, rerun = os.path.join(data_dir, "meta.json"), f"run tokenize_data.py --out-dir {data_dir}"
@@ -234,7 +247,12 @@ def load_data(data_dir, seq_len):
             raise SystemExit(f"{path} holds {n_tokens} tokens, fewer than --block-size {seq_len} + 1; pass "
                              f"--block-size {n_tokens - 1} or less, or {rerun} on more text"
                              + (" or with a larger --val-fraction." if split == "val" else "."))
-        shards.append(np.memmap(path, dtype=meta["dtype"], mode="r"))
+        shard = np.memmap(path, dtype=meta["dtype"], mode="r")
+        largest = int(shard.max())  # one pass over the file; an id past the vocabulary would fail hours in
+        if largest >= meta["vocab_size"]:
+            raise SystemExit(f"{path} holds token id {largest:,}, but {meta_path} gives vocab_size "
+                             f"{meta['vocab_size']:,}: the shard and meta.json are not of one tokenizer; {rerun}.")
+        shards.append(shard)
     return shards[0], shards[1], meta
 
 
@@ -279,7 +297,7 @@ def model_config_for(cfg, given, meta, tokenizer, ckpt, ckpt_path):
     if ckpt is None:
         return GPTConfig(vocab_size=meta["vocab_size"], block_size=cfg.block_size, attn_impl=cfg.attn_impl,
                          **{k: getattr(cfg, k) for k in SHAPE_FIELDS + ["dropout"]})
-    saved = {k: getattr(GPTConfig, k) for k in SHAPE_FIELDS} | ckpt["model_config"]  # older files lack new switches
+    saved = ckpt["model_config"]
     for k in SHAPE_FIELDS:
         if k in given and given[k] != saved[k] and not (k == "n_kv_head" and given[k] == 0):
             raise SystemExit(f"--{k.replace('_', '-')} {given[k]} differs from the checkpoint's {saved[k]}; "
@@ -548,6 +566,10 @@ def main(argv=None):
 
     train_data, val_data, meta = load_data(cfg.data_dir, cfg.block_size)
     tokenizer = data_tokenizer(cfg.data_dir)
+    if tokenizer is None and (ckpt or {}).get("tokenizer") is None:  # the checkpoint will carry none
+        say(f"note: {cfg.data_dir} has no tokenizer.tiktoken, so align.py will refuse this model and sample.py "
+            + ("will read its ids as raw bytes." if meta["vocab_size"] == 256 else "will too (its vocab_size "
+               f"is {meta['vocab_size']}, not 256 raw bytes); to use it, run tokenize_data.py on the corpus first."))
     init = read_checkpoint(cfg.init_from, "--init-from") if cfg.init_from and ckpt is None else None
     try:  # --init-from: the model is the init's, as on resume
         model_config = model_config_for(cfg, given, meta, tokenizer, ckpt or init,
@@ -577,7 +599,7 @@ def main(argv=None):
                          "pass --dtype bfloat16 or float32.")
     optimizer = make_optimizer(model, cfg, device.type, grid.tp_group if grid else None)
     if ckpt is not None:
-        saved_optimizer = ckpt["train_config"].get("optimizer", "adamw")  # written before Muon: AdamW
+        saved_optimizer = ckpt["train_config"]["optimizer"]
         if cfg.optimizer != saved_optimizer:
             raise SystemExit(f"--optimizer {cfg.optimizer} differs from the checkpoint's {saved_optimizer} (its state "
                              "does not carry over); drop the flag or train into a new --out-dir.")
@@ -600,9 +622,7 @@ def main(argv=None):
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     # The log travels in ckpt.pt, so the resumed log is the checkpoint's run, each step once, whatever a
     # killed run appended after the checkpoint or a fresh run killed before its first one wrote over it.
-    history = list(ckpt.get("log", [])) if ckpt else []
-    if ckpt and "log" not in ckpt and os.path.isfile(log_path):  # a checkpoint from before it did
-        history = [r for r in map(json.loads, open(log_path)) if r["step"] <= ckpt["step"]]
+    history = list(ckpt["log"]) if ckpt else []
     if master:
         try:
             os.makedirs(cfg.out_dir, exist_ok=True)
@@ -1125,4 +1145,13 @@ def load_sharded_optimizer_state(model, grid, optimizer, whole_state):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RuntimeError as e:  # under torchrun, a rank that stopped (killed, out of memory) fails its peers'
+        if not lost_a_peer(e):  # next collective; that is the news, not the collective's traceback
+            raise
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        other = f"rank {1 - rank}" if world == 2 else "another rank"
+        raise SystemExit(f"rank {rank} of {world}: {other} stopped mid-run (killed, out of memory, or see its own "
+                         "message), so this one stops too; the last checkpoint in --out-dir is kept, and --resume "
+                         "continues from it.") from None
