@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flags import config_parser
+from flags import config_parser, remove_stale_temporaries, stale_temporaries, temporary_path
 
 SEED = 1             # permutation seed: the values equal datasketch 2.x's MinHash(seed=1, scheme=SCHEME)
 SCHEME = "affine32"  # datasketch 2.x's default scheme, whose permutations permutations() draws
@@ -144,17 +144,18 @@ def _written_by_dedup(report_path, out):
 
 
 def check_outputs(files, cfg, paths, temps):
-    """Refuse, before any work, to write over an input (however its path is spelled), into a folder that is a
-    file, or over a default removed.jsonl / report.json that an earlier dedup.py run did not write."""
+    """Refuse, before any work, to write over an input (however its path is spelled: also the temporaries
+    that are deleted before writing), into a folder that is a file, or over a default removed.jsonl /
+    report.json that an earlier dedup.py run did not write. paths: OUT, REMOVED, REPORT, the work file."""
     flags = ["OUT (-o)", "--removed", "--report", "OUT's work file"]
-    for p, tmp, flag in zip(paths + [temps[-1]], temps, flags):
+    for p, tmp, flag in zip(paths, temps, flags):
         if p.is_dir():
             raise SystemExit(f"{flag} {p} is a folder; give a file name such as {p / 'corpus.jsonl'}")
         folder = next(q for q in p.absolute().parents if q.exists())
         if not folder.is_dir():
             raise SystemExit(f"{flag} {p} cannot be written: {folder} is a file, not a folder; choose another path")
         for f, _ in files:
-            if _same_file(f, p) or _same_file(f, tmp):
+            if any(_same_file(f, Path(q)) for q in [p, tmp, *stale_temporaries(p)]):
                 raise SystemExit(f"{flag} {p} is also an input ({f}); write the outputs outside the input "
                                  f"files and folders")
     reports = {paths[2], paths[0].parent / "report.json"}  # where an earlier run's report would be
@@ -641,15 +642,18 @@ def run(inputs, cfg, th=QualityThresholds()):
     if len({p.resolve() for p in paths}) < 3:
         raise SystemExit(f"OUT, --removed and --report must be three different files, got "
                          f"{', '.join(map(str, paths))}")
-    temps = [p.with_name(p.name + ".tmp") for p in paths] + [out.with_name(out.name + ".work.tmp")]
+    paths.append(out.with_name(out.name + ".work"))  # the work file, a temporary only
+    temps = [Path(temporary_path(p)) for p in paths]
     files = expand_inputs(inputs)
     check_outputs(files, cfg, paths, temps)
+    for p in paths:
+        remove_stale_temporaries(p)
     pool, cpu0 = None, _cpu_seconds()
     try:
         try:
             for p in paths:
                 p.parent.mkdir(parents=True, exist_ok=True)
-            work = open(temps[3], "w+b")
+            work = open(temps[3], "w+b")  # never renamed: deleted at the end
         except OSError as e:
             raise SystemExit(f"cannot write beside {e.filename or out} ({e.strerror}); choose a folder you can write to")
         try:
@@ -694,7 +698,7 @@ def run(inputs, cfg, th=QualityThresholds()):
             "cpu_seconds": {"main": round(cpu[0], 3), "workers": round(cpu[1], 3)},
         }
         temps[2].write_text(json.dumps(report, indent=2) + "\n")
-        for tmp, final in zip(temps, paths):  # all three outputs appear only once all are complete
+        for tmp, final in zip(temps, paths[:3]):  # all three outputs appear only once all are complete
             os.replace(tmp, final)
         return report
     finally:

@@ -24,7 +24,6 @@ tokenizer), written atomically; `GPT.from_checkpoint(path)` rebuilds the model f
 
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -32,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attention_kernel  # imports only torch; triton is loaded on the first triton call
+import flags  # the one rule for writing outputs (temporary name, rename) that every stage follows
 
 CHECKPOINT_FORMAT = "gpt-from-scratch/1"
 CONFIG_CHOICES = {"pos_encoding": ["rope", "learned", "sinusoidal"], "norm": ["layernorm", "rmsnorm"],
@@ -514,27 +514,13 @@ def save_checkpoint(path, model, **extra):
     ckpt = {"format": CHECKPOINT_FORMAT, "model_config": asdict(raw.config),
             "model": {k: v.detach().cpu() for k, v in raw.state_dict().items()}, **extra}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with flags.atomic_output(path) as f:
+        torch.save(ckpt, f)
 
 
 def remove_stale_temporaries(path):
     """Delete path.tmp and path.tmp<pid> that killed writers of path left (a whole checkpoint each); -> them."""
-    folder, name = os.path.split(os.path.abspath(path))
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    stale = [os.path.join(folder, f) for f in names if re.fullmatch(re.escape(name) + r"\.tmp\d*", f)]
-    for p in stale:
-        os.remove(p)
-    return stale
+    return flags.remove_stale_temporaries(path)
 
 
 def load_checkpoint(path, map_location="cpu"):

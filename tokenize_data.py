@@ -30,7 +30,6 @@ import heapq
 import json
 import multiprocessing
 import os
-import re
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +40,7 @@ import numpy as np
 import regex
 import tiktoken
 
-from flags import config_parser
+from flags import config_parser, remove_stale_temporaries, stale_temporaries, temporary_path, write_atomic
 
 # GPT-4's cl100k pre-tokenizer pattern. Why this one over GPT-2's: digits split into runs of at most 3,
 # contractions match in any case ("'S"), and runs of newlines stay together with their indentation
@@ -289,13 +288,6 @@ def load_base_encoding(name):
 
 
 # ---------------------------------------------------------------------------- tokenizer files
-def _write_atomic(path, data):  # data: bytes or a contiguous numpy array (written raw)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def rank_file_bytes(enc):
     """tiktoken's rank file format: base64(token bytes), a space, the rank; one line per token."""
     ranks = sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1])
@@ -447,31 +439,18 @@ def check_out_dir(out_dir, encoding_name, fingerprint=None):
 def check_paths(paths, out_dir):
     """Refuse an --out-dir under a file, and any input that is one of our outputs or their temporaries
     (however the path is spelled: symlinks and hard links count); then remove the temporaries that a killed
-    run left behind (our names only, of processes that no longer run)."""
+    run left behind (flags.py's rule)."""
     out = Path(out_dir)
     folder = out if out.exists() else next(q for q in out.absolute().parents if q.exists())
     if not folder.is_dir():
         raise SystemExit(f"--out-dir {out_dir}: {folder} is a file, not a folder; choose another --out-dir.")
     ours = [out / name for name in OUTPUT_FILES]
+    ours += [Path(t) for q in ours for t in stale_temporaries(q)]
     for p in paths:
-        temp = re.fullmatch(r"(.+)\.tmp\d+", p.name)
-        if any(p.resolve() == q.resolve() or (q.exists() and os.path.samefile(p, q)) for q in ours) or (
-                temp and temp[1] in OUTPUT_FILES and p.parent.resolve() == out.resolve()):
+        if any(p.resolve() == q.resolve() or (q.exists() and os.path.samefile(p, q)) for q in ours):
             raise SystemExit(f"{p} is an input and also an output in --out-dir {out_dir}; pass another --out-dir.")
-    for p in out.glob("*.tmp*") if out.is_dir() else []:
-        temp = re.fullmatch(r"(.+)\.tmp(\d+)", p.name)
-        if temp and temp[1] in OUTPUT_FILES and not _process_alive(int(temp[2])):
-            p.unlink()
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0 only asks whether the process exists
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # it exists, as another user's process
-        pass
-    return True
+    for q in ours[:len(OUTPUT_FILES)]:
+        remove_stale_temporaries(q)
 
 
 # ---------------------------------------------------------------------------- main
@@ -538,7 +517,7 @@ def main(argv=None):
     check_out_dir(cfg.out_dir, encoding_name, fingerprint)
 
     dtype = token_dtype(enc.n_vocab)
-    shards = {split: out / f"{split}.bin.tmp{os.getpid()}" for split in ("train", "val")}
+    shards = {split: Path(temporary_path(out / f"{split}.bin")) for split in ("train", "val")}
     try:
         t0 = time.perf_counter()
         counts = encode_to_shards(enc, iter_documents(paths), shards, cfg.val_fraction, dtype, cfg.workers)
@@ -556,11 +535,11 @@ def main(argv=None):
                 "tokenizer_sha256": fingerprint, "config": asdict(cfg), "inputs": list(inputs), **train_info}
         # meta.json goes first and comes back last: in between, the folder's shards do not count as complete
         (out / "meta.json").unlink(missing_ok=True)
-        _write_atomic(out / TOKENIZER_FILE, rank_file_bytes(enc))
-        _write_atomic(out / "special_tokens.json", json.dumps(enc._special_tokens, indent=1).encode())
+        write_atomic(out / TOKENIZER_FILE, rank_file_bytes(enc))
+        write_atomic(out / "special_tokens.json", json.dumps(enc._special_tokens, indent=1).encode())
         for split, tmp in shards.items():
             os.replace(tmp, out / f"{split}.bin")
-        _write_atomic(out / "meta.json", json.dumps(meta, indent=1).encode())
+        write_atomic(out / "meta.json", json.dumps(meta, indent=1).encode())
     except OSError as e:
         raise SystemExit(f"--out-dir {cfg.out_dir}: cannot write {e.filename or 'the shards'} ({e.strerror}); "
                          f"check the folder and the free space.")
