@@ -42,6 +42,7 @@ file into OUT and REMOVED.
 """
 
 import collections
+import errno
 import functools
 import gzip
 import hashlib
@@ -52,6 +53,8 @@ import os
 import re
 import time
 import unicodedata
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -487,18 +490,18 @@ def _batched(items, max_items=256, max_bytes=1 << 20):
 
 
 def _ordered_map(pool, func, items, in_flight):
-    """Like Pool.imap, results in input order, but reading at most in_flight batches ahead (imap's
-    feeder thread would read the whole input into memory when the workers are slower than disk)."""
+    """Like map over the worker processes, results in input order, reading at most in_flight batches ahead
+    (Executor.map would read the whole input into memory when the workers are slower than disk)."""
     if pool is None:
         yield from map(func, items)
         return
     pending = collections.deque()
     for item in items:
-        pending.append(pool.apply_async(func, (item,)))
+        pending.append(pool.submit(func, item))
         if len(pending) >= in_flight:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 def _find(parent, i):
@@ -656,10 +659,9 @@ def run(inputs, cfg, th=QualityThresholds()):
             work = open(temps[3], "w+b")  # never renamed: deleted at the end
         except OSError as e:
             raise SystemExit(f"cannot write beside {e.filename or out} ({e.strerror}); choose a folder you can write to")
-        try:
-            pool = multiprocessing.Pool(cfg.workers) if cfg.workers > 1 else None
-        except OSError as e:
-            raise SystemExit(f"--workers {cfg.workers}: cannot start that many processes ({e.strerror}); lower it")
+        # a process pool that notices a dead worker (BrokenProcessPool); multiprocessing.Pool would wait forever
+        pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("fork")) \
+            if cfg.workers > 1 else None
         imap = functools.partial(_ordered_map, pool, in_flight=2 * cfg.workers)  # imap(func, items)
         with work:
             status, keeper, rule_names, pairs, stats = sketch_pass(files, cfg, th, imap, work)
@@ -673,8 +675,7 @@ def run(inputs, cfg, th=QualityThresholds()):
             with open(temps[0], "wb") as f_out, open(temps[1], "wb") as f_rm:
                 counts, bytes_removed = write_pass(work, status, keeper, rule_names, best_jaccard, f_out, f_rm)
         if pool:  # joined, so that their CPU time is counted
-            pool.close()
-            pool.join()
+            pool.shutdown()
         seconds, cpu = time.time() - t0, [b - a for a, b in zip(cpu0, _cpu_seconds())]
         bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
         rule_docs = collections.Counter(rule_names[s] for s in status[status >= FILTERED].tolist())
@@ -701,9 +702,17 @@ def run(inputs, cfg, th=QualityThresholds()):
         for tmp, final in zip(temps, paths[:3]):  # all three outputs appear only once all are complete
             os.replace(tmp, final)
         return report
+    except BrokenProcessPool:  # the kernel's OOM killer sends SIGKILL, which no worker can catch
+        raise SystemExit(f"a --workers process died (most likely killed by the system for want of memory); "
+                         f"nothing was written: run again with fewer --workers (now {cfg.workers}) or more memory")
+    except OSError as e:  # read_records turns read errors into sentences: this is a fork or a write
+        if e.errno == errno.EAGAIN and pool:
+            raise SystemExit(f"--workers {cfg.workers}: cannot start that many processes ({e.strerror}); lower it")
+        raise SystemExit(f"cannot write the outputs beside {out} ({e.strerror}); nothing was written: free space "
+                         f"there (they take about twice the input) or choose another folder with -o") from None
     finally:
         if pool:
-            pool.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
         for tmp in temps:  # left behind only by a failed run (and a killed run's are replaced by the next)
             tmp.unlink(missing_ok=True)
 

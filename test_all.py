@@ -693,6 +693,27 @@ def test_dedup_killed_run_leaves_nothing_after_the_next_run(tmp_path):
                                                              "report.json"]
 
 
+def killed_worker_run(script, patch, *argv):
+    """script.main(argv) in a child process whose workers SIGKILL themselves (as the OOM killer does) on the
+    document holding "killme": `patch` replaces one of the script's globals that the workers call."""
+    child = (f"import os, signal, sys; sys.path.insert(0, {str(ROOT)!r}); import {script} as m\n"
+             f"def die_on_marker(text):\n    if 'killme' in text: os.kill(os.getpid(), signal.SIGKILL)\n{patch}\n"
+             f"m.main(sys.argv[1:])")
+    return subprocess.run([sys.executable, "-c", child, *map(str, argv)], capture_output=True, text=True,
+                          timeout=120, env=ENV)
+
+
+def test_dedup_dead_worker_ends_the_run_with_a_sentence(tmp_path):
+    docs = prose_docs(600)  # three batches
+    docs[400]["text"] += " killme"
+    src = write_jsonl(tmp_path / "in.jsonl", docs)
+    before = src.read_bytes()
+    patch = "clean = m.clean_text\nm.clean_text = lambda text: die_on_marker(text) or clean(text)"
+    r = killed_worker_run("dedup", patch, src, "-o", tmp_path / "o" / "c.jsonl", "--workers", "2")
+    one_sentence(r, "memory", "--workers")
+    assert list((tmp_path / "o").iterdir()) == [] and src.read_bytes() == before  # no temporaries left
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--workers", "0"], "--workers"), (["--workers", "-3"], "--workers"), (["--num-perm", "1"], "--num-perm"),
     (["--ngram", "0"], "--ngram"), (["--threshold", "nan"], "--threshold"), (["--threshold", "-1"], "--threshold"),
@@ -1123,6 +1144,19 @@ def test_tokenizer_removes_its_stale_temporaries(tmp_path):
     tokenize_tiny(tmp_path, [corpus])
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in others)
+
+
+def test_tokenizer_dead_worker_ends_the_run_with_a_sentence(tmp_path):
+    docs = prose_docs(40)
+    docs[30]["text"] += " killme"
+    src = write_jsonl(tmp_path / "in.jsonl", docs)
+    patch = ("import regex\nclass Pattern:\n    def __init__(self, p): self.p = regex.compile(p)\n"
+             "    def findall(self, text): return die_on_marker(text) or self.p.findall(text)\n"
+             "m.regex = type(regex)('regex'); m.regex.compile = Pattern; m.BATCH_CHARS = 1000")
+    r = killed_worker_run("tokenize_data", patch, src, "--out-dir", tmp_path / "tok", "--workers", "2",
+                          "--vocab-size", "300")
+    one_sentence(r, "memory", "--workers")
+    assert not (tmp_path / "tok").exists() or list((tmp_path / "tok").iterdir()) == []
 
 
 def test_tokenizer_single_document_says_val_is_empty(tmp_path, capsys):

@@ -32,7 +32,8 @@ import multiprocessing
 import os
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -163,15 +164,20 @@ def count_chunks(texts, pat_str=PAT_STR, workers=1):
     Batches go to `workers` processes, at most 2 per worker in flight, so the texts are never all in memory."""
     jobs = (([text for _, text in batch], pat_str) for batch in _batched(("", t) for t in texts))
     counts = Counter()
-    if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+    if workers > 1:  # a process pool that notices a dead worker (BrokenProcessPool): multiprocessing.Pool hangs
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
             pending = collections.deque()
-            for job in jobs:
-                pending.append(pool.apply_async(_count_chunks_worker, (job,)))
-                if len(pending) >= 2 * workers:
-                    counts.update(pending.popleft().get())
-            while pending:
-                counts.update(pending.popleft().get())
+            try:
+                for job in jobs:
+                    pending.append(pool.submit(_count_chunks_worker, job))
+                    if len(pending) >= 2 * workers:
+                        counts.update(pending.popleft().result())
+                while pending:
+                    counts.update(pending.popleft().result())
+            except BrokenProcessPool:  # the kernel's OOM killer sends SIGKILL, which no worker can catch
+                raise SystemExit(f"a --workers process died (most likely killed by the system for want of "
+                                 f"memory); nothing was written: run again with fewer --workers (now {workers}) "
+                                 f"or more memory.") from None
     else:
         for job in jobs:
             counts.update(_count_chunks_worker(job))
