@@ -60,7 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flags import config_parser, remove_stale_temporaries, stale_temporaries, temporary_path
+from flags import config_parser, files_under, remove_stale_temporaries, stale_temporaries, temporary_path
 
 SEED = 1             # permutation seed: the values equal datasketch 2.x's MinHash(seed=1, scheme=SCHEME)
 SCHEME = "affine32"  # datasketch 2.x's default scheme, whose permutations permutations() draws
@@ -117,13 +117,14 @@ KEPT, EXACT, NEAR, FILTERED = 0, 1, 2, 3  # status of a document; FILTERED + k: 
 # Reading: the parent yields raw records in input order; the workers decode and parse them.
 
 def expand_inputs(inputs):
-    """Files and folders -> [(path, id for a .txt)]; folders are searched for .txt/.jsonl (.gz too)."""
+    """Files and folders -> [(path, id for a .txt)]; folders are searched for .txt/.jsonl (.gz too), symlinked
+    subfolders included."""
     found = []
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            found += [(p, str(p.relative_to(path))) for p in sorted(path.rglob("*"))
-                      if p.is_file() and re.search(r"\.(txt|jsonl)(\.gz)?$", p.name)]
+            found += [(p, str(p.relative_to(path))) for p in files_under(path)
+                      if re.search(r"\.(txt|jsonl)(\.gz)?$", p.name)]
         elif path.is_file():
             found.append((path, path.name))
         else:
@@ -146,11 +147,13 @@ def _written_by_dedup(report_path, out):
         return False
 
 
-def check_outputs(files, cfg, paths, temps):
+def check_outputs(files, folders, cfg, paths, temps):
     """Refuse, before any work, to write over an input (however its path is spelled: also the temporaries
     that are deleted before writing), into a folder that is a file, or over a default removed.jsonl /
-    report.json that an earlier dedup.py run did not write. paths: OUT, REMOVED, REPORT, the work file."""
+    report.json that an earlier dedup.py run did not write, or a .jsonl into an input folder.
+    paths: OUT, REMOVED, REPORT, the work file."""
     flags = ["OUT (-o)", "--removed", "--report", "OUT's work file"]
+    walked = {f.resolve().parent for folder in folders for f in files_under(folder)}  # linked-in folders too
     for p, tmp, flag in zip(paths, temps, flags):
         if p.is_dir():
             raise SystemExit(f"{flag} {p} is a folder; give a file name such as {p / 'corpus.jsonl'}")
@@ -161,6 +164,11 @@ def check_outputs(files, cfg, paths, temps):
             if any(_same_file(f, Path(q)) for q in [p, tmp, *stale_temporaries(p)]):
                 raise SystemExit(f"{flag} {p} is also an input ({f}); write the outputs outside the input "
                                  f"files and folders")
+        for folder in folders:  # a .jsonl written there would be read back as input by the next run
+            if p.name.endswith(".jsonl") and (p.parent.resolve().is_relative_to(folder.resolve())
+                                              or p.parent.resolve() in walked):
+                raise SystemExit(f"{flag} {p} is inside the input folder {folder}, so the next run would read it "
+                                 f"as input; write the outputs outside the input folders")
     reports = {paths[2], paths[0].parent / "report.json"}  # where an earlier run's report would be
     for p, flag, given in zip(paths[1:], flags[1:], (cfg.removed, cfg.report)):
         if not given and p.exists() and not any(_written_by_dedup(r, paths[0]) for r in reports):
@@ -648,7 +656,7 @@ def run(inputs, cfg, th=QualityThresholds()):
     paths.append(out.with_name(out.name + ".work"))  # the work file, a temporary only
     temps = [Path(temporary_path(p)) for p in paths]
     files = expand_inputs(inputs)
-    check_outputs(files, cfg, paths, temps)
+    check_outputs(files, [Path(p) for p in inputs if Path(p).is_dir()], cfg, paths, temps)
     for p in paths:
         remove_stale_temporaries(p)
     pool, cpu0 = None, _cpu_seconds()

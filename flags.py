@@ -20,6 +20,7 @@ import inspect
 import os
 import re
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import get_args
 
 
@@ -51,6 +52,20 @@ def config_parser(config_class, doc, choices=None, aliases=None, given_only=Fals
 def parse_flags(config_class, argv, doc, **options):
     """argv (None: sys.argv) -> a config_class filled from the flags."""
     return config_class(**vars(config_parser(config_class, doc, **options).parse_args(argv)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: a folder is read with everything under it, symlinked subfolders too (a user links a corpus in
+# rather than copying it); each real folder is walked once, so a link to an ancestor cannot loop.
+
+def files_under(folder):
+    """-> sorted paths (spelled under `folder`) of the files in it and in every subfolder, links followed."""
+    found, seen = [], {os.path.realpath(folder)}
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = [os.path.realpath(os.path.join(root, d)) for d in dirs]
+        dirs[:] = [d for d, r in zip(dirs, real) if r not in seen and not seen.add(r)]  # walked once each
+        found += [Path(root, f) for f in files if os.path.isfile(os.path.join(root, f))]
+    return sorted(found)
 
 
 # ---------------------------------------------------------------------------------------------

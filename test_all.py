@@ -693,6 +693,22 @@ def test_dedup_killed_run_leaves_nothing_after_the_next_run(tmp_path):
                                                              "report.json"]
 
 
+def test_dedup_reads_symlinked_folders_and_never_writes_into_an_input_folder(tmp_path, monkeypatch):
+    texts = write_jsonl(tmp_path / "texts" / "a.jsonl", prose_docs(3)).parent
+    write_jsonl(tmp_path / "elsewhere" / "b.jsonl", prose_docs(5, seed=1))
+    os.symlink(tmp_path / "elsewhere", texts / "linked")  # a symlinked subfolder: its 5 documents count
+    os.symlink(texts, tmp_path / "elsewhere" / "loop")  # and a loop back through it
+    monkeypatch.chdir(tmp_path)
+    for outputs in (["-o", "texts/out/c.jsonl"], ["-o", "texts/linked/c.jsonl"],
+                    ["-o", "o/c.jsonl", "--removed", "texts/r.jsonl"]):
+        stops_with_sentence(lambda: dedup.main(["texts", *outputs]))
+        assert "inside the input folder" in stops_with_sentence(lambda: dedup.main(["texts", *outputs]))
+    for _ in range(2):  # a second run reads the same 8 documents
+        dedup.main(["texts", "-o", "o/c.jsonl"])
+        assert json.loads((tmp_path / "o" / "report.json").read_text())["documents"]["in"] == 8
+    assert sorted(p.name for p in tmp_path.rglob("*.jsonl")) == ["a.jsonl", "b.jsonl", "c.jsonl", "removed.jsonl"]
+
+
 def killed_worker_run(script, patch, *argv):
     """script.main(argv) in a child process whose workers SIGKILL themselves (as the OOM killer does) on the
     document holding "killme": `patch` replaces one of the script's globals that the workers call."""
@@ -1144,6 +1160,15 @@ def test_tokenizer_removes_its_stale_temporaries(tmp_path):
     tokenize_tiny(tmp_path, [corpus])
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in others)
+
+
+def test_tokenizer_reads_symlinked_subfolders(tmp_path):
+    corpus = write_jsonl(tmp_path / "texts" / "a.jsonl", prose_docs(3)).parent
+    write_jsonl(tmp_path / "elsewhere" / "b.jsonl", prose_docs(5, seed=1))
+    os.symlink(tmp_path / "elsewhere", corpus / "linked")
+    os.symlink(corpus, tmp_path / "elsewhere" / "loop")  # a loop: each real folder is read once
+    meta = tokenize_tiny(tmp_path, [corpus])
+    assert meta["train_docs"] + meta["val_docs"] == 8
 
 
 def test_tokenizer_dead_worker_ends_the_run_with_a_sentence(tmp_path):

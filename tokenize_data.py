@@ -41,7 +41,7 @@ import numpy as np
 import regex
 import tiktoken
 
-from flags import config_parser, remove_stale_temporaries, stale_temporaries, temporary_path, write_atomic
+from flags import config_parser, files_under, remove_stale_temporaries, stale_temporaries, temporary_path, write_atomic
 
 # GPT-4's cl100k pre-tokenizer pattern. Why this one over GPT-2's: digits split into runs of at most 3,
 # contractions match in any case ("'S"), and runs of newlines stay together with their indentation
@@ -77,13 +77,13 @@ def _clean_text(text):
 
 
 def input_files(inputs):
-    """Files and folders -> [Path]; folders are searched for .txt and .jsonl files (and their .gz)."""
+    """Files and folders -> [Path]; folders are searched for .txt and .jsonl files (and their .gz), symlinked
+    subfolders included."""
     paths = []
     for name in inputs:
         p = Path(name)
         if p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.name.endswith((".txt", ".jsonl", ".txt.gz", ".jsonl.gz"))
-                            and q.is_file())
+            paths += [q for q in files_under(p) if q.name.endswith((".txt", ".jsonl", ".txt.gz", ".jsonl.gz"))]
         elif p.is_file():
             paths.append(p)
         else:
