@@ -48,6 +48,7 @@ import gzip
 import hashlib
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -77,6 +78,7 @@ class DedupConfig:
     removed: str = ""         # removed documents with the reason; default removed.jsonl beside OUT
     report: str = ""          # counts per stage and rule, bytes, docs/s; default report.json beside OUT
     strict: bool = False      # a malformed JSONL line is fatal instead of skipped and reported
+    max_document_mb: float = 16.0  # larger documents are removed as read ("too_large"): each costs ~30x its size
 
 
 @dataclass
@@ -454,13 +456,15 @@ def sketch_batch(args):
             out["problems"].append(problem)
             continue
         out["bytes_in"] += len(doc["text"].encode("utf-8", "replace"))  # JSON "\ud800" is a lone surrogate
-        text = doc["text"] = clean_text(doc["text"])
+        too_large = len(record[-1]) > cfg.max_document_mb * 1e6  # the steps below cost ~30x its size in memory
+        text = doc["text"] = doc["text"] if too_large else clean_text(doc["text"])
         out["lines"].append(json.dumps(doc, ensure_ascii=False).encode("utf-8", "replace") + b"\n")
-        clean_bytes = len(text.encode())
+        clean_bytes = len(text.encode("utf-8", "replace"))
         out["bytes_clean"] += clean_bytes
-        words, word_hashes = _words(text)
+        words, word_hashes = _words("" if too_large else text)
         ngrams = {}  # n -> ids of every run of n words, shared by the filters and the shingles
-        rule = None if cfg.no_filters else quality_rule(text, words, word_hashes, th, ngrams)
+        rule = "too_large" if too_large else None if cfg.no_filters else quality_rule(text, words, word_hashes,
+                                                                                      th, ngrams)
         out["rules"].append(rule)
         if rule is not None:
             out["rule_bytes"][rule] += clean_bytes
@@ -646,8 +650,10 @@ def run(inputs, cfg, th=QualityThresholds()):
     t0 = time.time()
     if not cfg.out:
         raise SystemExit("no OUT given; pass -o OUT.jsonl, the file for the kept documents")
-    if not (0 < cfg.threshold <= 1 and cfg.num_perm >= 2 and cfg.ngram >= 1 and cfg.workers >= 1):
-        raise SystemExit("--threshold must be in (0, 1], --num-perm >= 2, --ngram >= 1 and --workers >= 1")
+    if not (0 < cfg.threshold <= 1 and cfg.num_perm >= 2 and cfg.ngram >= 1 and cfg.workers >= 1
+            and 0 < cfg.max_document_mb < math.inf):
+        raise SystemExit("--threshold must be in (0, 1], --num-perm >= 2, --ngram >= 1, --workers >= 1 and "
+                         "--max-document-mb > 0")
     out = Path(cfg.out)
     paths = [out, Path(cfg.removed or out.parent / "removed.jsonl"), Path(cfg.report or out.parent / "report.json")]
     if len({p.resolve() for p in paths}) < 3:
@@ -744,6 +750,11 @@ def main(argv=None):
           f"{st['near']['verified_pairs']} at Jaccard >= {report['config']['threshold']})")
     print(f"{b['in']:,} bytes in, {b['out']:,} out; {report['seconds']:.1f} s, {report['docs_per_second']:.0f} docs/s; "
           f"CPU s: main process {report['cpu_seconds']['main']:.1f}, workers {report['cpu_seconds']['workers']:.1f}")
+    too_large = st["filters"]["rules"].get("too_large")
+    if too_large:
+        print(f"note: {too_large['docs']} documents over --max-document-mb {report['config']['max_document_mb']} "
+              f"were removed as read (removed_by \"too_large\"); raise the flag to process them, at about 30x "
+              f"their size in memory")
     if bad["undecodable_bytes_replaced"] or bad["malformed_lines"]:
         print(f"bad input: {bad['undecodable_bytes_replaced']} undecodable bytes replaced, {bad['malformed_lines']} "
               f"malformed JSONL lines skipped {bad['malformed_examples'][:3]} (--strict makes them fatal)")

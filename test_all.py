@@ -709,6 +709,22 @@ def test_dedup_reads_symlinked_folders_and_never_writes_into_an_input_folder(tmp
     assert sorted(p.name for p in tmp_path.rglob("*.jsonl")) == ["a.jsonl", "b.jsonl", "c.jsonl", "removed.jsonl"]
 
 
+def test_dedup_one_huge_document_costs_a_bounded_multiple_of_its_size(tmp_path):
+    """A document over --max-document-mb is removed as read: the run's peak traced memory stays within a few
+    times the input (processed whole, this one took ~45x), and the document is in removed.jsonl, unchanged."""
+    rng = np.random.default_rng(0)
+    huge = {"id": "huge", "text": " ".join(rng.choice(PROSE.split(), 400_000)) + "\t"}  # ~2 MB, one line
+    src = write_jsonl(tmp_path / "in.jsonl", prose_docs(20) + [huge])
+    tracemalloc.start()
+    report = dedup.run([str(src)], dedup.DedupConfig(out=str(tmp_path / "o" / "c.jsonl"), max_document_mb=0.5,
+                                                     no_filters=True))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak / src.stat().st_size < 8, peak / src.stat().st_size
+    removed = [json.loads(line) for line in open(tmp_path / "o" / "removed.jsonl")]
+    assert removed == [{**huge, "removed_by": "too_large"}] and report["documents"]["out"] == 20
+
+
 def killed_worker_run(script, patch, *argv):
     """script.main(argv) in a child process whose workers SIGKILL themselves (as the OOM killer does) on the
     document holding "killme": `patch` replaces one of the script's globals that the workers call."""
@@ -1169,6 +1185,29 @@ def test_tokenizer_reads_symlinked_subfolders(tmp_path):
     os.symlink(corpus, tmp_path / "elsewhere" / "loop")  # a loop: each real folder is read once
     meta = tokenize_tiny(tmp_path, [corpus])
     assert meta["train_docs"] + meta["val_docs"] == 8
+
+
+def test_tokenizer_pieces_of_a_long_text_give_its_chunks_and_tokens():
+    """text_pieces cuts only at chunk boundaries: the pieces' chunks and tokens are the whole text's."""
+    pattern, enc = regex.compile(tokenize_data.PAT_STR), tiny_tokenizer()[1]
+    texts = [" a b ".join(random_strings(3, 300)), hamlet()[:20000], "word " * 300 + "x" * 500 + " end"]
+    for text in texts:
+        pieces = list(tokenize_data.text_pieces(text, tokenize_data.PAT_STR, size=64))
+        assert "".join(pieces) == text and len(pieces) > len(text) / 200
+        assert sum((pattern.findall(p) for p in pieces), []) == pattern.findall(text)
+        assert sum((enc.encode_ordinary(p) for p in pieces), []) == enc.encode_ordinary(text)
+
+
+def test_tokenizer_one_huge_document_costs_a_bounded_multiple_of_its_size(tmp_path, monkeypatch):
+    """Pre-tokenized and encoded in pieces, one ~2 MB document costs < 6x its size at the peak (whole: ~14x)."""
+    rng = np.random.default_rng(0)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": " ".join(rng.choice(PROSE.split(), 400_000))}])
+    monkeypatch.setattr(tokenize_data, "PIECE_CHARS", 1 << 16)
+    tracemalloc.start()
+    meta = tokenize_tiny(tmp_path, [src])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak / src.stat().st_size < 6 and meta["train_docs"] == 1, peak / src.stat().st_size
 
 
 def test_tokenizer_dead_worker_ends_the_run_with_a_sentence(tmp_path):

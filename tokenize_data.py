@@ -54,6 +54,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<
 TOKENIZER_FILE = "tokenizer.tiktoken"
 OUTPUT_FILES = [TOKENIZER_FILE, "special_tokens.json", "train.bin", "val.bin", "meta.json"]  # meta.json last
 BATCH_CHARS = 1 << 20  # documents go to the workers in batches of about this many characters
+PIECE_CHARS = 1 << 20  # a longer document is pre-tokenized and encoded in pieces of about this many
+FIRST_CUT, LAST_CUT = regex.compile(r"(?<=\p{L}) (?=\p{L})"), regex.compile(r"(?r)(?<=\p{L}) (?=\p{L})")
 
 
 @dataclass
@@ -151,11 +153,29 @@ def training_texts(docs, max_chars, taken):
         yield text
 
 
+def text_pieces(text, pat_str, size=None):
+    """A text -> consecutive pieces of about `size` characters (PIECE_CHARS), so that one huge document costs
+    a bounded multiple of a piece in memory, not of itself. Cut only where a space stands between two letters:
+    no chunk of PAT_STR holds a letter followed by a space (a chunk with letters ends at its last letter), so
+    such a place is a chunk boundary, and the pieces' chunks, counts and tokens are the whole text's. Other
+    patterns are not cut."""
+    size = size or PIECE_CHARS
+    start = 0
+    while len(text) - start > size and pat_str == PAT_STR:
+        cut = LAST_CUT.search(text, start + 1, start + size) or FIRST_CUT.search(text, start + size)
+        if not cut:
+            break
+        yield text[start:cut.start()]
+        start = cut.start()
+    yield text[start:]
+
+
 def _count_chunks_worker(args):
     texts, pat_str = args
     pattern, counts = regex.compile(pat_str), Counter()
     for text in texts:
-        counts.update(pattern.findall(text))  # Counter over a list runs in C
+        for piece in text_pieces(text, pat_str):
+            counts.update(pattern.findall(piece))  # Counter over a list runs in C
     return counts
 
 
@@ -388,7 +408,8 @@ def encode_to_shards(enc, docs, shard_paths, val_fraction, dtype, workers):
 
     def encode_batch(batch):  # encode_ordinary straight into a uint32 buffer, without a list of Python ints;
         # disallowed_special=() keeps text that spells a special token ordinary text, as encode_ordinary does
-        return [enc.encode_to_numpy(text, disallowed_special=()).astype(dtype, copy=False) for _, text in batch]
+        return [np.concatenate([enc.encode_to_numpy(piece, disallowed_special=()).astype(dtype, copy=False)
+                                for piece in text_pieces(text, enc._pat_str)]) for _, text in batch]
 
     with ThreadPoolExecutor(workers) as pool, open(shard_paths["train"], "wb") as f_train, \
             open(shard_paths["val"], "wb") as f_val:
