@@ -685,6 +685,10 @@ def run(inputs, cfg, th=QualityThresholds()):
             near_of, best_jaccard, n_verified = verify_pass(work, cfg, imap, pairs) if len(pairs) else ({}, {}, 0)
             for i, k in near_of.items():
                 status[i], keeper[i] = NEAR, k
+            # an exact copy of a document removed as a near duplicate is a copy of that one's kept twin
+            copies = np.flatnonzero(status == EXACT)
+            twin_removed = status[keeper[copies]] == NEAR
+            keeper[copies[twin_removed]] = keeper[keeper[copies[twin_removed]]]
             t2 = time.time()
             with open(temps[0], "wb") as f_out, open(temps[1], "wb") as f_rm:
                 counts, bytes_removed = write_pass(work, status, keeper, rule_names, best_jaccard, f_out, f_rm)

@@ -540,6 +540,17 @@ def test_dedup_threshold_is_inclusive(tmp_path):
             assert removed[0]["jaccard"] == 0.8 and removed[0]["duplicate_of"] == "a"
 
 
+def test_dedup_duplicate_of_always_names_a_kept_document(tmp_path):
+    """c is an exact copy of b, and b a near duplicate of a (5-gram Jaccard 40/50): both name a."""
+    words = [f"w{i}" for i in range(60)]
+    docs = [{"id": "a", "text": " ".join(words[:44])}, {"id": "b", "text": " ".join(words[:54])},
+            {"id": "c", "text": " ".join(words[:54]).upper()}, {"id": "d", "text": " ".join(words[:54])}]
+    kept, removed, _ = run_dedup(tmp_path, docs, no_filters=True)
+    assert [d["id"] for d in kept] == ["a"]
+    assert {r["id"]: (r["removed_by"], r["duplicate_of"]) for r in removed} == {
+        "b": ("near_duplicate", "a"), "c": ("exact_duplicate", "a"), "d": ("exact_duplicate", "a")}
+
+
 def test_dedup_exact_and_short_documents(tmp_path):
     base = "Now is the winter of our discontent made glorious summer by this sun of York " * 3
     docs = [{"id": "a", "text": base}, {"id": "b", "text": base.upper().replace(" ", "  ")},
