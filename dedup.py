@@ -52,6 +52,7 @@ import math
 import multiprocessing
 import os
 import re
+import sys
 import time
 import unicodedata
 from concurrent.futures import ProcessPoolExecutor
@@ -645,6 +646,18 @@ def write_pass(work, status, keeper, rule_names, best_jaccard, out_file, removed
     return counts, bytes_removed
 
 
+def filter_warnings(rule_bytes, bytes_clean, most=0.5):
+    """-> a warning when the quality rules removed more than `most` of the bytes: the corpus is probably not
+    web prose (legal text, code, tables, verse repeat their own phrases), and a model trained on the rest
+    would see little of it."""
+    removed = sum(n for rule, n in rule_bytes.items() if rule != "too_large")
+    if removed <= most * bytes_clean:
+        return []
+    top = ", ".join(f"{rule} {n / bytes_clean:.0%}" for rule, n in rule_bytes.most_common(3))
+    return [f"warning: the quality filters removed {removed / bytes_clean:.0%} of the corpus's bytes ({top}); if "
+            f"the corpus is meant to read like this, run again with --no-filters to keep it"]
+
+
 def run(inputs, cfg, th=QualityThresholds()):
     """The whole tool -> the report dict. Bad input raises SystemExit with one sentence."""
     t0 = time.time()
@@ -715,7 +728,10 @@ def run(inputs, cfg, th=QualityThresholds()):
             "seconds": round(seconds, 3), "docs_per_second": round(len(status) / max(seconds, 1e-9), 1),
             "pass_seconds": {"sketch": round(t1 - t0, 3), "verify": round(t2 - t1, 3), "write": round(seconds - t2 + t0, 3)},
             "cpu_seconds": {"main": round(cpu[0], 3), "workers": round(cpu[1], 3)},
+            "warnings": filter_warnings(stats["rule_bytes"], stats["bytes_clean"]),
         }
+        for warning in report["warnings"]:
+            print(warning, file=sys.stderr)
         temps[2].write_text(json.dumps(report, indent=2) + "\n")
         for tmp, final in zip(temps, paths[:3]):  # all three outputs appear only once all are complete
             os.replace(tmp, final)

@@ -526,6 +526,18 @@ def test_dedup_filters_catch_junk():
     assert {k: caught[k] for k in expected} == expected
 
 
+def test_dedup_warns_when_the_filters_remove_most_of_the_corpus(tmp_path, capsys):
+    legal = "\n".join(["Permission is hereby granted, free of charge, to any person obtaining a copy of this "
+                       "software, to deal in the software without restriction."] * 12)
+    docs = prose_docs(3) + [{"id": f"l{i}", "text": f"License {i}\n" + legal} for i in range(6)]
+    _, _, report = run_dedup(tmp_path, docs)
+    said = capsys.readouterr().err.strip().split("\n")
+    assert len(said) == 1 and "--no-filters" in said[0] and "duplicate_lines" in said[0], said
+    assert report["warnings"] == said
+    _, _, report = run_dedup(tmp_path / "x", prose_docs(10, words=200) + docs[3:4])  # a small part: no warning
+    assert report["warnings"] == [] and capsys.readouterr().err == ""
+
+
 def test_dedup_threshold_is_inclusive(tmp_path):
     """A pair whose 5-gram Jaccard is exactly --threshold is a duplicate; one just below is not. 44 distinct
     words make 40 5-grams; 10 more words make 50, of which the 40 are shared: 40/50 = 0.8; 11 more: 40/51."""
