@@ -39,7 +39,8 @@ import os
 # checks that a later setting works too).
 os.environ["TRITON_INTERPRET"] = "1"
 
-import functools  # noqa: E402  (imports after the line above, on purpose)
+import errno  # noqa: E402  (imports after the line above, on purpose)
+import functools
 import gzip
 import hashlib
 import inspect
@@ -746,6 +747,30 @@ def test_dedup_one_huge_document_costs_a_bounded_multiple_of_its_size(tmp_path):
     assert peak / src.stat().st_size < 8, peak / src.stat().st_size
     removed = [json.loads(line) for line in open(tmp_path / "o" / "removed.jsonl")]
     assert removed == [{**huge, "removed_by": "too_large"}] and report["documents"]["out"] == 20
+
+
+def test_dedup_full_disk_is_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "in.jsonl", prose_docs(10))
+    before = src.read_bytes()
+
+    def disk_full_while_writing(*args):
+        args[-2].write(b'{"id": "d0", "te')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(dedup, "write_pass", disk_full_while_writing)
+    message = stops_with_sentence(lambda: dedup.main([str(src), "-o", str(tmp_path / "o" / "c.jsonl")]))
+    assert "No space left" in message and "-o" in message, message
+    assert list((tmp_path / "o").iterdir()) == [] and src.read_bytes() == before
+
+
+def test_dedup_closed_stdout_ends_quietly(tmp_path):
+    """dedup.py ... | head -1 with head gone before dedup prints: no traceback, the outputs written."""
+    src = write_jsonl(tmp_path / "in.jsonl", prose_docs(10))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "dedup.py"), str(src), "-o", str(tmp_path / "o" / "c.jsonl")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    proc.stdout.close()  # the reader is gone before the first line
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 0 and stderr == "", stderr
+    assert (tmp_path / "o" / "c.jsonl").exists()
 
 
 def killed_worker_run(script, patch, *argv):
