@@ -1271,6 +1271,17 @@ def test_tokenizer_dead_worker_ends_the_run_with_a_sentence(tmp_path):
     assert not (tmp_path / "tok").exists() or list((tmp_path / "tok").iterdir()) == []
 
 
+def test_tokenizer_corrupt_gzip_is_named_as_corrupt(tmp_path):
+    """A flipped byte in a .gz decodes into garbage lines before gzip's CRC check at the end: the sentence
+    blames the file, not a JSON line."""
+    data = gzip.compress("".join(json.dumps(d) + "\n" for d in prose_docs(300)).encode(), mtime=0)
+    damaged = bytearray(data)
+    damaged[len(data) - 1808] ^= 0x55  # garbage from here on: line 271 was blamed
+    (tmp_path / "c.jsonl.gz").write_bytes(bytes(damaged))
+    message = stops_with_sentence(lambda: tokenize_tiny(tmp_path, [tmp_path / "c.jsonl.gz"]))
+    assert "c.jsonl.gz: the gzip file is corrupt" in message, message
+
+
 def test_tokenizer_single_document_says_val_is_empty(tmp_path, capsys):
     corpus = write_jsonl(tmp_path / "one.jsonl", prose_docs(1, words=400))
     meta = tokenize_tiny(tmp_path, [corpus])
@@ -1281,6 +1292,12 @@ def test_tokenizer_single_document_says_val_is_empty(tmp_path, capsys):
     tokenize_tiny(tmp_path, [corpus], "tok0", "--val-fraction", "0")  # asked for: no warning
     said = capsys.readouterr()
     assert "empty" not in said.out + said.err
+
+
+def test_tokenizer_val_fraction_zero_says_train_py_will_refuse_it(tmp_path, capsys):
+    tokenize_tiny(tmp_path, [write_jsonl(tmp_path / "c.jsonl", prose_docs(8))], "tok", "--val-fraction", "0")
+    line = [x for x in capsys.readouterr().out.split("\n") if "--val-fraction 0 " in x]
+    assert len(line) == 1 and "train.py" in line[0] and "--val-fraction 0.05" in line[0], line
 
 
 @pytest.mark.parametrize("args, expected", [

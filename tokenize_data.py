@@ -31,6 +31,7 @@ import json
 import multiprocessing
 import os
 import time
+import zlib
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -111,16 +112,30 @@ def iter_documents(paths):
                         obj = json.loads(raw.decode("utf-8"))
                         key, text = str(obj.get("id", f"{p.name}:{line_no}")), _clean_text(obj["text"])
                     except UnicodeDecodeError:
-                        raise SystemExit(f"{p}:{line_no}: not valid UTF-8 text; convert the file to UTF-8 first.")
+                        raise SystemExit(_unreadable(p, f"{p}:{line_no}: not valid UTF-8 text; convert the file to "
+                                                        f"UTF-8 first."))
                     except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
-                        raise SystemExit(f"{p}:{line_no}: not a JSON object with a string 'text' field; "
-                                         f"each line needs one (as dedup.py writes).")
+                        raise SystemExit(_unreadable(p, f"{p}:{line_no}: not a JSON object with a string 'text' "
+                                                        f"field; each line needs one (as dedup.py writes)."))
                     if text:  # an empty document would be a lone separator
                         yield key, text
         except UnicodeDecodeError:
-            raise SystemExit(f"{p}: not valid UTF-8 text; convert it to UTF-8 first.")
-        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-            raise SystemExit(f"{p}: cannot read it ({e}); check that it is a readable text or gzip file.")
+            raise SystemExit(_unreadable(p, f"{p}: not valid UTF-8 text; convert it to UTF-8 first."))
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            raise SystemExit(_unreadable(p, f"{p}: cannot read it ({e}); check that it is a readable text file."))
+
+
+def _unreadable(path, sentence):
+    """-> sentence, unless path is a .gz file that fails gzip's own check: corrupt compressed bytes decode into
+    garbage that looks like a bad line, so the sentence then names the file as corrupt."""
+    if path.name.endswith(".gz"):
+        try:
+            with gzip.open(path) as f:
+                while f.read(1 << 24):
+                    pass
+        except (OSError, EOFError, zlib.error) as e:
+            return f"{path}: the gzip file is corrupt ({e}); download or compress it again."
+    return sentence
 
 
 def read_documents(inputs):
@@ -579,6 +594,9 @@ def main(argv=None):
           f"{meta['bytes_per_token']:.3f} bytes/token (separators included); "
           f"encoded {n_bytes / t_enc / 1e6:.1f} MB/s with {cfg.workers} threads")
     print(f"wrote {cfg.out_dir}/: {', '.join(OUTPUT_FILES)}")
+    if cfg.val_fraction == 0:
+        print(f"note: --val-fraction 0 holds out no validation tokens, and train.py refuses a folder without them "
+              f"(it evaluates on val.bin); to train on {cfg.out_dir}, run again with --val-fraction 0.05 (say).")
     for split, other in (("val", "train"), ("train", "val")):
         if not counts[split]["docs"] and (split == "train" or cfg.val_fraction > 0):
             print(f"warning: {split}.bin is empty: the corpus is {counts[other]['docs']} document and the split "
