@@ -61,11 +61,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from datasketch import MinHash
+from datasketch.minhash import _fmix as fmix  # datasketch's MurmurHash3 finalizer: fmix(uint32|uint64 array, bits)
 
 from flags import config_parser, files_under, remove_stale_temporaries, stale_temporaries, temporary_path
 
-SEED = 1             # permutation seed: the values equal datasketch 2.x's MinHash(seed=1, scheme=SCHEME)
-SCHEME = "affine32"  # datasketch 2.x's default scheme, whose permutations permutations() draws
+SEED = 1             # datasketch's default permutation seed
+SCHEME = "affine32"  # datasketch 2.x's default scheme: fmix32, then h -> a h + b mod 2^32 per permutation
 
 
 @dataclass
@@ -358,36 +360,20 @@ def _word_hashes(words):
     return np.fromiter(map(_word_cache.__getitem__, words), dtype=np.int64, count=len(words))
 
 
-FMIX = {np.dtype(np.uint32): [np.uint32(c) for c in (16, 0x85EBCA6B, 13, 0xC2B2AE35, 16)],
-        np.dtype(np.uint64): [np.uint64(c) for c in (33, 0xFF51AFD7ED558CCD, 33, 0xC4CEB9FE1A85EC53, 33)]}
-
-
-def _fmix(h):
-    """MurmurHash3's finalizer for uint32 or uint64 arrays: a bijection that spreads every input bit."""
-    s1, m1, s2, m2, s3 = FMIX[h.dtype]
-    h = h ^ (h >> s1)
-    h *= m1
-    h ^= h >> s2
-    h *= m2
-    return h ^ (h >> s3)
-
-
 def shingle_set(word_hashes, n):
     """-> sorted unique uint64 hashes of the word n-grams."""
     if len(word_hashes) < n:
         return np.zeros(0, dtype=np.uint64)
-    h = np.sort(_fmix(_ngram_ids(word_hashes, n)))  # a sort: np.unique is several times slower here
+    h = np.sort(fmix(_ngram_ids(word_hashes, n), 64))  # a sort: np.unique is several times slower here
     return h[np.concatenate(([True], h[1:] != h[:-1]))]
 
 
 @functools.lru_cache(maxsize=None)
-def permutations(num_perm, seed=SEED):
-    """-> (a, b), two (num_perm,) uint32 arrays: datasketch 2.x's affine32 parameters for seed, drawn the way
-    it draws them (a odd, so h -> a h + b mod 2^32 is a bijection); test_all.py checks the values against it.
-    Not importing datasketch here saves each run the ~1 s its import of scipy costs."""
-    gen = np.random.RandomState(seed)
-    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
-    return a, gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+def permutations(num_perm):
+    """-> (a, b), two (num_perm,) uint32 arrays: datasketch's own affine32 permutations h -> a h + b mod 2^32
+    for SEED, the ones every MinHash(seed=SEED, scheme=SCHEME) applies."""
+    a, b = MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME).permutations
+    return a, b
 
 
 def minhash_signatures(shingle_sets, num_perm, block=4096):
@@ -396,7 +382,7 @@ def minhash_signatures(shingle_sets, num_perm, block=4096):
     All sets of a batch go through one (num_perm, block) product at a time, then a minimum over each
     document's segment of columns (along the contiguous axis: 3-4x faster than rows)."""
     a, b = permutations(num_perm)
-    h = _fmix(np.concatenate(shingle_sets).astype(np.uint32))  # astype keeps the low 32 bits
+    h = fmix(np.concatenate(shingle_sets).astype(np.uint32), 32)  # astype keeps the low 32 bits
     doc = np.repeat(np.arange(len(shingle_sets)), [len(s) for s in shingle_sets])
     signatures = np.full((len(shingle_sets), num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
     for start in range(0, len(h), block):
@@ -409,13 +395,6 @@ def minhash_signatures(shingle_sets, num_perm, block=4096):
     return signatures
 
 
-def minhash_signature(shingles, num_perm):
-    """(S,) uint64 shingle hashes -> (num_perm,) uint32 datasketch signature (all 2^32-1 when S = 0)."""
-    if not len(shingles):
-        return np.full(num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
-    return minhash_signatures([shingles], num_perm)[0]
-
-
 def band_keys(signatures, bands, rows):
     """(D, num_perm) uint32 -> (D, bands) uint64: one hash of each band's rows values. Documents agreeing on a
     band's values share its key; different values collide with probability 2^-64 (a spurious candidate that
@@ -424,7 +403,7 @@ def band_keys(signatures, bands, rows):
     key = np.zeros(values.shape[:2], dtype=np.uint64)
     for r in range(rows):
         key = key * np.uint64(0x100000001B3) + values[:, :, r]
-    return _fmix(key)
+    return fmix(key, 64)
 
 
 def lsh_params(threshold, num_perm, target=0.99):
@@ -475,7 +454,7 @@ def sketch_batch(args):
                                            digest_size=16).digest())
         if len(words) >= cfg.ngram:  # the n-gram hashes with repeats: a repeat cannot change a minimum
             out["sketched"].append(len(out["rules"]) - 1)
-            shingle_sets.append(_fmix(_ngram_ids(word_hashes, cfg.ngram, ngrams)))
+            shingle_sets.append(fmix(_ngram_ids(word_hashes, cfg.ngram, ngrams), 64))
     out["keys"] = np.frombuffer(b"".join(out["keys"]), dtype=np.uint64).reshape(-1, 2)  # (docs, 2)
     bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
     out["bands"] = (band_keys(minhash_signatures(shingle_sets, cfg.num_perm), bands, rows) if shingle_sets

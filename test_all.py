@@ -340,6 +340,13 @@ def near_copy(text, kind, rate, rng, vocab):
     return text
 
 
+def minhash_signature(shingles, num_perm):
+    """(S,) uint64 shingle hashes -> (num_perm,) uint32: dedup's batch MinHash of one set (all 2^32-1 when S = 0)."""
+    if not len(shingles):
+        return np.full(num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
+    return dedup.minhash_signatures([shingles], num_perm)[0]
+
+
 def failed_quality_rule(clean_text):
     """dedup's quality filters on one cleaned text, as dedup.run applies them -> the rule it fails, or None."""
     words = dedup.WORD_RE.findall(clean_text.lower())
@@ -413,7 +420,7 @@ def test_dedup_signature_equals_datasketch_update():
     ref = MinHash(num_perm=64, seed=dedup.SEED, hashfunc=lambda x: x, scheme=dedup.SCHEME)
     for value in (shingles & np.uint64(0xFFFFFFFF)).tolist():
         ref.update(value)  # the slow reference: one update per shingle
-    assert np.array_equal(dedup.minhash_signature(shingles, 64), ref.hashvalues)
+    assert np.array_equal(minhash_signature(shingles, 64), ref.hashvalues)
 
 
 def test_dedup_lsh_params_reach_recall_target():
@@ -852,7 +859,7 @@ def test_dedup_lsh_candidates_are_minhashlshs():
     """The sorted band keys give exactly the pairs datasketch's MinHashLSH query-before-insert gives."""
     docs = hamlet_docs_with_variants()
     bands, rows = dedup.lsh_params(0.8, 128)
-    sigs = [dedup.minhash_signature(dedup.shingle_set(dedup._word_hashes(
+    sigs = [minhash_signature(dedup.shingle_set(dedup._word_hashes(
         dedup.WORD_RE.findall(dedup.clean_text(d["text"]).lower())), 5), 128) for d in docs]
     lsh, expected = MinHashLSH(num_perm=128, params=(bands, rows)), set()
     a, b = dedup.permutations(128)
@@ -1027,6 +1034,17 @@ def test_tokenizer_special_tokens_follow_ranks():
     assert n_ranks not in enc.encode_ordinary("<|endoftext|>")
 
 
+def split_of(tmp_path, keys, val_fraction):
+    """-> bool array, True = validation: where encode_to_shards (the path users run) puts each document."""
+    enc, sep = byte_tokenizer(), 256  # <|endoftext|>: the first id after the 256 bytes
+    shards = {split: tmp_path / f"{split}.bin" for split in ("train", "val")}
+    tokenize_data.encode_to_shards(enc, [(k, f"{i}.") for i, k in enumerate(keys)], shards, val_fraction,
+                                   np.uint16, workers=1)
+    val = np.fromfile(shards["val"], dtype="<u2")
+    held_out = {int(bytes(doc[1:].tolist()).decode()[:-1]) for doc in np.split(val, np.flatnonzero(val == sep))[1:]}
+    return np.array([i in held_out for i in range(len(keys))])
+
+
 def test_tokenizer_main_shards_meta_and_split(tmp_path):
     docs = tokenizer_docs()
     corpus = write_corpus(tmp_path, docs)
@@ -1060,22 +1078,22 @@ def test_tokenizer_main_shards_meta_and_split(tmp_path):
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
     # a document keeps its side when other documents are removed
     keys = [f"doc{i}" for i in range(len(docs))]
-    assert list(tokenize_data.split_documents(keys[:5], 0.3)) == [i in val_ids for i in range(5)]
+    assert list(split_of(tmp_path, keys[:5], 0.3)) == [i in val_ids for i in range(5)]
 
 
-def test_tokenizer_split_edge_cases():
+def test_tokenizer_split_edge_cases(tmp_path):
     for keys in (["a", "b"], ["only", "two"], [str(i) for i in range(7)]):
         for fraction in (0.01, 0.5, 0.99):
-            is_val = tokenize_data.split_documents(keys, fraction)
+            is_val = split_of(tmp_path, keys, fraction)
             assert is_val.any() and not is_val.all(), (keys, fraction)
-    assert not tokenize_data.split_documents(["a", "b", "c"], 0.0).any()
-    assert list(tokenize_data.split_documents(["one"], 0.05)) == [False]
+    assert not split_of(tmp_path, ["a", "b", "c"], 0.0).any()
+    assert list(split_of(tmp_path, ["one"], 0.05)) == [False]
 
 
-def test_tokenizer_split_holds_out_about_val_fraction():
+def test_tokenizer_split_holds_out_about_val_fraction(tmp_path):
     keys = [f"doc{i}" for i in range(20000)]
     for fraction in (0.01, 0.1, 0.3):  # within 4 standard deviations of a binomial share
-        share = tokenize_data.split_documents(keys, fraction).mean()
+        share = split_of(tmp_path, keys, fraction).mean()
         assert abs(share - fraction) < 4 * math.sqrt(fraction * (1 - fraction) / len(keys)), (fraction, share)
 
 
@@ -1151,12 +1169,12 @@ def test_tokenizer_bad_input(tmp_path, capsys):
     assert json.loads((tmp_path / "e" / "meta.json").read_text())["vocab_size"] == meta["vocab_size"]
 
 
-def test_tokenizer_read_documents_keeps_text_exactly(tmp_path):
+def test_tokenizer_iter_documents_keeps_text_exactly(tmp_path):
     (tmp_path / "play.txt").write_bytes("Line one\r\nline two\n\n".encode())
     lines = [json.dumps({"id": 7, "text": "sep\u2028arator kept", "edition": "F"}, ensure_ascii=False),
              "", json.dumps({"text": "lone \ud800 surrogate"}), json.dumps({"id": "e", "text": ""})]
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    docs = tokenize_data.read_documents([tmp_path])
+    docs = list(tokenize_data.iter_documents(tokenize_data.input_files([tmp_path])))
     assert docs == [("7", "sep\u2028arator kept"), ("c.jsonl:3", "lone \ufffd surrogate"),
                     ("play.txt", "Line one\r\nline two\n\n")]
 
@@ -1390,7 +1408,7 @@ def test_tokenizer_reads_a_folder_of_txt_jsonl_and_gzip(tmp_path):
         f.write(json.dumps({"id": "b1", "text": text[3000:6000]}) + "\n" + json.dumps({"text": text[6000:9000]}) + "\n")
     with gzip.open(tmp_path / "in" / "c.txt.gz", "wt", encoding="utf-8") as f:
         f.write(text[9000:12000])
-    assert tokenize_data.read_documents([tmp_path / "in"]) == [
+    assert list(tokenize_data.iter_documents(tokenize_data.input_files([tmp_path / "in"]))) == [
         ("a.txt", text[:3000]), ("c.txt.gz", text[9000:12000]), ("b1", text[3000:6000]),
         ("b.jsonl.gz:2", text[6000:9000])]
 

@@ -138,11 +138,6 @@ def _unreadable(path, sentence):
     return sentence
 
 
-def read_documents(inputs):
-    """-> list of (key, text) of the files and folders in inputs (small corpora: tests, bench)."""
-    return list(iter_documents(input_files(inputs)))
-
-
 def _batched(docs, max_chars=BATCH_CHARS):
     """Lists of consecutive (key, text) documents of about max_chars characters."""
     batch, size = [], 0
@@ -376,26 +371,13 @@ def val_score(key):
     return int.from_bytes(hashlib.sha256(key.encode("utf-8", "replace")).digest()[:8], "little") / 2**64
 
 
-def split_documents(keys, val_fraction):
-    """-> bool array, True = validation, with the rule encode_to_shards applies while it streams. With >= 2
-    documents both sides are non-empty: the lowest score goes to validation if none did, the highest to
-    training if all did."""
-    u = np.array([val_score(k) for k in keys])
-    is_val = u < val_fraction
-    if len(keys) >= 2 and val_fraction > 0 and not is_val.any():
-        is_val[np.argmin(u)] = True
-    if len(keys) >= 2 and is_val.all():
-        is_val[np.argmax(u)] = False
-    return is_val
-
-
 def token_dtype(n_vocab):
     return np.uint16 if n_vocab <= 2**16 else np.uint32  # ids 0 .. n_vocab - 1
 
 
 def _move_tokens(src, dst, start, length, itemsize):
     """Move tokens [start, start + length) of shard file src to the end of dst, copying the rest of src down
-    in 16 MB pieces (the split's fix-up of a small or lopsided corpus; see split_documents)."""
+    in 16 MB pieces (the split's fix-up of a small or lopsided corpus; see encode_to_shards)."""
     with open(src, "r+b") as f, open(dst, "ab") as g:
         f.seek(start * itemsize)
         g.write(f.read(length * itemsize))
@@ -413,12 +395,15 @@ def _move_tokens(src, dst, start, length, itemsize):
 
 def encode_to_shards(enc, docs, shard_paths, val_fraction, dtype, workers):
     """Encode documents with `workers` threads and append <|endoftext|> and the ids of each to the shard of
-    its split, in input order -> {split: {"docs", "tokens", "bytes"}}. Nothing but a few batches is held."""
+    its split, in input order -> {split: {"docs", "tokens", "bytes"}}. Nothing but a few batches is held.
+    The split: a document goes to validation when val_score(key) < val_fraction. With >= 2 documents both
+    sides end non-empty: the lowest score moves to validation if none went there (and val_fraction > 0),
+    the highest to training if all did."""
     dtype = np.dtype(dtype).newbyteorder("<")
     sep = np.array([enc._special_tokens[SPECIAL_TOKENS[0]]], dtype=dtype)
     counts = {split: {"docs": 0, "tokens": 0, "bytes": 0} for split in shard_paths}
     # the training document with the lowest score and the validation one with the highest, as
-    # (score, first token, tokens, bytes): split_documents' fix-up moves one of them at the end
+    # (score, first token, tokens, bytes): the split's fix-up moves one of them at the end
     edge = {"train": (2.0, 0, 0, 0), "val": (-1.0, 0, 0, 0)}
 
     def encode_batch(batch):  # encode_ordinary straight into a uint32 buffer, without a list of Python ints;
