@@ -3,9 +3,10 @@
     python dedup.py data/scenes.jsonl -o data/corpus.jsonl --workers 2       # what pipeline.py runs
     python dedup.py my_texts/ -o data/mine/corpus.jsonl [--threshold 0.8] [--num-perm 128] [--ngram 5]
         [--workers N] [--no-filters] [--removed REMOVED.jsonl] [--report REPORT.json] [--strict]
+        [--max-document-mb MB]
 
 INPUT: .txt files (one document each, id = file name), folders (searched recursively for .txt and
-.jsonl), .jsonl files with a "text" field (other fields kept as they are; a missing id becomes
+.jsonl, symlinked subfolders too), .jsonl files with a "text" field (other fields kept as they are; a missing id becomes
 "<file>:<line>"), and .gz versions of both. OUT: the kept documents, cleaned, in input order.
 REMOVED (default removed.jsonl beside OUT): every removed document with "removed_by" (a filter rule,
 "exact_duplicate" or "near_duplicate"), "duplicate_of" (the kept id) and, for near duplicates, its
@@ -13,32 +14,38 @@ best verified "jaccard". REPORT (default report.json beside OUT): counts per sta
 in and out, docs/s. Prints a short summary. From Python: run(inputs, DedupConfig(out=...)).
 No output ever replaces an input, however the paths are spelled; a default REMOVED or REPORT replaces
 an existing file only if the report.json there (or at --report) is from an earlier dedup.py run for an
-OUT of the same name: anything else is refused, and --removed/--report put the file elsewhere.
+OUT of the same name: anything else is refused, and --removed/--report put the file elsewhere. OUT and
+REMOVED inside an input folder are refused (the next run would read them as input).
 
 Stages, in the order a document meets them:
   1 clean: Unicode NFC, \\n line endings, control characters dropped, trailing whitespace stripped.
-  2 quality filters: Gopher-style rules with the thresholds in QualityThresholds, loosened where
+  2 quality filters: Gopher's rules with the thresholds in QualityThresholds, loosened where
     verse differs from web prose (short lines, speaker names repeated on every other line); they
-    drop 0.05% of the bytes of Shakespeare cut into scenes. Off with --no-filters.
+    drop 0.05% of the bytes of Shakespeare cut into scenes. Off with --no-filters, which a warning
+    names when they remove more than half of a corpus's bytes.
   3 exact duplicates: a hash of the normalised text (lower-cased words; punctuation, spacing gone).
-  4 near duplicates: MinHash of the set of word n-grams, with datasketch's permutations and values
-    (2.x, scheme affine32, seed 1; computed here for a whole batch of documents in numpy), and LSH
+  4 near duplicates: MinHash of the set of word n-grams with datasketch's hash family (its fmix32 and
+    affine32 permutations, seed 1, taken from datasketch and applied here to a whole batch of documents at
+    once in numpy: its per-document MinHash objects cost 4x more, measured), and LSH
     with bands x rows chosen so that a pair at Jaccard = threshold is a candidate with probability
     >= 0.99 (21 x 6 for 0.8). Each candidate pair is then verified with the exact Jaccard of the
     two n-gram hash sets: the MinHash estimate has a std of ~0.04 at 128 permutations and cannot
     promise that a pair below the threshold is never removed; the exact check can, at the price of
     recomputing the n-grams of candidate documents. Union-find over verified pairs; the first
-    document of each cluster (input order) is kept. Documents with fewer words than one n-gram have
+    document of each cluster (input order) is kept, and every removed member (and its exact copies)
+    names it in duplicate_of. Documents with fewer words than one n-gram have
     no shingles (their empty sketches would all collide) and meet only the exact stage.
 
 Passes and memory: the input is read once and never held. Pass 1: the parent reads raw records, the
 --workers processes decode, clean, filter and sketch a batch at a time, and the parent appends each
-cleaned document to a work file beside OUT (OUT.work.tmp, about the size of the input) and keeps per
+cleaned document to a work file beside OUT (OUT.work.tmp<pid>, about the size of the input) and keeps per
 document a status byte, a 16-byte exact key and one 8-byte hash per LSH band (21 for 0.8). Then exact
 duplicates and LSH candidates come from sorting those arrays, one band at a time: about 300 bytes per
 document in all, measured (datasketch's MinHashLSH dict needs ~6.6 KB). Pass 2 recomputes the n-gram sets of
 candidate documents from the work file, each freed after its last partner; pass 3 copies the work
-file into OUT and REMOVED.
+file into OUT and REMOVED. One document costs about 30x its size at the peak (its words, hashes and
+n-grams), so a document over --max-document-mb is removed as read, before those steps. Outputs follow
+flags.py's rule: temporary names, renamed into place once all three are complete.
 """
 
 import collections
@@ -258,8 +265,9 @@ def _repeated(ids):
 
 
 def quality_rule(text, words, word_hashes, th, ngrams=None):
-    """-> the first rule the cleaned text breaks, or None. words: normalised (lower-cased \\w+); ngrams: a
-    memo of _ngram_ids that the caller may reuse."""
+    """Gopher's rules with the thresholds in `th`, in order -> the first rule the cleaned text breaks, or None.
+    words: normalised (lower-cased \\w+) with their hashes; ngrams: a memo of _ngram_ids that the caller may
+    reuse. The rules that cleared_by_bounds proves kept are not computed."""
     ngrams = {} if ngrams is None else ngrams
     raw_words = text.split()
     n = len(raw_words)
@@ -271,74 +279,76 @@ def quality_rule(text, words, word_hashes, th, ngrams=None):
         return "mean_word_length"
     if (text.count("#") + text.count("...") + text.count("\u2026")) / n > th.max_symbol_word_ratio:
         return "symbol_ratio"
-    # words with no ASCII letter include those with no letter at all: the exact regex runs only if it can matter
-    if (1 - len(NO_ASCII_LETTER_WORD_RE.findall(" " + text)) / n < th.min_alpha_word_frac
-            and 1 - len(NO_LETTER_WORD_RE.findall(text)) / n < th.min_alpha_word_frac):
+    lines = [line for line in map(str.strip, text.split("\n")) if line]
+    word_len = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    total = max(1, int(word_len.sum()))  # characters in words, the measure of the repetition rules
+    cleared = cleared_by_bounds(text, n, lines, word_hashes, word_len, th, ngrams)
+    if "non_alpha_words" not in cleared and 1 - len(NO_LETTER_WORD_RE.findall(text)) / n < th.min_alpha_word_frac:
         return "non_alpha_words"
     stop_words = (w for w in words if w in STOP_WORDS)  # stops counting at the threshold
     if sum(1 for _ in itertools.islice(stop_words, th.min_stop_words)) < th.min_stop_words:
         return "stop_words"
-    lines = [line for line in map(str.strip, text.split("\n")) if line]
-    n_lines = len(lines)  # a count of the characters bounds each line count; the regex runs only if it can matter
-    if (sum(map(text.count, BULLETS)) / n_lines > th.max_bullet_line_frac
-            and len(BULLET_LINE_RE.findall(text)) / n_lines > th.max_bullet_line_frac):
+    if "bullet_lines" not in cleared and len(BULLET_LINE_RE.findall(text)) / len(lines) > th.max_bullet_line_frac:
         return "bullet_lines"
-    if ((text.count("...") + text.count("\u2026")) / n_lines > th.max_ellipsis_line_frac
-            and len(ELLIPSIS_LINE_RE.findall(text)) / n_lines > th.max_ellipsis_line_frac):
+    if "ellipsis_lines" not in cleared and \
+            len(ELLIPSIS_LINE_RE.findall(text)) / len(lines) > th.max_ellipsis_line_frac:
         return "ellipsis_lines"
-    low = text.lower()  # substring tests run in C; lines are counted only when some phrase occurs at all
-    if any(p in low for p in BOILERPLATE):
-        line_no, at, boilerplate_lines = 0, 0, set()
-        for match in BOILERPLATE_RE.finditer(low):  # the line of each match, counting newlines as we go
-            line_no, at = line_no + low.count("\n", at, match.start()), match.start()
-            boilerplate_lines.add(line_no)
-        if len(boilerplate_lines) / n_lines > th.max_boilerplate_line_frac:
-            return "boilerplate_lines"
-    if len(set(lines)) < n_lines:  # some line repeats: count the characters of long ones after their first
-        long_lines = [line for line in lines if len(line) >= th.min_dup_line_chars]
-        dup_chars = len("".join(long_lines)) - len("".join(set(long_lines)))
-        if dup_chars / len("".join(lines)) > th.max_dup_line_char_frac:
-            return "duplicate_lines"
-    # Characters covered by the most frequent n-gram, and by all n-grams seen more than once. A repeated
-    # n-gram contains repeated shorter ones, so once some n has no repeat, no longer n needs a look.
-    word_len = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-    chars_before = np.concatenate(([0], np.cumsum(word_len)))
-    total, no_repeat_from = max(1, int(chars_before[-1])), len(words) + 1
-    # A bound that settles most documents without a sort: no n-gram (n >= n0) occurs more often than the
-    # fullest of >= 4 buckets per n0-gram holds, and none is longer than the longest run of n words.
-    n0 = min(n for n, _ in th.max_top_ngram_char_frac)
-    most = 0 if len(words) < n0 else int(np.bincount(
-        (_ngram_ids(word_hashes, n0, ngrams) & np.uint64((1 << (4 * len(words)).bit_length()) - 1)).astype(np.intp)
-    ).max())
-    if most == 1:  # every n0-gram occurs once
-        no_repeat_from = n0
-    for n_words, limit in th.max_top_ngram_char_frac:
-        if n_words < no_repeat_from and most * (chars_before[n_words:] - chars_before[:-n_words]).max() > limit * total:
+    if "boilerplate_lines" not in cleared and \
+            sum(1 for line in lines if BOILERPLATE_RE.search(line.lower())) / len(lines) > th.max_boilerplate_line_frac:
+        return "boilerplate_lines"
+    long_lines = [line for line in lines if len(line) >= th.min_dup_line_chars]  # plays repeat "Ham." by design
+    if (len("".join(long_lines)) - len("".join(set(long_lines)))) / len("".join(lines)) > th.max_dup_line_char_frac:
+        return "duplicate_lines"
+    for n_words, limit in th.max_top_ngram_char_frac:  # the characters of the most frequent n-gram's copies
+        rule = f"top_{n_words}gram"
+        if rule not in cleared and len(words) >= n_words:
             ids = _ngram_ids(word_hashes, n_words, ngrams)
-            sorted_ids = np.sort(ids)
-            run_ends = np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1])  # last index of each run but the last
-            if len(run_ends) == len(ids) - 1:  # every n-gram occurs once
-                no_repeat_from = min(no_repeat_from, n_words)
-                continue
-            counts = np.diff(np.concatenate(([-1], run_ends, [len(ids) - 1])))
-            top = np.argmax(counts)  # the smallest id among the most frequent, as np.unique would give
-            first = np.argmax(ids == sorted_ids[run_ends[top] if top < len(run_ends) else -1])
-            if counts[top] * word_len[first:first + n_words].sum() / total > limit:
-                return f"top_{n_words}gram"
-    coverage, shorter = 1.0, 0  # coverage falls with n, for the same reason
-    for n_words, limit in th.max_dup_ngram_char_frac:
-        if n_words < no_repeat_from and (n_words < shorter or coverage > limit):
+            _, first, counts = np.unique(ids, return_index=True, return_counts=True)
+            top = np.argmax(counts)  # the first of the most frequent (smallest id); a top n-gram repeats
+            if counts[top] > 1 and counts[top] * word_len[first[top]:first[top] + n_words].sum() / total > limit:
+                return rule
+    for n_words, limit in th.max_dup_ngram_char_frac:  # the characters inside n-grams that occur twice or more
+        rule = f"duplicate_{n_words}gram"
+        if rule not in cleared and len(words) >= n_words:
             starts = np.flatnonzero(_repeated(_ngram_ids(word_hashes, n_words, ngrams)))
-            if not len(starts):
-                no_repeat_from = min(no_repeat_from, n_words)
-                continue
             covered = np.zeros(len(words) + 1, dtype=np.int64)  # +1 where a repeated n-gram starts,
             covered[starts] += 1                                 # -1 just after it ends
             covered[starts + n_words] -= 1
-            coverage, shorter = word_len[np.cumsum(covered[:-1]) > 0].sum() / total, n_words
-            if coverage > limit:
-                return f"duplicate_{n_words}gram"
+            if word_len[np.cumsum(covered[:-1]) > 0].sum() / total > limit:
+                return rule
     return None
+
+
+def cleared_by_bounds(text, n, lines, word_hashes, word_len, th, ngrams):
+    """The speed shortcut of quality_rule, apart from the rules: -> the rules that cheap counts prove the text
+    keeps, so quality_rule skips their regexes and sorts (test_all.py checks that it decides alike without).
+    Each count bounds the rule's own from above: a word with no letter has no ASCII letter; a bullet or an
+    ellipsis line holds a bullet or an ellipsis; a boilerplate line holds a phrase. For the n-grams: no n-gram
+    with n >= n0 occurs more often than the fullest of >= 4 hash buckets of n0-grams holds, nor spans more
+    characters than the longest run of n words; when every n0-gram is distinct, no longer one repeats."""
+    cleared = set()
+    if 1 - len(NO_ASCII_LETTER_WORD_RE.findall(" " + text)) / n >= th.min_alpha_word_frac:
+        cleared.add("non_alpha_words")
+    if sum(map(text.count, BULLETS)) / len(lines) <= th.max_bullet_line_frac:
+        cleared.add("bullet_lines")
+    if (text.count("...") + text.count("\u2026")) / len(lines) <= th.max_ellipsis_line_frac:
+        cleared.add("ellipsis_lines")
+    low = text.lower()  # substring tests run in C
+    if not any(p in low for p in BOILERPLATE):
+        cleared.add("boilerplate_lines")
+    n0 = min(n_words for n_words, _ in th.max_top_ngram_char_frac + th.max_dup_ngram_char_frac)
+    if len(word_hashes) < n0:
+        return cleared
+    buckets = _ngram_ids(word_hashes, n0, ngrams) & np.uint64((1 << (4 * len(word_hashes)).bit_length()) - 1)
+    most = int(np.bincount(buckets.astype(np.intp)).max())
+    chars_before = np.concatenate(([0], np.cumsum(word_len)))
+    for n_words, limit in th.max_top_ngram_char_frac:
+        if most == 1 or len(word_len) < n_words or \
+                most * (chars_before[n_words:] - chars_before[:-n_words]).max() <= limit * chars_before[-1]:
+            cleared.add(f"top_{n_words}gram")
+    if most == 1:
+        cleared |= {f"duplicate_{n_words}gram" for n_words, _ in th.max_dup_ngram_char_frac}
+    return cleared
 
 
 # ---------------------------------------------------------------------------------------------

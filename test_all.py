@@ -546,6 +546,20 @@ def test_dedup_warns_when_the_filters_remove_most_of_the_corpus(tmp_path, capsys
     assert report["warnings"] == [] and capsys.readouterr().err == ""
 
 
+def test_dedup_quality_shortcut_decides_as_the_rules_in_full(scenes, monkeypatch):
+    """cleared_by_bounds only skips work: with it and without it, quality_rule gives every text the same rule."""
+    rng = random.Random(4)
+    vocab = "the be to of and that have with # ... - * cookie log in click here apple banana".split()
+    texts = [d["text"] for d in scenes[::3]]
+    texts += ["\n".join(" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 12)))
+                        for _ in range(rng.randint(1, 30))) for _ in range(800)]
+    texts += [" ".join(rng.choice(vocab[:10]) for _ in range(rng.randint(5, 400))) for _ in range(800)]
+    with_shortcut = [failed_quality_rule(dedup.clean_text(t)) for t in texts]
+    monkeypatch.setattr(dedup, "cleared_by_bounds", lambda *args: set())
+    assert [failed_quality_rule(dedup.clean_text(t)) for t in texts] == with_shortcut
+    assert len(set(with_shortcut)) >= 8  # the texts break many different rules
+
+
 def test_dedup_threshold_is_inclusive(tmp_path):
     """A pair whose 5-gram Jaccard is exactly --threshold is a duplicate; one just below is not. 44 distinct
     words make 40 5-grams; 10 more words make 50, of which the 40 are shared: 40/50 = 0.8; 11 more: 40/51."""
