@@ -818,7 +818,8 @@ def test_dedup_dead_worker_ends_the_run_with_a_sentence(tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (["--workers", "0"], "--workers"), (["--workers", "-3"], "--workers"), (["--num-perm", "1"], "--num-perm"),
     (["--ngram", "0"], "--ngram"), (["--threshold", "nan"], "--threshold"), (["--threshold", "-1"], "--threshold"),
-    (["--num-perm", "x"], "--num-perm"),
+    (["--num-perm", "x"], "--num-perm"), (["--max-document-mb", "0"], "--max-document-mb"),
+    (["--max-document-mb", "nan"], "--max-document-mb"),
 ])
 def test_dedup_bad_flags_are_one_sentence(tmp_path, args, expected):
     src = write_jsonl(tmp_path / "in.jsonl", prose_docs(3))
