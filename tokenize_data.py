@@ -42,7 +42,8 @@ import numpy as np
 import regex
 import tiktoken
 
-from flags import config_parser, files_under, remove_stale_temporaries, stale_temporaries, temporary_path, write_atomic
+from flags import (config_parser, files_under, remove_stale_temporaries, stale_temporaries, temporary_path,
+                   write_atomic)
 
 # GPT-4's cl100k pre-tokenizer pattern. Why this one over GPT-2's: digits split into runs of at most 3,
 # contractions match in any case ("'S"), and runs of newlines stay together with their indentation
@@ -94,6 +95,19 @@ def input_files(inputs):
     return paths
 
 
+def _unreadable(path, sentence):
+    """-> sentence, unless path is a .gz file that fails gzip's own check: corrupt compressed bytes decode into
+    garbage that looks like a bad line, so the sentence then names the file as corrupt."""
+    if path.name.endswith(".gz"):
+        try:
+            with gzip.open(path) as f:
+                while f.read(1 << 24):
+                    pass
+        except (OSError, EOFError, zlib.error) as e:
+            return f"{path}: the gzip file is corrupt ({e}); download or compress it again."
+    return sentence
+
+
 def iter_documents(paths):
     """Yield (key, text) of every non-empty document, in input order, one JSONL line (or .txt file) at a time.
     key: the JSONL "id" field when present, else the file name (+ ":" line number)."""
@@ -123,19 +137,6 @@ def iter_documents(paths):
             raise SystemExit(_unreadable(p, f"{p}: not valid UTF-8 text; convert it to UTF-8 first."))
         except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
             raise SystemExit(_unreadable(p, f"{p}: cannot read it ({e}); check that it is a readable text file."))
-
-
-def _unreadable(path, sentence):
-    """-> sentence, unless path is a .gz file that fails gzip's own check: corrupt compressed bytes decode into
-    garbage that looks like a bad line, so the sentence then names the file as corrupt."""
-    if path.name.endswith(".gz"):
-        try:
-            with gzip.open(path) as f:
-                while f.read(1 << 24):
-                    pass
-        except (OSError, EOFError, zlib.error) as e:
-            return f"{path}: the gzip file is corrupt ({e}); download or compress it again."
-    return sentence
 
 
 def _batched(docs, max_chars=BATCH_CHARS):
