@@ -299,22 +299,31 @@ def quality_rule(text, words, word_hashes, th, ngrams=None):
     long_lines = [line for line in lines if len(line) >= th.min_dup_line_chars]  # plays repeat "Ham." by design
     if (len("".join(long_lines)) - len("".join(set(long_lines)))) / len("".join(lines)) > th.max_dup_line_char_frac:
         return "duplicate_lines"
+    # Repetition. A repeated n-gram holds repeated shorter ones, so the share of characters inside repeated
+    # n-grams (coverage) falls with n: once a shorter n's is known, it bounds the longer ones.
+    coverage = 1.0
     for n_words, limit in th.max_top_ngram_char_frac:  # the characters of the most frequent n-gram's copies
         rule = f"top_{n_words}gram"
         if rule not in cleared and len(words) >= n_words:
             ids = _ngram_ids(word_hashes, n_words, ngrams)
-            _, first, counts = np.unique(ids, return_index=True, return_counts=True)
-            top = np.argmax(counts)  # the first of the most frequent (smallest id); a top n-gram repeats
-            if counts[top] > 1 and counts[top] * word_len[first[top]:first[top] + n_words].sum() / total > limit:
+            sorted_ids = np.sort(ids)
+            run_starts = np.flatnonzero(np.concatenate(([True], sorted_ids[1:] != sorted_ids[:-1])))
+            counts = np.diff(np.append(run_starts, len(ids)))
+            top = np.argmax(counts)  # the most frequent, the smallest id among equals
+            first = np.argmax(ids == sorted_ids[run_starts[top]])  # its first position
+            if counts[top] == 1:  # no n-gram repeats
+                coverage = 0.0
+            elif counts[top] * word_len[first:first + n_words].sum() / total > limit:
                 return rule
     for n_words, limit in th.max_dup_ngram_char_frac:  # the characters inside n-grams that occur twice or more
         rule = f"duplicate_{n_words}gram"
-        if rule not in cleared and len(words) >= n_words:
+        if rule not in cleared and len(words) >= n_words and coverage > limit:
             starts = np.flatnonzero(_repeated(_ngram_ids(word_hashes, n_words, ngrams)))
             covered = np.zeros(len(words) + 1, dtype=np.int64)  # +1 where a repeated n-gram starts,
             covered[starts] += 1                                 # -1 just after it ends
             covered[starts + n_words] -= 1
-            if word_len[np.cumsum(covered[:-1]) > 0].sum() / total > limit:
+            coverage = word_len[np.cumsum(covered[:-1]) > 0].sum() / total
+            if coverage > limit:
                 return rule
     return None
 
