@@ -11,7 +11,8 @@ no_x takes --no-x alone). Every script of the project reads its flags this way, 
 a config dataclass is a documented flag at once.
 Imports no torch: dedup.py, tokenize_data.py, plays.py and pipeline.py run without it.
 
-It also holds the one rule for writing outputs that every stage follows (the section at the end).
+It also holds what the stages share about files (the sections at the end): how a folder of inputs is
+read, and the one rule for writing outputs and removing what a killed run left.
 """
 
 import argparse
