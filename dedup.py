@@ -3,9 +3,10 @@
     python dedup.py data/scenes.jsonl -o data/corpus.jsonl --workers 2       # what pipeline.py runs
     python dedup.py my_texts/ -o data/mine/corpus.jsonl [--threshold 0.8] [--num-perm 128] [--ngram 5]
         [--workers N] [--no-filters] [--removed REMOVED.jsonl] [--report REPORT.json] [--strict]
+        [--max-document-mb MB]
 
 INPUT: .txt files (one document each, id = file name), folders (searched recursively for .txt and
-.jsonl), .jsonl files with a "text" field (other fields kept as they are; a missing id becomes
+.jsonl, symlinked subfolders too), .jsonl files with a "text" field (other fields kept as they are; a missing id becomes
 "<file>:<line>"), and .gz versions of both. OUT: the kept documents, cleaned, in input order.
 REMOVED (default removed.jsonl beside OUT): every removed document with "removed_by" (a filter rule,
 "exact_duplicate" or "near_duplicate"), "duplicate_of" (the kept id) and, for near duplicates, its
@@ -13,54 +14,67 @@ best verified "jaccard". REPORT (default report.json beside OUT): counts per sta
 in and out, docs/s. Prints a short summary. From Python: run(inputs, DedupConfig(out=...)).
 No output ever replaces an input, however the paths are spelled; a default REMOVED or REPORT replaces
 an existing file only if the report.json there (or at --report) is from an earlier dedup.py run for an
-OUT of the same name: anything else is refused, and --removed/--report put the file elsewhere.
+OUT of the same name: anything else is refused, and --removed/--report put the file elsewhere. OUT and
+REMOVED inside an input folder are refused (the next run would read them as input).
 
 Stages, in the order a document meets them:
   1 clean: Unicode NFC, \\n line endings, control characters dropped, trailing whitespace stripped.
-  2 quality filters: Gopher-style rules with the thresholds in QualityThresholds, loosened where
+  2 quality filters: Gopher's rules with the thresholds in QualityThresholds, loosened where
     verse differs from web prose (short lines, speaker names repeated on every other line); they
-    drop 0.05% of the bytes of Shakespeare cut into scenes. Off with --no-filters.
+    drop 0.05% of the bytes of Shakespeare cut into scenes. Off with --no-filters, which a warning
+    names when they remove more than half of a corpus's bytes.
   3 exact duplicates: a hash of the normalised text (lower-cased words; punctuation, spacing gone).
-  4 near duplicates: MinHash of the set of word n-grams, with datasketch's permutations and values
-    (2.x, scheme affine32, seed 1; computed here for a whole batch of documents in numpy), and LSH
+  4 near duplicates: MinHash of the set of word n-grams with datasketch's hash family (its fmix32 and
+    affine32 permutations, seed 1, taken from datasketch and applied here to a whole batch of documents at
+    once in numpy: its per-document MinHash objects cost 4x more, measured), and LSH
     with bands x rows chosen so that a pair at Jaccard = threshold is a candidate with probability
     >= 0.99 (21 x 6 for 0.8). Each candidate pair is then verified with the exact Jaccard of the
     two n-gram hash sets: the MinHash estimate has a std of ~0.04 at 128 permutations and cannot
     promise that a pair below the threshold is never removed; the exact check can, at the price of
     recomputing the n-grams of candidate documents. Union-find over verified pairs; the first
-    document of each cluster (input order) is kept. Documents with fewer words than one n-gram have
+    document of each cluster (input order) is kept, and every removed member (and its exact copies)
+    names it in duplicate_of. Documents with fewer words than one n-gram have
     no shingles (their empty sketches would all collide) and meet only the exact stage.
 
 Passes and memory: the input is read once and never held. Pass 1: the parent reads raw records, the
 --workers processes decode, clean, filter and sketch a batch at a time, and the parent appends each
-cleaned document to a work file beside OUT (OUT.work.tmp, about the size of the input) and keeps per
+cleaned document to a work file beside OUT (OUT.work.tmp<pid>, about the size of the input) and keeps per
 document a status byte, a 16-byte exact key and one 8-byte hash per LSH band (21 for 0.8). Then exact
 duplicates and LSH candidates come from sorting those arrays, one band at a time: about 300 bytes per
 document in all, measured (datasketch's MinHashLSH dict needs ~6.6 KB). Pass 2 recomputes the n-gram sets of
 candidate documents from the work file, each freed after its last partner; pass 3 copies the work
-file into OUT and REMOVED.
+file into OUT and REMOVED. One document costs about 30x its size at the peak (its words, hashes and
+n-grams), so a document over --max-document-mb is removed as read, before those steps. Outputs follow
+flags.py's rule: temporary names, renamed into place once all three are complete.
 """
 
 import collections
+import errno
 import functools
 import gzip
 import hashlib
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import re
+import sys
 import time
 import unicodedata
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from datasketch import MinHash
+from datasketch.minhash import _fmix as fmix  # datasketch's MurmurHash3 finalizer: fmix(uint32|uint64 array, bits)
 
-from flags import config_parser
+from flags import config_parser, files_under, remove_stale_temporaries, stale_temporaries, temporary_path
 
-SEED = 1             # permutation seed: the values equal datasketch 2.x's MinHash(seed=1, scheme=SCHEME)
-SCHEME = "affine32"  # datasketch 2.x's default scheme, whose permutations permutations() draws
+SEED = 1             # datasketch's default permutation seed
+SCHEME = "affine32"  # datasketch 2.x's default scheme: fmix32, then h -> a h + b mod 2^32 per permutation
 
 
 @dataclass
@@ -74,6 +88,7 @@ class DedupConfig:
     removed: str = ""         # removed documents with the reason; default removed.jsonl beside OUT
     report: str = ""          # counts per stage and rule, bytes, docs/s; default report.json beside OUT
     strict: bool = False      # a malformed JSONL line is fatal instead of skipped and reported
+    max_document_mb: float = 16.0  # larger documents are removed as read ("too_large"): each costs ~30x its size
 
 
 @dataclass
@@ -114,13 +129,14 @@ KEPT, EXACT, NEAR, FILTERED = 0, 1, 2, 3  # status of a document; FILTERED + k: 
 # Reading: the parent yields raw records in input order; the workers decode and parse them.
 
 def expand_inputs(inputs):
-    """Files and folders -> [(path, id for a .txt)]; folders are searched for .txt/.jsonl (.gz too)."""
+    """Files and folders -> [(path, id for a .txt)]; folders are searched for .txt/.jsonl (.gz too), symlinked
+    subfolders included."""
     found = []
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            found += [(p, str(p.relative_to(path))) for p in sorted(path.rglob("*"))
-                      if p.is_file() and re.search(r"\.(txt|jsonl)(\.gz)?$", p.name)]
+            found += [(p, str(p.relative_to(path))) for p in files_under(path)
+                      if re.search(r"\.(txt|jsonl)(\.gz)?$", p.name)]
         elif path.is_file():
             found.append((path, path.name))
         else:
@@ -143,20 +159,28 @@ def _written_by_dedup(report_path, out):
         return False
 
 
-def check_outputs(files, cfg, paths, temps):
-    """Refuse, before any work, to write over an input (however its path is spelled), into a folder that is a
-    file, or over a default removed.jsonl / report.json that an earlier dedup.py run did not write."""
+def check_outputs(files, folders, cfg, paths, temps):
+    """Refuse, before any work, to write over an input (however its path is spelled: also the temporaries
+    that are deleted before writing), into a folder that is a file, or over a default removed.jsonl /
+    report.json that an earlier dedup.py run did not write, or a .jsonl into an input folder.
+    paths: OUT, REMOVED, REPORT, the work file."""
     flags = ["OUT (-o)", "--removed", "--report", "OUT's work file"]
-    for p, tmp, flag in zip(paths + [temps[-1]], temps, flags):
+    walked = {f.resolve().parent for folder in folders for f in files_under(folder)}  # linked-in folders too
+    for p, tmp, flag in zip(paths, temps, flags):
         if p.is_dir():
             raise SystemExit(f"{flag} {p} is a folder; give a file name such as {p / 'corpus.jsonl'}")
         folder = next(q for q in p.absolute().parents if q.exists())
         if not folder.is_dir():
             raise SystemExit(f"{flag} {p} cannot be written: {folder} is a file, not a folder; choose another path")
         for f, _ in files:
-            if _same_file(f, p) or _same_file(f, tmp):
+            if any(_same_file(f, Path(q)) for q in [p, tmp, *stale_temporaries(p)]):
                 raise SystemExit(f"{flag} {p} is also an input ({f}); write the outputs outside the input "
                                  f"files and folders")
+        for folder in folders:  # a .jsonl written there would be read back as input by the next run
+            if p.name.endswith(".jsonl") and (p.parent.resolve().is_relative_to(folder.resolve())
+                                              or p.parent.resolve() in walked):
+                raise SystemExit(f"{flag} {p} is inside the input folder {folder}, so the next run would read it "
+                                 f"as input; write the outputs outside the input folders")
     reports = {paths[2], paths[0].parent / "report.json"}  # where an earlier run's report would be
     for p, flag, given in zip(paths[1:], flags[1:], (cfg.removed, cfg.report)):
         if not given and p.exists() and not any(_written_by_dedup(r, paths[0]) for r in reports):
@@ -241,8 +265,9 @@ def _repeated(ids):
 
 
 def quality_rule(text, words, word_hashes, th, ngrams=None):
-    """-> the first rule the cleaned text breaks, or None. words: normalised (lower-cased \\w+); ngrams: a
-    memo of _ngram_ids that the caller may reuse."""
+    """Gopher's rules with the thresholds in `th`, in order -> the first rule the cleaned text breaks, or None.
+    words: normalised (lower-cased \\w+) with their hashes; ngrams: a memo of _ngram_ids that the caller may
+    reuse. The rules that cleared_by_bounds proves kept are not computed."""
     ngrams = {} if ngrams is None else ngrams
     raw_words = text.split()
     n = len(raw_words)
@@ -254,74 +279,85 @@ def quality_rule(text, words, word_hashes, th, ngrams=None):
         return "mean_word_length"
     if (text.count("#") + text.count("...") + text.count("\u2026")) / n > th.max_symbol_word_ratio:
         return "symbol_ratio"
-    # words with no ASCII letter include those with no letter at all: the exact regex runs only if it can matter
-    if (1 - len(NO_ASCII_LETTER_WORD_RE.findall(" " + text)) / n < th.min_alpha_word_frac
-            and 1 - len(NO_LETTER_WORD_RE.findall(text)) / n < th.min_alpha_word_frac):
+    lines = [line for line in map(str.strip, text.split("\n")) if line]
+    word_len = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    total = max(1, int(word_len.sum()))  # characters in words, the measure of the repetition rules
+    cleared = cleared_by_bounds(text, n, lines, word_hashes, word_len, th, ngrams)
+    if "non_alpha_words" not in cleared and 1 - len(NO_LETTER_WORD_RE.findall(text)) / n < th.min_alpha_word_frac:
         return "non_alpha_words"
     stop_words = (w for w in words if w in STOP_WORDS)  # stops counting at the threshold
     if sum(1 for _ in itertools.islice(stop_words, th.min_stop_words)) < th.min_stop_words:
         return "stop_words"
-    lines = [line for line in map(str.strip, text.split("\n")) if line]
-    n_lines = len(lines)  # a count of the characters bounds each line count; the regex runs only if it can matter
-    if (sum(map(text.count, BULLETS)) / n_lines > th.max_bullet_line_frac
-            and len(BULLET_LINE_RE.findall(text)) / n_lines > th.max_bullet_line_frac):
+    if "bullet_lines" not in cleared and len(BULLET_LINE_RE.findall(text)) / len(lines) > th.max_bullet_line_frac:
         return "bullet_lines"
-    if ((text.count("...") + text.count("\u2026")) / n_lines > th.max_ellipsis_line_frac
-            and len(ELLIPSIS_LINE_RE.findall(text)) / n_lines > th.max_ellipsis_line_frac):
+    if "ellipsis_lines" not in cleared and \
+            len(ELLIPSIS_LINE_RE.findall(text)) / len(lines) > th.max_ellipsis_line_frac:
         return "ellipsis_lines"
-    low = text.lower()  # substring tests run in C; lines are counted only when some phrase occurs at all
-    if any(p in low for p in BOILERPLATE):
-        line_no, at, boilerplate_lines = 0, 0, set()
-        for match in BOILERPLATE_RE.finditer(low):  # the line of each match, counting newlines as we go
-            line_no, at = line_no + low.count("\n", at, match.start()), match.start()
-            boilerplate_lines.add(line_no)
-        if len(boilerplate_lines) / n_lines > th.max_boilerplate_line_frac:
-            return "boilerplate_lines"
-    if len(set(lines)) < n_lines:  # some line repeats: count the characters of long ones after their first
-        long_lines = [line for line in lines if len(line) >= th.min_dup_line_chars]
-        dup_chars = len("".join(long_lines)) - len("".join(set(long_lines)))
-        if dup_chars / len("".join(lines)) > th.max_dup_line_char_frac:
-            return "duplicate_lines"
-    # Characters covered by the most frequent n-gram, and by all n-grams seen more than once. A repeated
-    # n-gram contains repeated shorter ones, so once some n has no repeat, no longer n needs a look.
-    word_len = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-    chars_before = np.concatenate(([0], np.cumsum(word_len)))
-    total, no_repeat_from = max(1, int(chars_before[-1])), len(words) + 1
-    # A bound that settles most documents without a sort: no n-gram (n >= n0) occurs more often than the
-    # fullest of >= 4 buckets per n0-gram holds, and none is longer than the longest run of n words.
-    n0 = min(n for n, _ in th.max_top_ngram_char_frac)
-    most = 0 if len(words) < n0 else int(np.bincount(
-        (_ngram_ids(word_hashes, n0, ngrams) & np.uint64((1 << (4 * len(words)).bit_length()) - 1)).astype(np.intp)
-    ).max())
-    if most == 1:  # every n0-gram occurs once
-        no_repeat_from = n0
-    for n_words, limit in th.max_top_ngram_char_frac:
-        if n_words < no_repeat_from and most * (chars_before[n_words:] - chars_before[:-n_words]).max() > limit * total:
+    if "boilerplate_lines" not in cleared and \
+            sum(1 for line in lines if BOILERPLATE_RE.search(line.lower())) / len(lines) > th.max_boilerplate_line_frac:
+        return "boilerplate_lines"
+    long_lines = [line for line in lines if len(line) >= th.min_dup_line_chars]  # plays repeat "Ham." by design
+    if (len("".join(long_lines)) - len("".join(set(long_lines)))) / len("".join(lines)) > th.max_dup_line_char_frac:
+        return "duplicate_lines"
+    # Repetition. A repeated n-gram holds repeated shorter ones, so the share of characters inside repeated
+    # n-grams (coverage) falls with n: once a shorter n's is known, it bounds the longer ones.
+    coverage = 1.0
+    for n_words, limit in th.max_top_ngram_char_frac:  # the characters of the most frequent n-gram's copies
+        rule = f"top_{n_words}gram"
+        if rule not in cleared and len(words) >= n_words:
             ids = _ngram_ids(word_hashes, n_words, ngrams)
             sorted_ids = np.sort(ids)
-            run_ends = np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1])  # last index of each run but the last
-            if len(run_ends) == len(ids) - 1:  # every n-gram occurs once
-                no_repeat_from = min(no_repeat_from, n_words)
-                continue
-            counts = np.diff(np.concatenate(([-1], run_ends, [len(ids) - 1])))
-            top = np.argmax(counts)  # the smallest id among the most frequent, as np.unique would give
-            first = np.argmax(ids == sorted_ids[run_ends[top] if top < len(run_ends) else -1])
-            if counts[top] * word_len[first:first + n_words].sum() / total > limit:
-                return f"top_{n_words}gram"
-    coverage, shorter = 1.0, 0  # coverage falls with n, for the same reason
-    for n_words, limit in th.max_dup_ngram_char_frac:
-        if n_words < no_repeat_from and (n_words < shorter or coverage > limit):
+            run_starts = np.flatnonzero(np.concatenate(([True], sorted_ids[1:] != sorted_ids[:-1])))
+            counts = np.diff(np.append(run_starts, len(ids)))
+            top = np.argmax(counts)  # the most frequent, the smallest id among equals
+            first = np.argmax(ids == sorted_ids[run_starts[top]])  # its first position
+            if counts[top] == 1:  # no n-gram repeats
+                coverage = 0.0
+            elif counts[top] * word_len[first:first + n_words].sum() / total > limit:
+                return rule
+    for n_words, limit in th.max_dup_ngram_char_frac:  # the characters inside n-grams that occur twice or more
+        rule = f"duplicate_{n_words}gram"
+        if rule not in cleared and len(words) >= n_words and coverage > limit:
             starts = np.flatnonzero(_repeated(_ngram_ids(word_hashes, n_words, ngrams)))
-            if not len(starts):
-                no_repeat_from = min(no_repeat_from, n_words)
-                continue
             covered = np.zeros(len(words) + 1, dtype=np.int64)  # +1 where a repeated n-gram starts,
             covered[starts] += 1                                 # -1 just after it ends
             covered[starts + n_words] -= 1
-            coverage, shorter = word_len[np.cumsum(covered[:-1]) > 0].sum() / total, n_words
+            coverage = word_len[np.cumsum(covered[:-1]) > 0].sum() / total
             if coverage > limit:
-                return f"duplicate_{n_words}gram"
+                return rule
     return None
+
+
+def cleared_by_bounds(text, n, lines, word_hashes, word_len, th, ngrams):
+    """The speed shortcut of quality_rule, apart from the rules: -> the rules that cheap counts prove the text
+    keeps, so quality_rule skips their regexes and sorts (test_all.py checks that it decides alike without).
+    Each count bounds the rule's own from above: a word with no letter has no ASCII letter; a bullet or an
+    ellipsis line holds a bullet or an ellipsis; a boilerplate line holds a phrase. For the n-grams: no n-gram
+    with n >= n0 occurs more often than the fullest of >= 4 hash buckets of n0-grams holds, nor spans more
+    characters than the longest run of n words; when every n0-gram is distinct, no longer one repeats."""
+    cleared = set()
+    if 1 - len(NO_ASCII_LETTER_WORD_RE.findall(" " + text)) / n >= th.min_alpha_word_frac:
+        cleared.add("non_alpha_words")
+    if sum(map(text.count, BULLETS)) / len(lines) <= th.max_bullet_line_frac:
+        cleared.add("bullet_lines")
+    if (text.count("...") + text.count("\u2026")) / len(lines) <= th.max_ellipsis_line_frac:
+        cleared.add("ellipsis_lines")
+    low = text.lower()  # substring tests run in C
+    if not any(p in low for p in BOILERPLATE):
+        cleared.add("boilerplate_lines")
+    n0 = min(n_words for n_words, _ in th.max_top_ngram_char_frac + th.max_dup_ngram_char_frac)
+    if len(word_hashes) < n0:
+        return cleared
+    buckets = _ngram_ids(word_hashes, n0, ngrams) & np.uint64((1 << (4 * len(word_hashes)).bit_length()) - 1)
+    most = int(np.bincount(buckets.astype(np.intp)).max())
+    chars_before = np.concatenate(([0], np.cumsum(word_len)))
+    for n_words, limit in th.max_top_ngram_char_frac:
+        if most == 1 or len(word_len) < n_words or \
+                most * (chars_before[n_words:] - chars_before[:-n_words]).max() <= limit * chars_before[-1]:
+            cleared.add(f"top_{n_words}gram")
+    if most == 1:
+        cleared |= {f"duplicate_{n_words}gram" for n_words, _ in th.max_dup_ngram_char_frac}
+    return cleared
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,36 +379,20 @@ def _word_hashes(words):
     return np.fromiter(map(_word_cache.__getitem__, words), dtype=np.int64, count=len(words))
 
 
-FMIX = {np.dtype(np.uint32): [np.uint32(c) for c in (16, 0x85EBCA6B, 13, 0xC2B2AE35, 16)],
-        np.dtype(np.uint64): [np.uint64(c) for c in (33, 0xFF51AFD7ED558CCD, 33, 0xC4CEB9FE1A85EC53, 33)]}
-
-
-def _fmix(h):
-    """MurmurHash3's finalizer for uint32 or uint64 arrays: a bijection that spreads every input bit."""
-    s1, m1, s2, m2, s3 = FMIX[h.dtype]
-    h = h ^ (h >> s1)
-    h *= m1
-    h ^= h >> s2
-    h *= m2
-    return h ^ (h >> s3)
-
-
 def shingle_set(word_hashes, n):
     """-> sorted unique uint64 hashes of the word n-grams."""
     if len(word_hashes) < n:
         return np.zeros(0, dtype=np.uint64)
-    h = np.sort(_fmix(_ngram_ids(word_hashes, n)))  # a sort: np.unique is several times slower here
+    h = np.sort(fmix(_ngram_ids(word_hashes, n), 64))  # a sort: np.unique is several times slower here
     return h[np.concatenate(([True], h[1:] != h[:-1]))]
 
 
 @functools.lru_cache(maxsize=None)
-def permutations(num_perm, seed=SEED):
-    """-> (a, b), two (num_perm,) uint32 arrays: datasketch 2.x's affine32 parameters for seed, drawn the way
-    it draws them (a odd, so h -> a h + b mod 2^32 is a bijection); test_all.py checks the values against it.
-    Not importing datasketch here saves each run the ~1 s its import of scipy costs."""
-    gen = np.random.RandomState(seed)
-    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
-    return a, gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+def permutations(num_perm):
+    """-> (a, b), two (num_perm,) uint32 arrays: datasketch's own affine32 permutations h -> a h + b mod 2^32
+    for SEED, the ones every MinHash(seed=SEED, scheme=SCHEME) applies."""
+    a, b = MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME).permutations
+    return a, b
 
 
 def minhash_signatures(shingle_sets, num_perm, block=4096):
@@ -381,7 +401,7 @@ def minhash_signatures(shingle_sets, num_perm, block=4096):
     All sets of a batch go through one (num_perm, block) product at a time, then a minimum over each
     document's segment of columns (along the contiguous axis: 3-4x faster than rows)."""
     a, b = permutations(num_perm)
-    h = _fmix(np.concatenate(shingle_sets).astype(np.uint32))  # astype keeps the low 32 bits
+    h = fmix(np.concatenate(shingle_sets).astype(np.uint32), 32)  # astype keeps the low 32 bits
     doc = np.repeat(np.arange(len(shingle_sets)), [len(s) for s in shingle_sets])
     signatures = np.full((len(shingle_sets), num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
     for start in range(0, len(h), block):
@@ -394,13 +414,6 @@ def minhash_signatures(shingle_sets, num_perm, block=4096):
     return signatures
 
 
-def minhash_signature(shingles, num_perm):
-    """(S,) uint64 shingle hashes -> (num_perm,) uint32 datasketch signature (all 2^32-1 when S = 0)."""
-    if not len(shingles):
-        return np.full(num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
-    return minhash_signatures([shingles], num_perm)[0]
-
-
 def band_keys(signatures, bands, rows):
     """(D, num_perm) uint32 -> (D, bands) uint64: one hash of each band's rows values. Documents agreeing on a
     band's values share its key; different values collide with probability 2^-64 (a spurious candidate that
@@ -409,7 +422,7 @@ def band_keys(signatures, bands, rows):
     key = np.zeros(values.shape[:2], dtype=np.uint64)
     for r in range(rows):
         key = key * np.uint64(0x100000001B3) + values[:, :, r]
-    return _fmix(key)
+    return fmix(key, 64)
 
 
 def lsh_params(threshold, num_perm, target=0.99):
@@ -442,13 +455,15 @@ def sketch_batch(args):
             out["problems"].append(problem)
             continue
         out["bytes_in"] += len(doc["text"].encode("utf-8", "replace"))  # JSON "\ud800" is a lone surrogate
-        text = doc["text"] = clean_text(doc["text"])
+        too_large = len(record[-1]) > cfg.max_document_mb * 1e6  # the steps below cost ~30x its size in memory
+        text = doc["text"] = doc["text"] if too_large else clean_text(doc["text"])
         out["lines"].append(json.dumps(doc, ensure_ascii=False).encode("utf-8", "replace") + b"\n")
-        clean_bytes = len(text.encode())
+        clean_bytes = len(text.encode("utf-8", "replace"))
         out["bytes_clean"] += clean_bytes
-        words, word_hashes = _words(text)
+        words, word_hashes = _words("" if too_large else text)
         ngrams = {}  # n -> ids of every run of n words, shared by the filters and the shingles
-        rule = None if cfg.no_filters else quality_rule(text, words, word_hashes, th, ngrams)
+        rule = "too_large" if too_large else None if cfg.no_filters else quality_rule(text, words, word_hashes,
+                                                                                      th, ngrams)
         out["rules"].append(rule)
         if rule is not None:
             out["rule_bytes"][rule] += clean_bytes
@@ -458,7 +473,7 @@ def sketch_batch(args):
                                            digest_size=16).digest())
         if len(words) >= cfg.ngram:  # the n-gram hashes with repeats: a repeat cannot change a minimum
             out["sketched"].append(len(out["rules"]) - 1)
-            shingle_sets.append(_fmix(_ngram_ids(word_hashes, cfg.ngram, ngrams)))
+            shingle_sets.append(fmix(_ngram_ids(word_hashes, cfg.ngram, ngrams), 64))
     out["keys"] = np.frombuffer(b"".join(out["keys"]), dtype=np.uint64).reshape(-1, 2)  # (docs, 2)
     bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
     out["bands"] = (band_keys(minhash_signatures(shingle_sets, cfg.num_perm), bands, rows) if shingle_sets
@@ -486,18 +501,18 @@ def _batched(items, max_items=256, max_bytes=1 << 20):
 
 
 def _ordered_map(pool, func, items, in_flight):
-    """Like Pool.imap, results in input order, but reading at most in_flight batches ahead (imap's
-    feeder thread would read the whole input into memory when the workers are slower than disk)."""
+    """Like map over the worker processes, results in input order, reading at most in_flight batches ahead
+    (Executor.map would read the whole input into memory when the workers are slower than disk)."""
     if pool is None:
         yield from map(func, items)
         return
     pending = collections.deque()
     for item in items:
-        pending.append(pool.apply_async(func, (item,)))
+        pending.append(pool.submit(func, item))
         if len(pending) >= in_flight:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 def _find(parent, i):
@@ -629,33 +644,49 @@ def write_pass(work, status, keeper, rule_names, best_jaccard, out_file, removed
     return counts, bytes_removed
 
 
+def filter_warnings(rule_bytes, bytes_clean, most=0.5):
+    """-> a warning when the quality rules removed more than `most` of the bytes: the corpus is probably not
+    web prose (legal text, code, tables, verse repeat their own phrases), and a model trained on the rest
+    would see little of it."""
+    removed = sum(n for rule, n in rule_bytes.items() if rule != "too_large")
+    if removed <= most * bytes_clean:
+        return []
+    top = ", ".join(f"{rule} {n / bytes_clean:.0%}" for rule, n in rule_bytes.most_common(3))
+    return [f"warning: the quality filters removed {removed / bytes_clean:.0%} of the corpus's bytes ({top}); if "
+            f"the corpus is meant to read like this, run again with --no-filters to keep it"]
+
+
 def run(inputs, cfg, th=QualityThresholds()):
     """The whole tool -> the report dict. Bad input raises SystemExit with one sentence."""
     t0 = time.time()
     if not cfg.out:
         raise SystemExit("no OUT given; pass -o OUT.jsonl, the file for the kept documents")
-    if not (0 < cfg.threshold <= 1 and cfg.num_perm >= 2 and cfg.ngram >= 1 and cfg.workers >= 1):
-        raise SystemExit("--threshold must be in (0, 1], --num-perm >= 2, --ngram >= 1 and --workers >= 1")
+    if not (0 < cfg.threshold <= 1 and cfg.num_perm >= 2 and cfg.ngram >= 1 and cfg.workers >= 1
+            and 0 < cfg.max_document_mb < math.inf):
+        raise SystemExit("--threshold must be in (0, 1], --num-perm >= 2, --ngram >= 1, --workers >= 1 and "
+                         "--max-document-mb > 0")
     out = Path(cfg.out)
     paths = [out, Path(cfg.removed or out.parent / "removed.jsonl"), Path(cfg.report or out.parent / "report.json")]
     if len({p.resolve() for p in paths}) < 3:
         raise SystemExit(f"OUT, --removed and --report must be three different files, got "
                          f"{', '.join(map(str, paths))}")
-    temps = [p.with_name(p.name + ".tmp") for p in paths] + [out.with_name(out.name + ".work.tmp")]
+    paths.append(out.with_name(out.name + ".work"))  # the work file, a temporary only
+    temps = [Path(temporary_path(p)) for p in paths]
     files = expand_inputs(inputs)
-    check_outputs(files, cfg, paths, temps)
+    check_outputs(files, [Path(p) for p in inputs if Path(p).is_dir()], cfg, paths, temps)
+    for p in paths:
+        remove_stale_temporaries(p)
     pool, cpu0 = None, _cpu_seconds()
     try:
         try:
             for p in paths:
                 p.parent.mkdir(parents=True, exist_ok=True)
-            work = open(temps[3], "w+b")
+            work = open(temps[3], "w+b")  # never renamed: deleted at the end
         except OSError as e:
             raise SystemExit(f"cannot write beside {e.filename or out} ({e.strerror}); choose a folder you can write to")
-        try:
-            pool = multiprocessing.Pool(cfg.workers) if cfg.workers > 1 else None
-        except OSError as e:
-            raise SystemExit(f"--workers {cfg.workers}: cannot start that many processes ({e.strerror}); lower it")
+        # a process pool that notices a dead worker (BrokenProcessPool); multiprocessing.Pool would wait forever
+        pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("fork")) \
+            if cfg.workers > 1 else None
         imap = functools.partial(_ordered_map, pool, in_flight=2 * cfg.workers)  # imap(func, items)
         with work:
             status, keeper, rule_names, pairs, stats = sketch_pass(files, cfg, th, imap, work)
@@ -665,12 +696,15 @@ def run(inputs, cfg, th=QualityThresholds()):
             near_of, best_jaccard, n_verified = verify_pass(work, cfg, imap, pairs) if len(pairs) else ({}, {}, 0)
             for i, k in near_of.items():
                 status[i], keeper[i] = NEAR, k
+            # an exact copy of a document removed as a near duplicate is a copy of that one's kept twin
+            copies = np.flatnonzero(status == EXACT)
+            twin_removed = status[keeper[copies]] == NEAR
+            keeper[copies[twin_removed]] = keeper[keeper[copies[twin_removed]]]
             t2 = time.time()
             with open(temps[0], "wb") as f_out, open(temps[1], "wb") as f_rm:
                 counts, bytes_removed = write_pass(work, status, keeper, rule_names, best_jaccard, f_out, f_rm)
         if pool:  # joined, so that their CPU time is counted
-            pool.close()
-            pool.join()
+            pool.shutdown()
         seconds, cpu = time.time() - t0, [b - a for a, b in zip(cpu0, _cpu_seconds())]
         bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
         rule_docs = collections.Counter(rule_names[s] for s in status[status >= FILTERED].tolist())
@@ -692,14 +726,25 @@ def run(inputs, cfg, th=QualityThresholds()):
             "seconds": round(seconds, 3), "docs_per_second": round(len(status) / max(seconds, 1e-9), 1),
             "pass_seconds": {"sketch": round(t1 - t0, 3), "verify": round(t2 - t1, 3), "write": round(seconds - t2 + t0, 3)},
             "cpu_seconds": {"main": round(cpu[0], 3), "workers": round(cpu[1], 3)},
+            "warnings": filter_warnings(stats["rule_bytes"], stats["bytes_clean"]),
         }
+        for warning in report["warnings"]:
+            print(warning, file=sys.stderr)
         temps[2].write_text(json.dumps(report, indent=2) + "\n")
-        for tmp, final in zip(temps, paths):  # all three outputs appear only once all are complete
+        for tmp, final in zip(temps, paths[:3]):  # all three outputs appear only once all are complete
             os.replace(tmp, final)
         return report
+    except BrokenProcessPool:  # the kernel's OOM killer sends SIGKILL, which no worker can catch
+        raise SystemExit(f"a --workers process died (most likely killed by the system for want of memory); "
+                         f"nothing was written: run again with fewer --workers (now {cfg.workers}) or more memory")
+    except OSError as e:  # read_records turns read errors into sentences: this is a fork or a write
+        if e.errno == errno.EAGAIN and pool:
+            raise SystemExit(f"--workers {cfg.workers}: cannot start that many processes ({e.strerror}); lower it")
+        raise SystemExit(f"cannot write the outputs beside {out} ({e.strerror}); nothing was written: free space "
+                         f"there (they take about twice the input) or choose another folder with -o") from None
     finally:
         if pool:
-            pool.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
         for tmp in temps:  # left behind only by a failed run (and a killed run's are replaced by the next)
             tmp.unlink(missing_ok=True)
 
@@ -723,10 +768,19 @@ def main(argv=None):
           f"{st['near']['verified_pairs']} at Jaccard >= {report['config']['threshold']})")
     print(f"{b['in']:,} bytes in, {b['out']:,} out; {report['seconds']:.1f} s, {report['docs_per_second']:.0f} docs/s; "
           f"CPU s: main process {report['cpu_seconds']['main']:.1f}, workers {report['cpu_seconds']['workers']:.1f}")
+    too_large = st["filters"]["rules"].get("too_large")
+    if too_large:
+        print(f"note: {too_large['docs']} documents over --max-document-mb {report['config']['max_document_mb']} "
+              f"were removed as read (removed_by \"too_large\"); raise the flag to process them, at about 30x "
+              f"their size in memory")
     if bad["undecodable_bytes_replaced"] or bad["malformed_lines"]:
         print(f"bad input: {bad['undecodable_bytes_replaced']} undecodable bytes replaced, {bad['malformed_lines']} "
               f"malformed JSONL lines skipped {bad['malformed_examples'][:3]} (--strict makes them fatal)")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+        sys.stdout.flush()  # a closed pipe shows here, while it can still be caught
+    except BrokenPipeError:  # dedup.py ... | head -1: the reader left, as Unix tools end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would complain

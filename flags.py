@@ -12,13 +12,19 @@ once: float("nan") parses, and nan slips through every `<` check a script makes 
 script of the project reads its flags this way, so a field added to a config dataclass is a
 documented flag at once.
 Imports no torch: dedup.py, tokenize_data.py, plays.py and pipeline.py run without it.
+
+It also holds what the stages share about files (the sections at the end): how a folder of inputs is
+read, and the one rule for writing outputs and removing what a killed run left.
 """
 
 import argparse
+import contextlib
 import inspect
 import math
+import os
 import re
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import get_args
 
 
@@ -62,3 +68,65 @@ def config_parser(config_class, doc, choices=None, aliases=None, given_only=Fals
 def parse_flags(config_class, argv, doc, **options):
     """argv (None: sys.argv) -> a config_class filled from the flags."""
     return config_class(**vars(config_parser(config_class, doc, **options).parse_args(argv)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: a folder is read with everything under it, symlinked subfolders too (a user links a corpus in
+# rather than copying it); each real folder is walked once, so a link to an ancestor cannot loop.
+
+def files_under(folder):
+    """-> sorted paths (spelled under `folder`) of the files in it and in every subfolder, links followed."""
+    found, seen = [], {os.path.realpath(folder)}
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = [os.path.realpath(os.path.join(root, d)) for d in dirs]
+        dirs[:] = [d for d, r in zip(dirs, real) if r not in seen and not seen.add(r)]  # walked once each
+        found += [Path(root, f) for f in files if os.path.isfile(os.path.join(root, f))]
+    return sorted(found)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs: one rule for every stage. An output is written whole to NAME.tmp<pid> beside it, flushed to
+# disk, and renamed into place (os.replace is atomic on one filesystem): a reader finds the old file or the
+# new one, never half of one. A NAME.tmp or NAME.tmp<pid> beside an output can only be what a killed run
+# left, so a stage deletes those of its outputs before it writes them (one run per output folder).
+
+def temporary_path(path):
+    """-> the name this process writes `path` under until it is complete: NAME.tmp<pid>."""
+    return f"{path}.tmp{os.getpid()}"
+
+
+def stale_temporaries(path):
+    """-> the NAME.tmp and NAME.tmp<pid> files beside `path` (other names, such as NAME.tmp-notes, are not ours)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return [os.path.join(folder, f) for f in sorted(names) if re.fullmatch(re.escape(name) + r"\.tmp\d*", f)]
+
+
+def remove_stale_temporaries(path):
+    """Delete what killed runs left beside `path` -> the paths deleted."""
+    stale = stale_temporaries(path)
+    for p in stale:
+        os.remove(p)
+    return stale
+
+
+@contextlib.contextmanager
+def atomic_output(path, mode="wb", **open_args):
+    """with atomic_output(path) as f: ... writes f to path's temporary and renames it into place on success;
+    on any error (or Ctrl-C) the temporary is deleted and `path` stays as it was."""
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, mode, **open_args) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_atomic(path, data):
+    """data (bytes, or a contiguous numpy array written raw) -> path, by the rule above."""
+    with atomic_output(path) as f:
+        f.write(data)

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attention_kernel  # imports only torch; triton is loaded on the first triton call
+import flags  # the one rule for writing outputs (temporary name, rename) that every stage follows
 
 CHECKPOINT_FORMAT = "gpt-from-scratch/2"  # 2: GPTConfig gained norm_eps, mlp_width, gelu_approx
 DAMAGED = "the file is damaged or not one that train.py or align.py wrote; pass another, or retrain"
@@ -533,31 +534,18 @@ def save_checkpoint(path, model, **extra):
     ckpt = {"format": CHECKPOINT_FORMAT, "model_config": asdict(raw.config),
             "model": {k: v.detach().cpu() for k, v in raw.state_dict().items()}, **extra}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        with flags.atomic_output(path) as f:
             torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):  # the disk is full, a quota, a folder gone: the user can fix it
-            kept = f"the previous {path} is kept" if os.path.isfile(path) else "nothing was saved"
-            raise SystemExit(f"cannot write {path} ({e.strerror or e}); {kept}: free some space (or pick another "
-                             "--out-dir) and run again with --resume.") from None
-        raise
+    except OSError as e:  # the disk is full, a quota, a folder gone: the user can fix it
+        kept = f"the previous {path} is kept" if os.path.isfile(path) else "nothing was saved"
+        raise SystemExit(f"cannot write {path} ({e.strerror or e}); {kept}: free some space (or pick another "
+                         "--out-dir) and run again with --resume.") from None
 
 
 def remove_stale_temporaries(path):
     """Delete path.tmp and path.tmp<pid> that killed writers of path left (a whole checkpoint each); -> them."""
-    folder, name = os.path.split(os.path.abspath(path))
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    stale = [os.path.join(folder, f) for f in names if re.fullmatch(re.escape(name) + r"\.tmp\d*", f)]
-    for p in stale:
-        os.remove(p)
-    return stale
+    return flags.remove_stale_temporaries(path)
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -12,7 +12,6 @@ reads that. The second reads dedup.py's output and writes the chat data align.py
 scene through its "group" field. Needs no torch.
 """
 
-import glob
 import json
 import os
 import random
@@ -25,7 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from flags import parse_flags
+from flags import atomic_output, parse_flags, remove_stale_temporaries
 
 
 @dataclass
@@ -37,21 +36,13 @@ class PlaysConfig:
     seed: int = 1337               # chat data: which speeches become questions, which answers are rejected
 
 
-def remove_stale(path):
-    """Delete the temporaries `path.tmp*` a killed run of this stage left beside its output."""
-    for stale in glob.glob(glob.escape(str(path)) + ".tmp*"):
-        os.remove(stale)
-
-
 def write_jsonl(path, records):
-    """One JSON object per line, written to a temporary name and renamed into place."""
+    """One JSON object per line, written by flags.py's rule for outputs (temporary name, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    remove_stale_temporaries(path)
+    with atomic_output(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import errno  # noqa: E402  (imports after the line above, on purpose)
-import functools  # noqa: E402  (imports after the line above, on purpose)
+import functools
 import gzip
 import hashlib
 import inspect
@@ -347,6 +347,13 @@ def near_copy(text, kind, rate, rng, vocab):
     return text
 
 
+def minhash_signature(shingles, num_perm):
+    """(S,) uint64 shingle hashes -> (num_perm,) uint32: dedup's batch MinHash of one set (all 2^32-1 when S = 0)."""
+    if not len(shingles):
+        return np.full(num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
+    return dedup.minhash_signatures([shingles], num_perm)[0]
+
+
 def failed_quality_rule(clean_text):
     """dedup's quality filters on one cleaned text, as dedup.run applies them -> the rule it fails, or None."""
     words = dedup.WORD_RE.findall(clean_text.lower())
@@ -420,7 +427,7 @@ def test_dedup_signature_equals_datasketch_update():
     ref = MinHash(num_perm=64, seed=dedup.SEED, hashfunc=lambda x: x, scheme=dedup.SCHEME)
     for value in (shingles & np.uint64(0xFFFFFFFF)).tolist():
         ref.update(value)  # the slow reference: one update per shingle
-    assert np.array_equal(dedup.minhash_signature(shingles, 64), ref.hashvalues)
+    assert np.array_equal(minhash_signature(shingles, 64), ref.hashvalues)
 
 
 def test_dedup_lsh_params_reach_recall_target():
@@ -534,6 +541,32 @@ def test_dedup_filters_catch_junk():
     assert {k: caught[k] for k in expected} == expected
 
 
+def test_dedup_warns_when_the_filters_remove_most_of_the_corpus(tmp_path, capsys):
+    legal = "\n".join(["Permission is hereby granted, free of charge, to any person obtaining a copy of this "
+                       "software, to deal in the software without restriction."] * 12)
+    docs = prose_docs(3) + [{"id": f"l{i}", "text": f"License {i}\n" + legal} for i in range(6)]
+    _, _, report = run_dedup(tmp_path, docs)
+    said = capsys.readouterr().err.strip().split("\n")
+    assert len(said) == 1 and "--no-filters" in said[0] and "duplicate_lines" in said[0], said
+    assert report["warnings"] == said
+    _, _, report = run_dedup(tmp_path / "x", prose_docs(10, words=200) + docs[3:4])  # a small part: no warning
+    assert report["warnings"] == [] and capsys.readouterr().err == ""
+
+
+def test_dedup_quality_shortcut_decides_as_the_rules_in_full(scenes, monkeypatch):
+    """cleared_by_bounds only skips work: with it and without it, quality_rule gives every text the same rule."""
+    rng = random.Random(4)
+    vocab = "the be to of and that have with # ... - * cookie log in click here apple banana".split()
+    texts = [d["text"] for d in scenes[::3]]
+    texts += ["\n".join(" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 12)))
+                        for _ in range(rng.randint(1, 30))) for _ in range(800)]
+    texts += [" ".join(rng.choice(vocab[:10]) for _ in range(rng.randint(5, 400))) for _ in range(800)]
+    with_shortcut = [failed_quality_rule(dedup.clean_text(t)) for t in texts]
+    monkeypatch.setattr(dedup, "cleared_by_bounds", lambda *args: set())
+    assert [failed_quality_rule(dedup.clean_text(t)) for t in texts] == with_shortcut
+    assert len(set(with_shortcut)) >= 8  # the texts break many different rules
+
+
 def test_dedup_threshold_is_inclusive(tmp_path):
     """A pair whose 5-gram Jaccard is exactly --threshold is a duplicate; one just below is not. 44 distinct
     words make 40 5-grams; 10 more words make 50, of which the 40 are shared: 40/50 = 0.8; 11 more: 40/51."""
@@ -546,6 +579,17 @@ def test_dedup_threshold_is_inclusive(tmp_path):
         assert [r["id"] for r in removed] == removed_ids and len(kept) == 2 - len(removed_ids), extra
         if removed:
             assert removed[0]["jaccard"] == 0.8 and removed[0]["duplicate_of"] == "a"
+
+
+def test_dedup_duplicate_of_always_names_a_kept_document(tmp_path):
+    """c is an exact copy of b, and b a near duplicate of a (5-gram Jaccard 40/50): both name a."""
+    words = [f"w{i}" for i in range(60)]
+    docs = [{"id": "a", "text": " ".join(words[:44])}, {"id": "b", "text": " ".join(words[:54])},
+            {"id": "c", "text": " ".join(words[:54]).upper()}, {"id": "d", "text": " ".join(words[:54])}]
+    kept, removed, _ = run_dedup(tmp_path, docs, no_filters=True)
+    assert [d["id"] for d in kept] == ["a"]
+    assert {r["id"]: (r["removed_by"], r["duplicate_of"]) for r in removed} == {
+        "b": ("near_duplicate", "a"), "c": ("exact_duplicate", "a"), "d": ("exact_duplicate", "a")}
 
 
 def test_dedup_exact_and_short_documents(tmp_path):
@@ -701,10 +745,88 @@ def test_dedup_killed_run_leaves_nothing_after_the_next_run(tmp_path):
                                                              "report.json"]
 
 
+def test_dedup_reads_symlinked_folders_and_never_writes_into_an_input_folder(tmp_path, monkeypatch):
+    texts = write_jsonl(tmp_path / "texts" / "a.jsonl", prose_docs(3)).parent
+    write_jsonl(tmp_path / "elsewhere" / "b.jsonl", prose_docs(5, seed=1))
+    os.symlink(tmp_path / "elsewhere", texts / "linked")  # a symlinked subfolder: its 5 documents count
+    os.symlink(texts, tmp_path / "elsewhere" / "loop")  # and a loop back through it
+    monkeypatch.chdir(tmp_path)
+    for outputs in (["-o", "texts/out/c.jsonl"], ["-o", "texts/linked/c.jsonl"],
+                    ["-o", "o/c.jsonl", "--removed", "texts/r.jsonl"]):
+        stops_with_sentence(lambda: dedup.main(["texts", *outputs]))
+        assert "inside the input folder" in stops_with_sentence(lambda: dedup.main(["texts", *outputs]))
+    for _ in range(2):  # a second run reads the same 8 documents
+        dedup.main(["texts", "-o", "o/c.jsonl"])
+        assert json.loads((tmp_path / "o" / "report.json").read_text())["documents"]["in"] == 8
+    assert sorted(p.name for p in tmp_path.rglob("*.jsonl")) == ["a.jsonl", "b.jsonl", "c.jsonl", "removed.jsonl"]
+
+
+def test_dedup_one_huge_document_costs_a_bounded_multiple_of_its_size(tmp_path):
+    """A document over --max-document-mb is removed as read: the run's peak traced memory stays within a few
+    times the input (processed whole, this one took ~45x), and the document is in removed.jsonl, unchanged."""
+    rng = np.random.default_rng(0)
+    huge = {"id": "huge", "text": " ".join(rng.choice(PROSE.split(), 400_000)) + "\t"}  # ~2 MB, one line
+    src = write_jsonl(tmp_path / "in.jsonl", prose_docs(20) + [huge])
+    tracemalloc.start()
+    report = dedup.run([str(src)], dedup.DedupConfig(out=str(tmp_path / "o" / "c.jsonl"), max_document_mb=0.5,
+                                                     no_filters=True))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak / src.stat().st_size < 8, peak / src.stat().st_size
+    removed = [json.loads(line) for line in open(tmp_path / "o" / "removed.jsonl")]
+    assert removed == [{**huge, "removed_by": "too_large"}] and report["documents"]["out"] == 20
+
+
+def test_dedup_full_disk_is_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "in.jsonl", prose_docs(10))
+    before = src.read_bytes()
+
+    def disk_full_while_writing(*args):
+        args[-2].write(b'{"id": "d0", "te')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(dedup, "write_pass", disk_full_while_writing)
+    message = stops_with_sentence(lambda: dedup.main([str(src), "-o", str(tmp_path / "o" / "c.jsonl")]))
+    assert "No space left" in message and "-o" in message, message
+    assert list((tmp_path / "o").iterdir()) == [] and src.read_bytes() == before
+
+
+def test_dedup_closed_stdout_ends_quietly(tmp_path):
+    """dedup.py ... | head -1 with head gone before dedup prints: no traceback, the outputs written."""
+    src = write_jsonl(tmp_path / "in.jsonl", prose_docs(10))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "dedup.py"), str(src), "-o", str(tmp_path / "o" / "c.jsonl")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    proc.stdout.close()  # the reader is gone before the first line
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 0 and stderr == "", stderr
+    assert (tmp_path / "o" / "c.jsonl").exists()
+
+
+def killed_worker_run(script, patch, *argv):
+    """script.main(argv) in a child process whose workers SIGKILL themselves (as the OOM killer does) on the
+    document holding "killme": `patch` replaces one of the script's globals that the workers call."""
+    child = (f"import os, signal, sys; sys.path.insert(0, {str(ROOT)!r}); import {script} as m\n"
+             f"def die_on_marker(text):\n    if 'killme' in text: os.kill(os.getpid(), signal.SIGKILL)\n{patch}\n"
+             f"m.main(sys.argv[1:])")
+    return subprocess.run([sys.executable, "-c", child, *map(str, argv)], capture_output=True, text=True,
+                          timeout=120, env=ENV)
+
+
+def test_dedup_dead_worker_ends_the_run_with_a_sentence(tmp_path):
+    docs = prose_docs(600)  # three batches
+    docs[400]["text"] += " killme"
+    src = write_jsonl(tmp_path / "in.jsonl", docs)
+    before = src.read_bytes()
+    patch = "clean = m.clean_text\nm.clean_text = lambda text: die_on_marker(text) or clean(text)"
+    r = killed_worker_run("dedup", patch, src, "-o", tmp_path / "o" / "c.jsonl", "--workers", "2")
+    one_sentence(r, "memory", "--workers")
+    assert list((tmp_path / "o").iterdir()) == [] and src.read_bytes() == before  # no temporaries left
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--workers", "0"], "--workers"), (["--workers", "-3"], "--workers"), (["--num-perm", "1"], "--num-perm"),
     (["--ngram", "0"], "--ngram"), (["--threshold", "nan"], "--threshold"), (["--threshold", "-1"], "--threshold"),
-    (["--num-perm", "x"], "--num-perm"),
+    (["--num-perm", "x"], "--num-perm"), (["--max-document-mb", "0"], "--max-document-mb"),
+    (["--max-document-mb", "nan"], "--max-document-mb"),
 ])
 def test_dedup_bad_flags_are_one_sentence(tmp_path, args, expected):
     src = write_jsonl(tmp_path / "in.jsonl", prose_docs(3))
@@ -759,7 +881,7 @@ def test_dedup_lsh_candidates_are_minhashlshs():
     """The sorted band keys give exactly the pairs datasketch's MinHashLSH query-before-insert gives."""
     docs = hamlet_docs_with_variants()
     bands, rows = dedup.lsh_params(0.8, 128)
-    sigs = [dedup.minhash_signature(dedup.shingle_set(dedup._word_hashes(
+    sigs = [minhash_signature(dedup.shingle_set(dedup._word_hashes(
         dedup.WORD_RE.findall(dedup.clean_text(d["text"]).lower())), 5), 128) for d in docs]
     lsh, expected = MinHashLSH(num_perm=128, params=(bands, rows)), set()
     a, b = dedup.permutations(128)
@@ -934,6 +1056,17 @@ def test_tokenizer_special_tokens_follow_ranks():
     assert n_ranks not in enc.encode_ordinary("<|endoftext|>")
 
 
+def split_of(tmp_path, keys, val_fraction):
+    """-> bool array, True = validation: where encode_to_shards (the path users run) puts each document."""
+    enc, sep = byte_tokenizer(), 256  # <|endoftext|>: the first id after the 256 bytes
+    shards = {split: tmp_path / f"{split}.bin" for split in ("train", "val")}
+    tokenize_data.encode_to_shards(enc, [(k, f"{i}.") for i, k in enumerate(keys)], shards, val_fraction,
+                                   np.uint16, workers=1)
+    val = np.fromfile(shards["val"], dtype="<u2")
+    held_out = {int(bytes(doc[1:].tolist()).decode()[:-1]) for doc in np.split(val, np.flatnonzero(val == sep))[1:]}
+    return np.array([i in held_out for i in range(len(keys))])
+
+
 def test_tokenizer_main_shards_meta_and_split(tmp_path):
     docs = tokenizer_docs()
     corpus = write_corpus(tmp_path, docs)
@@ -967,22 +1100,22 @@ def test_tokenizer_main_shards_meta_and_split(tmp_path):
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
     # a document keeps its side when other documents are removed
     keys = [f"doc{i}" for i in range(len(docs))]
-    assert list(tokenize_data.split_documents(keys[:5], 0.3)) == [i in val_ids for i in range(5)]
+    assert list(split_of(tmp_path, keys[:5], 0.3)) == [i in val_ids for i in range(5)]
 
 
-def test_tokenizer_split_edge_cases():
+def test_tokenizer_split_edge_cases(tmp_path):
     for keys in (["a", "b"], ["only", "two"], [str(i) for i in range(7)]):
         for fraction in (0.01, 0.5, 0.99):
-            is_val = tokenize_data.split_documents(keys, fraction)
+            is_val = split_of(tmp_path, keys, fraction)
             assert is_val.any() and not is_val.all(), (keys, fraction)
-    assert not tokenize_data.split_documents(["a", "b", "c"], 0.0).any()
-    assert list(tokenize_data.split_documents(["one"], 0.05)) == [False]
+    assert not split_of(tmp_path, ["a", "b", "c"], 0.0).any()
+    assert list(split_of(tmp_path, ["one"], 0.05)) == [False]
 
 
-def test_tokenizer_split_holds_out_about_val_fraction():
+def test_tokenizer_split_holds_out_about_val_fraction(tmp_path):
     keys = [f"doc{i}" for i in range(20000)]
     for fraction in (0.01, 0.1, 0.3):  # within 4 standard deviations of a binomial share
-        share = tokenize_data.split_documents(keys, fraction).mean()
+        share = split_of(tmp_path, keys, fraction).mean()
         assert abs(share - fraction) < 4 * math.sqrt(fraction * (1 - fraction) / len(keys)), (fraction, share)
 
 
@@ -1058,12 +1191,12 @@ def test_tokenizer_bad_input(tmp_path, capsys):
     assert json.loads((tmp_path / "e" / "meta.json").read_text())["vocab_size"] == meta["vocab_size"]
 
 
-def test_tokenizer_read_documents_keeps_text_exactly(tmp_path):
+def test_tokenizer_iter_documents_keeps_text_exactly(tmp_path):
     (tmp_path / "play.txt").write_bytes("Line one\r\nline two\n\n".encode())
     lines = [json.dumps({"id": 7, "text": "sep\u2028arator kept", "edition": "F"}, ensure_ascii=False),
              "", json.dumps({"text": "lone \ud800 surrogate"}), json.dumps({"id": "e", "text": ""})]
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    docs = tokenize_data.read_documents([tmp_path])
+    docs = list(tokenize_data.iter_documents(tokenize_data.input_files([tmp_path])))
     assert docs == [("7", "sep\u2028arator kept"), ("c.jsonl:3", "lone \ufffd surrogate"),
                     ("play.txt", "Line one\r\nline two\n\n")]
 
@@ -1410,6 +1543,62 @@ def test_tokenizer_removes_its_stale_temporaries(tmp_path):
     assert all(p.exists() for p in others)
 
 
+def test_tokenizer_reads_symlinked_subfolders(tmp_path):
+    corpus = write_jsonl(tmp_path / "texts" / "a.jsonl", prose_docs(3)).parent
+    write_jsonl(tmp_path / "elsewhere" / "b.jsonl", prose_docs(5, seed=1))
+    os.symlink(tmp_path / "elsewhere", corpus / "linked")
+    os.symlink(corpus, tmp_path / "elsewhere" / "loop")  # a loop: each real folder is read once
+    meta = tokenize_tiny(tmp_path, [corpus])
+    assert meta["train_docs"] + meta["val_docs"] == 8
+
+
+def test_tokenizer_pieces_of_a_long_text_give_its_chunks_and_tokens():
+    """text_pieces cuts only at chunk boundaries: the pieces' chunks and tokens are the whole text's."""
+    pattern, enc = regex.compile(tokenize_data.PAT_STR), tiny_tokenizer()[1]
+    texts = [" a b ".join(random_strings(3, 300)), hamlet()[:20000], "word " * 300 + "x" * 500 + " end"]
+    for text in texts:
+        pieces = list(tokenize_data.text_pieces(text, tokenize_data.PAT_STR, size=64))
+        assert "".join(pieces) == text and len(pieces) > len(text) / 200
+        assert sum((pattern.findall(p) for p in pieces), []) == pattern.findall(text)
+        assert sum((enc.encode_ordinary(p) for p in pieces), []) == enc.encode_ordinary(text)
+
+
+def test_tokenizer_one_huge_document_costs_a_bounded_multiple_of_its_size(tmp_path, monkeypatch):
+    """Pre-tokenized and encoded in pieces, one ~2 MB document costs < 6x its size at the peak (whole: ~14x)."""
+    rng = np.random.default_rng(0)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": " ".join(rng.choice(PROSE.split(), 400_000))}])
+    monkeypatch.setattr(tokenize_data, "PIECE_CHARS", 1 << 16)
+    tracemalloc.start()
+    meta = tokenize_tiny(tmp_path, [src])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak / src.stat().st_size < 6 and meta["train_docs"] == 1, peak / src.stat().st_size
+
+
+def test_tokenizer_dead_worker_ends_the_run_with_a_sentence(tmp_path):
+    docs = prose_docs(40)
+    docs[30]["text"] += " killme"
+    src = write_jsonl(tmp_path / "in.jsonl", docs)
+    patch = ("import regex\nclass Pattern:\n    def __init__(self, p): self.p = regex.compile(p)\n"
+             "    def findall(self, text): return die_on_marker(text) or self.p.findall(text)\n"
+             "m.regex = type(regex)('regex'); m.regex.compile = Pattern; m.BATCH_CHARS = 1000")
+    r = killed_worker_run("tokenize_data", patch, src, "--out-dir", tmp_path / "tok", "--workers", "2",
+                          "--vocab-size", "300")
+    one_sentence(r, "memory", "--workers")
+    assert not (tmp_path / "tok").exists() or list((tmp_path / "tok").iterdir()) == []
+
+
+def test_tokenizer_corrupt_gzip_is_named_as_corrupt(tmp_path):
+    """A flipped byte in a .gz decodes into garbage lines before gzip's CRC check at the end: the sentence
+    blames the file, not a JSON line."""
+    data = gzip.compress("".join(json.dumps(d) + "\n" for d in prose_docs(300)).encode(), mtime=0)
+    damaged = bytearray(data)
+    damaged[len(data) - 1808] ^= 0x55  # garbage from here on: line 271 was blamed
+    (tmp_path / "c.jsonl.gz").write_bytes(bytes(damaged))
+    message = stops_with_sentence(lambda: tokenize_tiny(tmp_path, [tmp_path / "c.jsonl.gz"]))
+    assert "c.jsonl.gz: the gzip file is corrupt" in message, message
+
+
 def test_tokenizer_single_document_says_val_is_empty(tmp_path, capsys):
     corpus = write_jsonl(tmp_path / "one.jsonl", prose_docs(1, words=400))
     meta = tokenize_tiny(tmp_path, [corpus])
@@ -1420,6 +1609,12 @@ def test_tokenizer_single_document_says_val_is_empty(tmp_path, capsys):
     tokenize_tiny(tmp_path, [corpus], "tok0", "--val-fraction", "0")  # asked for: no warning
     said = capsys.readouterr()
     assert "empty" not in said.out + said.err
+
+
+def test_tokenizer_val_fraction_zero_says_train_py_will_refuse_it(tmp_path, capsys):
+    tokenize_tiny(tmp_path, [write_jsonl(tmp_path / "c.jsonl", prose_docs(8))], "tok", "--val-fraction", "0")
+    line = [x for x in capsys.readouterr().out.split("\n") if "--val-fraction 0 " in x]
+    assert len(line) == 1 and "train.py" in line[0] and "--val-fraction 0.05" in line[0], line
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -1512,7 +1707,7 @@ def test_tokenizer_reads_a_folder_of_txt_jsonl_and_gzip(tmp_path):
         f.write(json.dumps({"id": "b1", "text": text[3000:6000]}) + "\n" + json.dumps({"text": text[6000:9000]}) + "\n")
     with gzip.open(tmp_path / "in" / "c.txt.gz", "wt", encoding="utf-8") as f:
         f.write(text[9000:12000])
-    assert tokenize_data.read_documents([tmp_path / "in"]) == [
+    assert list(tokenize_data.iter_documents(tokenize_data.input_files([tmp_path / "in"]))) == [
         ("a.txt", text[:3000]), ("c.txt.gz", text[9000:12000]), ("b1", text[3000:6000]),
         ("b.jsonl.gz:2", text[6000:9000])]
 

@@ -35,10 +35,11 @@ import heapq
 import json
 import multiprocessing
 import os
-import re
 import time
+import zlib
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -46,7 +47,8 @@ import numpy as np
 import regex
 import tiktoken
 
-from flags import config_parser
+from flags import (config_parser, files_under, remove_stale_temporaries, stale_temporaries, temporary_path,
+                   write_atomic)
 
 # GPT-4's cl100k pre-tokenizer pattern. Why this one over GPT-2's: digits split into runs of at most 3,
 # contractions match in any case ("'S"), and runs of newlines stay together with their indentation
@@ -59,6 +61,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<
 TOKENIZER_FILE = "tokenizer.tiktoken"
 OUTPUT_FILES = [TOKENIZER_FILE, "special_tokens.json", "train.bin", "val.bin", "meta.json"]  # meta.json last
 BATCH_CHARS = 1 << 20  # documents go to the workers in batches of about this many characters
+PIECE_CHARS = 1 << 20  # a longer document is pre-tokenized and encoded in pieces of about this many
+FIRST_CUT, LAST_CUT = regex.compile(r"(?<=\p{L}) (?=\p{L})"), regex.compile(r"(?r)(?<=\p{L}) (?=\p{L})")
 
 
 @dataclass
@@ -82,18 +86,31 @@ def _clean_text(text):
 
 
 def input_files(inputs):
-    """Files and folders -> [Path]; folders are searched for .txt and .jsonl files (and their .gz)."""
+    """Files and folders -> [Path]; folders are searched for .txt and .jsonl files (and their .gz), symlinked
+    subfolders included."""
     paths = []
     for name in inputs:
         p = Path(name)
         if p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.name.endswith((".txt", ".jsonl", ".txt.gz", ".jsonl.gz"))
-                            and q.is_file())
+            paths += [q for q in files_under(p) if q.name.endswith((".txt", ".jsonl", ".txt.gz", ".jsonl.gz"))]
         elif p.is_file():
             paths.append(p)
         else:
             raise SystemExit(f"{name}: no such file or folder; pass JSONL files, .txt files or folders.")
     return paths
+
+
+def _unreadable(path, sentence):
+    """-> sentence, unless path is a .gz file that fails gzip's own check: corrupt compressed bytes decode into
+    garbage that looks like a bad line, so the sentence then names the file as corrupt."""
+    if path.name.endswith(".gz"):
+        try:
+            with gzip.open(path) as f:
+                while f.read(1 << 24):
+                    pass
+        except (OSError, EOFError, zlib.error) as e:
+            return f"{path}: the gzip file is corrupt ({e}); download or compress it again."
+    return sentence
 
 
 def iter_documents(paths):
@@ -114,21 +131,17 @@ def iter_documents(paths):
                         obj = json.loads(raw.decode("utf-8"))
                         key, text = str(obj.get("id", f"{p.name}:{line_no}")), _clean_text(obj["text"])
                     except UnicodeDecodeError:
-                        raise SystemExit(f"{p}:{line_no}: not valid UTF-8 text; convert the file to UTF-8 first.")
+                        raise SystemExit(_unreadable(p, f"{p}:{line_no}: not valid UTF-8 text; convert the file to "
+                                                        f"UTF-8 first."))
                     except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
-                        raise SystemExit(f"{p}:{line_no}: not a JSON object with a string 'text' field; "
-                                         f"each line needs one (as dedup.py writes).")
+                        raise SystemExit(_unreadable(p, f"{p}:{line_no}: not a JSON object with a string 'text' "
+                                                        f"field; each line needs one (as dedup.py writes)."))
                     if text:  # an empty document would be a lone separator
                         yield key, text
         except UnicodeDecodeError:
-            raise SystemExit(f"{p}: not valid UTF-8 text; convert it to UTF-8 first.")
-        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-            raise SystemExit(f"{p}: cannot read it ({e}); check that it is a readable text or gzip file.")
-
-
-def read_documents(inputs):
-    """-> list of (key, text) of the files and folders in inputs (small corpora: tests, bench)."""
-    return list(iter_documents(input_files(inputs)))
+            raise SystemExit(_unreadable(p, f"{p}: not valid UTF-8 text; convert it to UTF-8 first."))
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            raise SystemExit(_unreadable(p, f"{p}: cannot read it ({e}); check that it is a readable text file."))
 
 
 def _batched(docs, max_chars=BATCH_CHARS):
@@ -156,11 +169,29 @@ def training_texts(docs, max_chars, taken):
         yield text
 
 
+def text_pieces(text, pat_str, size=None):
+    """A text -> consecutive pieces of about `size` characters (PIECE_CHARS), so that one huge document costs
+    a bounded multiple of a piece in memory, not of itself. Cut only where a space stands between two letters:
+    no chunk of PAT_STR holds a letter followed by a space (a chunk with letters ends at its last letter), so
+    such a place is a chunk boundary, and the pieces' chunks, counts and tokens are the whole text's. Other
+    patterns are not cut."""
+    size = size or PIECE_CHARS
+    start = 0
+    while len(text) - start > size and pat_str == PAT_STR:
+        cut = LAST_CUT.search(text, start + 1, start + size) or FIRST_CUT.search(text, start + size)
+        if not cut:
+            break
+        yield text[start:cut.start()]
+        start = cut.start()
+    yield text[start:]
+
+
 def _count_chunks_worker(args):
     texts, pat_str = args
     pattern, counts = regex.compile(pat_str), Counter()
     for text in texts:
-        counts.update(pattern.findall(text))  # Counter over a list runs in C
+        for piece in text_pieces(text, pat_str):
+            counts.update(pattern.findall(piece))  # Counter over a list runs in C
     return counts
 
 
@@ -169,15 +200,20 @@ def count_chunks(texts, pat_str=PAT_STR, workers=1):
     Batches go to `workers` processes, at most 2 per worker in flight, so the texts are never all in memory."""
     jobs = (([text for _, text in batch], pat_str) for batch in _batched(("", t) for t in texts))
     counts = Counter()
-    if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+    if workers > 1:  # a process pool that notices a dead worker (BrokenProcessPool): multiprocessing.Pool hangs
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
             pending = collections.deque()
-            for job in jobs:
-                pending.append(pool.apply_async(_count_chunks_worker, (job,)))
-                if len(pending) >= 2 * workers:
-                    counts.update(pending.popleft().get())
-            while pending:
-                counts.update(pending.popleft().get())
+            try:
+                for job in jobs:
+                    pending.append(pool.submit(_count_chunks_worker, job))
+                    if len(pending) >= 2 * workers:
+                        counts.update(pending.popleft().result())
+                while pending:
+                    counts.update(pending.popleft().result())
+            except BrokenProcessPool:  # the kernel's OOM killer sends SIGKILL, which no worker can catch
+                raise SystemExit(f"a --workers process died (most likely killed by the system for want of "
+                                 f"memory); nothing was written: run again with fewer --workers (now {workers}) "
+                                 f"or more memory.") from None
     else:
         for job in jobs:
             counts.update(_count_chunks_worker(job))
@@ -299,13 +335,6 @@ def load_base_encoding(name):
 
 
 # ---------------------------------------------------------------------------- tokenizer files
-def _write_atomic(path, data):  # data: bytes or a contiguous numpy array (written raw)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def rank_file_bytes(enc):
     """tiktoken's rank file format: base64(token bytes), a space, the rank; one line per token."""
     ranks = sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1])
@@ -353,26 +382,13 @@ def val_score(key):
     return int.from_bytes(hashlib.sha256(key.encode("utf-8", "replace")).digest()[:8], "little") / 2**64
 
 
-def split_documents(keys, val_fraction):
-    """-> bool array, True = validation, with the rule encode_to_shards applies while it streams. With >= 2
-    documents both sides are non-empty: the lowest score goes to validation if none did, the highest to
-    training if all did."""
-    u = np.array([val_score(k) for k in keys])
-    is_val = u < val_fraction
-    if len(keys) >= 2 and val_fraction > 0 and not is_val.any():
-        is_val[np.argmin(u)] = True
-    if len(keys) >= 2 and is_val.all():
-        is_val[np.argmax(u)] = False
-    return is_val
-
-
 def token_dtype(n_vocab):
     return np.uint16 if n_vocab <= 2**16 else np.uint32  # ids 0 .. n_vocab - 1
 
 
 def _move_tokens(src, dst, start, length, itemsize):
     """Move tokens [start, start + length) of shard file src to the end of dst, copying the rest of src down
-    in 16 MB pieces (the split's fix-up of a small or lopsided corpus; see split_documents)."""
+    in 16 MB pieces (the split's fix-up of a small or lopsided corpus; see encode_to_shards)."""
     with open(src, "r+b") as f, open(dst, "ab") as g:
         f.seek(start * itemsize)
         g.write(f.read(length * itemsize))
@@ -390,17 +406,21 @@ def _move_tokens(src, dst, start, length, itemsize):
 
 def encode_to_shards(enc, docs, shard_paths, val_fraction, dtype, workers):
     """Encode documents with `workers` threads and append <|endoftext|> and the ids of each to the shard of
-    its split, in input order -> {split: {"docs", "tokens", "bytes"}}. Nothing but a few batches is held."""
+    its split, in input order -> {split: {"docs", "tokens", "bytes"}}. Nothing but a few batches is held.
+    The split: a document goes to validation when val_score(key) < val_fraction. With >= 2 documents both
+    sides end non-empty: the lowest score moves to validation if none went there (and val_fraction > 0),
+    the highest to training if all did."""
     dtype = np.dtype(dtype).newbyteorder("<")
     sep = np.array([enc._special_tokens[SPECIAL_TOKENS[0]]], dtype=dtype)
     counts = {split: {"docs": 0, "tokens": 0, "bytes": 0} for split in shard_paths}
     # the training document with the lowest score and the validation one with the highest, as
-    # (score, first token, tokens, bytes): split_documents' fix-up moves one of them at the end
+    # (score, first token, tokens, bytes): the split's fix-up moves one of them at the end
     edge = {"train": (2.0, 0, 0, 0), "val": (-1.0, 0, 0, 0)}
 
     def encode_batch(batch):  # encode_ordinary straight into a uint32 buffer, without a list of Python ints;
         # disallowed_special=() keeps text that spells a special token ordinary text, as encode_ordinary does
-        return [enc.encode_to_numpy(text, disallowed_special=()).astype(dtype, copy=False) for _, text in batch]
+        return [np.concatenate([enc.encode_to_numpy(piece, disallowed_special=()).astype(dtype, copy=False)
+                                for piece in text_pieces(text, enc._pat_str)]) for _, text in batch]
 
     with ThreadPoolExecutor(workers) as pool, open(shard_paths["train"], "wb") as f_train, \
             open(shard_paths["val"], "wb") as f_val:
@@ -457,31 +477,18 @@ def check_out_dir(out_dir, encoding_name, fingerprint=None):
 def check_paths(paths, out_dir):
     """Refuse an --out-dir under a file, and any input that is one of our outputs or their temporaries
     (however the path is spelled: symlinks and hard links count); then remove the temporaries that a killed
-    run left behind (our names only, of processes that no longer run)."""
+    run left behind (flags.py's rule)."""
     out = Path(out_dir)
     folder = out if out.exists() else next(q for q in out.absolute().parents if q.exists())
     if not folder.is_dir():
         raise SystemExit(f"--out-dir {out_dir}: {folder} is a file, not a folder; choose another --out-dir.")
     ours = [out / name for name in OUTPUT_FILES]
+    ours += [Path(t) for q in ours for t in stale_temporaries(q)]
     for p in paths:
-        temp = re.fullmatch(r"(.+)\.tmp\d+", p.name)
-        if any(p.resolve() == q.resolve() or (q.exists() and os.path.samefile(p, q)) for q in ours) or (
-                temp and temp[1] in OUTPUT_FILES and p.parent.resolve() == out.resolve()):
+        if any(p.resolve() == q.resolve() or (q.exists() and os.path.samefile(p, q)) for q in ours):
             raise SystemExit(f"{p} is an input and also an output in --out-dir {out_dir}; pass another --out-dir.")
-    for p in out.glob("*.tmp*") if out.is_dir() else []:
-        temp = re.fullmatch(r"(.+)\.tmp(\d+)", p.name)
-        if temp and temp[1] in OUTPUT_FILES and not _process_alive(int(temp[2])):
-            p.unlink()
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0 only asks whether the process exists
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # it exists, as another user's process
-        pass
-    return True
+    for q in ours[:len(OUTPUT_FILES)]:
+        remove_stale_temporaries(q)
 
 
 # ---------------------------------------------------------------------------- the chat contract
@@ -795,7 +802,7 @@ def main(argv=None):
     check_out_dir(cfg.out_dir, encoding_name, fingerprint)
 
     dtype = token_dtype(enc.n_vocab)
-    shards = {split: out / f"{split}.bin.tmp{os.getpid()}" for split in ("train", "val")}
+    shards = {split: Path(temporary_path(out / f"{split}.bin")) for split in ("train", "val")}
     try:
         t0 = time.perf_counter()
         counts = encode_to_shards(enc, iter_documents(paths), shards, cfg.val_fraction, dtype, cfg.workers)
@@ -813,11 +820,11 @@ def main(argv=None):
                 "tokenizer_sha256": fingerprint, "config": asdict(cfg), "inputs": list(inputs), **train_info}
         # meta.json goes first and comes back last: in between, the folder's shards do not count as complete
         (out / "meta.json").unlink(missing_ok=True)
-        _write_atomic(out / TOKENIZER_FILE, rank_file_bytes(enc))
-        _write_atomic(out / "special_tokens.json", json.dumps(enc._special_tokens, indent=1).encode())
+        write_atomic(out / TOKENIZER_FILE, rank_file_bytes(enc))
+        write_atomic(out / "special_tokens.json", json.dumps(enc._special_tokens, indent=1).encode())
         for split, tmp in shards.items():
             os.replace(tmp, out / f"{split}.bin")
-        _write_atomic(out / "meta.json", json.dumps(meta, indent=1).encode())
+        write_atomic(out / "meta.json", json.dumps(meta, indent=1).encode())
     except OSError as e:
         raise SystemExit(f"--out-dir {cfg.out_dir}: cannot write {e.filename or 'the shards'} ({e.strerror}); "
                          f"check the folder and the free space.")
@@ -830,6 +837,9 @@ def main(argv=None):
           f"{meta['bytes_per_token']:.3f} bytes/token (separators included); "
           f"encoded {n_bytes / t_enc / 1e6:.1f} MB/s with {cfg.workers} threads")
     print(f"wrote {cfg.out_dir}/: {', '.join(OUTPUT_FILES)}")
+    if cfg.val_fraction == 0:
+        print(f"note: --val-fraction 0 holds out no validation tokens, and train.py refuses a folder without them "
+              f"(it evaluates on val.bin); to train on {cfg.out_dir}, run again with --val-fraction 0.05 (say).")
     for split, other in (("val", "train"), ("train", "val")):
         if not counts[split]["docs"] and (split == "train" or cfg.val_fraction > 0):
             print(f"warning: {split}.bin is empty: the corpus is {counts[other]['docs']} document and the split "

@@ -191,8 +191,8 @@ def recall(cache, n_pairs, tmp):
     bands, rows = dedup.lsh_params(0.8, 128)
 
     def signature(text):
-        return dedup.minhash_signature(dedup.shingle_set(dedup._word_hashes(
-            dedup.WORD_RE.findall(dedup.clean_text(text).lower())), 5), 128)
+        shingles = dedup.shingle_set(dedup._word_hashes(dedup.WORD_RE.findall(dedup.clean_text(text).lower())), 5)
+        return dedup.minhash_signatures([shingles], 128)[0]
 
     bins = [0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0, 1.01]
     rows_out = {b: [] for b in bins[:-1]}

@@ -77,7 +77,7 @@ def timed(fn, *args, **kwargs):
 
 def train_chars_sweep(inputs, sizes, vocab_size, workers):
     paths = tokenize_data.input_files(inputs)
-    docs = tokenize_data.read_documents(paths)
+    docs = list(tokenize_data.iter_documents(paths))
     texts = [t for _, t in docs]
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     print(f"corpus: {len(texts)} documents, {n_bytes / 1e6:.1f} MB; vocab {vocab_size}; workers {workers}")
@@ -109,7 +109,7 @@ def main():
     if args.train_chars:
         return train_chars_sweep(args.inputs, args.train_chars, args.vocab_size, args.workers)
     os.environ["RAYON_NUM_THREADS"] = str(args.workers)  # tokenizers gets as many cores as we use
-    docs = tokenize_data.read_documents(args.inputs)
+    docs = list(tokenize_data.iter_documents(tokenize_data.input_files(args.inputs)))
     texts = [t for _, t in docs]
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     print(f"corpus: {len(texts)} documents, {n_bytes / 1e6:.2f} MB; vocab {args.vocab_size}; "
