@@ -1,7 +1,7 @@
 """
 pipeline.py: one command from raw text to a chatting model, on the default corpus (Shakespeare).
 
-    python pipeline.py --preset tiny      # every stage on a small model, 2-3 minutes: check that all works
+    python pipeline.py --preset tiny      # every stage on a small model, about a minute: see that all works
     python pipeline.py                    # CPU, 2 cores: about 15 minutes end to end
     python pipeline.py --preset gpu       # this machine's GPUs: GPT-2 small, data parallel over all of them
     python pipeline.py --force pretrain   # redo a stage and every stage after it
@@ -59,7 +59,7 @@ STAGES = ("fetch", "dedup", "tokenize", "pretrain", "chatdata", "sft", "dpo", "r
 
 @dataclass
 class PipelineConfig:
-    preset: Literal["cpu", "tiny", "gpu"] = "cpu"  # cpu: 2 cores, ~15 min; tiny: 2-3 min; gpu: GPT-2 small, all GPUs
+    preset: Literal["cpu", "tiny", "gpu"] = "cpu"  # cpu: 2 cores, ~15 min; tiny: ~1 min; gpu: GPT-2 small, all GPUs
     data_dir: str = "data"         # corpus cache, scenes, deduplicated corpus, token shards, chat data
     out_dir: str = "out"           # checkpoints and logs of every training stage, pipeline.json, training.svg, hf/
     force: Literal[("", "all") + STAGES] = ""  # redo this stage and every stage after it; all: redo everything
@@ -86,7 +86,7 @@ PRESETS = {
         rl=["--max-steps", "40", "--eval-max", "1000", "--eval-interval", "20"],  # a mid-run point for the picture
     ),
     # Every stage on a 2 x 64 model and a slice of the data (the BPE learns from 1M characters, each
-    # training stage takes a few steps): 2-3 minutes on 2 cores, to see that everything works.
+    # training stage takes a few steps): 45 s on 2 busy cores, to see that everything works.
     "tiny": dict(
         vocab_size="1024",
         data_workers="2",
@@ -105,7 +105,7 @@ PRESETS = {
         data_workers=str(os.cpu_count() or 1),
         tokenize=[],
         pretrain=["--preset", "gpt2-124m", "--batch-size", "16", "--block-size", "1024", "--max-steps", "5000",
-                  "--eval-interval", "250", "--eval-steps", "20"],
+                  "--warmup-steps", "700", "--eval-interval", "250", "--eval-steps", "20"],
         sft=["--max-steps", "500"],
         dpo=["--max-steps", "300"],
         rl=["--max-steps", "300", "--batch-size", "4", "--eval-interval", "50", "--eval-max", "1000"],
@@ -168,11 +168,10 @@ def plan(cfg, ranks=1):
 
     def training(stage, script, inputs, *args, notes=()):
         extra = preset[stage]
-        if cfg.preset == "gpu" and stage == "pretrain":
-            extra = extra + ["--grad-accum", str(max(1, GPU_SEQUENCES_PER_STEP // (16 * ranks)))]
+        if cfg.preset == "gpu" and stage == "pretrain":  # 16 sequences per GPU x accumulation x GPUs = 512
+            extra = with_flag(extra, "--grad-accum", max(1, GPU_SEQUENCES_PER_STEP // (16 * ranks)))
         if stage == "pretrain":
-            steps, notes = pretrain_steps(cfg, extra, ranks, tokens / "meta.json")
-            extra = extra + ["--max-steps", str(steps)]  # the last --max-steps given wins
+            extra, notes = size_pretraining(cfg, extra, ranks, tokens / "meta.json")
         command = [*launcher(ranks), script, *args, "--out-dir", out / stage, "--resume", *extra]
         return Stage([command], inputs, [ckpt[stage]], list(notes))
 
@@ -231,20 +230,28 @@ def chat_question(cfg):
                          "{\"messages\": [...]} object per line (see `python align.py --help`)")
 
 
-def pretrain_steps(cfg, args, ranks, meta_path):
-    """-> (pretraining's --max-steps, notes): --pretrain-steps, or the preset's cut to MAX_EPOCHS passes over
-    the training tokens in meta.json (tokenize_data.py's counts); a warning when the steps given are more
-    passes than that or the validation set is smaller than one evaluation reads. Before the shards exist
-    the steps are the preset's (the stage plans again when it runs)."""
-    def flag(name):
-        return int(args[len(args) - 1 - args[::-1].index(name) + 1]) if name in args else 1  # the last given wins
+def with_flag(args, name, value):
+    """args with `name value` in place of the value it had (or added at the end)."""
+    if name not in args:
+        return [*args, name, str(value)]
+    i = args.index(name)
+    return [*args[:i + 1], str(value), *args[i + 2:]]
+
+
+def size_pretraining(cfg, args, ranks, meta_path):
+    """-> (pretraining's preset flags with its steps, notes): --pretrain-steps, or the preset's steps cut to
+    MAX_EPOCHS passes over the training tokens in meta.json (tokenize_data.py's counts), warmup cut alike;
+    a warning when the steps given are more passes than that, or the validation set is smaller than one
+    evaluation reads. Before the shards exist the steps are the preset's (the stage plans again when it runs)."""
+    flag = lambda name: int(args[args.index(name) + 1]) if name in args else 1  # noqa: E731
     tokens_per_step = flag("--batch-size") * flag("--block-size") * flag("--grad-accum") * ranks
     steps = cfg.pretrain_steps or flag("--max-steps")
+    args = with_flag(args, "--max-steps", steps)
     try:
         meta = json.loads(meta_path.read_text())
         train_tokens, val_tokens = int(meta["train_tokens"]), int(meta["val_tokens"])
     except (OSError, ValueError, KeyError, TypeError):
-        return steps, []
+        return args, []
     notes, epochs = [], steps * tokens_per_step / max(train_tokens, 1)
     if epochs > MAX_EPOCHS:
         passes = (f"{steps} steps of {tokens_per_step:,} tokens are {epochs:.1f} passes over the {train_tokens:,} "
@@ -253,14 +260,16 @@ def pretrain_steps(cfg, args, ranks, meta_path):
             notes.append(f"warning: {passes}; a model trained that often on the same text learns it by heart: "
                          "give a larger --corpus or fewer --pretrain-steps")
         else:
-            steps = max(1, int(MAX_EPOCHS * train_tokens / tokens_per_step))
-            notes.append(f"note: the preset's {passes}; pretraining {steps} steps ({MAX_EPOCHS} passes) instead "
+            cut = max(1, int(MAX_EPOCHS * train_tokens / tokens_per_step))
+            args = with_flag(with_flag(args, "--max-steps", cut), "--warmup-steps",
+                             math.ceil(flag("--warmup-steps") * cut / steps))
+            notes.append(f"note: the preset's {passes}; pretraining {cut} steps ({MAX_EPOCHS} passes) instead "
                          "(--pretrain-steps N sets them; a larger --corpus needs no cut)")
     eval_tokens = flag("--eval-steps") * flag("--batch-size") * flag("--block-size") * ranks
     if val_tokens < eval_tokens:
         notes.append(f"warning: the validation set holds {val_tokens:,} tokens, fewer than one evaluation reads "
                      f"({eval_tokens:,}), so its loss and bits per byte measure little; give a larger --corpus")
-    return steps, notes
+    return args, notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,7 +480,7 @@ def draw_curves(out_dir, svg_path, width=420, height=250):
         for x in nice_ticks(x_lo, x_hi):
             svg += [f'<line x1="{px(x):.1f}" y1="{y0}" x2="{px(x):.1f}" y2="{y0 + h}" stroke="#eee"/>',
                     f'<text x="{px(x):.1f}" y="{y0 + h + 14}" text-anchor="middle">{x:g}</text>']
-        svg.append(f'<text x="{x0 + w}" y="{y0 + h + 14}" text-anchor="start"> step</text>')
+        svg.append(f'<text x="{x0 + w + 4}" y="{y0 + h + 4}">step</text>')
         for k, ((key, points), color) in enumerate(zip(series, colors)):
             noisy = len(points) > SMOOTH_ABOVE
             lines = [(points, ' stroke-opacity="0.3"' if noisy else "")]

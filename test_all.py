@@ -3979,7 +3979,8 @@ def test_pipeline_runs_a_users_corpus_and_skips_what_it_lacks(tmp_path, monkeypa
     methods = [c[c.index("--method") + 1] for c in ran if any(str(x).endswith("align.py") for x in c)]
     assert methods == ["sft", "grpo"] and "dpo.jsonl" in capsys.readouterr().out  # no dpo.jsonl: DPO skipped
     chat_sample = next(c for c in ran if "--chat" in c)
-    assert chat_sample[chat_sample.index("--prompt") + 1] == "Who wrote it?" and str(out / "rl" / "ckpt.pt") in chat_sample
+    assert chat_sample[chat_sample.index("--prompt") + 1] == "Who wrote it?"
+    assert str(out / "rl" / "ckpt.pt") in chat_sample
     ran.clear()  # back to the plays: the outputs came from another corpus, so everything from dedup reruns
     pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
     assert f"=== dedup: reruns: its command changed: {corpus} -> {data / 'scenes.jsonl'}" in capsys.readouterr().out
@@ -4077,12 +4078,13 @@ def test_pipeline_second_run_in_the_same_folders_is_refused(tmp_path, monkeypatc
     """A running pipeline holds its folders; a second is refused with a sentence naming its pid, and once
     the first is killed (kill -9: no chance to clean up) the folders are free."""
     data, out = tmp_path / "data", tmp_path / "out"
-    code = f"import pipeline, time; held = pipeline.lock([{str(data)!r}, {str(out)!r}]); print('held', flush=True); time.sleep(120)"
+    code = (f"import pipeline, time; held = pipeline.lock([{str(data)!r}, {str(out)!r}]); print('held', flush=True); "
+            "time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        for argv in (["--data-dir", data, "--out-dir", tmp_path / "elsewhere"], ["--data-dir", tmp_path / "d2", "--out-dir", out]):
-            refused(pipeline.main, argv, f"another pipeline.py (pid {holder.pid}) is running in", f"kill {holder.pid}")
+        for data_dir, out_dir in [(data, tmp_path / "o2"), (tmp_path / "d2", out)]:  # either folder is held
+            refused(pipeline.main, ["--data-dir", data_dir, "--out-dir", out_dir], f"another pipeline.py (pid {holder.pid}) is running in", f"kill {holder.pid}")
     finally:
         holder.kill()
         holder.wait()
@@ -4117,12 +4119,12 @@ def pretrain_plan(tmp_path, train_tokens, val_tokens, *argv):
 
 def test_pipeline_sizes_pretraining_to_the_corpus(tmp_path):
     """The cpu preset's 900 steps x 8 x 256 tokens: 0.73 passes over the plays' 2.52M training tokens, kept;
-    over 100,000 tokens (18 passes) they are cut to 4 passes, saying so; steps given are kept with a
+    over 100,000 tokens (18 passes) they are cut to 4 passes, warmup alike, saying so; steps given are kept with a
     warning; a validation set smaller than one evaluation (8 x 8 x 256 tokens) is a warning."""
     config, notes = pretrain_plan(tmp_path, 2_520_000, 120_000)
     assert config.max_steps == 900 and notes == []
     config, notes = pretrain_plan(tmp_path, 100_000, 1_015)
-    assert config.max_steps == 4 * 100_000 // (8 * 256) == 195
+    assert config.max_steps == 4 * 100_000 // (8 * 256) == 195 and config.warmup_steps == math.ceil(40 * 195 / 900)
     assert "note: the preset's 900 steps of 2,048 tokens are 18.4 passes over the 100,000 training tokens" in notes[0]
     assert "validation set holds 1,015 tokens, fewer than one evaluation reads (16,384)" in notes[1]
     config, notes = pretrain_plan(tmp_path, 100_000, 20_000, "--pretrain-steps", "900")
@@ -4186,7 +4188,8 @@ def test_pipeline_gpu_preset_uses_the_gpus_this_machine_has(tmp_path, monkeypatc
         data, out = tmp_path / f"data{gpus}", tmp_path / f"out{gpus}"
         pipeline.main(["--preset", "gpu", "--data-dir", str(data), "--out-dir", str(out)])
         assert "give it a corpus of its size with --corpus DIR" in capsys.readouterr().out
-        launch = [sys.executable] + ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"] * (gpus > 1)
+        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+        launch = [sys.executable] + torchrun * (gpus > 1)
         training = [c for c in ran if {"train.py", "align.py"} & set(map(str, c))]
         assert len(training) == 4 and all(c[:len(launch)] == launch and c[len(launch)] in ("train.py", "align.py")
                                           for c in training)
@@ -4282,7 +4285,7 @@ def test_pipeline_draws_every_training_stage_in_one_svg(tmp_path):
     # the moving average, recomputed: 12 neighbours' mean (300 // 25), the noise mostly gone
     losses = [r["loss"] for r in logs["pretrain"][:300]]
     want = [sum(losses[max(0, i - 6):i + 7]) / len(losses[max(0, i - 6):i + 7]) for i in range(300)]
-    y_of = lambda loss: raw[0][1] + (raw[-1][1] - raw[0][1]) * (loss - losses[0]) / (losses[-1] - losses[0])  # noqa: E731
+    y_of = lambda v: raw[0][1] + (raw[-1][1] - raw[0][1]) * (v - losses[0]) / (losses[-1] - losses[0])  # noqa: E731
     assert max(abs(y - y_of(v)) for (_, y), v in zip(average, want)) < 0.15
     titles = [t.text for t in svg.findall(f"{ns}text") if t.get("font-weight") == "bold"]
     assert titles == [title for _, title, _ in pipeline.CURVES]
