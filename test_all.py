@@ -4114,7 +4114,7 @@ def pretrain_plan(tmp_path, train_tokens, val_tokens, *argv):
     cfg = flags.parse_flags(pipeline.PipelineConfig, ["--data-dir", str(data), *argv], "")
     stage = pipeline.plan(cfg)["pretrain"]
     command = [str(c) for c in stage.commands[0]]
-    return flags.parse_flags(train.TrainConfig, command[command.index("train.py") + 1:], ""), stage.notes
+    return flags.parse_flags(train.TrainConfig, command[command.index("train.py") + 1:], ""), list(stage.notes)
 
 
 def test_pipeline_sizes_pretraining_to_the_corpus(tmp_path):
