@@ -337,8 +337,12 @@ def lock(folders):
     the file holds the pid, for the sentence a second run gets."""
     held = []
     for folder in dict.fromkeys(Path(f).resolve() for f in folders):
-        folder.mkdir(parents=True, exist_ok=True)
-        f = open(folder / ".pipeline.lock", "a+")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            f = open(folder / ".pipeline.lock", "a+")
+        except OSError as e:
+            raise SystemExit(f"cannot write in {folder} ({e.strerror}); pass a --data-dir and --out-dir you can "
+                             "write to")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -431,7 +435,7 @@ def summary(out_dir, seconds):
     lines.append(f"training curves: {Path(out_dir) / 'training.svg'} (open it in a browser)")
     if (Path(out_dir) / "hf" / "config.json").is_file():
         hf = json.dumps(str(Path(out_dir) / "hf"))
-        lines += ["the chat model in transformers:", f"    tokenizer = AutoTokenizer.from_pretrained({hf})",
+        lines += ["the exported model, in transformers:", f"    tokenizer = AutoTokenizer.from_pretrained({hf})",
                   f"    model = AutoModelForCausalLM.from_pretrained({hf})"]
     return lines
 

@@ -4091,6 +4091,8 @@ def test_pipeline_second_run_in_the_same_folders_is_refused(tmp_path, monkeypatc
     ran, _ = fake_stages(monkeypatch)
     pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
     assert scripts_of(ran)[0] == "plays.py"
+    (tmp_path / "a_file").write_text("")
+    refused(pipeline.main, ["--data-dir", data, "--out-dir", tmp_path / "a_file"], f"cannot write in {tmp_path}")
 
 
 def test_pipeline_passes_dedup_flags_through(tmp_path, monkeypatch):
