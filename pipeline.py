@@ -41,6 +41,7 @@ interrupted stage's runs added up) and draws the training curves in out/training
 
 import difflib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -278,20 +279,27 @@ def size_pretraining(cfg, args, ranks, meta_path):
 # What a stage was made from, and why it runs again. A fingerprint is cheap (no file is read): each
 # file's size and modification time, so an edited, added or removed file changes it.
 
+MANY_FILES = 1000
+
 def fingerprint(paths):
     """{file: [size, mtime_ns], or None when missing} for each path, every file under a folder (hidden
-    files and the stages' temporaries `*.tmp*` aside)."""
+    files and the stages' temporaries `*.tmp*` aside); a folder of more than MANY_FILES files is one
+    entry, a hash of its files' prints, so that pipeline.json stays small for a large corpus."""
     prints = {}
     for path in map(Path, paths):
         files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        mine = {}
         for f in files:
             if f.name.startswith(".") or ".tmp" in f.name:
                 continue
             try:
                 st = f.stat()
-                prints[str(f)] = [st.st_size, st.st_mtime_ns]
+                mine[str(f)] = [st.st_size, st.st_mtime_ns]
             except OSError:
-                prints[str(f)] = None
+                mine[str(f)] = None
+        if len(mine) > MANY_FILES:
+            mine = {f"{path}/ ({len(mine):,} files)": hashlib.sha1(json.dumps(mine).encode()).hexdigest()}
+        prints.update(mine)
     return prints
 
 

@@ -4055,6 +4055,20 @@ def test_pipeline_reruns_a_stage_whose_inputs_or_command_changed(tmp_path, monke
     assert f"=== sft: reruns: its output {out / 'sft' / 'ckpt.pt'} changed" in capsys.readouterr().out
 
 
+def test_pipeline_fingerprint_of_a_large_folder_is_one_entry(tmp_path, monkeypatch):
+    """A folder of more than MANY_FILES files is fingerprinted as one entry, which still changes with any
+    file's size or time."""
+    monkeypatch.setattr(pipeline, "MANY_FILES", 3)
+    for n in range(4):
+        (tmp_path / f"{n}.txt").write_text("text")
+    before = pipeline.fingerprint([tmp_path])
+    assert list(before) == [f"{tmp_path}/ (4 files)"] and pipeline.fingerprint([tmp_path]) == before
+    os.utime(tmp_path / "2.txt", ns=(0, 0))
+    assert pipeline.fingerprint([tmp_path]) != before
+    (tmp_path / "2.txt").unlink()
+    assert len(pipeline.fingerprint([tmp_path])) == 3  # three files: one entry each
+
+
 def test_pipeline_fixing_a_corpus_that_failed_reruns_dedup(tmp_path, monkeypatch, capsys):
     """A corpus whose documents the filters all removed: dedup ends, tokenize fails. After the user adds a
     file to the corpus, dedup runs again instead of counting as complete."""
