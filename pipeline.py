@@ -30,12 +30,13 @@ of every file it read and wrote. A complete stage is skipped; a changed input, f
 the stage, saying why in one line, and the stages that read its outputs then see them changed too.
 An interrupted stage continues (training resumes from its last checkpoint) when its inputs and command
 are those it started with, and starts over otherwise. One pipeline at a time runs in a --data-dir and
-an --out-dir: a second is refused, naming the first's pid (the lock is the system's, so a run that
-died leaves none behind).
+an --out-dir: a second is refused, naming the first's pid (the lock is the system's, held by the
+pipeline and the stage it runs, so a run that died leaves none behind).
 Pretraining's steps are the preset's, fewer when they would be more than MAX_EPOCHS passes over the
-corpus (a note says so). The GPU preset counts the GPUs torch sees (none: one sentence, before anything
-runs) and starts a rank on each through `python -m torch.distributed.run`. Ends with a summary of the run's figures (bits per byte, exact answers after
-SFT and RL, DPO's preference accuracy, each stage's wall time, kept in out/pipeline.json, an
+corpus (a note says so). The GPU preset counts the GPUs torch sees (none: one sentence, before
+anything runs) and starts a rank on each through `python -m torch.distributed.run`.
+Ends with a summary of the run's figures (bits per byte, exact answers after SFT and RL, DPO's
+preference accuracy, each stage's wall time, kept in out/pipeline.json, an
 interrupted stage's runs added up) and draws the training curves in out/training.svg.
 """
 
@@ -341,8 +342,9 @@ def why_rerun(record, stage):
 
 def lock(folders):
     """Hold this run's lock on each folder -> the open lock files (keep them: closing one releases it).
-    flock(2): the system drops the lock when the process ends, however it ends, so no stale lock stays;
-    the file holds the pid, for the sentence a second run gets."""
+    flock(2): the system drops the lock when every process holding it has ended, however it ended, so
+    no stale lock stays; run() hands it to each stage too, so a stage that outlives a killed pipeline
+    (it runs in a session of its own) still holds the folder. The file holds the pids, for the sentence."""
     held = []
     for folder in dict.fromkeys(Path(f).resolve() for f in folders):
         try:
@@ -355,25 +357,50 @@ def lock(folders):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            pid = f.read().strip() or "unknown"
-            raise SystemExit(f"another pipeline.py (pid {pid}) is running in {folder}; wait for it to end, stop it "
-                             f"(kill {pid}) or pass another --data-dir and --out-dir")
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
+            raise SystemExit(held_by(folder, f.read().split()))
         held.append(f)
+    note_pids(held, os.getpid())
     return held
 
 
-def run(command):
-    """Print one stage's command as a shell would take it, then run it; a failing stage stops the
-    pipeline with its message. Ctrl-C stops the stage (SIGTERM to its process group: torchrun's ranks
-    too) and is raised here, so that main() can say which stage it interrupted."""
+def note_pids(held, *pids):
+    """Write the pids of this pipeline (and of the stage it runs) into its lock files."""
+    for f in held:
+        f.truncate(0)
+        f.write(" ".join(map(str, pids)))
+        f.flush()
+
+
+def held_by(folder, pids):
+    """The sentence a second run gets: the pipeline that holds the folder, or its stage that still runs."""
+    pipeline_pid, stage_pid = (pids + ["unknown", ""])[:2]
+    try:
+        os.kill(int(pipeline_pid), 0)
+        gone = False
+    except ProcessLookupError:
+        gone = True
+    except (ValueError, PermissionError):
+        gone = False
+    if gone and stage_pid:
+        return (f"pipeline.py (pid {pipeline_pid}) is gone but a stage it started still runs in {folder}; wait for "
+                f"it to end, stop it (kill -- -{stage_pid}, its process group) or pass another --data-dir and "
+                "--out-dir")
+    return (f"another pipeline.py (pid {pipeline_pid}) is running in {folder}; wait for it to end, stop it "
+            f"(kill {pipeline_pid}) or pass another --data-dir and --out-dir")
+
+
+def run(command, held=()):
+    """Print one stage's command as a shell would take it, then run it, handing it the folders' lock
+    files `held`; a failing stage stops the pipeline with its message. Ctrl-C stops the stage (SIGTERM
+    to its process group: torchrun's ranks too) and is raised here, so that main() can say which stage
+    it interrupted."""
     command = [str(c) for c in command]
     script = next(i for i, c in enumerate(command) if c.endswith(".py"))
     command[script] = os.path.relpath(HERE / command[script])  # runs from any working directory
     print("$ " + shlex.join("python" if c == sys.executable else c for c in command), flush=True)
-    stage = subprocess.Popen(command, start_new_session=True)  # Ctrl-C reaches the pipeline only
+    stage = subprocess.Popen(command, start_new_session=True,  # Ctrl-C reaches the pipeline only
+                             pass_fds=[f.fileno() for f in held])
+    note_pids(held, os.getpid(), stage.pid)
     try:
         returncode = stage.wait()
     except KeyboardInterrupt:
@@ -382,6 +409,7 @@ def run(command):
         stage.wait()
         signal.signal(signal.SIGINT, handler)
         raise
+    note_pids(held, os.getpid())
     if returncode != 0:
         raise SystemExit(f"stage failed: {command[script]} (its message is above); fix it and rerun "
                          "pipeline.py: completed stages are skipped.")
@@ -544,9 +572,9 @@ def check_flags(cfg):
     return gpus
 
 
-def run_stages(cfg, ranks):
-    """Every stage that is not complete, in order, each with the line that says why it runs; then the
-    picture and the summary."""
+def run_stages(cfg, ranks, held):
+    """Every stage that is not complete, in order, each with the line that says why it runs (`held`: the
+    folders' lock files, handed to each stage); then the picture and the summary."""
     out = Path(cfg.out_dir)
     record_path = out / "pipeline.json"
     record = read_record(record_path)
@@ -583,7 +611,7 @@ def run_stages(cfg, ranks):
             write_record(record_path, record)
             started, t0 = name, time.time()
             for command in commands:
-                run(command)
+                run(command, held)
             seconds = round(so_far + time.time() - t0, 1)
             print(f"=== {name}: {seconds} s")
             started = None
@@ -610,7 +638,7 @@ def main(argv=None):
     ranks = check_flags(cfg)
     held = lock([cfg.data_dir, cfg.out_dir])
     try:
-        run_stages(cfg, ranks)
+        run_stages(cfg, ranks, held)
     finally:
         for f in held:
             f.close()  # releases the lock (the system would at exit; main may be called again in a process)

@@ -3945,6 +3945,18 @@ def fake_stages(monkeypatch, interrupt_at=None, fail_at=None, seconds=0):
     return ran, killed
 
 
+def processes_naming(marker):
+    """The /proc cmdline files of live processes whose command line names `marker`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(marker) in cmdline.read_text(errors="replace"):
+                found.append(cmdline)
+        except OSError:
+            pass
+    return found
+
+
 def scripts_of(ran):
     """The script each command ran (align.py with its --method), in order."""
     return [next(Path(c).name for c in command if str(c).endswith(".py"))
@@ -3989,7 +4001,8 @@ def test_pipeline_runs_a_users_corpus_and_skips_what_it_lacks(tmp_path, monkeypa
     refused(pipeline.main, ["--corpus", str(tmp_path / "nothing")], "does not exist")
 
 
-def test_pipeline_chat_dir_that_is_a_file_says_so(tmp_path):
+def test_pipeline_chat_dir_that_is_a_file_says_so(tmp_path, monkeypatch):
+    fake_stages(monkeypatch)  # should a refusal fail, no real stage runs
     (tmp_path / "mine").mkdir()
     write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "Two and two?", "answer": "four"}])
     for chat_dir, what in [(tmp_path / "sft.jsonl", "is a file"), (tmp_path / "nowhere", "does not exist")]:
@@ -4089,20 +4102,37 @@ def test_pipeline_fixing_a_corpus_that_failed_reruns_dedup(tmp_path, monkeypatch
 
 
 def test_pipeline_second_run_in_the_same_folders_is_refused(tmp_path, monkeypatch):
-    """A running pipeline holds its folders; a second is refused with a sentence naming its pid, and once
-    the first is killed (kill -9: no chance to clean up) the folders are free."""
+    """A running pipeline holds its folders, and so does the stage it runs: a second pipeline is refused with
+    a sentence naming the first's pid; after kill -9 of the first (no chance to clean up) its stage, which
+    runs on in a session of its own, still holds them and is named; once it ends the folders are free."""
     data, out = tmp_path / "data", tmp_path / "out"
-    code = (f"import pipeline, time; held = pipeline.lock([{str(data)!r}, {str(out)!r}]); print('held', flush=True); "
-            "time.sleep(120)")
-    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    stage = tmp_path / "stage.py"
+    stage.write_text("import time\ntime.sleep(120)\n")
+    code = (f"import pipeline, sys; held = pipeline.lock([{str(data)!r}, {str(out)!r}]); "
+            f"pipeline.run([sys.executable, {str(stage)!r}], held)")
+    first = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL)
+    ran, _ = fake_stages(monkeypatch)  # should a refusal below fail, no real stage runs
+    stage_pid = None
     try:
-        assert holder.stdout.readline().strip() == "held"
+        deadline = time.time() + 60
+        while stage_pid is None and time.time() < deadline:  # the lock file names the stage once it started
+            pids = (out / ".pipeline.lock").read_text().split() if (out / ".pipeline.lock").exists() else []
+            stage_pid = int(pids[1]) if len(pids) == 2 else None
+            time.sleep(0.1)
         for data_dir, out_dir in [(data, tmp_path / "o2"), (tmp_path / "d2", out)]:  # either folder is held
-            refused(pipeline.main, ["--data-dir", data_dir, "--out-dir", out_dir], f"another pipeline.py (pid {holder.pid}) is running in", f"kill {holder.pid}")
+            refused(pipeline.main, ["--data-dir", data_dir, "--out-dir", out_dir],
+                    f"another pipeline.py (pid {first.pid}) is running in", f"kill {first.pid}")
+        first.kill()
+        first.wait()
+        refused(pipeline.main, ["--data-dir", data, "--out-dir", out],
+                f"pipeline.py (pid {first.pid}) is gone but a stage it started still runs", f"kill -- -{stage_pid}")
     finally:
-        holder.kill()
-        holder.wait()
-    ran, _ = fake_stages(monkeypatch)
+        first.kill()
+        if stage_pid:
+            os.kill(stage_pid, signal.SIGKILL)  # (os.killpg is a stand-in here)
+    deadline = time.time() + 30
+    while processes_naming(stage) and time.time() < deadline:
+        time.sleep(0.1)
     pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
     assert scripts_of(ran)[0] == "plays.py"
     (tmp_path / "a_file").write_text("")
@@ -4329,18 +4359,6 @@ def test_pipeline_tiny_preset_runs_every_stage_and_a_rerun_skips_them(tmp_path, 
     again = run_script("pipeline.py", "--preset", "tiny", "--data-dir", data, "--out-dir", out, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("complete, skipped") == len(pipeline.STAGES) - 1 - (not EXPORTS)
-
-
-def processes_naming(marker):
-    """The /proc cmdline files of live processes whose command line names `marker`."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if str(marker) in cmdline.read_text(errors="replace"):
-                found.append(cmdline)
-        except OSError:
-            pass
-    return found
 
 
 def test_pipeline_ctrl_c_for_real_stops_the_stage_without_a_traceback(tmp_path):
