@@ -4251,8 +4251,9 @@ def test_pipeline_gpu_preset_uses_the_gpus_this_machine_has(tmp_path, monkeypatc
 
 
 def test_pipeline_gpu_preset_without_a_gpu_is_one_sentence(tmp_path):
+    no_index = {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0"}  # were it to fetch, it fails at once
     run = run_script("pipeline.py", "--preset", "gpu", "--data-dir", tmp_path / "data", cwd=tmp_path,
-                     env={**ENV, "CUDA_VISIBLE_DEVICES": ""})
+                     env={**ENV, "CUDA_VISIBLE_DEVICES": "", **no_index})
     one_sentence(run, "--preset gpu needs an NVIDIA GPU and torch sees none", "--preset tiny")
     assert not (tmp_path / "data").exists()
 
@@ -4356,6 +4357,8 @@ def test_pipeline_tiny_preset_runs_every_stage_and_a_rerun_skips_them(tmp_path, 
     assert f"-> {rl[-1]['val_accuracy']:.3f} after RL" in summary
     seconds = json.loads((out / "pipeline.json").read_text())["seconds"]
     assert list(seconds) == [s for s in pipeline.STAGES if EXPORTS or s != "export"]
+    svg = ET.parse(out / "training.svg").getroot()
+    assert len([t for t in svg.iter() if t.get("font-weight") == "bold"]) == len(pipeline.CURVES)  # every panel
     again = run_script("pipeline.py", "--preset", "tiny", "--data-dir", data, "--out-dir", out, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("complete, skipped") == len(pipeline.STAGES) - 1 - (not EXPORTS)
