@@ -419,11 +419,12 @@ def run(command, held=()):
 # What the run leaves besides the stages' outputs: pipeline.json, a summary, a picture.
 
 def read_record(path):
+    """pipeline.json -> {"seconds": {stage: wall time}, "stages": {stage: what made it}, ...}, empty when new."""
     try:
         record = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         record = {}
-    return {"seconds": {}, "stages": {}, **record}
+    return {"seconds": {}, "stages": {}, **(record if isinstance(record, dict) else {})}
 
 
 def write_record(path, record):
@@ -465,9 +466,9 @@ def summary(out_dir, seconds):
                      f"{last['val_accuracy']:.3f} after RL{paired}")
     if evals["dpo"]:
         lines.append(f"DPO: held-out preference accuracy {evals['dpo'][-1]['val_accuracy']:.3f}")
-    total = sum(seconds.values())
+    minutes, secs = divmod(round(sum(seconds.values())), 60)
     lines.append("wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in seconds.items())
-                 + f"; {int(total // 60)} min {total % 60:.0f} s in all")
+                 + f"; {minutes} min {secs} s in all")
     lines.append(f"training curves: {Path(out_dir) / 'training.svg'} (open it in a browser)")
     if (Path(out_dir) / "hf" / "config.json").is_file():
         hf = json.dumps(str(Path(out_dir) / "hf"))
