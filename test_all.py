@@ -3882,10 +3882,12 @@ def test_sample_refuses_bad_inputs(tmp_path):
 
 
 # ==================================================================================================
-# pipeline: pipeline.py runs every stage as a command a user could type; help, curves, Ctrl-C, resume
+# pipeline: pipeline.py runs every stage as a command a user could type; help, reruns, lock, presets,
+# summary, curves, Ctrl-C, resume
 # ==================================================================================================
 # The stages are the scripts tested above; here they are stand-ins (fake_stages) that record the
-# commands, except in the last test, which sends a real Ctrl-C to a real pipeline.
+# commands and write placeholder outputs, except in the last two tests: every real stage on
+# --preset tiny, and a real Ctrl-C sent to a real pipeline.
 
 @pytest.mark.parametrize("module, config", [(pipeline, pipeline.PipelineConfig), (plays, plays.PlaysConfig)],
                          ids=["pipeline", "plays"])
