@@ -86,6 +86,7 @@ import align
 import attention_kernel
 import dedup
 import export
+import flags
 import model as model_py  # the module, where a test's own name would shadow a function of it
 import pipeline
 import plays  # the default corpus (Shakespeare): fetch_corpus, cut_scenes, the demo chat data
@@ -4926,10 +4927,12 @@ def test_export_train_init_from_a_folder_takes_its_tokenizer_and_refuses_shards_
 
 
 # ==================================================================================================
-# pipeline: pipeline.py runs every stage as a command a user could type; help, curves, Ctrl-C, resume
+# pipeline: pipeline.py runs every stage as a command a user could type; help, reruns, lock, presets,
+# summary, curves, Ctrl-C, resume
 # ==================================================================================================
 # The stages are the scripts tested above; here they are stand-ins (fake_stages) that record the
-# commands, except in the last test, which sends a real Ctrl-C to a real pipeline.
+# commands and write placeholder outputs, except in the last two tests: every real stage on
+# --preset tiny, and a real Ctrl-C sent to a real pipeline.
 
 @pytest.mark.parametrize("module, config", [(pipeline, pipeline.PipelineConfig), (plays, plays.PlaysConfig)],
                          ids=["pipeline", "plays"])
@@ -4943,25 +4946,71 @@ def test_pipeline_and_plays_import_no_torch():
     assert run.returncode == 0 and run.stdout.strip() == "False", run.stderr
 
 
-def fake_stages(monkeypatch, interrupt_at=None):
-    """Stand-ins for the stage processes: record each command; raise KeyboardInterrupt (a Ctrl-C while
-    the pipeline waits) in the stage whose script is interrupt_at -> (commands run, process groups killed)."""
-    ran, killed = [], []
+def fake_outputs(command):
+    """The files a stage's command writes, as placeholders with new contents (and mtime) each run."""
+    c = [str(x) for x in command]
+    script = Path(next(x for x in c if x.endswith(".py"))).name
+    after = lambda flag: Path(c[c.index(flag) + 1])  # noqa: E731
+    files = {"plays.py": lambda: [after("--out-dir") / n for n in (["sft.jsonl", "dpo.jsonl", "rl.jsonl"]
+                                                                  if "--chat-from" in c else ["scenes.jsonl"])],
+             "dedup.py": lambda: [after("-o"), after("-o").parent / "report.json"],
+             "tokenize_data.py": lambda: [after("--out-dir") / "meta.json"],
+             "train.py": lambda: [after("--out-dir") / "ckpt.pt"], "align.py": lambda: [after("--out-dir") / "ckpt.pt"],
+             "export.py": lambda: [after("--out") / "config.json"]}.get(script, lambda: [])()
+    for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(f"{time.time_ns()}\n")
+
+
+def fake_stages(monkeypatch, interrupt_at=None, fail_at=None, seconds=0):
+    """Stand-ins for the stage processes: record each command and write its outputs (fake_outputs); raise
+    KeyboardInterrupt (a Ctrl-C while the pipeline waits) in the first stage whose command names
+    interrupt_at, exit 1 in those naming fail_at; each stage takes `seconds` of a fake clock when given
+    -> (commands run, process groups killed)."""
+    ran, killed, clock = [], [], [time.time()]
 
     class Stage:
         def __init__(self, command, **kwargs):
             ran.append(command)
-            self.pid, self.interrupt = 4242, interrupt_at and interrupt_at in command and len(killed) == 0
+            self.command, self.pid = command, 4242
+            self.interrupt = interrupt_at and any(interrupt_at in str(c) for c in command) and len(killed) == 0
 
         def wait(self):
+            clock[0] += 0 if self.interrupt is None else seconds  # the wait after the kill takes no time
             if self.interrupt:
-                self.interrupt = False
+                self.interrupt = None
                 raise KeyboardInterrupt
+            if fail_at and any(fail_at in str(c) for c in self.command):
+                return 1
+            fake_outputs(self.command)
             return 0
     monkeypatch.setattr(subprocess, "Popen", Stage)
     monkeypatch.setattr(subprocess, "run", lambda command, **kw: Stage(command) and subprocess.CompletedProcess(command, 0))
     monkeypatch.setattr(os, "killpg", lambda pid, sig: killed.append((pid, sig)))
+    if seconds:
+        monkeypatch.setattr(pipeline.time, "time", lambda: clock[0])
     return ran, killed
+
+
+def processes_naming(marker):
+    """The /proc cmdline files of live processes whose command line names `marker`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(marker) in cmdline.read_text(errors="replace"):
+                found.append(cmdline)
+        except OSError:
+            pass
+    return found
+
+
+def scripts_of(ran):
+    """The script each command ran (align.py with its --method), in order."""
+    return [next(Path(c).name for c in command if str(c).endswith(".py"))
+            + (f" {command[command.index('--method') + 1]}" if "--method" in command else "") for command in ran]
+
+
+EXPORTS = not pipeline.skipped(pipeline.PipelineConfig(), "export")  # export.py is in this checkout
 
 
 def test_pipeline_runs_a_users_corpus_and_skips_what_it_lacks(tmp_path, monkeypatch, capsys):
@@ -4974,9 +5023,8 @@ def test_pipeline_runs_a_users_corpus_and_skips_what_it_lacks(tmp_path, monkeypa
     data, out = tmp_path / "data", tmp_path / "out"
     ran, _ = fake_stages(monkeypatch)
     pipeline.main(["--corpus", str(corpus), "--data-dir", str(data), "--out-dir", str(out)])
-    scripts = [next(Path(c).name for c in command if str(c).endswith(".py")) for command in ran]
-    assert scripts == ["dedup.py", "tokenize_data.py", "train.py", "sample.py"]
-    assert str(corpus) in ran[0] and "--chat" not in ran[-1]
+    assert scripts_of(ran) == ["dedup.py", "tokenize_data.py", "train.py", "sample.py"] + ["export.py"] * EXPORTS
+    assert str(corpus) in ran[0] and "--chat" not in ran[3]
     printed = capsys.readouterr().out
     for stage in ("sft", "dpo", "rl"):
         assert f"=== {stage}: skipped: --corpus {corpus} comes without" in printed
@@ -4989,12 +5037,25 @@ def test_pipeline_runs_a_users_corpus_and_skips_what_it_lacks(tmp_path, monkeypa
                    "--force", "sft"])
     methods = [c[c.index("--method") + 1] for c in ran if any(str(x).endswith("align.py") for x in c)]
     assert methods == ["sft", "grpo"] and "dpo.jsonl" in capsys.readouterr().out  # no dpo.jsonl: DPO skipped
-    assert ran[-1][ran[-1].index("--prompt") + 1] == "Who wrote it?" and str(out / "rl" / "ckpt.pt") in ran[-1]
+    chat_sample = next(c for c in ran if "--chat" in c)
+    assert chat_sample[chat_sample.index("--prompt") + 1] == "Who wrote it?"
+    assert str(out / "rl" / "ckpt.pt") in chat_sample
     ran.clear()  # back to the plays: the outputs came from another corpus, so everything from dedup reruns
     pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
-    assert "the corpus changed" in capsys.readouterr().out and any("dedup.py" in str(c) for c in ran[1])
+    assert f"=== dedup: reruns: its command changed: {corpus} -> {data / 'scenes.jsonl'}" in capsys.readouterr().out
+    assert any("dedup.py" in str(c) for c in ran[1])
     refused(pipeline.main, ["--chat-dir", str(chat)], "--chat-dir goes with --corpus")
     refused(pipeline.main, ["--corpus", str(tmp_path / "nothing")], "does not exist")
+
+
+def test_pipeline_chat_dir_that_is_a_file_says_so(tmp_path, monkeypatch):
+    fake_stages(monkeypatch)  # should a refusal fail, no real stage runs
+    (tmp_path / "mine").mkdir()
+    write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "Two and two?", "answer": "four"}])
+    for chat_dir, what in [(tmp_path / "sft.jsonl", "is a file"), (tmp_path / "nowhere", "does not exist")]:
+        refused(pipeline.main, ["--corpus", tmp_path / "mine", "--chat-dir", chat_dir, "--data-dir", tmp_path / "d"],
+                f"--chat-dir {chat_dir} {what}; pass the folder that holds your sft.jsonl")
+    assert not (tmp_path / "d").exists()  # refused before anything ran
 
 
 def test_pipeline_prints_commands_a_shell_gives_back_exactly(tmp_path, monkeypatch, capsys):
@@ -5002,8 +5063,8 @@ def test_pipeline_prints_commands_a_shell_gives_back_exactly(tmp_path, monkeypat
     pipeline.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out")])
     monkeypatch.undo()  # real processes again, for bash below
     printed = capsys.readouterr().out
-    assert len(ran) == len(pipeline.STAGES) + 1  # the sample stage runs two commands
-    segments = [seg.split("\n===")[0].split("\n\nwall time")[0].rstrip("\n") for seg in printed.split("\n$ ")[1:]]
+    assert len(ran) == len(pipeline.STAGES) + 1 - (not EXPORTS)  # the sample stage runs two commands
+    segments = [seg.split("\n===")[0].rstrip("\n") for seg in printed.split("\n$ ")[1:]]
     assert len(segments) == len(ran)
     for command, segment in zip(ran, segments):
         shown = ["python" if c == sys.executable else c for c in command]
@@ -5015,9 +5076,278 @@ def test_pipeline_prints_commands_a_shell_gives_back_exactly(tmp_path, monkeypat
     assert chat[chat.index("--prompt") + 1] == pipeline.CHAT_QUESTION and "\n" in pipeline.CHAT_QUESTION
 
 
+def test_pipeline_reruns_a_stage_whose_inputs_or_command_changed(tmp_path, monkeypatch, capsys):
+    """A stage is complete only when made from the inputs and with the command it has now: an edited corpus
+    file reruns dedup and every stage that reads what it wrote; --chat-dir pointing elsewhere reruns SFT and
+    what starts from it; each says why in one line."""
+    corpus, chat, other_chat, data, out = (tmp_path / n for n in ("mine", "chat", "chat2", "data", "out"))
+    write_jsonl(corpus / "a.jsonl", [{"text": "one document"}])
+    for folder in (chat, other_chat):
+        write_jsonl(folder / "sft.jsonl", [{"messages": [{"role": "user", "content": "Who?"},
+                                                         {"role": "assistant", "content": "I."}]}])
+        write_jsonl(folder / "rl.jsonl", [{"prompt": "Two and two?", "answer": "four"}])
+    ran, _ = fake_stages(monkeypatch)
+    argv = ["--corpus", corpus, "--data-dir", data, "--out-dir", out, "--chat-dir", chat]
+    pipeline.main([str(a) for a in argv])
+    every = ["dedup.py", "tokenize_data.py", "train.py", "align.py sft", "align.py grpo", "sample.py", "sample.py"]
+    assert scripts_of(ran) == every + ["export.py"] * EXPORTS
+    capsys.readouterr()
+    ran.clear()
+    pipeline.main([str(a) for a in argv])  # nothing changed: only the samples run again
+    assert scripts_of(ran) == ["sample.py", "sample.py"]
+    assert capsys.readouterr().out.count("complete, skipped") == 5 + EXPORTS
+    ran.clear()
+    write_jsonl(corpus / "a.jsonl", [{"text": "one document, edited"}])
+    pipeline.main([str(a) for a in argv])
+    assert scripts_of(ran) == every + ["export.py"] * EXPORTS
+    printed = capsys.readouterr().out
+    assert f"=== dedup: reruns: its input {corpus / 'a.jsonl'} changed" in printed
+    assert f"=== tokenize: reruns: its input {data / 'corpus.jsonl'} changed" in printed
+    ran.clear()
+    pipeline.main([str(a) for a in argv[:-1] + [other_chat]])
+    assert scripts_of(ran) == ["align.py sft", "align.py grpo", "sample.py", "sample.py"] + ["export.py"] * EXPORTS
+    assert (f"=== sft: reruns: its command changed: {chat / 'sft.jsonl'} -> {other_chat / 'sft.jsonl'}"
+            in capsys.readouterr().out)
+    ran.clear()
+    (out / "sft" / "ckpt.pt").write_text("replaced by hand")  # an output changed after the stage made it
+    pipeline.main([str(a) for a in argv[:-1] + [other_chat]])
+    assert scripts_of(ran)[:2] == ["align.py sft", "align.py grpo"]
+    assert f"=== sft: reruns: its output {out / 'sft' / 'ckpt.pt'} changed" in capsys.readouterr().out
+
+
+def test_pipeline_fingerprint_of_a_large_folder_is_one_entry(tmp_path, monkeypatch):
+    """A folder of more than MANY_FILES files is fingerprinted as one entry, which still changes with any
+    file's size or time."""
+    monkeypatch.setattr(pipeline, "MANY_FILES", 3)
+    for n in range(4):
+        (tmp_path / f"{n}.txt").write_text("text")
+    before = pipeline.fingerprint([tmp_path])
+    assert list(before) == [f"{tmp_path}/ (4 files)"] and pipeline.fingerprint([tmp_path]) == before
+    os.utime(tmp_path / "2.txt", ns=(0, 0))
+    assert pipeline.fingerprint([tmp_path]) != before
+    (tmp_path / "2.txt").unlink()
+    assert len(pipeline.fingerprint([tmp_path])) == 3  # three files: one entry each
+
+
+def test_pipeline_fixing_a_corpus_that_failed_reruns_dedup(tmp_path, monkeypatch, capsys):
+    """A corpus whose documents the filters all removed: dedup ends, tokenize fails. After the user adds a
+    file to the corpus, dedup runs again instead of counting as complete."""
+    corpus, data, out = tmp_path / "mine", tmp_path / "data", tmp_path / "out"
+    write_jsonl(corpus / "a.jsonl", [{"text": "x"}])
+    ran, _ = fake_stages(monkeypatch, fail_at="tokenize_data.py")
+    argv = [str(a) for a in ["--corpus", corpus, "--data-dir", data, "--out-dir", out]]
+    stops_with_sentence(lambda: pipeline.main(argv))
+    assert scripts_of(ran) == ["dedup.py", "tokenize_data.py"]
+    ran.clear()
+    monkeypatch.undo()
+    ran, _ = fake_stages(monkeypatch)
+    write_jsonl(corpus / "b.jsonl", [{"text": "a document of many words"}])
+    capsys.readouterr()
+    pipeline.main(argv)
+    assert scripts_of(ran)[:3] == ["dedup.py", "tokenize_data.py", "train.py"]
+    assert f"=== dedup: reruns: its input {corpus / 'b.jsonl'} is new" in capsys.readouterr().out
+
+
+def test_pipeline_second_run_in_the_same_folders_is_refused(tmp_path, monkeypatch):
+    """A running pipeline holds its folders, and so does the stage it runs: a second pipeline is refused with
+    a sentence naming the first's pid; after kill -9 of the first (no chance to clean up) its stage, which
+    runs on in a session of its own, still holds them and is named; once it ends the folders are free."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    stage = tmp_path / "stage.py"
+    stage.write_text("import time\ntime.sleep(120)\n")
+    code = (f"import pipeline, sys; held = pipeline.lock([{str(data)!r}, {str(out)!r}]); "
+            f"pipeline.run([sys.executable, {str(stage)!r}], held)")
+    first = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL)
+    ran, _ = fake_stages(monkeypatch)  # should a refusal below fail, no real stage runs
+    stage_pid = None
+    try:
+        deadline = time.time() + 60
+        while stage_pid is None and time.time() < deadline:  # the lock file names the stage once it started
+            pids = (out / ".pipeline.lock").read_text().split() if (out / ".pipeline.lock").exists() else []
+            stage_pid = int(pids[1]) if len(pids) == 2 else None
+            time.sleep(0.1)
+        for data_dir, out_dir in [(data, tmp_path / "o2"), (tmp_path / "d2", out)]:  # either folder is held
+            refused(pipeline.main, ["--data-dir", data_dir, "--out-dir", out_dir],
+                    f"another pipeline.py (pid {first.pid}) is running in", f"kill {first.pid}")
+        first.kill()
+        first.wait()
+        refused(pipeline.main, ["--data-dir", data, "--out-dir", out],
+                f"pipeline.py (pid {first.pid}) is gone but a stage it started still runs", f"kill -- -{stage_pid}")
+    finally:
+        first.kill()
+        if stage_pid:
+            os.kill(stage_pid, signal.SIGKILL)  # (os.killpg is a stand-in here)
+    deadline = time.time() + 30
+    while processes_naming(stage) and time.time() < deadline:
+        time.sleep(0.1)
+    pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
+    assert scripts_of(ran)[0] == "plays.py"
+    (tmp_path / "a_file").write_text("")
+    refused(pipeline.main, ["--data-dir", data, "--out-dir", tmp_path / "a_file"], f"cannot write in {tmp_path}")
+
+
+def test_pipeline_passes_dedup_flags_through(tmp_path, monkeypatch):
+    ran, _ = fake_stages(monkeypatch)
+    pipeline.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"), "--no-filters",
+                   "--dedup-flags=--threshold 0.7 --ngram 3 --strict"])  # as --help writes it
+    command = [str(c) for c in ran[1]]
+    assert command[1] == "dedup.py"
+    # dedup.py's own parser reads them as the user meant
+    given, _ = flags.config_parser(dedup.DedupConfig, "", aliases={"out": ["-o"]}).parse_known_args(command[2:])
+    assert (given.no_filters, given.threshold, given.ngram, given.strict) == (True, 0.7, 3, True)
+    refused(pipeline.main, ["--dedup-flags", "--threshold '0.7"], "--dedup-flags")
+
+
+def pretrain_plan(tmp_path, train_tokens, val_tokens, *argv):
+    """pipeline's pretraining stage for token shards of these sizes -> (train.py's config as it parses the
+    command, the notes printed before it runs)."""
+    data = tmp_path / "data"
+    (data / "tokens").mkdir(parents=True, exist_ok=True)
+    (data / "tokens" / "meta.json").write_text(json.dumps({"train_tokens": train_tokens, "val_tokens": val_tokens}))
+    cfg = flags.parse_flags(pipeline.PipelineConfig, ["--data-dir", str(data), *argv], "")
+    stage = pipeline.plan(cfg)["pretrain"]
+    command = [str(c) for c in stage.commands[0]]
+    return flags.parse_flags(train.TrainConfig, command[command.index("train.py") + 1:], ""), list(stage.notes)
+
+
+def test_pipeline_sizes_pretraining_to_the_corpus(tmp_path):
+    """The cpu preset's 900 steps x 8 x 256 tokens: 0.73 passes over the plays' 2.52M training tokens, kept;
+    over 100,000 tokens (18 passes) they are cut to 4 passes, warmup alike, saying so; steps given are kept with a
+    warning; a validation set smaller than one evaluation (8 x 8 x 256 tokens) is a warning."""
+    config, notes = pretrain_plan(tmp_path, 2_520_000, 120_000)
+    assert config.max_steps == 900 and notes == []
+    config, notes = pretrain_plan(tmp_path, 100_000, 1_015)
+    assert config.max_steps == 4 * 100_000 // (8 * 256) == 195 and config.warmup_steps == math.ceil(40 * 195 / 900)
+    assert "note: the preset's 900 steps of 2,048 tokens are 18.4 passes over the 100,000 training tokens" in notes[0]
+    assert "validation set holds 1,015 tokens, fewer than one evaluation reads (16,384)" in notes[1]
+    config, notes = pretrain_plan(tmp_path, 100_000, 20_000, "--pretrain-steps", "900")
+    assert config.max_steps == 900 and len(notes) == 1 and notes[0].startswith("warning: 900 steps")
+
+
+def test_pipeline_json_keeps_every_stage_latest_time(tmp_path, monkeypatch):
+    data, out = tmp_path / "data", tmp_path / "out"
+    fake_stages(monkeypatch)
+    pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
+    record = json.loads((out / "pipeline.json").read_text())
+    record["seconds"].update(fetch=4.7, tokenize=5.2, pretrain=536)
+    (out / "pipeline.json").write_text(json.dumps(record))
+    pipeline.main(["--data-dir", str(data), "--out-dir", str(out), "--force", "pretrain"])
+    seconds = json.loads((out / "pipeline.json").read_text())["seconds"]
+    assert list(seconds) == [s for s in pipeline.STAGES if EXPORTS or s != "export"]
+    assert seconds["fetch"] == 4.7 and seconds["tokenize"] == 5.2 and seconds["pretrain"] != 536
+    assert [p.name for p in out.iterdir() if "tmp" in p.name] == []
+
+
+def test_pipeline_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in SFT after 100 s, then a rerun: the stages before are complete, SFT continues from its
+    checkpoint and its wall time is the whole, 100 s before the Ctrl-C and 100 s after."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    ran, killed = fake_stages(monkeypatch, interrupt_at="align.py", seconds=100)
+    with pytest.raises(SystemExit) as e:
+        pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
+    assert e.value.code == 130 and killed == [(4242, signal.SIGTERM)]  # the stage's process group is stopped
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "interrupted during sft; rerun `python pipeline.py` with the same flags to continue."]
+    ran.clear()
+    pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
+    assert scripts_of(ran)[:3] == ["align.py sft", "align.py dpo", "align.py grpo"]
+    assert "--resume" in ran[0] and "--resume" not in ran[1]  # the interrupted stage continues from its checkpoint
+    assert "=== sft: continues: its last run stopped before the end" in capsys.readouterr().out
+    seconds = json.loads((out / "pipeline.json").read_text())["seconds"]
+    assert seconds["sft"] == 200 and seconds["dpo"] == 100 and seconds["pretrain"] == 100
+
+
+def test_pipeline_interrupted_stage_with_new_inputs_starts_over(tmp_path, monkeypatch, capsys):
+    corpus, chat, data, out = (tmp_path / n for n in ("mine", "chat", "data", "out"))
+    write_jsonl(corpus / "a.jsonl", [{"text": "one document"}])
+    write_jsonl(chat / "sft.jsonl", [{"prompt": "Who?", "answer": "I."}])
+    argv = [str(a) for a in ["--corpus", corpus, "--chat-dir", chat, "--data-dir", data, "--out-dir", out]]
+    ran, _ = fake_stages(monkeypatch, interrupt_at="align.py")
+    with pytest.raises(SystemExit):
+        pipeline.main(argv)
+    write_jsonl(chat / "sft.jsonl", [{"prompt": "Who, then?", "answer": "I."}])  # changed while SFT was stopped
+    ran.clear()
+    pipeline.main(argv)
+    assert scripts_of(ran)[0] == "align.py sft" and "--resume" not in ran[0]
+    assert f"=== sft: reruns: its input {chat / 'sft.jsonl'} changed" in capsys.readouterr().out
+
+
+def test_pipeline_gpu_preset_uses_the_gpus_this_machine_has(tmp_path, monkeypatch, capsys):
+    """Data parallel over every GPU torch sees, ranks started by this interpreter's torchrun module, 524,288
+    tokens a step at any GPU count; one GPU: a plain process; none: one sentence before anything runs."""
+    for gpus, accum in [(4, 8), (8, 4), (1, 32)]:
+        monkeypatch.setattr(pipeline, "gpus_here", lambda: gpus)
+        ran, _ = fake_stages(monkeypatch)
+        data, out = tmp_path / f"data{gpus}", tmp_path / f"out{gpus}"
+        pipeline.main(["--preset", "gpu", "--data-dir", str(data), "--out-dir", str(out)])
+        assert "give it a corpus of its size with --corpus DIR" in capsys.readouterr().out
+        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+        launch = [sys.executable] + torchrun * (gpus > 1)
+        training = [c for c in ran if {"train.py", "align.py"} & set(map(str, c))]
+        assert len(training) == 4 and all(c[:len(launch)] == launch and c[len(launch)] in ("train.py", "align.py")
+                                          for c in training)
+        pretrain = [str(c) for c in training[0]]
+        config = flags.parse_flags(train.TrainConfig, pretrain[pretrain.index("train.py") + 1:], "")
+        assert (config.tp, config.pp, config.grad_accum) == (1, 1, accum)
+        assert config.batch_size * config.block_size * config.grad_accum * gpus == 524_288
+        assert all(c[:2] == [sys.executable, "sample.py"] for c in ran if "sample.py" in c)
+    monkeypatch.setattr(pipeline, "gpus_here", lambda: 0)
+    ran, _ = fake_stages(monkeypatch)
+    refused(pipeline.main, ["--preset", "gpu", "--data-dir", tmp_path / "none"], "--preset gpu needs an NVIDIA GPU")
+    assert ran == [] and not (tmp_path / "none").exists()
+
+
+def test_pipeline_gpu_preset_without_a_gpu_is_one_sentence(tmp_path):
+    no_index = {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0"}  # were it to fetch, it fails at once
+    run = run_script("pipeline.py", "--preset", "gpu", "--data-dir", tmp_path / "data", cwd=tmp_path,
+                     env={**ENV, "CUDA_VISIBLE_DEVICES": "", **no_index})
+    one_sentence(run, "--preset gpu needs an NVIDIA GPU and torch sees none", "--preset tiny")
+    assert not (tmp_path / "data").exists()
+
+
+def test_pipeline_export_stage_prints_the_lines_that_load_it(tmp_path, monkeypatch, capsys):
+    """export.py on the chat model (RL's) into out/hf, then the two transformers lines."""
+    ran, _ = fake_stages(monkeypatch)
+    out = tmp_path / "out"
+    pipeline.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(out)])
+    assert scripts_of(ran)[-1] == "export.py" and ran[-1][0] == sys.executable
+    assert ran[-1][2:] == ["--ckpt", str(out / "rl" / "ckpt.pt"), "--out", str(out / "hf")]
+    printed = capsys.readouterr().out
+    assert f'AutoTokenizer.from_pretrained("{out / "hf"}")' in printed
+    assert f'AutoModelForCausalLM.from_pretrained("{out / "hf"}")' in printed
+
+
+def test_pipeline_summary_names_the_readmes_figures(tmp_path):
+    """The summary reads each figure from the stage's log: the last evaluation's, and for SFT and RL their
+    first evaluation's (the model they started from) too."""
+    out = tmp_path / "out"
+    logs = {"pretrain": [{"step": 300, "val_loss": 5.2, "val_bpb": 2.058}, {"step": 900, "loss": 4.3},
+                         {"step": 900, "val_loss": 4.4822, "val_bpb": 1.7994}],
+            "sft": [{"step": 0, "val_loss": 3.1, "val_answer_exact": 0.0}, {"step": 300, "loss": 0.9},
+                    {"step": 300, "val_loss": 1.2, "val_answer_exact": 0.5446}],
+            "dpo": [{"step": 0, "val_accuracy": 0.5}, {"step": 50, "val_accuracy": 0.7549}],
+            "rl": [{"step": 0, "val_accuracy": 0.5446, "val_right": "1" * 244 + "0" * 204},
+                   {"step": 40, "reward": 0.6},
+                   {"step": 40, "val_accuracy": 0.5982, "val_gained": 42, "val_lost": 18, "val_change_se": 3.1,
+                    "val_right": "1" * 268 + "0" * 180}]}
+    for stage, rows in logs.items():
+        write_jsonl(out / stage / "log.jsonl", rows)
+    lines = pipeline.summary(out, {"pretrain": 804.0, "sft": 344.0, "rl": 380.5})
+    assert lines[:4] == [
+        "pretraining: 1.799 bits per byte on held-out text (val loss 4.4822, step 900)",
+        "SFT: exact answers (greedy) 0.000 pretrained -> 0.545 after SFT",
+        "RL: exact answers (greedy) 0.545 after SFT -> 0.598 after RL, +3.1 paired standard errors (42 questions "
+        "gained, 18 lost, of 448)",
+        "DPO: held-out preference accuracy 0.755"]
+    assert lines[4] == "wall time per stage (s): pretrain 804.0, sft 344.0, rl 380.5; 25 min 28 s in all"
+    assert str(out / "training.svg") in lines[5]
+
+
 def test_pipeline_draws_every_training_stage_in_one_svg(tmp_path):
     out = tmp_path / "out"
-    logs = {"pretrain": [{"step": s, "loss": 9 - s / 100} for s in range(1, 301)] + [{"step": 300, "val_loss": 6.5}],
+    noise = [0.3 * math.sin(7 * s) for s in range(301)]
+    logs = {"pretrain": [{"step": s, "loss": 9 - s / 100 + noise[s]} for s in range(1, 301)]
+            + [{"step": 300, "val_loss": 6.5}],
             "sft": [{"step": 0, "val_loss": 3.0, "val_answer_accuracy": 0.25, "val_answer_exact": 0.0}]
             + [{"step": s, "loss": 3 - s / 20} for s in range(1, 21)]
             + [{"step": 20, "val_loss": 2.0, "val_answer_accuracy": 0.4, "val_answer_exact": 0.1}],
@@ -5034,57 +5364,43 @@ def test_pipeline_draws_every_training_stage_in_one_svg(tmp_path):
     svg = ET.parse(out / "training.svg").getroot()  # well-formed XML
     ns = "{http://www.w3.org/2000/svg}"
     lines = svg.findall(f"{ns}polyline")
-    assert len(lines) == 13  # pretrain 2, sft 2 + 2, dpo 2 + 2, rl 3
-    loss = [tuple(map(float, p.split(","))) for p in lines[0].get("points").split()]
-    assert len(loss) == 300 and loss[0][0] < loss[-1][0] and loss[0][1] < loss[-1][1]  # falling loss: y grows
+    assert len(lines) == 14  # pretrain 2 + the loss's moving average, sft 2 + 2, dpo 2 + 2, rl 3
+    raw, average = ([tuple(map(float, p.split(","))) for p in line.get("points").split()] for line in lines[:2])
+    assert len(raw) == len(average) == 300 and raw[0][0] < raw[-1][0] and average[0][1] < average[-1][1]  # y grows
+    assert lines[0].get("stroke-opacity") == "0.3" and lines[1].get("stroke-opacity") is None  # faint, then solid
+    # the moving average, recomputed: 12 neighbours' mean (300 // 25), the noise mostly gone
+    losses = [r["loss"] for r in logs["pretrain"][:300]]
+    want = [sum(losses[max(0, i - 6):i + 7]) / len(losses[max(0, i - 6):i + 7]) for i in range(300)]
+    y_of = lambda v: raw[0][1] + (raw[-1][1] - raw[0][1]) * (v - losses[0]) / (losses[-1] - losses[0])  # noqa: E731
+    assert max(abs(y - y_of(v)) for (_, y), v in zip(average, want)) < 0.15
     titles = [t.text for t in svg.findall(f"{ns}text") if t.get("font-weight") == "bold"]
     assert titles == [title for _, title, _ in pipeline.CURVES]
+    labels = [t.text for t in svg.findall(f"{ns}text")]
+    for tick in ("7", "8", "100", "200", "0.2", "0.4"):  # round values inside the ranges, not only the ends
+        assert tick in labels, (tick, labels)
 
 
-def test_pipeline_json_keeps_every_stage_latest_time(tmp_path, monkeypatch):
+def test_pipeline_tiny_preset_runs_every_stage_and_a_rerun_skips_them(tmp_path, corpus_texts):
+    """The real stages on --preset tiny (the plays from the cache the tests share): every stage ends, the
+    summary quotes the logs, and a rerun skips every stage but the samples."""
     data, out = tmp_path / "data", tmp_path / "out"
-    (data / "tokens").mkdir(parents=True)
-    for done in ("scenes.jsonl", "report.json", "tokens/meta.json"):  # fetch, dedup, tokenize look complete
-        (data / done).write_text("{}")
-    out.mkdir()
-    (out / "pipeline.json").write_text(json.dumps({"preset": "cpu", "seconds": {"fetch": 4.7, "dedup": 4.5,
-                                                                                "tokenize": 5.2, "pretrain": 536}}))
-    fake_stages(monkeypatch)
-    pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
+    data.mkdir()
+    (data / "cache").symlink_to(ROOT / "data" / "cache")  # where corpus_texts put the plays
+    first = run_script("pipeline.py", "--preset", "tiny", "--data-dir", data, "--out-dir", out, cwd=tmp_path,
+                       timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    summary = first.stdout.split("=== summary\n")[1]
+    bpb = [r for r in read_log(out / "pretrain") if "val_bpb" in r][-1]["val_bpb"]
+    assert f"pretraining: {bpb:.3f} bits per byte" in summary
+    rl = [r for r in read_log(out / "rl") if "val_accuracy" in r]
+    assert f"-> {rl[-1]['val_accuracy']:.3f} after RL" in summary
     seconds = json.loads((out / "pipeline.json").read_text())["seconds"]
-    assert list(seconds) == list(pipeline.STAGES)
-    assert seconds["fetch"] == 4.7 and seconds["tokenize"] == 5.2 and seconds["pretrain"] != 536
-    assert [p.name for p in out.iterdir() if "tmp" in p.name] == []
-
-
-def test_pipeline_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
-    data, out = tmp_path / "data", tmp_path / "out"
-    ran, killed = fake_stages(monkeypatch, interrupt_at="align.py")
-    with pytest.raises(SystemExit) as e:
-        pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
-    assert e.value.code == 130 and killed == [(4242, signal.SIGTERM)]  # the stage's process group is stopped
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "interrupted during sft; rerun `python pipeline.py` with the same flags to continue."]
-    ran.clear()
-    for done in ("scenes.jsonl", "report.json", "tokens/meta.json", "chat/rl.jsonl"):
-        (data / done).parent.mkdir(parents=True, exist_ok=True)
-        (data / done).write_text("{}")
-    monkeypatch.setattr(pipeline, "trained_to", lambda ckpt, args: "pretrain" in str(ckpt))
-    pipeline.main(["--data-dir", str(data), "--out-dir", str(out)])
-    assert [c[c.index("--method") + 1] for c in ran if "align.py" in c] == ["sft", "dpo", "grpo"]
-    assert "--resume" in ran[0]  # the interrupted stage continues from its checkpoint
-
-
-def processes_naming(marker):
-    """The /proc cmdline files of live processes whose command line names `marker`."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if str(marker) in cmdline.read_text(errors="replace"):
-                found.append(cmdline)
-        except OSError:
-            pass
-    return found
+    assert list(seconds) == [s for s in pipeline.STAGES if EXPORTS or s != "export"]
+    svg = ET.parse(out / "training.svg").getroot()
+    assert len([t for t in svg.iter() if t.get("font-weight") == "bold"]) == len(pipeline.CURVES)  # every panel
+    again = run_script("pipeline.py", "--preset", "tiny", "--data-dir", data, "--out-dir", out, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("complete, skipped") == len(pipeline.STAGES) - 1 - (not EXPORTS)
 
 
 def test_pipeline_ctrl_c_for_real_stops_the_stage_without_a_traceback(tmp_path):
