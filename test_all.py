@@ -5010,9 +5010,6 @@ def scripts_of(ran):
             + (f" {command[command.index('--method') + 1]}" if "--method" in command else "") for command in ran]
 
 
-EXPORTS = not pipeline.skipped(pipeline.PipelineConfig(), "export")  # export.py is in this checkout
-
-
 def test_pipeline_runs_a_users_corpus_and_skips_what_it_lacks(tmp_path, monkeypatch, capsys):
     """--corpus: no fetch, dedup reads the user's folder, tokenize and pretrain as ever; an alignment stage
     without its chat file is skipped with a sentence; --chat-dir's files are used when there; a changed
@@ -5023,7 +5020,7 @@ def test_pipeline_runs_a_users_corpus_and_skips_what_it_lacks(tmp_path, monkeypa
     data, out = tmp_path / "data", tmp_path / "out"
     ran, _ = fake_stages(monkeypatch)
     pipeline.main(["--corpus", str(corpus), "--data-dir", str(data), "--out-dir", str(out)])
-    assert scripts_of(ran) == ["dedup.py", "tokenize_data.py", "train.py", "sample.py"] + ["export.py"] * EXPORTS
+    assert scripts_of(ran) == ["dedup.py", "tokenize_data.py", "train.py", "sample.py"] + ["export.py"]
     assert str(corpus) in ran[0] and "--chat" not in ran[3]
     printed = capsys.readouterr().out
     for stage in ("sft", "dpo", "rl"):
@@ -5063,7 +5060,7 @@ def test_pipeline_prints_commands_a_shell_gives_back_exactly(tmp_path, monkeypat
     pipeline.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out")])
     monkeypatch.undo()  # real processes again, for bash below
     printed = capsys.readouterr().out
-    assert len(ran) == len(pipeline.STAGES) + 1 - (not EXPORTS)  # the sample stage runs two commands
+    assert len(ran) == len(pipeline.STAGES) + 1  # the sample stage runs two commands
     segments = [seg.split("\n===")[0].rstrip("\n") for seg in printed.split("\n$ ")[1:]]
     assert len(segments) == len(ran)
     for command, segment in zip(ran, segments):
@@ -5090,22 +5087,22 @@ def test_pipeline_reruns_a_stage_whose_inputs_or_command_changed(tmp_path, monke
     argv = ["--corpus", corpus, "--data-dir", data, "--out-dir", out, "--chat-dir", chat]
     pipeline.main([str(a) for a in argv])
     every = ["dedup.py", "tokenize_data.py", "train.py", "align.py sft", "align.py grpo", "sample.py", "sample.py"]
-    assert scripts_of(ran) == every + ["export.py"] * EXPORTS
+    assert scripts_of(ran) == every + ["export.py"]
     capsys.readouterr()
     ran.clear()
     pipeline.main([str(a) for a in argv])  # nothing changed: only the samples run again
     assert scripts_of(ran) == ["sample.py", "sample.py"]
-    assert capsys.readouterr().out.count("complete, skipped") == 5 + EXPORTS
+    assert capsys.readouterr().out.count("complete, skipped") == 6
     ran.clear()
     write_jsonl(corpus / "a.jsonl", [{"text": "one document, edited"}])
     pipeline.main([str(a) for a in argv])
-    assert scripts_of(ran) == every + ["export.py"] * EXPORTS
+    assert scripts_of(ran) == every + ["export.py"]
     printed = capsys.readouterr().out
     assert f"=== dedup: reruns: its input {corpus / 'a.jsonl'} changed" in printed
     assert f"=== tokenize: reruns: its input {data / 'corpus.jsonl'} changed" in printed
     ran.clear()
     pipeline.main([str(a) for a in argv[:-1] + [other_chat]])
-    assert scripts_of(ran) == ["align.py sft", "align.py grpo", "sample.py", "sample.py"] + ["export.py"] * EXPORTS
+    assert scripts_of(ran) == ["align.py sft", "align.py grpo", "sample.py", "sample.py"] + ["export.py"]
     assert (f"=== sft: reruns: its command changed: {chat / 'sft.jsonl'} -> {other_chat / 'sft.jsonl'}"
             in capsys.readouterr().out)
     ran.clear()
@@ -5233,7 +5230,7 @@ def test_pipeline_json_keeps_every_stage_latest_time(tmp_path, monkeypatch):
     (out / "pipeline.json").write_text(json.dumps(record))
     pipeline.main(["--data-dir", str(data), "--out-dir", str(out), "--force", "pretrain"])
     seconds = json.loads((out / "pipeline.json").read_text())["seconds"]
-    assert list(seconds) == [s for s in pipeline.STAGES if EXPORTS or s != "export"]
+    assert list(seconds) == list(pipeline.STAGES)
     assert seconds["fetch"] == 4.7 and seconds["tokenize"] == 5.2 and seconds["pretrain"] != 536
     assert [p.name for p in out.iterdir() if "tmp" in p.name] == []
 
@@ -5395,12 +5392,12 @@ def test_pipeline_tiny_preset_runs_every_stage_and_a_rerun_skips_them(tmp_path, 
     rl = [r for r in read_log(out / "rl") if "val_accuracy" in r]
     assert f"-> {rl[-1]['val_accuracy']:.3f} after RL" in summary
     seconds = json.loads((out / "pipeline.json").read_text())["seconds"]
-    assert list(seconds) == [s for s in pipeline.STAGES if EXPORTS or s != "export"]
+    assert list(seconds) == list(pipeline.STAGES)
     svg = ET.parse(out / "training.svg").getroot()
     assert len([t for t in svg.iter() if t.get("font-weight") == "bold"]) == len(pipeline.CURVES)  # every panel
     again = run_script("pipeline.py", "--preset", "tiny", "--data-dir", data, "--out-dir", out, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count("complete, skipped") == len(pipeline.STAGES) - 1 - (not EXPORTS)
+    assert again.stdout.count("complete, skipped") == len(pipeline.STAGES) - 1
 
 
 def test_pipeline_ctrl_c_for_real_stops_the_stage_without_a_traceback(tmp_path):
