@@ -93,6 +93,7 @@ import plays  # the default corpus (Shakespeare): fetch_corpus, cut_scenes, the 
 import sample
 import tokenize_data
 import train
+from bench import hf_answers  # the exported chat model's answers in transformers against ours
 from model import (GPT, GPTConfig, KVCache, apply_rope, filter_logits, hf_architecture, load_checkpoint,
                    naive_attention, rope_tables, sample_next, save_checkpoint, sinusoidal_table)
 
@@ -4924,6 +4925,50 @@ def test_export_train_init_from_a_folder_takes_its_tokenizer_and_refuses_shards_
         refused(train.main, [*base, "--init-from", init, "--out-dir", tmp_path / "run"], "inside --out-dir")
     monkeypatch.chdir(tmp_path / "run")
     refused(train.main, [*base, "--init-from", "ckpt.pt", "--out-dir", "."], "inside --out-dir")
+
+
+def bench_table(stdout):
+    """bench/hf_answers.py's table -> {row name: [its values]}."""
+    return {line[:38].strip(): line[38:].split() for line in stdout.splitlines() if line[38:39] == " "}
+
+
+def test_export_chat_model_answers_in_transformers_as_ours(tmp_path, transformers, capsys):
+    """bench/hf_answers.py on a tiny chat model (SFT'd to answer A, B, C or D and stop) and its export:
+    every held-out prompt renders to the same ids through apply_chat_template, every greedy answer is
+    the same token for token, and both accuracies are the val_accuracy align.py's GRPO evaluation reports
+    on the same questions. An export whose weights or chat template differ is caught, in one sentence."""
+    ckpt = sft_then_questions(tmp_path)[0]
+    questions = str(write_jsonl(tmp_path / "val.jsonl", [{"prompt": p, "answer": a} for p in (
+        "pick one", "choose", "pick two", "say") for a in "ABCD"]))
+    export.main(["--ckpt", ckpt, "--out", str(tmp_path / "hf")])
+    bench = ["--ckpt", ckpt, "--data", questions, "--val-data", questions]
+    capsys.readouterr()
+    result = hf_answers.main([*bench, "--hf", str(tmp_path / "hf")])
+    table = bench_table(capsys.readouterr().out)
+    assert table["held-out questions"] == ["16"] and table["prompt ids identical"] == ["16/16"]
+    assert table["answers identical, token for token"] == ["16/16"]
+    ended, accuracy = table["answers ended by <|end|>"], table["exact-answer accuracy"]
+    assert ended[0] == ended[1] == str(result["ended"]) and result["ended"] > 0 and accuracy[0] == accuracy[1]
+    align.main(["--method", "grpo", "--init", ckpt, "--data", questions, "--val-data", questions,
+                "--max-steps", "0", "--group-size", "2", "--out-dir", str(tmp_path / "eval")])
+    want = read_log(tmp_path / "eval")[0]["val_accuracy"]
+    assert 0 < want < 1 and result["accuracy"] == result["hf_accuracy"] == pytest.approx(want)
+
+    for name in ("weights", "template"):
+        folder = Path(shutil.copytree(tmp_path / "hf", tmp_path / name))
+        if name == "weights":  # the final norm's scale negated: every logit flips sign
+            tensors = load_file(folder / "model.safetensors")
+            safetensors.torch.save_file({k: -v if k.endswith("final_layer_norm.weight") else v
+                                         for k, v in tensors.items()}, folder / "model.safetensors")
+        else:  # the template without its leading <|endoftext|>
+            config = json.loads((folder / "tokenizer_config.json").read_text())
+            config["chat_template"] = config["chat_template"].replace("{{- '<|endoftext|>' -}}", "", 1)
+            (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        capsys.readouterr()
+        refused(hf_answers.main, [*bench, "--hf", folder], "of 16 held-out questions differ")
+        table = bench_table(capsys.readouterr().out)
+        assert table["prompt ids identical"] == ["0/16" if name == "template" else "16/16"], table
+        assert name == "template" or table["answers identical, token for token"] != ["16/16"], table
 
 
 # ==================================================================================================
