@@ -4966,9 +4966,11 @@ def test_export_chat_model_answers_in_transformers_as_ours(tmp_path, transformer
             (folder / "tokenizer_config.json").write_text(json.dumps(config))
         capsys.readouterr()
         refused(hf_answers.main, [*bench, "--hf", folder], "of 16 held-out questions differ")
-        table = bench_table(capsys.readouterr().out)
-        assert table["prompt ids identical"] == ["0/16" if name == "template" else "16/16"], table
-        assert name == "template" or table["answers identical, token for token"] != ["16/16"], table
+        printed = capsys.readouterr().out
+        table = bench_table(printed)
+        assert table["prompt ids identical"] == ["0/16" if name == "template" else "16/16"], printed
+        assert name == "template" or table["answers identical, token for token"] != ["16/16"] and \
+            "logits of our choice and theirs" in printed, printed
 
 
 # ==================================================================================================

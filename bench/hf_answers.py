@@ -15,7 +15,9 @@ align.rollout (model.generate, temperature 0, KV cache, stopping at <|end|>) fro
 AutoModelForCausalLM.generate(do_sample=False) from its ids, eos_token_id <|end|>. Both fp32 on CPU, and
 both batch together only prompts of one length, so no padding enters either. Prints a table: questions,
 prompts identical, answers identical token for token, each side's exact-answer accuracy (align.reward),
-and the first --show differences. Exits with a sentence (status 1) when any prompt or answer differs.
+and the first --show differences (for an answer: the first token where they part, and both models'
+logits there for both choices, which tells a rounding tie from a real difference). Exits with a
+sentence (status 1) when any prompt or answer differs.
 """
 
 import os
@@ -85,6 +87,20 @@ def hf_greedy(model, prompts, max_new_tokens, end_id):
     return answers
 
 
+@torch.no_grad()
+def first_split(ours, theirs, prompt, a, b):
+    """Where greedy answers a and b of one prompt part: each model's logits for both tokens there. Two
+    near-equal logits in both models mean a tie broken by rounding; far apart in one, a real difference."""
+    k = next(k for k, (x, y) in enumerate(zip(a + [None], b + [None])) if x != y)
+    if k == min(len(a), len(b)):  # one answer stopped (at max_new_tokens) where the other went on
+        return f"one is longer from token {k} on"
+    ids = torch.tensor([prompt + a[:k]])                                                   # (1, T)
+    logits = [ours(ids)[0][0, -1], theirs(ids).logits[0, -1]]                              # 2 x (vocab,)
+    pair = [a[k], b[k]]
+    shown = [" and ".join(f"{v:.5f}" for v in l[pair].tolist()) for l in logits]
+    return f"from token {k}: logits of our choice and theirs, ours {shown[0]}, transformers' {shown[1]}"
+
+
 def main(argv=None):
     cfg = parse_flags(HFAnswersConfig, argv, __doc__)
     ckpt = read_checkpoint(cfg.ckpt, "--ckpt")
@@ -139,7 +155,8 @@ def main(argv=None):
     for i in differ[:cfg.show]:
         print(f"- {questions[i]['context'][-1]['content'][:80]!r}: ours {enc.decode(our_answers[i])!r} "
               f"(prompt {len(prompts[i])} ids), transformers {enc.decode(hf_answers[i])!r} "
-              f"(prompt {len(hf_prompts[i])} ids{', different' if not same_prompt[i] else ''})")
+              f"(prompt {len(hf_prompts[i])} ids{', different' if not same_prompt[i] else ''})"
+              + (f"; {first_split(ours, theirs, prompts[i], our_answers[i], hf_answers[i])}" if same_prompt[i] else ""))
     if differ:
         raise SystemExit(f"{len(differ)} of {n} held-out questions differ between ours and transformers "
                          "(listed above).")
