@@ -4919,6 +4919,13 @@ def test_export_train_init_from_a_folder_takes_its_tokenizer_and_refuses_shards_
     train.main([*map(str, base), "--init-from", str(tmp_path / "same"), "--out-dir", str(tmp_path / "run")])
     assert load_checkpoint(tmp_path / "run" / "ckpt.pt")["model_config"]["block_size"] == 64
     refused(train.main, [*base, "--init-from", tmp_path / "other", "--out-dir", tmp_path / "run2"], "tokenizer")
+    # the folder's own tokenizer writes shards for it (tokenize_data.py --encoding DIR): continued pretraining
+    tokenize_data.main([str(corpus), "--out-dir", str(tmp_path / "tokens_other"), "--encoding", str(tmp_path / "other"),
+                        "--val-fraction", "0.3", "--workers", "1"])
+    other_base = [*base[2:], "--data-dir", tmp_path / "tokens_other"]
+    train.main([*map(str, other_base), "--init-from", str(tmp_path / "other"), "--out-dir", str(tmp_path / "run3")])
+    assert tokenize_data.tokenizer_from_dict(load_checkpoint(tmp_path / "run3" / "ckpt.pt")["tokenizer"]).encode(
+        text[:500]) == other.encode(text[:500])
     # the init inside the out-dir this run writes its checkpoint into, however spelled, is refused before anything
     (tmp_path / "link.pt").symlink_to(tmp_path / "run" / "ckpt.pt")
     for init in (tmp_path / "run" / "ckpt.pt", tmp_path / "run" / "." / "ckpt.pt", tmp_path / "link.pt"):

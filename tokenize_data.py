@@ -69,7 +69,7 @@ FIRST_CUT, LAST_CUT = regex.compile(r"(?<=\p{L}) (?=\p{L})"), regex.compile(r"(?
 class TokenizeConfig:
     out_dir: str = ""  # folder for tokenizer.tiktoken, special_tokens.json, train.bin, val.bin, meta.json (required)
     vocab_size: int = 8192  # mergeable ranks + special tokens of the BPE trained here, at least 261
-    encoding: str = ""  # a tiktoken encoding to use instead of training one, e.g. gpt2, cl100k_base, o200k_base
+    encoding: str = ""  # use this tokenizer instead of training one: a tiktoken name (gpt2, cl100k_base, o200k_base) or a Hugging Face folder (its tokenizer.json, exactly: shards for train.py --init-from DIR)
     val_fraction: float = 0.05  # share of whole documents held out in val.bin, picked by a hash of their key, in [0, 1)
     train_chars: int = 50_000_000  # the BPE trains on the first whole documents up to this many characters
     workers: int = os.cpu_count() or 1  # processes that pre-tokenize for training, threads that encode; one per CPU by default
@@ -325,7 +325,14 @@ def with_chat_tokens(enc):
 
 
 def load_base_encoding(name):
-    """tiktoken's own encoding plus our special tokens: reuse its <|endoftext|>, chat tokens after its vocab."""
+    """tiktoken's own encoding plus our special tokens: reuse its <|endoftext|>, chat tokens after its vocab.
+    A Hugging Face folder's tokenizer is taken as it is (no tokens added), so the shards fit its model."""
+    if os.path.isdir(name):
+        enc = encoding_from_hf(name)
+        if DOC_START not in enc._special_tokens:
+            raise SystemExit(f"--encoding {name}: its tokenizer has no {DOC_START}, which starts every document in "
+                             "the shards; add it to the folder's tokenizer (and the model's embedding) first.")
+        return enc
     try:
         base = tiktoken.get_encoding(name)
     except Exception:  # offline it is a requests ConnectionError from deep inside tiktoken
