@@ -36,30 +36,29 @@ Design choices:
 - Chat template (tokenize_data.render_conversation, the tokenizer's chat contract, which sample.py's chat
   calls too): [<|endoftext|>] + per message [<|role|>] + content + [<|end|>]. The loss sees only assistant
   content and its <|end|>: the model learns to answer and to stop, not to write the user's turns.
-- A conversation longer than the block loses its oldest context tokens, never a supervised one; if its
-  supervised part alone does not fit it is dropped and counted: a cut answer would teach a wrong one.
-- One loop for the three methods; a method brings its examples, its step's loss and its evaluation.
+- A conversation longer than the block loses its oldest context tokens, never a supervised one; one whose
+  supervised part alone does not fit is dropped and counted: a cut answer would teach a wrong one.
+- One loop for the three methods: a method brings its examples, its step's loss and its evaluation.
   Batches follow from (--seed, step) alone, so a resumed run trains on what the uninterrupted one did.
 - DPO: loss = -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), log-probs summed over response
-  tokens. The frozen reference is the --init model; its log-probs of every held-out pair and of the
-  training pairs the run will visit (max_steps x batch x ranks, a fixed sample) are computed once up
-  front, so no second model is kept.
+  tokens. The reference is the --init model, scored once up front on the held-out pairs and on the pairs
+  the run will visit (max_steps x batch x ranks, a fixed sample), so no second model is kept.
 - GRPO (on-policy RL, as Dr. GRPO and nanochat's chat_rl simplify it): each step samples --group-size
-  answers to each of --batch-size prompts with the KV cache (an answer ends at <|end|> or, cut off, after
-  --max-new-tokens tokens and earns nothing), scores them with reward() (1 for the exact answer, else 0),
-  and takes advantage = reward - its group's mean (not divided by the group's std: see group_advantages).
-  The loss, -(1/N) sum over answers and their tokens of advantage * log pi(token), raises the answers that
-  beat their group and lowers the rest; pi is softmax(logits / --temperature), what the answers were drawn
-  from. One update per batch of fresh samples, so no importance ratio or clipping. --beta > 0 adds a
-  per-token KL(pi || init) estimate (a frozen copy of --init is kept).
+  answers to each of --batch-size prompts (an answer ends at <|end|>, or is cut off after --max-new-tokens
+  and earns nothing), scores them with reward() (1 for the exact answer, else 0), and takes advantage =
+  reward - its group's mean (not divided by the group's std: see group_advantages). The loss, -(1/N) sum
+  over answers and their tokens of advantage * log pi(token), with pi = softmax(logits / --temperature)
+  (what the answers were drawn from), raises the answers that beat their group and lowers the rest. One
+  update per batch of fresh samples, so no importance ratio or clipping. --beta > 0 adds a per-token
+  KL(pi || init) estimate against a frozen copy of --init.
 - GRPO's default temperature is 0.5: what is scored is the greedy answer, and at T=0.5 a group's samples
   are the few answers greedy decoding weighs, so the update settles the contests it decides.
-- Each prompt runs once for its G answers, in sampling and in the loss (model.PrefixCache): L + G*T
-  positions of work, not G*(L+T). Its samples follow from (--seed, step, prompt), so a resumed run, or a
-  run on another number of ranks, draws exactly what the uninterrupted one did.
-- The checkpoint carries the log up to its step, so --resume rewrites log.jsonl as that run's: each step
-  once, however often it was killed. It carries fingerprints of --data, --val-data and, where it is the
-  reference, the --init weights, so --resume refuses other inputs. --out-dir may not hold an input.
+- Each prompt runs once for its G answers, in sampling and in the loss (KV cache, model.PrefixCache), not
+  G times. Its samples follow from (--seed, step, prompt): a resumed run, or one on another number of
+  ranks, draws exactly what the uninterrupted one did.
+- The checkpoint carries the log, so --resume rewrites log.jsonl as that run's (each step once, however
+  often it was killed), and fingerprints of --data, --val-data and, where it is the reference, the --init
+  weights, so --resume refuses other inputs. --out-dir may not hold an input: it would be overwritten.
 - A loss, gradient or weight that becomes nan/inf stops the run before it is saved: the checkpoint on
   disk stays the last good one. Under torchrun, a rank that dies stops the others with one sentence.
 """
@@ -114,6 +113,7 @@ class AlignConfig:
 
 
 def check_config(cfg):
+    """Refuse bad flags with one sentence each; fill in the method's defaults (-1 or 0) -> cfg."""
     for flag, value in (("--init", cfg.init), ("--data", cfg.data), ("--out-dir", cfg.out_dir)):
         if not value:
             raise SystemExit(f"{flag} is required (see `python align.py --help`).")
@@ -149,7 +149,7 @@ def check_config(cfg):
 
 
 # ===================================================================================================
-# Part 1: what the three methods share: records, tokens, batches, the loop, checkpoints, evaluation.
+# Part 1: what the three methods share: records, tokens, batches, the loop, evaluation, checkpoints.
 # ===================================================================================================
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,6 +169,7 @@ class Run:
     rows: list = field(default_factory=list)  # the log so far: the checkpoint carries it
 
     def say(self, text):
+        """Print once (on rank 0)."""
         if self.rank == 0:
             print(text)
 
@@ -200,7 +201,7 @@ class Init(NamedTuple):
 
 
 def load_init(cfg, device):
-    """The init checkpoint carries the tokenizer; the chat tokens must be in it."""
+    """-> Init. The init checkpoint carries the tokenizer; the chat tokens must be in it."""
     init = read_checkpoint(cfg.init, "--init")
     if not init.get("tokenizer"):
         raise SystemExit(f"--init {cfg.init}: the checkpoint carries no tokenizer; pretrain with train.py on a "
@@ -653,6 +654,7 @@ def answer_exact(model, checkable, run):
 
 
 def sft_method(cfg, run, init, train_records, val_records):
+    """The conversations as token ids and loss masks -> SFT's Method."""
     block_size = init.model.config.block_size
     train = tokenize_records(train_records, init.enc, block_size, cfg.data)
     val = tokenize_records(val_records, init.enc, block_size, "held-out") if val_records else []
