@@ -149,11 +149,11 @@ def check_config(cfg):
 
 
 # ===================================================================================================
-# Part 1: what the three methods share: records, tokens, batches, the loop, evaluation, checkpoints.
+# Part 1: what the three methods share: records, tokens, batches, evaluation, checkpoints, the loop.
 # ===================================================================================================
 
 # ---------------------------------------------------------------------------------------------------
-# Where this process runs, and what it starts from
+# Where this process runs, what it starts from, and what a method brings to the loop
 
 @dataclass
 class Run:
@@ -209,6 +209,15 @@ def load_init(cfg, device):
     enc = tokenizer_from_dict(init["tokenizer"])
     model = GPT.from_checkpoint(init, device)
     return Init(init, enc, model, chat_token_ids(enc, model.config.vocab_size, f"--init {cfg.init}")[END])
+
+
+class Method(NamedTuple):
+    """One method's part of the shared loop (built by sft_method, dpo_method, grpo_method)."""
+    train: list                    # the examples the steps draw from
+    val: list                      # the held-out examples (none: no evaluation)
+    step_loss: Callable            # (net, idx, step) -> (loss, {figure: sum over this rank's examples idx})
+    evaluate: Callable             # (rows: the log so far) -> {held-out figure: value}
+    init_is_reference: bool        # the --init weights stay part of the run (--resume checks them)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -393,61 +402,6 @@ def all_reduce_sums(sums, world):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The loop: a method brings its examples, its step's loss and its evaluation; the rest is shared.
-
-class Method(NamedTuple):
-    """One method's part of the shared loop (built by sft_method, dpo_method, grpo_method)."""
-    train: list                    # the examples the steps draw from
-    val: list                      # the held-out examples (none: no evaluation)
-    step_loss: Callable            # (net, idx, step) -> (loss, {figure: sum over this rank's examples idx})
-    evaluate: Callable             # (rows: the log so far) -> {held-out figure: value}
-    init_is_reference: bool        # the --init weights stay part of the run (--resume checks them)
-
-
-def learning_rate(step, cfg):
-    """Linear warmup to cfg.lr, then cosine or linear decay to cfg.lr * min_lr_ratio at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
-
-
-def train_step(run, method, model, net, optimizer, step):
-    """One optimizer step on this rank's share of the step's batch -> its log row."""
-    cfg, t0 = run.cfg, time.time()
-    lr = learning_rate(step, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    idx = batch_indices(step, len(method.train), cfg.batch_size, run.rank, run.world, cfg.seed)
-    with run.ctx:
-        loss, sums = method.step_loss(net, idx, step)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-    stats = {k: v / (len(idx) * run.world) for k, v in all_reduce_sums(sums, run.world).items()}
-    check_finite({"the loss": stats["loss"], "the gradient norm": float(grad_norm)}, step + 1, run.ckpt_path)
-    if float(grad_norm) > 0:  # no gradient (GRPO: every group scored alike): Adam's momentum alone must not move
-        optimizer.step()      # the weights, as it would for ~10 steps, again and again when signal is sparse
-    optimizer.zero_grad(set_to_none=True)
-    return {"step": step + 1, **stats, "lr": lr, "grad_norm": float(grad_norm), "dt_ms": 1000 * (time.time() - t0)}
-
-
-def train_loop(run, method, model, net, optimizer, start_step, save_at):
-    """Evaluate at step 0, then step; evaluate and save_at(step) every --eval-interval steps and after the last."""
-    cfg = run.cfg
-    if start_step == 0:
-        evaluate_and_log(run, method, 0)
-    for step in range(start_step, cfg.max_steps):
-        entry = train_step(run, method, model, net, optimizer, step)
-        run.say(f"step {step + 1}/{cfg.max_steps} | "
-                + " | ".join(f"{k} {v:.4g}" for k, v in entry.items() if k != "step"))
-        log_row(run, entry)
-        if step + 1 == cfg.max_steps or (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0):
-            evaluate_and_log(run, method, step + 1)
-            save_at(step + 1)
-
-
-# ---------------------------------------------------------------------------------------------------
 # Evaluation plumbing and the log
 
 @contextmanager
@@ -570,6 +524,52 @@ def write_checkpoint(run, init, made, model, optimizer, step):
                         train_config=asdict(cfg), step=step, optimizer=optimizer.state_dict(),
                         data_position=step * cfg.batch_size * run.world, init=cfg.init, log=run.rows,
                         made_from=made)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop: a method brings its examples, its step's loss and its evaluation; the rest is shared.
+
+def learning_rate(step, cfg):
+    """Linear warmup to cfg.lr, then cosine or linear decay to cfg.lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
+
+
+def train_step(run, method, model, net, optimizer, step):
+    """One optimizer step on this rank's share of the step's batch -> its log row."""
+    cfg, t0 = run.cfg, time.time()
+    lr = learning_rate(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    idx = batch_indices(step, len(method.train), cfg.batch_size, run.rank, run.world, cfg.seed)
+    with run.ctx:
+        loss, sums = method.step_loss(net, idx, step)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+    stats = {k: v / (len(idx) * run.world) for k, v in all_reduce_sums(sums, run.world).items()}
+    check_finite({"the loss": stats["loss"], "the gradient norm": float(grad_norm)}, step + 1, run.ckpt_path)
+    if float(grad_norm) > 0:  # no gradient (GRPO: every group scored alike): Adam's momentum alone must not move
+        optimizer.step()      # the weights, as it would for ~10 steps, again and again when signal is sparse
+    optimizer.zero_grad(set_to_none=True)
+    return {"step": step + 1, **stats, "lr": lr, "grad_norm": float(grad_norm), "dt_ms": 1000 * (time.time() - t0)}
+
+
+def train_loop(run, method, model, net, optimizer, start_step, save_at):
+    """Evaluate at step 0, then step; evaluate and save_at(step) every --eval-interval steps and after the last."""
+    cfg = run.cfg
+    if start_step == 0:
+        evaluate_and_log(run, method, 0)
+    for step in range(start_step, cfg.max_steps):
+        entry = train_step(run, method, model, net, optimizer, step)
+        run.say(f"step {step + 1}/{cfg.max_steps} | "
+                + " | ".join(f"{k} {v:.4g}" for k, v in entry.items() if k != "step"))
+        log_row(run, entry)
+        if step + 1 == cfg.max_steps or (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0):
+            evaluate_and_log(run, method, step + 1)
+            save_at(step + 1)
 
 
 # ===================================================================================================
