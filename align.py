@@ -26,38 +26,41 @@ val_accuracy (chosen reward > rejected reward, a tie counts half), val_margin, v
 val_rejected_reward, and val_logp_accuracy (log pi(chosen) > log pi(rejected): no reference involved,
 so at step 0 it is the init model's own preference accuracy). GRPO val_accuracy: the greedy answer earns
 the reward (per "task" too); val_pass@1 and val_pass@G: of G answers sampled at --temperature, the share
-right and whether any is.
+right and whether any is; val_gained, val_lost, val_change_se: greedy answers that flipped since step 0.
 
-Chat template (tokenize_data.render_conversation, the tokenizer's chat contract, which sample.py's chat
-calls too): [<|endoftext|>] + per message [<|role|>] + content + [<|end|>]. Loss only
-on assistant content and its <|end|>. A conversation longer than the block loses its oldest context
-tokens (never a supervised one); if its supervised part alone does not fit, it is dropped and counted.
-DPO: the frozen reference is the --init model; its log-probs for every held-out pair and every training
-pair the run will visit (max_steps x batch x ranks of them, a fixed sample) are computed once up front,
-so no second model is kept. loss = -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), log-probs
-summed over response tokens.
-GRPO (on-policy RL, as Dr. GRPO and nanochat's chat_rl simplify it): each step takes --batch-size
-prompts, samples --group-size answers to each with the KV cache (an answer ends at <|end|> or after
---max-new-tokens tokens: cut off, it earns nothing), scores them with reward() (1 for the exact answer,
-else 0), and takes advantage = reward - its group's mean (not divided by the group's std: see
-group_advantages). The loss, -(1/N) sum over answers and their tokens of advantage * log pi(token),
-raises the log-probs of answers that beat their group and lowers the rest; prompt tokens are not
-trained; pi is softmax(logits / --temperature), what the answers were drawn from. One update per batch
-of fresh samples, so no importance ratio or clipping. The default temperature is 0.5, not 1: what is
-scored is the greedy answer, and at T=0.5 a group's samples are the few answers greedy decoding weighs,
-so the update settles the contests it decides. At T=1 most samples of this small model were names not
-among the options; RL raised its sampled accuracy but not the greedy one (README: RL). Each prompt
-runs once for its G answers, in sampling and in the loss (model.PrefixCache), not G times. --beta > 0
-adds a per-token KL(pi || init) estimate (a frozen copy of --init is kept). Each prompt's samples
-follow from (--seed, step, prompt), so a resumed run, or a run on another number of ranks, draws exactly what the uninterrupted one did.
-Every method evaluates before the first step and after the last (and every
---eval-interval steps, saving a checkpoint each time). Prints one line per step and per eval; writes
-OUT/log.jsonl and OUT/ckpt.pt (self-contained: weights, tokenizer, "stage", train_config, and the log up
-to its step, so --resume rewrites log.jsonl as that run's: each step once, however often it was killed;
-and sha256 fingerprints of --data, --val-data and, where it is the reference, the --init model's weights,
-so --resume refuses other inputs). --out-dir may not hold an input: its ckpt.pt is never the --init.
-A loss, gradient or weight that becomes nan/inf stops the run before it is saved: the checkpoint on disk
-stays the last good one. Under torchrun, a rank that dies stops the others with one sentence.
+Every method evaluates before the first step and after the last (and every --eval-interval steps, saving
+a checkpoint each time). Prints one line per step and per eval; writes OUT/log.jsonl and OUT/ckpt.pt
+(weights, tokenizer, "stage", train_config, the log up to its step, and sha256 fingerprints of its inputs).
+
+Design choices:
+- Chat template (tokenize_data.render_conversation, the tokenizer's chat contract, which sample.py's chat
+  calls too): [<|endoftext|>] + per message [<|role|>] + content + [<|end|>]. The loss sees only assistant
+  content and its <|end|>: the model learns to answer and to stop, not to write the user's turns.
+- A conversation longer than the block loses its oldest context tokens, never a supervised one; one whose
+  supervised part alone does not fit is dropped and counted: a cut answer would teach a wrong one.
+- One loop for the three methods: a method brings its examples, its step's loss and its evaluation.
+  Batches follow from (--seed, step) alone, so a resumed run trains on what the uninterrupted one did.
+- DPO: loss = -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), log-probs summed over response
+  tokens. The reference is the --init model, scored once up front on the held-out pairs and on the pairs
+  the run will visit (max_steps x batch x ranks, a fixed sample), so no second model is kept.
+- GRPO (on-policy RL, as Dr. GRPO and nanochat's chat_rl simplify it): each step samples --group-size
+  answers to each of --batch-size prompts (an answer ends at <|end|>, or is cut off after --max-new-tokens
+  and earns nothing), scores them with reward() (1 for the exact answer, else 0), and takes advantage =
+  reward - its group's mean (not divided by the group's std: see group_advantages). The loss, -(1/N) sum
+  over answers and their tokens of advantage * log pi(token), with pi = softmax(logits / --temperature)
+  (what the answers were drawn from), raises the answers that beat their group and lowers the rest. One
+  update per batch of fresh samples, so no importance ratio or clipping. --beta > 0 adds a per-token
+  KL(pi || init) estimate against a frozen copy of --init.
+- GRPO's default temperature is 0.5: what is scored is the greedy answer, and at T=0.5 a group's samples
+  are the few answers greedy decoding weighs, so the update settles the contests it decides.
+- Each prompt runs once for its G answers, in sampling and in the loss (KV cache, model.PrefixCache), not
+  G times. Its samples follow from (--seed, step, prompt): a resumed run, or one on another number of
+  ranks, draws exactly what the uninterrupted one did.
+- The checkpoint carries the log, so --resume rewrites log.jsonl as that run's (each step once, however
+  often it was killed), and fingerprints of --data, --val-data and, where it is the reference, the --init
+  weights, so --resume refuses other inputs. --out-dir may not hold an input: it would be overwritten.
+- A loss, gradient or weight that becomes nan/inf stops the run before it is saved: the checkpoint on
+  disk stays the last good one. Under torchrun, a rank that dies stops the others with one sentence.
 """
 
 import hashlib
@@ -66,9 +69,9 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
-from typing import Literal
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -109,6 +112,114 @@ class AlignConfig:
     resume: bool = False           # continue from OUT/ckpt.pt when it exists (same method)
 
 
+def check_config(cfg):
+    """Refuse bad flags with one sentence each; fill in the method's defaults (-1 or 0) -> cfg."""
+    for flag, value in (("--init", cfg.init), ("--data", cfg.data), ("--out-dir", cfg.out_dir)):
+        if not value:
+            raise SystemExit(f"{flag} is required (see `python align.py --help`).")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise SystemExit(f"--out-dir {cfg.out_dir} is a file; pass a folder for ckpt.pt and log.jsonl.")
+    for flag, path in (("--init", cfg.init), ("--data", cfg.data), ("--val-data", cfg.val_data)):
+        for name in ("ckpt.pt", "log.jsonl"):  # an input is never overwritten, however it is spelled
+            if path and same_file(path, os.path.join(cfg.out_dir, name)):
+                raise SystemExit(f"{flag} {path} is the {name} that --out-dir {cfg.out_dir} would overwrite; "
+                                 "pass another --out-dir.")
+    if not 0 <= cfg.eval_fraction < 1:
+        raise SystemExit(f"--eval-fraction {cfg.eval_fraction}: must be in [0, 1).")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise SystemExit(f"--min-lr-ratio {cfg.min_lr_ratio}: must be in [0, 1].")
+    if cfg.eval_max < 1:
+        raise SystemExit(f"--eval-max {cfg.eval_max}: must be at least 1.")
+    if cfg.method == "grpo" and (cfg.group_size < 2 or cfg.max_new_tokens < 1 or cfg.temperature <= 0):
+        raise SystemExit("--group-size must be at least 2 (advantages are relative to the group), --max-new-tokens "
+                         "at least 1 and --temperature positive (equal samples teach nothing).")
+    for flag in ("batch_size", "lr", "eval_interval", "warmup_steps", "weight_decay", "grad_clip"):
+        if getattr(cfg, flag) < 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must not be negative.")
+    # Defaults (-1 / 0), measured on the demo data with the pipeline's CPU model.
+    defaults = {"sft": (300, 16, 1e-3, 0.1), "dpo": (100, 8, 3e-4, 0.1), "grpo": (40, 32, 2e-4, 0.0)}[cfg.method]
+    if cfg.max_steps < -1 or (cfg.beta < 0 and cfg.beta != -1):
+        raise SystemExit("--max-steps and --beta take -1 (the method's default) or a value >= 0.")
+    cfg.max_steps = defaults[0] if cfg.max_steps == -1 else cfg.max_steps
+    cfg.batch_size, cfg.lr = cfg.batch_size or defaults[1], cfg.lr or defaults[2]
+    cfg.beta = defaults[3] if cfg.beta == -1 else cfg.beta
+    if cfg.method == "dpo" and cfg.beta == 0:
+        raise SystemExit("--beta 0: DPO needs a positive beta (its loss is flat without one).")
+    return cfg
+
+
+# ===================================================================================================
+# Part 1: what the three methods share: records, tokens, batches, evaluation, checkpoints, the loop.
+# ===================================================================================================
+
+# ---------------------------------------------------------------------------------------------------
+# Where this process runs, what it starts from, and what a method brings to the loop
+
+@dataclass
+class Run:
+    """What every piece of the loop shares: the flags, this process's place, its files and the log so far."""
+    cfg: AlignConfig
+    device: str
+    distributed: bool              # launched by torchrun: data parallel over all ranks
+    rank: int                      # this process among `world` ranks (0 of 1 without torchrun)
+    world: int
+    ctx: object                    # bfloat16 autocast, or nothing
+    ckpt_path: str
+    log_path: str
+    rows: list = field(default_factory=list)  # the log so far: the checkpoint carries it
+
+    def say(self, text):
+        """Print once (on rank 0)."""
+        if self.rank == 0:
+            print(text)
+
+
+def start_run(cfg):
+    """Pick the device, join the torchrun ranks (data parallel) when launched by torchrun, seed -> Run."""
+    device = pick_device(cfg.device)
+    distributed = "RANK" in os.environ
+    if distributed:
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.startswith("cuda"))
+    # Weights and optimizer stay float32; autocast runs the matmuls in bf16 (log-probs are summed in fp32).
+    ctx = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
+    torch.manual_seed(cfg.seed + rank)
+    return Run(cfg, device, distributed, rank, world, ctx, os.path.join(cfg.out_dir, "ckpt.pt"),
+               os.path.join(cfg.out_dir, "log.jsonl"))
+
+
+class Init(NamedTuple):
+    """The --init checkpoint, its tokenizer, the model built from it, and the id of <|end|>."""
+    ckpt: dict
+    enc: object
+    model: GPT
+    end_id: int
+
+
+def load_init(cfg, device):
+    """-> Init. The init checkpoint carries the tokenizer; the chat tokens must be in it."""
+    init = read_checkpoint(cfg.init, "--init")
+    if not init.get("tokenizer"):
+        raise SystemExit(f"--init {cfg.init}: the checkpoint carries no tokenizer; pretrain with train.py on a "
+                         "data dir from tokenize_data.py so that it does.")
+    enc = tokenizer_from_dict(init["tokenizer"])
+    model = GPT.from_checkpoint(init, device)
+    return Init(init, enc, model, chat_token_ids(enc, model.config.vocab_size, f"--init {cfg.init}")[END])
+
+
+class Method(NamedTuple):
+    """One method's part of the shared loop (built by sft_method, dpo_method, grpo_method)."""
+    train: list                    # the examples the steps draw from
+    val: list                      # the held-out examples (none: no evaluation)
+    step_loss: Callable            # (net, idx, step) -> (loss, {figure: sum over this rank's examples idx})
+    evaluate: Callable             # (rows: the log so far) -> {held-out figure: value}
+    init_is_reference: bool        # the --init weights stay part of the run (--resume checks them)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Reading JSONL: every record becomes messages; bad lines are reported by number and skipped.
 
@@ -122,67 +233,18 @@ def as_messages(value, role):
     return None
 
 
-def parse_record(obj, method):
-    """-> (record, None) or (None, why): record = {"context": messages, "answers": [messages, ...]}.
-    SFT has one answer (the context's assistant turns are supervised too); DPO has chosen, rejected."""
-    if not isinstance(obj, dict):
-        return None, "not a JSON object"
-    if method == "grpo":  # a prompt and what the reward needs: the answer
-        if not isinstance(obj.get("answer"), str) or not obj["answer"].strip():
-            return None, "no 'answer' string"
-        key = "messages" if "messages" in obj else "prompt" if "prompt" in obj else None
-        prompt = as_messages(obj[key], "user") if key else None
-        if prompt is None or (key == "messages" and isinstance(obj[key], str)):
-            return None, "needs 'prompt' (a string or a list of messages) or 'messages' (a list of messages)"
-        if prompt[-1]["role"] == "assistant":
-            return None, "the prompt ends with an assistant message; end it with the user's question"
-        return {"context": prompt, "answer": obj["answer"], "task": str(obj.get("task", "answer"))}, None
-    if method == "dpo":
-        for key in ("prompt", "chosen", "rejected"):
-            if key not in obj:
-                return None, f"no '{key}' field"
-        prompt, chosen, rejected = (as_messages(obj["prompt"], "user"), as_messages(obj["chosen"], "assistant"),
-                                    as_messages(obj["rejected"], "assistant"))
-        if prompt is None or chosen is None or rejected is None:
-            return None, "'prompt', 'chosen' and 'rejected' must be strings or lists of messages"
-        for answer in (chosen, rejected):
-            if not any(m["role"] == "assistant" and m["content"].strip() for m in answer):
-                return None, "empty response"
-        if chosen == rejected:
-            return None, "chosen equals rejected"
-        return {"context": prompt, "answers": [chosen, rejected], "task": str(obj.get("task", "pair"))}, None
-    if "messages" in obj:
-        messages = as_messages(obj["messages"], "user")
-        if messages is None or isinstance(obj["messages"], str):
-            return None, "'messages' must be a list of {'role': system|user|assistant, 'content': string}"
-    elif "prompt" in obj and "response" in obj:
-        messages = as_messages(obj["prompt"], "user")
-        if messages is None or not isinstance(obj["response"], str):
-            return None, "'prompt' and 'response' must be strings"
-        messages = messages + [{"role": "assistant", "content": obj["response"]}]
-    else:
-        return None, "needs 'messages', or 'prompt' and 'response'"
-    assistant = [m for m in messages if m["role"] == "assistant"]
-    if not assistant or not all(m["content"].strip() for m in assistant):
-        return None, "no assistant message" if not assistant else "empty response"
-    record = {"context": [], "answers": [messages]}
-    options = obj.get("options")
-    if (isinstance(options, list) and all(isinstance(o, str) for o in options) and len(set(options)) >= 2
-            and messages[-1]["role"] == "assistant" and messages[-1]["content"] in options):
-        record.update(options=options, task=str(obj.get("task", "answer")))
-    return record, None
-
-
 def held_out(key, fraction):
     """Deterministic split: the same group lands on the same side in every run and every file."""
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) / 2**32 < fraction
 
 
 def read_records(path, method, flag):
-    """-> [(record, group)]; prints the skipped lines (numbered); exits when nothing is usable."""
+    """-> [(record, group)]; prints the skipped lines (numbered); exits when nothing is usable.
+    The method's reader (sft_record, dpo_record, grpo_record) turns a line's object into a record."""
     if not os.path.isfile(path):
         what = "a folder" if os.path.isdir(path) else "no such file"
         raise SystemExit(f"{flag} {path}: {what}; pass a JSONL file (see align.py's docstring).")
+    parse = {"sft": sft_record, "dpo": dpo_record, "grpo": grpo_record}[method]
     records, bad, n_lines = [], [], 0
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is one bad line, not the end of the file
         for line_no, raw in enumerate(f, 1):
@@ -198,7 +260,7 @@ def read_records(path, method, flag):
             except json.JSONDecodeError:
                 bad.append(f"line {line_no}: not valid JSON")
                 continue
-            record, why = parse_record(obj, method)
+            record, why = parse(obj) if isinstance(obj, dict) else (None, "not a JSON object")
             if why:
                 bad.append(f"line {line_no}: {why}")
                 continue
@@ -211,6 +273,21 @@ def read_records(path, method, flag):
                 "sft": '{"messages": [...]} or {"prompt", "response"}'}[method]
         raise SystemExit(f"{flag} {path}: no usable {method.upper()} examples; each line needs {want}.")
     return records
+
+
+def read_split(cfg):
+    """-> (train, held-out) [(record, group)]: --val-data, or the groups of --data in --eval-fraction;
+    the held-out ones in a fixed shuffle, capped at --eval-max (so not just the first lines are scored)."""
+    records = read_records(cfg.data, cfg.method, "--data")
+    if cfg.val_data:
+        train_records, val_records = records, read_records(cfg.val_data, cfg.method, "--val-data")
+    else:
+        train_records = [r for r in records if not held_out(r[1], cfg.eval_fraction)]
+        val_records = [r for r in records if held_out(r[1], cfg.eval_fraction)]
+        if not train_records:
+            raise SystemExit(f"--eval-fraction {cfg.eval_fraction} held out every group of {cfg.data}; lower it.")
+    random.Random(cfg.seed).shuffle(val_records)
+    return train_records, val_records[:cfg.eval_max]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,25 +343,20 @@ def tokenize_records(records, enc, block_size, where):
     return examples
 
 
-def tokenize_questions(records, enc, block_size, max_new_tokens, where):
-    """[(record, group)] -> GRPO examples {"prompt": ids ending in <|assistant|>, "answer", "group", "task"};
-    a prompt that leaves no room for max_new_tokens of answer in the block is dropped and counted."""
-    examples = []
-    for record, group in records:
-        ids, _ = render_conversation(enc, record["context"], add_generation_prompt=True)
-        if len(ids) + max_new_tokens <= block_size:
-            examples.append({"prompt": ids, "answer": record["answer"], "group": group, "task": record["task"]})
-    if len(examples) < len(records):
-        print(f"{where}: {len(records) - len(examples)} prompts dropped: with --max-new-tokens {max_new_tokens} "
-              f"they do not fit in block_size={block_size} (shorten them)")
-    if not examples:
-        raise SystemExit(f"{where}: no prompt leaves room for --max-new-tokens {max_new_tokens} in "
-                         f"block_size={block_size} tokens; shorten the prompts or lower --max-new-tokens.")
-    return examples
-
-
 # ---------------------------------------------------------------------------------------------------
-# Batches, log-probs and the SFT and DPO losses
+# Batches and log-probs; data parallel: every rank takes a strided share, sums are added across ranks.
+
+def batch_indices(step, n, batch_size, rank, world, seed):
+    """This rank's examples for a step: a fresh permutation of all n each epoch, so any step (and a
+    resumed run) finds its batch from (seed, step) alone."""
+    per_step = batch_size * world
+    out = []
+    for i in range(step * per_step + rank, (step + 1) * per_step, world):
+        epoch, pos = divmod(i, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        out.append(int(perm[pos]))
+    return out
+
 
 def pad_batch(seqs, device):
     """[(inputs, targets)] -> x, y (B, T_max): inputs padded with 0, targets with -1 (ignored)."""
@@ -306,6 +378,311 @@ def sequence_logprobs(model, x, y):
     return token_logprobs(model, x, y).sum(dim=1)
 
 
+@torch.no_grad()
+def logprobs_of(model, seqs, run, batch_size):
+    """Summed log-probs of every sequence (N,), each rank computing a strided share."""
+    out = torch.zeros(len(seqs), device=run.device)
+    mine = list(range(run.rank, len(seqs), run.world))
+    for k in range(0, len(mine), batch_size):
+        chunk = mine[k:k + batch_size]
+        with run.ctx:
+            out[chunk] = sequence_logprobs(model, *pad_batch([seqs[i] for i in chunk], run.device)).float()
+    if run.world > 1:
+        dist.all_reduce(out)
+    return out
+
+
+def all_reduce_sums(sums, world):
+    """{name: scalar tensor} summed over ranks -> {name: float}."""
+    names = sorted(sums)
+    stacked = torch.stack([sums[k].detach().float() for k in names])
+    if world > 1:
+        dist.all_reduce(stacked)
+    return dict(zip(names, stacked.tolist()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation plumbing and the log
+
+@contextmanager
+def eval_mode(model):
+    """model.eval() inside, its former mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def evaluate_and_log(run, method, step):
+    """The method's held-out figures: printed, checked finite, logged (text values are logged only)."""
+    if method.val:
+        metrics = method.evaluate(run.rows)
+        numbers = {k: v for k, v in metrics.items() if not isinstance(v, str)}
+        run.say(f"eval step {step}: " + " | ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
+        check_finite(numbers, step, run.ckpt_path)
+        log_row(run, {"step": step, **metrics})
+
+
+def check_finite(figures, step, ckpt_path):
+    """Stop on nan/inf before anything is saved, so the checkpoint on disk is the last good one."""
+    for name, value in figures.items():
+        if not math.isfinite(value):
+            kept = f"{ckpt_path} is kept" if os.path.isfile(ckpt_path) else "no checkpoint was written"
+            raise SystemExit(f"{name} became {value} at step {step}; stopping ({kept}). Lower --lr.")
+
+
+def log_row(run, entry):
+    """The row joins the log in memory (the checkpoint's copy) and, on rank 0, log.jsonl."""
+    run.rows.append(entry)
+    if run.rank == 0:
+        with open(run.log_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def write_log(path, rows):
+    """log.jsonl := rows, written to a temporary name and renamed into place."""
+    with open(f"{path}.tmp{os.getpid()}", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(f"{path}.tmp{os.getpid()}", path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: what a run is made from, resuming, saving
+
+def same_file(a, b):
+    """Whether paths a and b name one file: relative or absolute, through symlinks, or hard-linked."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def fingerprint(paths=(), tensors=None):
+    """sha256 of the files' bytes and of {name: tensor}'s values: what a run was made from, so --resume
+    can tell the same inputs from others (a copied or renamed file is the same; an edited one is not)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    for name, t in sorted((tensors or {}).items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def made_from(cfg, init, method):
+    """Fingerprints of what the run is made from: the data, and the --init weights where they stay the
+    reference (DPO; GRPO's KL)."""
+    made = {"data": fingerprint([cfg.data]), "val_data": fingerprint([cfg.val_data] if cfg.val_data else [])}
+    if method.init_is_reference:
+        made["init"] = fingerprint(tensors=init.ckpt["model"])
+    return made
+
+
+def resume_or_start(run, init, made, model, optimizer):
+    """--resume: load OUT/ckpt.pt (same method, shape and inputs) and its log -> its step; else step 0.
+    Rank 0 then rewrites log.jsonl from the log kept so far, so it is always one run's."""
+    cfg, ckpt_path, start_step = run.cfg, run.ckpt_path, 0
+    if cfg.resume and os.path.isfile(ckpt_path):
+        state = load_checkpoint(ckpt_path)
+        if state.get("stage") != cfg.method or state["model_config"] != init.ckpt["model_config"]:
+            raise SystemExit(f"--resume: {ckpt_path} (a {state.get('stage')} checkpoint) is not a {cfg.method} run "
+                             "from a model shaped as --init; pick another --out-dir or drop --resume.")
+        if "made_from" not in state:
+            raise SystemExit(f"--resume: {ckpt_path} was written by an older version of align.py (it does not record "
+                             "its data); drop --resume to start again, or pick another --out-dir.")
+        changed = [k for k in made if state["made_from"].get(k) != made[k]]
+        if changed:
+            now, then = (" and ".join(f"--{k.replace('_', '-')} {c[k] or '(none)'}" for k in changed)
+                         for c in (asdict(cfg), state["train_config"]))
+            raise SystemExit(f"--resume: {ckpt_path} was made from {then} as it was then, not from {now} as it is "
+                             "now; pass the inputs it was made from, or drop --resume to start again.")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, run.rows = state["step"], state.get("log", [])
+        run.say(f"resumed from {ckpt_path} at step {start_step}")
+    elif os.path.isfile(ckpt_path):
+        run.say(f"note: {ckpt_path} exists and will be replaced at the first checkpoint (log.jsonl starts over "
+                "now); pass --resume to continue from it instead.")
+    if run.rank == 0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        remove_stale_temporaries(ckpt_path)
+        remove_stale_temporaries(run.log_path)
+        write_log(run.log_path, run.rows)
+    return start_step
+
+
+def write_checkpoint(run, init, made, model, optimizer, step):
+    """OUT/ckpt.pt at `step` (rank 0), after checking that no weight became nan/inf."""
+    cfg = run.cfg
+    check_finite({"the largest weight": max(p.detach().abs().max().item() for p in model.parameters())},
+                 step, run.ckpt_path)
+    if run.rank == 0:
+        save_checkpoint(run.ckpt_path, model, tokenizer=init.ckpt["tokenizer"], stage=cfg.method,
+                        train_config=asdict(cfg), step=step, optimizer=optimizer.state_dict(),
+                        data_position=step * cfg.batch_size * run.world, init=cfg.init, log=run.rows,
+                        made_from=made)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop: a method brings its examples, its step's loss and its evaluation; the rest is shared.
+
+def learning_rate(step, cfg):
+    """Linear warmup to cfg.lr, then cosine or linear decay to cfg.lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
+
+
+def train_step(run, method, model, net, optimizer, step):
+    """One optimizer step on this rank's share of the step's batch -> its log row."""
+    cfg, t0 = run.cfg, time.time()
+    lr = learning_rate(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    idx = batch_indices(step, len(method.train), cfg.batch_size, run.rank, run.world, cfg.seed)
+    with run.ctx:
+        loss, sums = method.step_loss(net, idx, step)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+    stats = {k: v / (len(idx) * run.world) for k, v in all_reduce_sums(sums, run.world).items()}
+    check_finite({"the loss": stats["loss"], "the gradient norm": float(grad_norm)}, step + 1, run.ckpt_path)
+    if float(grad_norm) > 0:  # no gradient (GRPO: every group scored alike): Adam's momentum alone must not move
+        optimizer.step()      # the weights, as it would for ~10 steps, again and again when signal is sparse
+    optimizer.zero_grad(set_to_none=True)
+    return {"step": step + 1, **stats, "lr": lr, "grad_norm": float(grad_norm), "dt_ms": 1000 * (time.time() - t0)}
+
+
+def train_loop(run, method, model, net, optimizer, start_step, save_at):
+    """Evaluate at step 0, then step; evaluate and save_at(step) every --eval-interval steps and after the last."""
+    cfg = run.cfg
+    if start_step == 0:
+        evaluate_and_log(run, method, 0)
+    for step in range(start_step, cfg.max_steps):
+        entry = train_step(run, method, model, net, optimizer, step)
+        run.say(f"step {step + 1}/{cfg.max_steps} | "
+                + " | ".join(f"{k} {v:.4g}" for k, v in entry.items() if k != "step"))
+        log_row(run, entry)
+        if step + 1 == cfg.max_steps or (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0):
+            evaluate_and_log(run, method, step + 1)
+            save_at(step + 1)
+
+
+# ===================================================================================================
+# Part 2: SFT: learn the assistant's answers (cross-entropy on them and their <|end|>).
+# ===================================================================================================
+
+def sft_record(obj):
+    """-> (record, None) or (None, why): record = {"context": [], "answers": [messages]}, every assistant
+    turn supervised; with "options" holding the last answer, also "options" and "task" (scored)."""
+    if "messages" in obj:
+        messages = as_messages(obj["messages"], "user")
+        if messages is None or isinstance(obj["messages"], str):
+            return None, "'messages' must be a list of {'role': system|user|assistant, 'content': string}"
+    elif "prompt" in obj and "response" in obj:
+        messages = as_messages(obj["prompt"], "user")
+        if messages is None or not isinstance(obj["response"], str):
+            return None, "'prompt' and 'response' must be strings"
+        messages = messages + [{"role": "assistant", "content": obj["response"]}]
+    else:
+        return None, "needs 'messages', or 'prompt' and 'response'"
+    assistant = [m for m in messages if m["role"] == "assistant"]
+    if not assistant or not all(m["content"].strip() for m in assistant):
+        return None, "no assistant message" if not assistant else "empty response"
+    record = {"context": [], "answers": [messages]}
+    options = obj.get("options")
+    if (isinstance(options, list) and all(isinstance(o, str) for o in options) and len(set(options)) >= 2
+            and messages[-1]["role"] == "assistant" and messages[-1]["content"] in options):
+        record.update(options=options, task=str(obj.get("task", "answer")))
+    return record, None
+
+
+def sft_step_loss(net, train, idx, device):
+    """Mean cross-entropy per supervised token of examples idx, and its sum over them for the log."""
+    _, loss = net(*pad_batch([train[i]["seqs"][0] for i in idx], device))
+    return loss, {"loss": loss.detach() * len(idx)}
+
+
+@torch.no_grad()
+def evaluate_sft(model, cfg, val, run):
+    """val_loss (per supervised token); where options exist, val_answer_accuracy (overall and per task)
+    and val_answer_exact."""
+    with eval_mode(model):
+        seqs = [ex["seqs"][0] for ex in val]
+        logp = logprobs_of(model, seqs, run, 2 * cfg.batch_size)
+        n_tokens = sum(sum(t >= 0 for t in targets) for _, targets in seqs)
+        metrics = {"val_loss": -logp.sum().item() / n_tokens}
+        checkable = [ex for ex in val if "choices" in ex]
+        if checkable:
+            metrics.update(answer_accuracy(model, cfg, checkable, run))
+            metrics["val_answer_exact"] = answer_exact(model, checkable, run)
+    return metrics
+
+
+def answer_accuracy(model, cfg, checkable, run):
+    """The option whose summed log-prob (as the answer, with <|end|>) is highest is the model's pick."""
+    choices = [c for ex in checkable for c in ex["choices"]]
+    scores = logprobs_of(model, choices, run, 2 * cfg.batch_size).tolist()
+    right, k = {}, 0
+    for ex in checkable:
+        n = len(ex["choices"])
+        best = max(range(n), key=lambda j: scores[k + j])
+        right.setdefault(ex["task"], []).append(best == ex["answer"])
+        k += n
+    every = [r for rs in right.values() for r in rs]
+    metrics = {"val_answer_accuracy": sum(every) / len(every)}
+    for task, rs in sorted(right.items()):
+        metrics[f"val_answer_accuracy_{task}"] = sum(rs) / len(rs)
+    return metrics
+
+
+def answer_exact(model, checkable, run):
+    """Share of examples where greedy decoding writes the true answer's tokens and then <|end|>, nothing else."""
+    exact = torch.zeros(len(checkable), device=run.device)
+    for i in range(run.rank, len(checkable), run.world):
+        ex = checkable[i]
+        with run.ctx:
+            out = model.generate(torch.tensor([ex["prompt"]], device=run.device), len(ex["reply"]), temperature=0)
+        exact[i] = float(out[0, len(ex["prompt"]):].tolist() == ex["reply"])
+    if run.world > 1:
+        dist.all_reduce(exact)
+    return exact.mean().item()
+
+
+def sft_method(cfg, run, init, train_records, val_records):
+    """The conversations as token ids and loss masks -> SFT's Method."""
+    block_size = init.model.config.block_size
+    train = tokenize_records(train_records, init.enc, block_size, cfg.data)
+    val = tokenize_records(val_records, init.enc, block_size, "held-out") if val_records else []
+    return Method(train, val, lambda net, idx, step: sft_step_loss(net, train, idx, run.device),
+                  lambda rows: evaluate_sft(init.model, cfg, val, run), init_is_reference=False)
+
+
+# ===================================================================================================
+# Part 3: DPO: prefer the chosen answer to the rejected one, measured against the frozen --init model.
+# ===================================================================================================
+
+def dpo_record(obj):
+    """-> (record, None) or (None, why): record = {"context": prompt, "answers": [chosen, rejected], "task"}."""
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in obj:
+            return None, f"no '{key}' field"
+    prompt, chosen, rejected = (as_messages(obj["prompt"], "user"), as_messages(obj["chosen"], "assistant"),
+                                as_messages(obj["rejected"], "assistant"))
+    if prompt is None or chosen is None or rejected is None:
+        return None, "'prompt', 'chosen' and 'rejected' must be strings or lists of messages"
+    for answer in (chosen, rejected):
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in answer):
+            return None, "empty response"
+    if chosen == rejected:
+        return None, "chosen equals rejected"
+    return {"context": prompt, "answers": [chosen, rejected], "task": str(obj.get("task", "pair"))}, None
+
+
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
     """Sigmoid DPO loss per pair and the implicit rewards beta * log(pi / ref) of both answers."""
     chosen_reward = beta * (pi_chosen - ref_chosen)
@@ -320,8 +697,84 @@ def preference_stats(losses, chosen_reward, rejected_reward):
             "accuracy": wins.sum(), "margin": (chosen_reward - rejected_reward).sum()}
 
 
-# ---------------------------------------------------------------------------------------------------
-# GRPO: sample G answers per prompt, score each with the reward, move towards those that beat their group.
+def dpo_step_loss(net, cfg, train, ref_train, idx, device):
+    """Mean DPO loss of pairs idx against their reference log-probs, and sums of its figures for the log."""
+    x, y = pad_batch([s for i in idx for s in train[i]["seqs"]], device)  # chosen, rejected: rows 2k, 2k+1
+    logp = sequence_logprobs(net, x, y).view(-1, 2)
+    losses, cr, rr = dpo_loss(logp[:, 0], logp[:, 1], ref_train[idx, 0], ref_train[idx, 1], cfg.beta)
+    return losses.mean(), preference_stats(losses.detach(), cr.detach(), rr.detach())
+
+
+@torch.no_grad()
+def evaluate_dpo(model, cfg, val, ref_val, run):
+    """val_loss, val_accuracy (overall and per task), val_margin, the rewards, val_logp_accuracy (no reference)."""
+    with eval_mode(model):
+        seqs = [s for ex in val for s in ex["seqs"]]                     # chosen, rejected, chosen, ...
+        logp = logprobs_of(model, seqs, run, 2 * cfg.batch_size).view(-1, 2)
+        losses, cr, rr = dpo_loss(logp[:, 0], logp[:, 1], ref_val[:, 0], ref_val[:, 1], cfg.beta)
+        sums = preference_stats(losses, cr, rr)  # every rank holds all of logp: no reduce needed
+        metrics = {f"val_{k}": v.item() / len(val) for k, v in sums.items()}
+        metrics["val_logp_accuracy"] = (logp[:, 0] > logp[:, 1]).float().mean().item()
+        wins = (cr > rr).float() + 0.5 * (cr == rr).float()
+        for task in sorted({ex["task"] for ex in val} - {"pair"}):  # per kind of pair, when the data says
+            mine = torch.tensor([ex["task"] == task for ex in val], device=wins.device)
+            metrics[f"val_accuracy_{task}"] = wins[mine].mean().item()
+    return metrics
+
+
+def dpo_method(cfg, run, init, train_records, val_records):
+    """Tokenize the pairs, keep those the run will visit, score them and the held-out ones with the
+    reference (the init model, before any step) once: then only the policy remains."""
+    block_size, model = init.model.config.block_size, init.model
+    train = tokenize_records(train_records, init.enc, block_size, cfg.data)
+    val = tokenize_records(val_records, init.enc, block_size, "held-out") if val_records else []
+    n_visited = min(len(train), cfg.max_steps * cfg.batch_size * run.world)  # a fixed sample
+    keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:n_visited]
+    train = [train[i] for i in sorted(keep.tolist())]
+    t0, ref_val = time.time(), None
+    with eval_mode(model):
+        ref_train = logprobs_of(model, [s for ex in train for s in ex["seqs"]], run, 2 * cfg.batch_size).view(-1, 2)
+        if val:
+            ref_val = logprobs_of(model, [s for ex in val for s in ex["seqs"]], run, 2 * cfg.batch_size).view(-1, 2)
+    run.say(f"reference log-probs of {len(train) + len(val)} pairs in {time.time() - t0:.1f}s")
+    return Method(train, val, lambda net, idx, step: dpo_step_loss(net, cfg, train, ref_train, idx, run.device),
+                  lambda rows: evaluate_dpo(model, cfg, val, ref_val, run), init_is_reference=True)
+
+
+# ===================================================================================================
+# Part 4: GRPO: sample G answers per prompt, score each with the reward, move towards those that beat
+# their group.
+# ===================================================================================================
+
+def grpo_record(obj):
+    """-> (record, None) or (None, why): record = {"context": prompt, "answer": what the reward needs, "task"}."""
+    if not isinstance(obj.get("answer"), str) or not obj["answer"].strip():
+        return None, "no 'answer' string"
+    key = "messages" if "messages" in obj else "prompt" if "prompt" in obj else None
+    prompt = as_messages(obj[key], "user") if key else None
+    if prompt is None or (key == "messages" and isinstance(obj[key], str)):
+        return None, "needs 'prompt' (a string or a list of messages) or 'messages' (a list of messages)"
+    if prompt[-1]["role"] == "assistant":
+        return None, "the prompt ends with an assistant message; end it with the user's question"
+    return {"context": prompt, "answer": obj["answer"], "task": str(obj.get("task", "answer"))}, None
+
+
+def tokenize_questions(records, enc, block_size, max_new_tokens, where):
+    """[(record, group)] -> GRPO examples {"prompt": ids ending in <|assistant|>, "answer", "group", "task"};
+    a prompt that leaves no room for max_new_tokens of answer in the block is dropped and counted."""
+    examples = []
+    for record, group in records:
+        ids, _ = render_conversation(enc, record["context"], add_generation_prompt=True)
+        if len(ids) + max_new_tokens <= block_size:
+            examples.append({"prompt": ids, "answer": record["answer"], "group": group, "task": record["task"]})
+    if len(examples) < len(records):
+        print(f"{where}: {len(records) - len(examples)} prompts dropped: with --max-new-tokens {max_new_tokens} "
+              f"they do not fit in block_size={block_size} (shorten them)")
+    if not examples:
+        raise SystemExit(f"{where}: no prompt leaves room for --max-new-tokens {max_new_tokens} in "
+                         f"block_size={block_size} tokens; shorten the prompts or lower --max-new-tokens.")
+    return examples
+
 
 def reward(completion, answer, finished=True):
     """The reward, one place to edit: 1.0 when the answer ended by itself (<|end|>, not cut off at
@@ -430,29 +883,35 @@ def grpo_step_loss(net, model, cfg, train, idx, ref, enc, end_id, step, device):
 
 
 @torch.no_grad()
-def evaluate_answers(model, cfg, val, enc, end_id, device, rank, world):
-    """GRPO's held-out figures: val_accuracy (the greedy answer earns the reward), overall and per task;
-    val_pass@1 and val_pass@G from G samples per question at --temperature (pass@G: any of them right)."""
-    n, mine = cfg.group_size, list(range(rank, len(val), world))
+def evaluate_grpo(model, cfg, val, enc, end_id, run, rows):
+    """val_accuracy (the greedy answer earns the reward), overall and per task; val_pass@1 and val_pass@G
+    from G samples per question at --temperature (pass@G: any of them right); the change since step 0
+    (paired_change); val_right, the greedy verdict per question, which the next evals compare with."""
+    n, mine = cfg.group_size, list(range(run.rank, len(val), run.world))
     prompts, answers = [val[i]["prompt"] for i in mine], [val[i]["answer"] for i in mine]
-    right, hits = torch.zeros(len(val), device=device), torch.zeros(len(val), device=device)
-    if mine:
-        greedy = rollout(model, prompts, 1, cfg.max_new_tokens, 0.0, end_id)
-        right[mine] = torch.tensor(rewards_of(enc, *greedy, answers), device=device)
-        seeds = [cfg.seed + i for i in mine]  # the same draws at every eval, whatever the number of ranks
-        samples = rollout(model, prompts, n, cfg.max_new_tokens, cfg.temperature, end_id, seeds)
-        per_sample = torch.tensor(rewards_of(enc, *samples, [a for a in answers for _ in range(n)]), device=device)
-        hits[mine] = per_sample.view(len(mine), n).sum(dim=1)
-    if world > 1:
-        dist.all_reduce(right)
-        dist.all_reduce(hits)
-    metrics = {"val_accuracy": right.mean().item(), "val_pass@1": (hits / n).mean().item(),
-               f"val_pass@{n}": (hits > 0).float().mean().item()}
-    for task in sorted({ex["task"] for ex in val}):
-        of_task = torch.tensor([ex["task"] == task for ex in val], device=device)
-        metrics[f"val_accuracy_{task}"] = right[of_task].mean().item()
-    metrics["val_right"] = "".join("1" if r else "0" for r in right.tolist())  # per question: for paired_change
-    return metrics
+    right, hits = torch.zeros(len(val), device=run.device), torch.zeros(len(val), device=run.device)
+    with run.ctx:
+        if mine:
+            greedy = rollout(model, prompts, 1, cfg.max_new_tokens, 0.0, end_id)
+            right[mine] = torch.tensor(rewards_of(enc, *greedy, answers), device=run.device)
+            seeds = [cfg.seed + i for i in mine]  # the same draws at every eval, whatever the number of ranks
+            samples = rollout(model, prompts, n, cfg.max_new_tokens, cfg.temperature, end_id, seeds)
+            per_sample = torch.tensor(rewards_of(enc, *samples, [a for a in answers for _ in range(n)]),
+                                      device=run.device)
+            hits[mine] = per_sample.view(len(mine), n).sum(dim=1)
+        if run.world > 1:
+            dist.all_reduce(right)
+            dist.all_reduce(hits)
+        metrics = {"val_accuracy": right.mean().item(), "val_pass@1": (hits / n).mean().item(),
+                   f"val_pass@{n}": (hits > 0).float().mean().item()}
+        for task in sorted({ex["task"] for ex in val}):
+            of_task = torch.tensor([ex["task"] == task for ex in val], device=run.device)
+            metrics[f"val_accuracy_{task}"] = right[of_task].mean().item()
+    val_right = "".join("1" if r else "0" for r in right.tolist())
+    first = next((r["val_right"] for r in rows if "val_right" in r), None)  # step 0's (a resume keeps it)
+    if first is not None:
+        metrics.update(paired_change(first, val_right))
+    return {**metrics, "val_right": val_right}
 
 
 def paired_change(before, after):
@@ -466,358 +925,42 @@ def paired_change(before, after):
     return {"val_gained": gained, "val_lost": lost, "val_change_se": diff / se if se else 0.0}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data parallel helpers: every rank takes a strided share, sums are added across ranks.
-
-def all_reduce_sums(sums, world):
-    """{name: scalar tensor} summed over ranks -> {name: float}."""
-    names = sorted(sums)
-    stacked = torch.stack([sums[k].detach().float() for k in names])
-    if world > 1:
-        dist.all_reduce(stacked)
-    return dict(zip(names, stacked.tolist()))
-
-
-@torch.no_grad()
-def logprobs_of(model, seqs, device, rank, world, batch_size, ctx):
-    """Summed log-probs of every sequence (N,), each rank computing a strided share."""
-    out = torch.zeros(len(seqs), device=device)
-    mine = list(range(rank, len(seqs), world))
-    for k in range(0, len(mine), batch_size):
-        chunk = mine[k:k + batch_size]
-        with ctx:
-            out[chunk] = sequence_logprobs(model, *pad_batch([seqs[i] for i in chunk], device)).float()
-    if world > 1:
-        dist.all_reduce(out)
-    return out
+def grpo_method(cfg, run, init, train_records, val_records):
+    """The prompts; with --beta > 0, a frozen copy of the init model for the KL penalty."""
+    block_size, model = init.model.config.block_size, init.model
+    train = tokenize_questions(train_records, init.enc, block_size, cfg.max_new_tokens, cfg.data)
+    val = tokenize_questions(val_records, init.enc, block_size, cfg.max_new_tokens,
+                             "held-out") if val_records else []
+    ref = GPT.from_checkpoint(init.ckpt, run.device).eval().requires_grad_(False) if cfg.beta > 0 else None
+    return Method(train, val, lambda net, idx, step: grpo_step_loss(net, model, cfg, train, idx, ref, init.enc,
+                                                                    init.end_id, step, run.device),
+                  lambda rows: evaluate_grpo(model, cfg, val, init.enc, init.end_id, run, rows),
+                  init_is_reference=ref is not None)
 
 
-@torch.no_grad()
-def evaluate(model, cfg, val, ref_val, device, rank, world, ctx):
-    """Held-out figures: SFT val_loss (per supervised token), answer accuracy and exact answers where
-    options exist; DPO val_loss, val_accuracy, val_margin, rewards, val_logp_accuracy (no reference)."""
-    was_training = model.training
-    model.eval()
-    eb = 2 * cfg.batch_size
-    metrics = {}
-    if cfg.method == "dpo":
-        seqs = [s for ex in val for s in ex["seqs"]]                     # chosen, rejected, chosen, ...
-        logp = logprobs_of(model, seqs, device, rank, world, eb, ctx).view(-1, 2)
-        losses, cr, rr = dpo_loss(logp[:, 0], logp[:, 1], ref_val[:, 0], ref_val[:, 1], cfg.beta)
-        sums = preference_stats(losses, cr, rr)  # every rank holds all of logp: no reduce needed
-        metrics = {f"val_{k}": v.item() / len(val) for k, v in sums.items()}
-        metrics["val_logp_accuracy"] = (logp[:, 0] > logp[:, 1]).float().mean().item()
-        wins = (cr > rr).float() + 0.5 * (cr == rr).float()
-        for task in sorted({ex["task"] for ex in val} - {"pair"}):  # per kind of pair, when the data says
-            mine = torch.tensor([ex["task"] == task for ex in val], device=wins.device)
-            metrics[f"val_accuracy_{task}"] = wins[mine].mean().item()
-    else:
-        seqs = [ex["seqs"][0] for ex in val]
-        logp = logprobs_of(model, seqs, device, rank, world, eb, ctx)
-        n_tokens = sum(sum(t >= 0 for t in targets) for _, targets in seqs)
-        metrics["val_loss"] = -logp.sum().item() / n_tokens
-        checkable = [ex for ex in val if "choices" in ex]
-        if checkable:
-            choices = [c for ex in checkable for c in ex["choices"]]
-            scores = logprobs_of(model, choices, device, rank, world, eb, ctx).tolist()
-            right, k = {}, 0
-            for ex in checkable:
-                n = len(ex["choices"])
-                best = max(range(n), key=lambda j: scores[k + j])
-                right.setdefault(ex["task"], []).append(best == ex["answer"])
-                k += n
-            every = [r for rs in right.values() for r in rs]
-            metrics["val_answer_accuracy"] = sum(every) / len(every)
-            for task, rs in sorted(right.items()):
-                metrics[f"val_answer_accuracy_{task}"] = sum(rs) / len(rs)
-            # Exact: greedy decoding writes the true answer's tokens and then <|end|>, nothing else.
-            exact = torch.zeros(len(checkable), device=device)
-            for i in range(rank, len(checkable), world):
-                ex = checkable[i]
-                with ctx:
-                    out = model.generate(torch.tensor([ex["prompt"]], device=device), len(ex["reply"]), temperature=0)
-                exact[i] = float(out[0, len(ex["prompt"]):].tolist() == ex["reply"])
-            if world > 1:
-                dist.all_reduce(exact)
-            metrics["val_answer_exact"] = exact.mean().item()
-    model.train(was_training)
-    return metrics
-
-
-# ---------------------------------------------------------------------------------------------------
-# Training
-
-def learning_rate(step, cfg):
-    """Linear warmup to cfg.lr, then cosine or linear decay to cfg.lr * min_lr_ratio at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
-
-
-def batch_indices(step, n, batch_size, rank, world, seed):
-    """This rank's examples for a step: a fresh permutation of all n each epoch, so any step (and a
-    resumed run) finds its batch from (seed, step) alone."""
-    per_step = batch_size * world
-    out = []
-    for i in range(step * per_step + rank, (step + 1) * per_step, world):
-        epoch, pos = divmod(i, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        out.append(int(perm[pos]))
-    return out
-
-
-def step_loss(net, cfg, train, ref_train, idx, device):
-    """One step's loss on this rank's examples idx, and sums of its figures for the log."""
-    if cfg.method == "sft":
-        _, loss = net(*pad_batch([train[i]["seqs"][0] for i in idx], device))
-        return loss, {"loss": loss.detach() * len(idx)}
-    x, y = pad_batch([s for i in idx for s in train[i]["seqs"]], device)  # chosen, rejected: rows 2k, 2k+1
-    logp = sequence_logprobs(net, x, y).view(-1, 2)
-    losses, cr, rr = dpo_loss(logp[:, 0], logp[:, 1], ref_train[idx, 0], ref_train[idx, 1], cfg.beta)
-    return losses.mean(), preference_stats(losses.detach(), cr.detach(), rr.detach())
-
-
-def check_finite(figures, step, ckpt_path):
-    """Stop on nan/inf before anything is saved, so the checkpoint on disk is the last good one."""
-    for name, value in figures.items():
-        if not math.isfinite(value):
-            kept = f"{ckpt_path} is kept" if os.path.isfile(ckpt_path) else "no checkpoint was written"
-            raise SystemExit(f"{name} became {value} at step {step}; stopping ({kept}). Lower --lr.")
-
-
-def write_log(path, rows):
-    """log.jsonl := rows, written to a temporary name and renamed into place."""
-    with open(f"{path}.tmp{os.getpid()}", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(f"{path}.tmp{os.getpid()}", path)
-
-
-def same_file(a, b):
-    """Whether paths a and b name one file: relative or absolute, through symlinks, or hard-linked."""
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def fingerprint(paths=(), tensors=None):
-    """sha256 of the files' bytes and of {name: tensor}'s values: what a run was made from, so --resume
-    can tell the same inputs from others (a copied or renamed file is the same; an edited one is not)."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    for name, t in sorted((tensors or {}).items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def check_config(cfg):
-    for flag, value in (("--init", cfg.init), ("--data", cfg.data), ("--out-dir", cfg.out_dir)):
-        if not value:
-            raise SystemExit(f"{flag} is required (see `python align.py --help`).")
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise SystemExit(f"--out-dir {cfg.out_dir} is a file; pass a folder for ckpt.pt and log.jsonl.")
-    for flag, path in (("--init", cfg.init), ("--data", cfg.data), ("--val-data", cfg.val_data)):
-        for name in ("ckpt.pt", "log.jsonl"):  # an input is never overwritten, however it is spelled
-            if path and same_file(path, os.path.join(cfg.out_dir, name)):
-                raise SystemExit(f"{flag} {path} is the {name} that --out-dir {cfg.out_dir} would overwrite; "
-                                 "pass another --out-dir.")
-    if not 0 <= cfg.eval_fraction < 1:
-        raise SystemExit(f"--eval-fraction {cfg.eval_fraction}: must be in [0, 1).")
-    if not 0 <= cfg.min_lr_ratio <= 1:
-        raise SystemExit(f"--min-lr-ratio {cfg.min_lr_ratio}: must be in [0, 1].")
-    if cfg.eval_max < 1:
-        raise SystemExit(f"--eval-max {cfg.eval_max}: must be at least 1.")
-    if cfg.method == "grpo" and (cfg.group_size < 2 or cfg.max_new_tokens < 1 or cfg.temperature <= 0):
-        raise SystemExit("--group-size must be at least 2 (advantages are relative to the group), --max-new-tokens "
-                         "at least 1 and --temperature positive (equal samples teach nothing).")
-    for flag in ("batch_size", "lr", "eval_interval", "warmup_steps", "weight_decay", "grad_clip"):
-        if getattr(cfg, flag) < 0:
-            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must not be negative.")
-    # Defaults (-1 / 0), measured on the demo data with the pipeline's CPU model.
-    defaults = {"sft": (300, 16, 1e-3, 0.1), "dpo": (100, 8, 3e-4, 0.1), "grpo": (40, 32, 2e-4, 0.0)}[cfg.method]
-    if cfg.max_steps < -1 or (cfg.beta < 0 and cfg.beta != -1):
-        raise SystemExit("--max-steps and --beta take -1 (the method's default) or a value >= 0.")
-    cfg.max_steps = defaults[0] if cfg.max_steps == -1 else cfg.max_steps
-    cfg.batch_size, cfg.lr = cfg.batch_size or defaults[1], cfg.lr or defaults[2]
-    cfg.beta = defaults[3] if cfg.beta == -1 else cfg.beta
-    if cfg.method == "dpo" and cfg.beta == 0:
-        raise SystemExit("--beta 0: DPO needs a positive beta (its loss is flat without one).")
-    return cfg
-
+# ===================================================================================================
+# main: set up, let the method bring its part, run the shared loop.
+# ===================================================================================================
 
 def main(argv=None):
     cfg = check_config(parse_flags(AlignConfig, argv, __doc__))
-    device = pick_device(cfg.device)
-    distributed = "RANK" in os.environ  # launched by torchrun: data parallel over all ranks
-    if distributed:
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.startswith("cuda"))
-    # Weights and optimizer stay float32; autocast runs the matmuls in bf16 (log-probs are summed in fp32).
-    ctx = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
-    torch.manual_seed(cfg.seed + rank)
-    say = print if rank == 0 else (lambda *a, **k: None)
-
-    # The init checkpoint carries the tokenizer; the chat tokens must be in it.
-    init = read_checkpoint(cfg.init, "--init")
-    if not init.get("tokenizer"):
-        raise SystemExit(f"--init {cfg.init}: the checkpoint carries no tokenizer; pretrain with train.py on a "
-                         "data dir from tokenize_data.py so that it does.")
-    enc = tokenizer_from_dict(init["tokenizer"])
-    model = GPT.from_checkpoint(init, device)
-    block_size = model.config.block_size
-    end_id = chat_token_ids(enc, model.config.vocab_size, f"--init {cfg.init}")[END]
-
-    # Data: read, split by group, tokenize.
-    records = read_records(cfg.data, cfg.method, "--data")
-    if cfg.val_data:
-        train_records, val_records = records, read_records(cfg.val_data, cfg.method, "--val-data")
-    else:
-        train_records = [r for r in records if not held_out(r[1], cfg.eval_fraction)]
-        val_records = [r for r in records if held_out(r[1], cfg.eval_fraction)]
-        if not train_records:
-            raise SystemExit(f"--eval-fraction {cfg.eval_fraction} held out every group of {cfg.data}; lower it.")
-    # A fixed shuffle before capping, so the scored examples are not just the first lines of the file.
-    random.Random(cfg.seed).shuffle(val_records)
-    if cfg.method == "grpo":
-        train = tokenize_questions(train_records, enc, block_size, cfg.max_new_tokens, cfg.data)
-        val = tokenize_questions(val_records[:cfg.eval_max], enc, block_size, cfg.max_new_tokens,
-                                 "held-out") if val_records else []
-    else:
-        train = tokenize_records(train_records, enc, block_size, cfg.data)
-        val = tokenize_records(val_records[:cfg.eval_max], enc, block_size, "held-out") if val_records else []
-    if cfg.method == "dpo":  # only the pairs the run will visit need reference log-probs: a fixed sample
-        n_visited = min(len(train), cfg.max_steps * cfg.batch_size * world)
-        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:n_visited]
-        train = [train[i] for i in sorted(keep.tolist())]
-    say(f"{cfg.method}: {len(train)} training and {len(val)} held-out examples, block_size {block_size}, "
-        f"{world} rank(s), {cfg.max_steps} steps of {cfg.batch_size} per rank")
-
-    # DPO's frozen reference is the init model: score everything once, then only the policy remains.
-    ref_train = ref_val = None
-    if cfg.method == "dpo":
-        t0 = time.time()
-        model.eval()
-        ref_train = logprobs_of(model, [s for ex in train for s in ex["seqs"]], device, rank, world,
-                                2 * cfg.batch_size, ctx).view(-1, 2)
-        if val:
-            ref_val = logprobs_of(model, [s for ex in val for s in ex["seqs"]], device, rank, world,
-                                  2 * cfg.batch_size, ctx).view(-1, 2)
-        say(f"reference log-probs of {len(train) + len(val)} pairs in {time.time() - t0:.1f}s")
-    # GRPO's KL penalty needs the init model's per-token log-probs of fresh samples: a frozen copy.
-    ref_model = None
-    if cfg.method == "grpo" and cfg.beta > 0:
-        ref_model = GPT.from_checkpoint(init, device).eval().requires_grad_(False)
+    run = start_run(cfg)
+    init = load_init(cfg, run.device)
+    model = init.model
+    method = {"sft": sft_method, "dpo": dpo_method, "grpo": grpo_method}[cfg.method](cfg, run, init, *read_split(cfg))
+    run.say(f"{cfg.method}: {len(method.train)} training and {len(method.val)} held-out examples, block_size "
+            f"{model.config.block_size}, {run.world} rank(s), {cfg.max_steps} steps of {cfg.batch_size} per rank")
     model.train()
-
-    # The checkpoint carries the log up to its step: resuming rewrites log.jsonl from it, so the log is
-    # always one run's, each step once, however the runs before were killed.
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (0.9, 0.95), device.split(":")[0])
-    ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
-    start_step, rows = 0, []
-    # What the run is made from: the data, and the --init model where it stays the reference (DPO; GRPO's KL)
-    made_from = {"data": fingerprint([cfg.data]), "val_data": fingerprint([cfg.val_data] if cfg.val_data else [])}
-    if cfg.method == "dpo" or ref_model is not None:
-        made_from["init"] = fingerprint(tensors=init["model"])
-    if cfg.resume and os.path.isfile(ckpt_path):
-        state = load_checkpoint(ckpt_path)
-        if state.get("stage") != cfg.method or state["model_config"] != init["model_config"]:
-            raise SystemExit(f"--resume: {ckpt_path} (a {state.get('stage')} checkpoint) is not a {cfg.method} run "
-                             "from a model shaped as --init; pick another --out-dir or drop --resume.")
-        if "made_from" not in state:
-            raise SystemExit(f"--resume: {ckpt_path} was written by an older version of align.py (it does not record "
-                             "its data); drop --resume to start again, or pick another --out-dir.")
-        changed = [k for k in made_from if state["made_from"].get(k) != made_from[k]]
-        if changed:
-            now, then = (" and ".join(f"--{k.replace('_', '-')} {c[k] or '(none)'}" for k in changed)
-                         for c in (asdict(cfg), state["train_config"]))
-            raise SystemExit(f"--resume: {ckpt_path} was made from {then} as it was then, not from {now} as it is "
-                             "now; pass the inputs it was made from, or drop --resume to start again.")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_step, rows = state["step"], state.get("log", [])
-        say(f"resumed from {ckpt_path} at step {start_step}")
-    elif os.path.isfile(ckpt_path):
-        say(f"note: {ckpt_path} exists and will be replaced at the first checkpoint (log.jsonl starts over "
-            "now); pass --resume to continue from it instead.")
-    if rank == 0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        remove_stale_temporaries(ckpt_path)
-        remove_stale_temporaries(log_path)
-        write_log(log_path, rows)
-    net = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if distributed else model
-
-    def log(entry):
-        rows.append(entry)
-        if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-
-    def run_eval(step):
-        if val:
-            kept = {}
-            if cfg.method == "grpo":
-                with ctx:
-                    metrics = evaluate_answers(model, cfg, val, enc, end_id, device, rank, world)
-                kept["val_right"] = metrics.pop("val_right")
-                first = next((r["val_right"] for r in rows if "val_right" in r), None)  # step 0's (a resume keeps it)
-                if first is not None:
-                    metrics.update(paired_change(first, kept["val_right"]))
-            else:
-                metrics = evaluate(model, cfg, val, ref_val, device, rank, world, ctx)
-            say(f"eval step {step}: " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-            check_finite(metrics, step, ckpt_path)
-            log({"step": step, **metrics, **kept})
-
-    def save(step):
-        check_finite({"the largest weight": max(p.detach().abs().max().item() for p in model.parameters())},
-                     step, ckpt_path)
-        if rank == 0:
-            save_checkpoint(ckpt_path, model, tokenizer=init["tokenizer"], stage=cfg.method,
-                            train_config=asdict(cfg), step=step, optimizer=optimizer.state_dict(),
-                            data_position=step * cfg.batch_size * world, init=cfg.init, log=rows,
-                            made_from=made_from)
-
-    if start_step == 0:
-        run_eval(0)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (0.9, 0.95), run.device.split(":")[0])
+    made = made_from(cfg, init, method)
+    start_step = resume_or_start(run, init, made, model, optimizer)
+    net = DDP(model, device_ids=[run.device] if run.device.startswith("cuda") else None) if run.distributed else model
     t_start = time.time()
-    for step in range(start_step, cfg.max_steps):
-        t0 = time.time()
-        lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        idx = batch_indices(step, len(train), cfg.batch_size, rank, world, cfg.seed)
-        with ctx:
-            if cfg.method == "grpo":
-                loss, sums = grpo_step_loss(net, model, cfg, train, idx, ref_model, enc, end_id, step, device)
-            else:
-                loss, sums = step_loss(net, cfg, train, ref_train, idx, device)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-        stats = {k: v / (len(idx) * world) for k, v in all_reduce_sums(sums, world).items()}
-        check_finite({"the loss": stats["loss"], "the gradient norm": float(grad_norm)}, step + 1, ckpt_path)
-        if float(grad_norm) > 0:  # no gradient (GRPO: every group scored alike): Adam's momentum alone must not move
-            optimizer.step()      # the weights, as it would for ~10 steps, again and again when signal is sparse
-        optimizer.zero_grad(set_to_none=True)
-        entry = {"step": step + 1, **stats, "lr": lr, "grad_norm": float(grad_norm),
-                 "dt_ms": 1000 * (time.time() - t0)}
-        say(f"step {step + 1}/{cfg.max_steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in entry.items() if k != "step"))
-        log(entry)
-        last = step + 1 == cfg.max_steps
-        if last or (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0):
-            run_eval(step + 1)
-            save(step + 1)
-    say(f"{cfg.max_steps - start_step} steps in {time.time() - t_start:.1f}s; "
-        + (f"checkpoint {ckpt_path}" if cfg.max_steps else f"evaluated only (log {log_path})"))
-    if distributed:
+    train_loop(run, method, model, net, optimizer, start_step,
+               save_at=lambda step: write_checkpoint(run, init, made, model, optimizer, step))
+    run.say(f"{cfg.max_steps - start_step} steps in {time.time() - t_start:.1f}s; "
+            + (f"checkpoint {run.ckpt_path}" if cfg.max_steps else f"evaluated only (log {run.log_path})"))
+    if run.distributed:
         dist.destroy_process_group()
 
 

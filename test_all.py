@@ -3817,7 +3817,7 @@ def test_align_dpo_step_loss_uses_beta_and_the_reference():
                  {"seqs": [([7, 8], [8, 9]), ([7, 9, 9, 9], [-1, -1, 9, 10])]}]
     ref = torch.tensor([[-8.0, -7.0], [-9.5, -6.0]])
     cfg = types.SimpleNamespace(method="dpo", beta=0.7)
-    loss, sums = align.step_loss(model, cfg, train_set, ref, [0, 1], "cpu")
+    loss, sums = align.dpo_step_loss(model, cfg, train_set, ref, [0, 1], "cpu")
     want = []
     for ex, (ref_c, ref_r) in zip(train_set, ref.tolist()):
         pc, pr = (summed_logprob(model, *seq) for seq in ex["seqs"])
