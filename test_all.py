@@ -2774,7 +2774,7 @@ def train_command_message(argv):
     return result.stderr.strip()
 
 
-# ---- issue 12.2: a shard that disagrees with meta.json, a corrupted meta.json, an odd-sized shard
+# ---- a shard that disagrees with meta.json, a corrupted meta.json, an odd-sized shard
 
 def test_train_shard_cut_short_or_meta_corrupted_is_one_sentence(tmp_path):
     out = ["--out-dir", tmp_path / "out", *TRAIN_TINY, "--max-steps", "1"]
@@ -2805,7 +2805,7 @@ def test_train_shard_cut_short_or_meta_corrupted_is_one_sentence(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing was trained on any of them
 
 
-# ------- issue 12.4: after any kills and resumes, a log holds each step once, in order, of one run
+# ------- after any kills and resumes, a log holds each step once, in order, of one run
 
 KILL_AT_FIRST_SAVE = """
 import os, signal, sys
@@ -2842,7 +2842,7 @@ def test_train_log_of_fresh_run_killed_then_resumed_is_the_finished_runs(tmp_pat
     assert [r["step"] for r in log] == list(range(1, 9)) and log[:6] == second
 
 
-# --------- issue 12.5: the next run removes the temporaries a killed run left (only its own names)
+# --------- the next run removes the temporaries a killed run left (only its own names)
 
 KILL_MID_SAVE = """
 import os, signal, sys, torch
@@ -2875,7 +2875,7 @@ def test_train_next_run_removes_stale_temporaries_it_wrote(tmp_path):
     assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
 
 
-# ------------ issue 12: one sentence instead of a traceback, for every flag value that cannot work
+# ------------ one sentence instead of a traceback, for every flag value that cannot work
 
 def test_train_bad_flag_values_are_one_sentence(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # with it, --attn triton runs on the CPU (slowly)
@@ -3016,7 +3016,7 @@ def test_train_empty_or_short_val_shard_gets_a_hint_that_works(tmp_path):
     assert math.isfinite(log[-1]["val_loss"])
 
 
-# --- issue 12: torchrun killed while its ranks run on: the ranks stop, the last checkpoint stays good
+# --- torchrun killed while its ranks run on: the ranks stop, the last checkpoint stays good
 
 def process_state(pid):
     """'R', 'S', ... for a live process, None once it is gone (a zombie counts as gone)."""
@@ -3107,7 +3107,7 @@ def test_train_a_killed_rank_stops_the_other_with_one_sentence(tmp_path):
     assert load_checkpoint(str(out / "ckpt.pt"))["step"] % 5 == 0
 
 
-# ------ issue 13: every flag explained from one source; the flag and field agree; the closing line
+# ------ every flag explained from one source; the flag and field agree; the closing line
 
 def train_field_comments():
     """{field: its trailing comment}, read from train.py's source with the tokenizer (not train's regex)."""
@@ -3162,7 +3162,7 @@ def test_train_ends_with_steps_time_and_checkpoint_line(tmp_path, capsys):
     assert last.startswith("2 steps in ") and last.endswith(f"; checkpoint {out / 'ckpt.pt'}"), last
 
 
-# --- issue 13: bench/parallel.py measures bytes from outside train.py (no counters in production code)
+# --- bench/parallel.py measures bytes from outside train.py (no counters in production code)
 
 def test_train_bench_parallel_counts_the_bytes_of_a_two_stage_pipeline():
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "parallel.py"), "--steps", "1", "--micro", "2",

@@ -56,7 +56,7 @@ from flags import (config_parser, files_under, remove_stale_temporaries, stale_t
 # alternatives, so concatenating the chunks gives the text back. tiktoken applies the same pat_str
 # (fancy-regex in Rust) at encode time, and training splits with the same string via `regex`.
 PAT_STR = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-# ids right after the mergeable ranks, in this order (CONTRACTS.md); the first one separates documents
+# ids right after the mergeable ranks, in this order; the first one separates documents
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 TOKENIZER_FILE = "tokenizer.tiktoken"
 OUTPUT_FILES = [TOKENIZER_FILE, "special_tokens.json", "train.bin", "val.bin", "meta.json"]  # meta.json last
