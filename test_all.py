@@ -2679,6 +2679,121 @@ def test_train_muon_tp2_pp2_equals_one_process_and_resumes_in_one(tmp_path, byte
     assert_close_state(read_checkpoint(par)["model"], read_checkpoint(one)["model"], "resumed weights")
 
 
+# ------------------------------------------- train: on the road to a GPU node, rehearsed on the CPU
+# The plan (layout, micro-batch, accumulation, memory) against GPT-2 small's sizes written out and
+# against memory measured by torch's profiler; torch.compile against eager; bf16 and fp16 autocast
+# against fp32; two torchrun launchers as two nodes against one process.
+
+def plan_of(capsys, *flags):
+    """train.py --plan FLAGS -> (its printed lines, the plan: the JSON object on its last line)."""
+    train.main(["--plan", *map(str, flags)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    return lines, json.loads(lines[-1])
+
+
+def test_train_plan_fits_the_preset_to_any_gpu_count_at_the_same_tokens_per_step(capsys):
+    # GPT-2 small, written out: per block qkv, proj, fc, proj matrices and two norms; the tied embedding
+    C, V = 768, 50304
+    gpt2_params = 12 * (3 * C * C + C * C + 4 * C * C + 4 * C * C + 2 * C) + V * C + C
+    for gpus in (1, 2, 4, 8, 16):
+        lines, plan = plan_of(capsys, "--preset", "gpt2-124m", "--gpus", gpus, "--gpu-memory", 80)
+        assert (plan["dp"], plan["tp"], plan["pp"]) == (gpus, 1, 1) and plan["fits"], lines
+        assert plan["micro_batch"] == 16 and plan["micro_batch"] * plan["grad_accum"] * gpus * 1024 == 524_288
+        assert plan["tokens_per_step"] == 524_288 and plan["params"] == gpt2_params
+        assert plan["memory_gb"]["weights"] == pytest.approx(4 * gpt2_params / 2**30, abs=1e-3)  # fp32
+        assert plan["memory_gb"]["adamw"] == pytest.approx(8 * gpt2_params / 2**30, abs=1e-3)
+        assert plan["peak_memory_gb"] < 0.9 * 80
+    # 128 GPUs: a micro-batch of 4, no accumulation
+    _, plan = plan_of(capsys, "--preset", "gpt2-124m", "--gpus", 128, "--gpu-memory", 80)
+    assert (plan["micro_batch"], plan["grad_accum"], plan["tokens_per_step"]) == (4, 1, 524_288)
+    # one 8 GiB GPU: a smaller micro-batch, more accumulation, the same tokens per step
+    lines, plan = plan_of(capsys, "--preset", "gpt2-124m", "--gpus", 1, "--gpu-memory", 8)
+    assert plan["micro_batch"] < 16 and plan["micro_batch"] * plan["grad_accum"] * 1024 == 524_288
+    assert plan["fits"] and plan["peak_memory_gb"] <= 0.9 * 8
+    # a micro-batch given that does not fit: one sentence with one that does
+    lines, plan = plan_of(capsys, "--preset", "gpt2-124m", "--gpus", 1, "--gpu-memory", 8, "--batch-size", 16)
+    assert plan["micro_batch"] == 16 and plan["grad_accum"] == 32
+    assert re.search(r"--batch-size \d+ would fit", lines[-2]), lines
+    # 1 GiB: nothing fits, said in a sentence
+    lines, plan = plan_of(capsys, "--preset", "gpt2-124m", "--gpus", 1, "--gpu-memory", 1)
+    assert not plan["fits"] and lines[-2].startswith("plan: nothing fits") and lines[-2].endswith(".")
+    # tp and pp only when asked: then the layout is the one asked for
+    _, plan = plan_of(capsys, "--preset", "gpt2-124m", "--gpus", 8, "--gpu-memory", 80, "--tp", 2, "--pp", 2)
+    assert (plan["dp"], plan["tp"], plan["pp"], plan["grad_accum"]) == (2, 2, 2, 16)
+
+
+def test_train_plan_picks_tp_only_when_one_gpu_cannot_hold_the_model(capsys):
+    """A model whose weights and Adam state alone (16 bytes a parameter) overflow a 16 GiB GPU: data
+    parallel cannot run it, tensor parallel over 4 GPUs of the 8 can."""
+    model = ["--n-layer", 24, "--n-head", 16, "--n-embd", 2048, "--block-size", 1024, "--batch-size", 4]
+    _, plan = plan_of(capsys, *model, "--gpus", 8, "--gpu-memory", 16)
+    assert plan["params"] * 16 / 2**30 > 16
+    assert plan["fits"] and plan["tp"] > 1 and plan["dp"] * plan["tp"] * plan["pp"] == 8
+
+
+def test_train_plan_counts_epochs_and_says_when_the_data_is_too_small_for_the_preset(capsys, byte_data):
+    n_train = json.loads((byte_data / "meta.json").read_text())["train_tokens"]
+    lines, plan = plan_of(capsys, "--data-dir", byte_data, *TRAIN_TINY, "--max-steps", 100)
+    assert plan["epochs"] == pytest.approx(100 * 4 * 32 / n_train) and f"{n_train:,} training tokens" in lines[1]
+    assert not any("--corpus" in line for line in lines)
+    lines, plan = plan_of(capsys, "--data-dir", byte_data, "--preset", "gpt2-124m", "--gpus", 8)
+    assert plan["epochs"] > 100
+    assert any("--corpus" in line and line.endswith(".") for line in lines), lines
+
+
+def measured_peak_bytes(model, x, y):
+    """Peak bytes allocated above what was live before, over a forward and backward as train_step runs
+    them (the logits held until the backward), from the allocation events of torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        logits, loss = model(x, y)
+        loss.backward()
+        del logits
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("shape", [dict(n_layer=2, n_head=4, n_embd=64, vocab_size=256, block_size=64, batch=8),
+                                   dict(n_layer=3, n_head=2, n_embd=96, vocab_size=512, block_size=128, batch=4,
+                                        mlp="swiglu"),
+                                   dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, vocab_size=128, block_size=32,
+                                        batch=16, attn_impl="naive")])
+def test_train_plan_activation_memory_is_the_measured_peak(shape):
+    """CPU fp32: the plan's activations of a micro-batch against the peak the profiler sees over its forward
+    and backward (the gradients of the weights are allocated as the activations are freed: the peak is
+    the activations')."""
+    shape = dict(shape)
+    batch = shape.pop("batch")
+    config = GPTConfig(**shape)
+    torch.manual_seed(0)
+    model = GPT(config)
+    x = torch.randint(0, config.vocab_size, (batch, config.block_size))
+    measured = measured_peak_bytes(model, x, torch.roll(x, -1, 1))
+    estimate = train.activation_bytes(config, batch * config.block_size, 4, cuda=False)
+    print(f"{shape}: estimate {estimate / 2**20:.3f} MiB, measured {measured / 2**20:.3f} MiB")
+    assert abs(estimate - measured) <= 0.03 * measured, (estimate, measured)  # measured: within 2%
+
+
+def test_train_compiled_steps_equal_eager_and_resume_exactly(tmp_path, byte_data):
+    """--compile (inductor, on the CPU): 3 steps equal eager ones (fp32, loss to 1e-5); a compiled run
+    stopped at step 2 and resumed to 3 equals the uninterrupted compiled run exactly."""
+    tiny = ["--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--block-size", 16, "--batch-size", 2,
+            "--eval-interval", 0, "--eval-steps", 1, "--warmup-steps", 1]
+    eager = run_train(byte_data, tmp_path / "eager", *tiny, "--max-steps", 3)
+    compiled = run_train(byte_data, tmp_path / "compiled", *tiny, "--max-steps", 3, "--compile")
+    for a, b in zip(eager, compiled):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+    assert abs(eager[-1]["val_loss"] - compiled[-1]["val_loss"]) < 1e-5
+    run_train(byte_data, tmp_path / "resumed", *tiny, "--max-steps", 2, "--compile")
+    train.main(["--out-dir", str(tmp_path / "resumed"), "--resume", "--max-steps", "3"])
+    assert [r["loss"] for r in read_log(tmp_path / "resumed")] == [r["loss"] for r in compiled]
+    assert max_diff(weights(tmp_path / "resumed"), weights(tmp_path / "compiled")) == 0.0
+
+
 # ==================================================================================================
 # parallel: every dp x tp x pp layout of train.py equals one process (CPU, gloo)
 # ==================================================================================================

@@ -459,18 +459,25 @@ def activation_bytes(c, tokens, a, cuda, tp=1, n_layer=None, head=True):
     return tokens * ((c.n_layer if n_layer is None else n_layer) * block + (head_bytes if head else 0))
 
 
-def memory_estimate(c, micro_batch, dp, tp, pp, micro_batches, dtype, schedule, cuda):
+def parameter_counts(c):
+    """{what: parameters} of the model GPTConfig c builds, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = GPT(c)
+    block = model.blocks[0].parameters
+    return dict(total=model.num_params(), block=sum(p.numel() for p in block()), wte=model.wte.weight.numel(),
+                block_matrices=sum(p.numel() for p in block() if p.dim() == 2))
+
+
+def memory_estimate(c, counts, micro_batch, dp, tp, pp, micro_batches, dtype, schedule, cuda):
     """{part: bytes} on the fullest GPU of a dp x tp x pp layout, eager (torch.compile fuses and keeps less):
     fp32 weights and gradients, the optimizer's state (AdamW: 2 moments; Muon: one momentum for the
     blocks' matrices, AdamW's 2 for the rest), DDP's gradient buckets (a copy of the gradients), autocast's
     low-precision copies of the matrices (kept for the backward), and the activations of the micro-batches
-    a stage holds at once: 1 without pipeline, up to pp under 1f1b, all of them under gpipe."""
-    with torch.device("meta"):
-        model = GPT(c)
-    block = sum(p.numel() for p in model.blocks[0].parameters())
-    block_matrices = sum(p.numel() for p in model.blocks[0].parameters() if p.dim() == 2)
-    outside = model.num_params() - c.n_layer * block                   # embeddings, final norm, untied head
-    head_copy = model.wte.weight.numel() if c.tie_weights and pp > 1 else 0  # the last stage's tied head
+    a stage holds at once: 1 without pipeline, up to pp under 1f1b, all of them under gpipe. counts:
+    parameter_counts(c)."""
+    block, block_matrices = counts["block"], counts["block_matrices"]
+    outside = counts["total"] - c.n_layer * block                        # embeddings, final norm, untied head
+    head_copy = counts["wte"] if c.tie_weights and pp > 1 else 0        # the last stage's tied head
     lo, hi = stage_layers(c.n_layer, pp, 0)                              # the first stage is the longest
     params = ((hi - lo) * block + outside + head_copy) / tp
     matrices = (hi - lo) * block_matrices / tp
@@ -480,7 +487,7 @@ def memory_estimate(c, micro_batch, dp, tp, pp, micro_batches, dtype, schedule, 
     return {"weights": 4 * params, "gradients": 4 * params, "adamw": 8 * params,
             "muon": 4 * matrices + 8 * (params - matrices),
             "ddp_buckets": 4 * params if dp > 1 and tp * pp == 1 else 0,
-            "weight_copies": a * (matrices + model.wte.weight.numel() / tp) if a < 4 else 0,
+            "weight_copies": a * (matrices + counts["wte"] / tp) if a < 4 else 0,
             "activations": in_flight * activation_bytes(c, tokens, a, cuda, tp, hi - lo, head=pp == 1)
                            + (activation_bytes(c, tokens, a, cuda, tp, 0) if pp > 1 else 0)}
 
@@ -518,14 +525,14 @@ def make_plan(cfg, given, ckpt, ckpt_path):
         raise SystemExit(str(e)) from None
     target = 0 if "grad_accum" in given else cfg.tokens_per_step  # a --grad-accum typed wins over the preset's
     other_optimizer = "muon" if cfg.optimizer == "adamw" else "adamw"
-    with torch.device("meta"):
-        n_params = GPT(c).num_params()
+    counts = parameter_counts(c)
+    n_params = counts["total"]
 
     def accumulation(b, dp):
         return max(1, round(target / (b * dp * cfg.block_size))) if target else cfg.grad_accum
 
     def peak(b, dp, tp, pp):
-        parts = memory_estimate(c, b, dp, tp, pp, accumulation(b, dp), dtype, cfg.schedule, cuda)
+        parts = memory_estimate(c, counts, b, dp, tp, pp, accumulation(b, dp), dtype, cfg.schedule, cuda)
         return sum(v for k, v in parts.items() if k != other_optimizer), parts
 
     def fits(b, dp, tp, pp):
@@ -537,14 +544,13 @@ def make_plan(cfg, given, ckpt, ckpt_path):
         layouts = sorted(((tp, pp) for tp in (1, 2, 4, 8) for pp in (1, 2, 4, 8, 16)
                           if tp <= gpus_per_node and world % (tp * pp) == 0 and model_fits_layout(c, tp, pp)),
                          key=lambda layout: (layout[0] * layout[1], layout[1])) or [(1, 1)]
-    sizes = [cfg.batch_size] if "batch_size" in given else range(cfg.batch_size, 0, -1)
     choice = None
     for tp, pp in layouts:
         dp = max(1, world // (tp * pp))
-        fitting = [b for b in sizes if fits(b, dp, tp, pp)]
+        fitting = [b for b in range(cfg.batch_size, 0, -1) if fits(b, dp, tp, pp)]
         whole = [b for b in fitting if not target or target % (b * dp * cfg.block_size) == 0]
         if fitting:
-            choice = (whole or fitting)[0], dp, tp, pp
+            choice = cfg.batch_size if "batch_size" in given else (whole or fitting)[0], dp, tp, pp
             break
     nothing_fits = choice is None
     if nothing_fits:
