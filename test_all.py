@@ -2778,9 +2778,11 @@ def test_train_plan_activation_memory_is_the_measured_peak(shape):
     assert abs(estimate - measured) <= 0.03 * measured, (estimate, measured)  # measured: within 2%
 
 
-def test_train_compiled_steps_equal_eager_and_resume_exactly(tmp_path, byte_data):
+def test_train_compiled_steps_equal_eager_and_resume_exactly(tmp_path, byte_data, monkeypatch):
     """--compile (inductor, on the CPU): 3 steps equal eager ones (fp32, loss to 1e-5); a compiled run
     stopped at step 2 and resumed to 3 equals the uninterrupted compiled run exactly."""
+    import torch._inductor.config
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no pool of compile workers to start
     tiny = ["--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--block-size", 16, "--batch-size", 2,
             "--eval-interval", 0, "--eval-steps", 1, "--warmup-steps", 1]
     eager = run_train(byte_data, tmp_path / "eager", *tiny, "--max-steps", 3)
@@ -2792,6 +2794,25 @@ def test_train_compiled_steps_equal_eager_and_resume_exactly(tmp_path, byte_data
     train.main(["--out-dir", str(tmp_path / "resumed"), "--resume", "--max-steps", "3"])
     assert [r["loss"] for r in read_log(tmp_path / "resumed")] == [r["loss"] for r in compiled]
     assert max_diff(weights(tmp_path / "resumed"), weights(tmp_path / "compiled")) == 0.0
+
+
+def test_train_bf16_and_fp16_autocast_on_cpu_match_fp32_within_their_rounding(tmp_path, byte_data):
+    """--dtype bfloat16 (what GPUs train in) under the CPU's autocast: 3 steps' losses within 5e-3 of fp32's
+    (measured: 2e-4; bf16 rounds each product to 8 bits of mantissa) and not equal to them (autocast
+    ran); the weights and the optimizer's moments, made of the gradients DDP all-reduces, stay fp32.
+    --dtype float16 (11 bits) takes the GradScaler path once: within 5e-4 (measured: 1e-5), its scale
+    kept in the checkpoint."""
+    flags = ["--max-steps", 3, "--eval-interval", 0]
+    fp32 = run_train(byte_data, tmp_path / "float32", *flags, "--dtype", "float32")
+    for dtype in ("bfloat16", "float16"):
+        low = run_train(byte_data, tmp_path / dtype, *flags, "--dtype", dtype)
+        diffs = [abs(a[key] - b[key]) for a, b in zip(fp32, low) for key in ("loss", "val_loss") if key in a]
+        assert 0 < max(diffs) < (5e-3 if dtype == "bfloat16" else 5e-4), (dtype, diffs)
+        ckpt = load_checkpoint(str(tmp_path / dtype / "ckpt.pt"))
+        assert {v.dtype for v in ckpt["model"].values()} == {torch.float32}
+        assert {s["exp_avg"].dtype for s in ckpt["optimizer"]["state"].values()} == {torch.float32}
+        assert ("scale" in ckpt["scaler"]) == (dtype == "float16")  # the scaler is on for fp16 only
+    assert ckpt["scaler"]["scale"] == 2.0**16  # no overflow in 3 steps: the initial scale, kept
 
 
 # ==================================================================================================

@@ -566,7 +566,7 @@ def make_plan(cfg, given, ckpt, ckpt_path):
                 gpu_memory_gb=round(limit / GIB, 2) if limit else None, fits=not nothing_fits, dtype=dtype,
                 epochs=epochs, memory_gb={k: round(v / GIB, 3) for k, v in parts.items()})
 
-    g = lambda n: f"{n / GIB:.2f}"  # noqa: E731
+    g = lambda n: f"{n / GIB:.3g}"  # noqa: E731
     lines = [f"plan: {n_params:,} parameters | {dp * tp * pp} GPU(s) as dp {dp} x tp {tp} x pp {pp} | "
              f"micro-batch {b} x {cfg.block_size} tokens x {cfg.grad_accum} accumulation x {dp} dp = "
              f"{tokens_per_step:,} tokens per step" + (f" (the nearest to --tokens-per-step {target:,})"
@@ -580,7 +580,8 @@ def make_plan(cfg, given, ckpt, ckpt_path):
     lines.append(f"plan: memory per GPU, estimated (GiB, eager; compiled keeps less): weights {g(parts['weights'])} + "
                  f"gradients {g(parts['gradients'])} + {cfg.optimizer} {g(parts[cfg.optimizer])} ({other_optimizer}: {g(parts[other_optimizer])}){extra} + "
                  f"activations {g(parts['activations'])} ({b} x {cfg.block_size} tokens, {c.attn_impl}) = {g(total)}"
-                 + (f" of the GPU's {g(limit)}" if limit else "; no GPU memory to check it against (--gpu-memory)"))
+                 + (f" of the GPU's {g(limit)}" if limit else "; not checked: no --gpu-memory" if cfg.plan else
+                    "; not checked on the CPU"))
     if nothing_fits:
         lines.append(f"plan: nothing fits: even a micro-batch of 1 needs about {g(peak(1, dp, tp, pp)[0])} GiB "
                      f"of the {g(FIT_FRACTION * limit)} usable per GPU in any layout of {world} GPU(s); use more "
