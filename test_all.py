@@ -2815,6 +2815,61 @@ def test_train_bf16_and_fp16_autocast_on_cpu_match_fp32_within_their_rounding(tm
     assert ckpt["scaler"]["scale"] == 2.0**16  # no overflow in 3 steps: the initial scale, kept
 
 
+def readme_command(prefix):
+    """The README's command line that starts with prefix, split into words."""
+    lines = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, f"README.md should hold one command starting with {prefix!r}"
+    return lines[0].split()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_train_two_nodes_equal_one_process_and_resume_on_one(tmp_path, byte_data):
+    """The README's two-node command, as two launchers on this machine (node ranks 0 and 1, one CPU rank
+    each, gloo, HOST:29500 -> a free local port) with its train.py flags and a tiny model after them:
+    the same losses as one process that accumulates the two ranks' micro-batches, and its checkpoint
+    resumed by one process continues as the one process's own run does."""
+    words = readme_command("torchrun --nnodes 2")
+    script = words.index("train.py")
+    launcher, readme_flags = words[1:script], words[script + 1:]
+    launcher[launcher.index("--nproc-per-node") + 1] = "1"  # `gpu` on a GPU node: one rank per GPU
+    launcher[launcher.index("--rdzv-endpoint") + 1] = f"127.0.0.1:{free_port()}"
+    rank_at = launcher.index("--node-rank") + 1
+    # the preset's flags, then a tiny model: 2 ranks x 4 sequences = 256 tokens per step, no accumulation
+    tiny = [*TRAIN_TINY, "--tokens-per-step", 256, "--max-steps", 3, "--eval-interval", 0, "--lr-decay-steps", 8,
+            "--no-compile", "--dtype", "float32", "--device", "cpu"]
+    two = tmp_path / "two"
+    flags = [*readme_flags, *map(str, tiny)]
+    flags[flags.index("--data-dir") + 1], flags[flags.index("--out-dir") + 1] = str(byte_data), str(two)
+    nodes = []
+    for node_rank in ("0", "1"):
+        launcher[rank_at] = node_rank
+        nodes.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher,
+                                       str(ROOT / "train.py"), *flags], env=ENV, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    deadline = time.time() + 300
+    while any(node.poll() is None for node in nodes) and time.time() < deadline:
+        time.sleep(0.2)
+    for node in nodes:  # a node still running has hung: kill it and its rank, then show what they printed
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+    outputs = [node.communicate()[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "dp 2 x tp 1 x pp 1 | micro-batch 4 x 32 tokens x 1 accumulation" in outputs[0]
+    one = tmp_path / "one"
+    run_train(byte_data, one, "--preset", "gpt2-124m", *tiny, "--tokens-per-step", 0, "--grad-accum", 2, "--max-steps", 4)
+    train.main(["--out-dir", str(two), "--resume", "--max-steps", "4"])  # one process, from the 2 nodes' checkpoint
+    got, want = read_log(two), read_log(one)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(got, want)) < 1e-5
+    assert abs(got[-1]["val_loss"] - want[-1]["val_loss"]) < 1e-5
+    assert max_diff(weights(two), weights(one)) < 1e-5
+
+
 # ==================================================================================================
 # parallel: every dp x tp x pp layout of train.py equals one process (CPU, gloo)
 # ==================================================================================================

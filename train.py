@@ -110,7 +110,7 @@ class TrainConfig:
     pp: int = 1                    # pipeline-parallel degree: the blocks cut into this many stages
     schedule: str = "1f1b"         # pipeline schedule: gpipe (all forwards, then all backwards) or 1f1b
     # the plan, printed before anything big is built: layout, micro-batch, accumulation, memory per GPU
-    tokens_per_step: int = 0       # > 0: --grad-accum (and a smaller --batch-size when memory is short) set for this many tokens per step
+    tokens_per_step: int = 0       # > 0: --grad-accum (and --batch-size, if memory is short) set for this many tokens/step
     plan: bool = False             # print the plan for --gpus and --gpu-memory and exit (needs no GPU)
     gpus: int = 0                  # --plan: the GPUs (ranks) to plan for; 0, and in a run: this launch's world size
     gpu_memory: float = 0.0        # GiB per GPU the plan must fit in; 0: the GPU's own (on the CPU: not checked)
@@ -567,19 +567,21 @@ def make_plan(cfg, given, ckpt, ckpt_path):
                 epochs=epochs, memory_gb={k: round(v / GIB, 3) for k, v in parts.items()})
 
     g = lambda n: f"{n / GIB:.3g}"  # noqa: E731
-    lines = [f"plan: {n_params:,} parameters | {dp * tp * pp} GPU(s) as dp {dp} x tp {tp} x pp {pp} | "
+    ranks = f"{dp * tp * pp} GPU(s)" if cuda or cfg.plan else f"{dp * tp * pp} process(es) on the CPU"
+    lines = [f"plan: {n_params:,} parameters | {ranks} as dp {dp} x tp {tp} x pp {pp} | "
              f"micro-batch {b} x {cfg.block_size} tokens x {cfg.grad_accum} accumulation x {dp} dp = "
              f"{tokens_per_step:,} tokens per step" + (f" (the nearest to --tokens-per-step {target:,})"
                                                         if target and tokens_per_step != target else "")
              + ("" if train_tokens else f" | vocabulary {c.vocab_size:,} (no --data-dir)")]
     if epochs is not None:
-        lines.append(f"plan: {cfg.max_steps:,} steps x {tokens_per_step:,} tokens = {epochs:,.1f} epochs of the "
+        lines.append(f"plan: {cfg.max_steps:,} steps x {tokens_per_step:,} tokens = {epochs:,.2f} epochs of the "
                      f"{train_tokens:,} training tokens in {cfg.data_dir}")
     extra = "".join(f" + {name} {g(parts[key])}" for key, name in
                     (("ddp_buckets", "DDP buckets"), ("weight_copies", f"{dtype} weight copies")) if parts[key])
     lines.append(f"plan: memory per GPU, estimated (GiB, eager; compiled keeps less): weights {g(parts['weights'])} + "
-                 f"gradients {g(parts['gradients'])} + {cfg.optimizer} {g(parts[cfg.optimizer])} ({other_optimizer}: {g(parts[other_optimizer])}){extra} + "
-                 f"activations {g(parts['activations'])} ({b} x {cfg.block_size} tokens, {c.attn_impl}) = {g(total)}"
+                 f"gradients {g(parts['gradients'])} + {cfg.optimizer} {g(parts[cfg.optimizer])} "
+                 f"({other_optimizer}: {g(parts[other_optimizer])}){extra} + activations {g(parts['activations'])} "
+                 f"({b} x {cfg.block_size} tokens, {c.attn_impl}) = {g(total)}"
                  + (f" of the GPU's {g(limit)}" if limit else "; not checked: no --gpu-memory" if cfg.plan else
                     "; not checked on the CPU"))
     if nothing_fits:
@@ -853,6 +855,10 @@ def main(argv=None):
         say(f"{step - start_step} steps in {human_time(time.time() - t_start)}{memory}; checkpoint {ckpt_path}")
     if master:
         plot_losses(log_path, os.path.join(cfg.out_dir, "loss.png"))
+    # DDP's reducer holds the process group: dropped first, the group goes in destroy_process_group, which
+    # lets go of the GIL; freed with the reducer it would wait for gloo's thread while holding the GIL that
+    # thread needs to free its last work (a hang at exit, seen under two launchers)
+    model = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
