@@ -4316,9 +4316,16 @@ def test_gpu_dry_run_speed_training_and_collectives(gpu_dry_run):
     speed = {r["name"].split()[0]: r["tflops"] for r in rows if "tflops" in r}
     assert set(speed) == {"fwd", "bwd", "fwd+bwd"}
     assert all(t["triton"] > 0 and t["flash"] > 0 and t["default"] > 0 for t in speed.values())
-    training = {r["name"].split()[-1]: r for r in rows if r["section"] == "training" and r["status"] == "ok"}
-    assert set(training) == {"sdpa", "triton"}
+    training = {r["name"].split("--attn ")[1]: r for r in rows if r["section"] == "training" and "--attn" in r["name"]}
+    assert set(training) == {"sdpa compiled", "triton"} and all(r["status"] == "ok" for r in training.values())
+    assert training["sdpa compiled"]["compiled"] and not training["triton"]["compiled"]  # inductor ran on the CPU
     assert all(r["tokens_per_sec"] > 0 and r["peak_memory"] > 2**20 for r in training.values())
+    # the plans: the preset on 2 GPUs of 80 GiB (data parallel, 524,288 tokens per step), and the run's own
+    plans = {r["name"]: r["plan"] for r in rows if r["name"].startswith("plan: ")}
+    node, run = plans["plan: gpt2-124m on 2 GPU(s)"], plans["plan: the run below"]
+    assert (node["dp"], node["tp"], node["pp"], node["tokens_per_step"], node["fits"]) == (2, 1, 1, 524_288, True)
+    assert node["micro_batch"] * node["grad_accum"] * 2 * 1024 == 524_288
+    assert (run["micro_batch"], run["grad_accum"]) == (1, 1) and run["tokens_per_step"] == 32
     allreduce = [r for r in rows if r["name"].startswith("all-reduce")]
     assert len(allreduce) == 3 and all(r["correct"] and r["busbw"] > 0 for r in allreduce)
     # busbw is nccl-tests' algbw x 2(n-1)/n; with 2 ranks that is algbw itself

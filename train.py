@@ -4,11 +4,12 @@ train.py: next-token pretraining of the GPT in model.py on the token shards toke
     python train.py --data-dir data/tokens --out-dir out/pretrain            # small model, CPU, minutes
     python train.py --data-dir data/tokens --out-dir out/pretrain --resume   # continue from its ckpt.pt
     python train.py --help                                                   # every flag, default, choices
-    torchrun --standalone --nproc_per_node=8 train.py --data-dir data/tokens --out-dir out/gpt2 --preset gpt2-124m --grad-accum 4
-    torchrun --standalone --nproc_per_node=8 train.py --data-dir data/tokens --out-dir out/gpt2 --preset gpt2-124m --tp 2 --pp 2 --grad-accum 16
+    python train.py --data-dir data/tokens --preset gpt2-124m --plan --gpus 8 --gpu-memory 80   # the plan, no GPU
+    torchrun --standalone --nproc-per-node gpu train.py --data-dir data/tokens --out-dir out/gpt2 --preset gpt2-124m
+    torchrun --standalone --nproc-per-node 8 train.py --data-dir data/tokens --out-dir out/gpt2 --preset gpt2-124m --tp 2 --pp 2
 
-`--preset gpt2-124m` is GPT-2 small (12 x 768, 1024 positions, bf16, compiled), 16 sequences x 32 accumulation
-steps = 524,288 tokens per step on one GPU; on N GPUs pass --grad-accum 32/N. Flags given win over a preset.
+`--preset gpt2-124m` is GPT-2 small (12 x 768, 1024 positions, bf16, compiled) at 524,288 tokens per step on
+any number of GPUs and nodes (--tokens-per-step: the plan sets the accumulation). Flags given win over a preset.
 
 Prints one line per step (loss, lr, tokens/s, MFU against the GPU's bf16 dense peak, time left), ends with
 "N steps in T; checkpoint PATH", and writes into --out-dir: log.jsonl (per step: step, loss, lr,
@@ -16,6 +17,9 @@ tokens_per_sec, mfu on known GPUs; val_loss, val_bpb when evaluated), ckpt.pt (a
 self-contained: configs, weights, optimizer, step, RNG states, data position, tokenizer, log) and loss.png.
 
 Design choices:
+- before anything big is built, a plan: parameters, layout (dp x tp x pp), micro-batch x accumulation =
+  tokens per step, epochs of the data, and memory per GPU estimated tensor by tensor beside the GPU's;
+  data parallel unless no micro-batch fits one GPU, then the smallest tp (then pp) that fits;
 - step s's batch is drawn by a generator seeded from (seed, s) alone and rank r takes its slice, so any
   number of ranks sees the same tokens, and resuming needs only the step;
 - `--resume` with no checkpoint in --out-dir starts fresh (and says so), so a pipeline can always pass it;
