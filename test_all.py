@@ -3199,6 +3199,20 @@ def test_parallel_train_py_tp2_pp2_equals_one_process_and_resumes_anywhere(tmp_p
     assert_close_dicts(b["model"], a["model"], "resumed checkpoint")
 
 
+def test_parallel_bf16_autocast_tp2_pp2_equals_one_process(tmp_path, byte_data):
+    """Under bf16 autocast, as on GPUs: tp all-reduces bf16 partial sums, stages pass the fp32 residual
+    stream and gradients stay fp32. The losses equal one bf16 process within 2e-3 (the same sums in another
+    order, rounded to bf16's 8 bits; measured: equal to 4 decimals)."""
+    flags = ["--data-dir", str(byte_data), "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+             "--batch-size", "2", "--grad-accum", "2", "--max-steps", "3", "--eval-interval", "0", "--eval-steps", "1",
+             "--dtype", "bfloat16", "--device", "cpu"]
+    train.main(flags + ["--out-dir", str(tmp_path / "one")])
+    torchrun(4, "train.py", *flags, "--out-dir", tmp_path / "tp2pp2", "--tp", 2, "--pp", 2)
+    one, par = read_log(tmp_path / "one"), read_log(tmp_path / "tp2pp2")
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, par)) < 2e-3
+    assert abs(one[-1]["val_loss"] - par[-1]["val_loss"]) < 2e-3
+
+
 # ==================================================================================================
 # align: chat template, masks, truncation, DPO math, SFT/DPO runs on toy data, bad input
 # ==================================================================================================
