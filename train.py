@@ -433,7 +433,7 @@ def set_learning_rate(optimizer, lr, cfg):
 GIB = 2**30
 FIT_FRACTION = 0.9  # of a GPU's memory: the CUDA context, NCCL's buffers and fragmentation take the rest
 PLAN_VOCAB = 50304  # the vocabulary planned for without --data-dir: GPT-2's 50257, rounded up to 64s
-TOO_MANY_EPOCHS = 100
+TOO_MANY_EPOCHS = 100  # a preset says its data is too small above this many passes over it
 
 
 def activation_bytes(c, tokens, a, cuda, tp=1, n_layer=None, head=True):
