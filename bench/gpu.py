@@ -476,13 +476,16 @@ def training_section(table, clock, cfg, env, tmp, on_gpu, peak, matmul_rate):
     gpus, memory = (torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / 2**30) \
         if on_gpu else (2, 80.0)
     run_plan = None
-    with guard(table, S, "plan"):
-        plan = plan_of(["--preset", "gpt2-124m", "--gpus", str(gpus), "--gpu-memory", str(memory)])
-        table.add(S, f"plan: gpt2-124m on {gpus} GPU(s)", "ok" if plan["fits"] else "FAIL", plan_row(plan),
-                  "train.py --plan" + ("" if on_gpu else "; dry run: 2 GPUs of 80 GiB assumed"), plan=plan)
-        run_plan = plan_of([*flags, "--gpus", "1"] + (["--gpu-memory", str(memory)] if on_gpu else []))
-        table.add(S, "plan: the run below", "info", plan_row(run_plan), "eager estimate; compiled keeps less",
-                  plan=run_plan)
+    if clock.left() < 5:
+        table.add(S, "plan", "skip", note=OUT_OF_TIME)
+    else:
+        with guard(table, S, "plan"):
+            plan = plan_of(["--preset", "gpt2-124m", "--gpus", str(gpus), "--gpu-memory", str(memory)])
+            table.add(S, f"plan: gpt2-124m on {gpus} GPU(s)", "ok" if plan["fits"] else "FAIL", plan_row(plan),
+                      "train.py --plan" + ("" if on_gpu else "; dry run: 2 GPUs of 80 GiB assumed"), plan=plan)
+            run_plan = plan_of([*flags, "--gpus", "1"] + (["--gpu-memory", str(memory)] if on_gpu else []))
+            table.add(S, "plan: the run below", "info", plan_row(run_plan), "eager estimate; compiled keeps less",
+                      plan=run_plan)
     fpt, speeds = flops_per_token(run, vocab), {}
     for i, attn in enumerate(("sdpa", "triton")):
         # compiled as the preset runs, except the Triton kernel under its CPU interpreter
