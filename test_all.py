@@ -3361,6 +3361,197 @@ def test_train_muon_tp2_pp2_equals_one_process_and_resumes_in_one(tmp_path, byte
     assert_close_state(read_checkpoint(par)["model"], read_checkpoint(one)["model"], "resumed weights")
 
 
+# ------------------------------------------- train: on the road to a GPU node, rehearsed on the CPU
+# The plan (layout, micro-batch, accumulation, memory) against GPT-2 small's sizes written out and
+# against memory measured by torch's profiler; torch.compile against eager; bf16 and fp16 autocast
+# against fp32; two torchrun launchers as two nodes against one process.
+
+def plan_of(capsys, *flags):
+    """train.py --plan FLAGS -> (its printed lines, the plan: the JSON object on its last line)."""
+    train.main(["--plan", *map(str, flags)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    return lines, json.loads(lines[-1])
+
+
+def test_train_plan_fits_the_preset_to_any_gpu_count_at_the_same_tokens_per_step(capsys):
+    # GPT-2 small, written out: per block qkv, proj, fc, proj matrices and two norms; the tied embedding
+    C, V = 768, 50304
+    gpt2_params = 12 * (3 * C * C + C * C + 4 * C * C + 4 * C * C + 2 * C) + V * C + C
+    for gpus in (1, 2, 4, 8, 16):
+        lines, plan = plan_of(capsys, "--preset", "gpt2-124m", "--gpus", gpus, "--gpu-memory", 80)
+        assert (plan["dp"], plan["tp"], plan["pp"]) == (gpus, 1, 1) and plan["fits"], lines
+        assert plan["micro_batch"] == 16 and plan["micro_batch"] * plan["grad_accum"] * gpus * 1024 == 524_288
+        assert plan["tokens_per_step"] == 524_288 and plan["params"] == gpt2_params
+        assert plan["memory_gb"]["weights"] == pytest.approx(4 * gpt2_params / 2**30, abs=1e-3)  # fp32
+        assert plan["memory_gb"]["adamw"] == pytest.approx(8 * gpt2_params / 2**30, abs=1e-3)
+        assert plan["peak_memory_gb"] < 0.9 * 80
+    # 128 GPUs: a micro-batch of 4, no accumulation
+    _, plan = plan_of(capsys, "--preset", "gpt2-124m", "--gpus", 128, "--gpu-memory", 80)
+    assert (plan["micro_batch"], plan["grad_accum"], plan["tokens_per_step"]) == (4, 1, 524_288)
+    # one 8 GiB GPU: a smaller micro-batch, more accumulation, the same tokens per step
+    lines, plan = plan_of(capsys, "--preset", "gpt2-124m", "--gpus", 1, "--gpu-memory", 8)
+    assert plan["micro_batch"] < 16 and plan["micro_batch"] * plan["grad_accum"] * 1024 == 524_288
+    assert plan["fits"] and plan["peak_memory_gb"] <= 0.9 * 8
+    # a micro-batch given that does not fit: one sentence with one that does
+    lines, plan = plan_of(capsys, "--preset", "gpt2-124m", "--gpus", 1, "--gpu-memory", 8, "--batch-size", 16)
+    assert plan["micro_batch"] == 16 and plan["grad_accum"] == 32
+    assert re.search(r"--batch-size \d+ would fit", lines[-2]), lines
+    # 1 GiB: nothing fits, said in a sentence
+    lines, plan = plan_of(capsys, "--preset", "gpt2-124m", "--gpus", 1, "--gpu-memory", 1)
+    assert not plan["fits"] and lines[-2].startswith("plan: nothing fits") and lines[-2].endswith(".")
+    # tp and pp only when asked: then the layout is the one asked for
+    _, plan = plan_of(capsys, "--preset", "gpt2-124m", "--gpus", 8, "--gpu-memory", 80, "--tp", 2, "--pp", 2)
+    assert (plan["dp"], plan["tp"], plan["pp"], plan["grad_accum"]) == (2, 2, 2, 16)
+
+
+def test_train_plan_picks_tp_only_when_one_gpu_cannot_hold_the_model(capsys):
+    """A model whose weights and Adam state alone (16 bytes a parameter) overflow a 16 GiB GPU: data
+    parallel cannot run it, tensor parallel over 4 GPUs of the 8 can."""
+    model = ["--n-layer", 24, "--n-head", 16, "--n-embd", 2048, "--block-size", 1024, "--batch-size", 4]
+    _, plan = plan_of(capsys, *model, "--gpus", 8, "--gpu-memory", 16)
+    assert plan["params"] * 16 / 2**30 > 16
+    assert plan["fits"] and plan["tp"] > 1 and plan["dp"] * plan["tp"] * plan["pp"] == 8
+
+
+def test_train_plan_counts_epochs_and_says_when_the_data_is_too_small_for_the_preset(capsys, byte_data):
+    n_train = json.loads((byte_data / "meta.json").read_text())["train_tokens"]
+    lines, plan = plan_of(capsys, "--data-dir", byte_data, *TRAIN_TINY, "--max-steps", 100)
+    assert plan["epochs"] == pytest.approx(100 * 4 * 32 / n_train) and f"{n_train:,} training tokens" in lines[1]
+    assert not any("--corpus" in line for line in lines)
+    lines, plan = plan_of(capsys, "--data-dir", byte_data, "--preset", "gpt2-124m", "--gpus", 8)
+    assert plan["epochs"] > 100
+    assert any("--corpus" in line and line.endswith(".") for line in lines), lines
+
+
+def measured_peak_bytes(model, x, y):
+    """Peak bytes allocated above what was live before, over a forward and backward as train_step runs
+    them (the logits held until the backward), from the allocation events of torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        logits, loss = model(x, y)
+        loss.backward()
+        del logits
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("shape", [dict(n_layer=2, n_head=4, n_embd=64, vocab_size=256, block_size=64, batch=8),
+                                   dict(n_layer=3, n_head=2, n_embd=96, vocab_size=512, block_size=128, batch=4,
+                                        mlp="swiglu"),
+                                   dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128, vocab_size=128, block_size=32,
+                                        batch=16, attn_impl="naive")])
+def test_train_plan_activation_memory_is_the_measured_peak(shape):
+    """CPU fp32: the plan's activations of a micro-batch against the peak the profiler sees over its forward
+    and backward (the gradients of the weights are allocated as the activations are freed: the peak is
+    the activations')."""
+    shape = dict(shape)
+    batch = shape.pop("batch")
+    config = GPTConfig(**shape)
+    torch.manual_seed(0)
+    model = GPT(config)
+    x = torch.randint(0, config.vocab_size, (batch, config.block_size))
+    measured = measured_peak_bytes(model, x, torch.roll(x, -1, 1))
+    estimate = train.activation_bytes(config, batch * config.block_size, 4, cuda=False)
+    print(f"{shape}: estimate {estimate / 2**20:.3f} MiB, measured {measured / 2**20:.3f} MiB")
+    assert abs(estimate - measured) <= 0.03 * measured, (estimate, measured)  # measured: within 2%
+
+
+def test_train_compiled_steps_equal_eager_and_resume_exactly(tmp_path, byte_data, monkeypatch):
+    """--compile (inductor, on the CPU): 3 steps equal eager ones (fp32, loss to 1e-5); a compiled run
+    stopped at step 2 and resumed to 3 equals the uninterrupted compiled run exactly."""
+    import torch._inductor.config
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no pool of compile workers to start
+    tiny = ["--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--block-size", 16, "--batch-size", 2,
+            "--eval-interval", 0, "--eval-steps", 1, "--warmup-steps", 1]
+    eager = run_train(byte_data, tmp_path / "eager", *tiny, "--max-steps", 3)
+    compiled = run_train(byte_data, tmp_path / "compiled", *tiny, "--max-steps", 3, "--compile")
+    for a, b in zip(eager, compiled):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+    assert abs(eager[-1]["val_loss"] - compiled[-1]["val_loss"]) < 1e-5
+    run_train(byte_data, tmp_path / "resumed", *tiny, "--max-steps", 2, "--compile")
+    train.main(["--out-dir", str(tmp_path / "resumed"), "--resume", "--max-steps", "3"])
+    assert [r["loss"] for r in read_log(tmp_path / "resumed")] == [r["loss"] for r in compiled]
+    assert max_diff(weights(tmp_path / "resumed"), weights(tmp_path / "compiled")) == 0.0
+
+
+def test_train_bf16_and_fp16_autocast_on_cpu_match_fp32_within_their_rounding(tmp_path, byte_data):
+    """--dtype bfloat16 (what GPUs train in) under the CPU's autocast: 3 steps' losses within 5e-3 of fp32's
+    (measured: 2e-4; bf16 rounds each product to 8 bits of mantissa) and not equal to them (autocast
+    ran); the weights and the optimizer's moments, made of the gradients DDP all-reduces, stay fp32.
+    --dtype float16 (11 bits) takes the GradScaler path once: within 5e-4 (measured: 1e-5), its scale
+    kept in the checkpoint."""
+    flags = ["--max-steps", 3, "--eval-interval", 0]
+    fp32 = run_train(byte_data, tmp_path / "float32", *flags, "--dtype", "float32")
+    for dtype in ("bfloat16", "float16"):
+        low = run_train(byte_data, tmp_path / dtype, *flags, "--dtype", dtype)
+        diffs = [abs(a[key] - b[key]) for a, b in zip(fp32, low) for key in ("loss", "val_loss") if key in a]
+        assert 0 < max(diffs) < (5e-3 if dtype == "bfloat16" else 5e-4), (dtype, diffs)
+        ckpt = load_checkpoint(str(tmp_path / dtype / "ckpt.pt"))
+        assert {v.dtype for v in ckpt["model"].values()} == {torch.float32}
+        assert {s["exp_avg"].dtype for s in ckpt["optimizer"]["state"].values()} == {torch.float32}
+        assert ("scale" in ckpt["scaler"]) == (dtype == "float16")  # the scaler is on for fp16 only
+    assert ckpt["scaler"]["scale"] == 2.0**16  # no overflow in 3 steps: the initial scale, kept
+
+
+def readme_command(prefix):
+    """The README's command line that starts with prefix, split into words."""
+    lines = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, f"README.md should hold one command starting with {prefix!r}"
+    return lines[0].split()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_train_two_nodes_equal_one_process_and_resume_on_one(tmp_path, byte_data):
+    """The README's two-node command, as two launchers on this machine (node ranks 0 and 1, one CPU rank
+    each, gloo, HOST:29500 -> a free local port) with its train.py flags and a tiny model after them:
+    the same losses as one process that accumulates the two ranks' micro-batches, and its checkpoint
+    resumed by one process continues as the one process's own run does."""
+    words = readme_command("torchrun --nnodes 2")
+    script = words.index("train.py")
+    launcher, readme_flags = words[1:script], words[script + 1:]
+    launcher[launcher.index("--nproc-per-node") + 1] = "1"  # `gpu` on a GPU node: one rank per GPU
+    launcher[launcher.index("--rdzv-endpoint") + 1] = f"127.0.0.1:{free_port()}"
+    rank_at = launcher.index("--node-rank") + 1
+    # the preset's flags, then a tiny model: 2 ranks x 4 sequences = 256 tokens per step, no accumulation
+    tiny = [*TRAIN_TINY, "--tokens-per-step", 256, "--max-steps", 3, "--eval-interval", 0, "--lr-decay-steps", 8,
+            "--no-compile", "--dtype", "float32", "--device", "cpu"]
+    two = tmp_path / "two"
+    flags = [*readme_flags, *map(str, tiny)]
+    flags[flags.index("--data-dir") + 1], flags[flags.index("--out-dir") + 1] = str(byte_data), str(two)
+    nodes = []
+    for node_rank in ("0", "1"):
+        launcher[rank_at] = node_rank
+        nodes.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher,
+                                       str(ROOT / "train.py"), *flags], env=ENV, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    deadline = time.time() + 300
+    while any(node.poll() is None for node in nodes) and time.time() < deadline:
+        time.sleep(0.2)
+    for node in nodes:  # a node still running has hung: kill it and its rank, then show what they printed
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+    outputs = [node.communicate()[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "dp 2 x tp 1 x pp 1 | micro-batch 4 x 32 tokens x 1 accumulation" in outputs[0]
+    one = tmp_path / "one"
+    run_train(byte_data, one, "--preset", "gpt2-124m", *tiny, "--tokens-per-step", 0, "--grad-accum", 2, "--max-steps", 4)
+    train.main(["--out-dir", str(two), "--resume", "--max-steps", "4"])  # one process, from the 2 nodes' checkpoint
+    got, want = read_log(two), read_log(one)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(got, want)) < 1e-5
+    assert abs(got[-1]["val_loss"] - want[-1]["val_loss"]) < 1e-5
+    assert max_diff(weights(two), weights(one)) < 1e-5
+
+
 # ==================================================================================================
 # parallel: every dp x tp x pp layout of train.py equals one process (CPU, gloo)
 # ==================================================================================================
@@ -3688,6 +3879,20 @@ def test_parallel_train_py_tp2_pp2_equals_one_process_and_resumes_anywhere(tmp_p
     a, b = load_checkpoint(str(one / "ckpt.pt")), load_checkpoint(str(par / "ckpt.pt"))
     assert a["step"] == b["step"] == 4
     assert_close_dicts(b["model"], a["model"], "resumed checkpoint")
+
+
+def test_parallel_bf16_autocast_tp2_pp2_equals_one_process(tmp_path, byte_data):
+    """Under bf16 autocast, as on GPUs: tp all-reduces bf16 partial sums, stages pass the fp32 residual
+    stream and gradients stay fp32. The losses equal one bf16 process within 2e-3 (the same sums in another
+    order, rounded to bf16's 8 bits; measured: equal to 4 decimals)."""
+    flags = ["--data-dir", str(byte_data), "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+             "--batch-size", "2", "--grad-accum", "2", "--max-steps", "3", "--eval-interval", "0", "--eval-steps", "1",
+             "--dtype", "bfloat16", "--device", "cpu"]
+    train.main(flags + ["--out-dir", str(tmp_path / "one")])
+    torchrun(4, "train.py", *flags, "--out-dir", tmp_path / "tp2pp2", "--tp", 2, "--pp", 2)
+    one, par = read_log(tmp_path / "one"), read_log(tmp_path / "tp2pp2")
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, par)) < 2e-3
+    assert abs(one[-1]["val_loss"] - par[-1]["val_loss"]) < 2e-3
 
 
 # ==================================================================================================
@@ -5537,9 +5742,16 @@ def test_gpu_dry_run_speed_training_and_collectives(gpu_dry_run):
     speed = {r["name"].split()[0]: r["tflops"] for r in rows if "tflops" in r}
     assert set(speed) == {"fwd", "bwd", "fwd+bwd"}
     assert all(t["triton"] > 0 and t["flash"] > 0 and t["default"] > 0 for t in speed.values())
-    training = {r["name"].split()[-1]: r for r in rows if r["section"] == "training" and r["status"] == "ok"}
-    assert set(training) == {"sdpa", "triton"}
+    training = {r["name"].split("--attn ")[1]: r for r in rows if r["section"] == "training" and "--attn" in r["name"]}
+    assert set(training) == {"sdpa compiled", "triton"} and all(r["status"] == "ok" for r in training.values())
+    assert training["sdpa compiled"]["compiled"] and not training["triton"]["compiled"]  # inductor ran on the CPU
     assert all(r["tokens_per_sec"] > 0 and r["peak_memory"] > 2**20 for r in training.values())
+    # the plans: the preset on 2 GPUs of 80 GiB (data parallel, 524,288 tokens per step), and the run's own
+    plans = {r["name"]: r["plan"] for r in rows if r["name"].startswith("plan: ")}
+    node, run = plans["plan: gpt2-124m on 2 GPU(s)"], plans["plan: the run below"]
+    assert (node["dp"], node["tp"], node["pp"], node["tokens_per_step"], node["fits"]) == (2, 1, 1, 524_288, True)
+    assert node["micro_batch"] * node["grad_accum"] * 2 * 1024 == 524_288
+    assert (run["micro_batch"], run["grad_accum"]) == (1, 1) and run["tokens_per_step"] == 32
     allreduce = [r for r in rows if r["name"].startswith("all-reduce")]
     assert len(allreduce) == 3 and all(r["correct"] and r["busbw"] > 0 for r in allreduce)
     # busbw is nccl-tests' algbw x 2(n-1)/n; with 2 ranks that is algbw itself

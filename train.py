@@ -5,11 +5,12 @@ train.py: next-token pretraining of the GPT in model.py on the token shards toke
     python train.py --data-dir data/tokens --out-dir out/pretrain --resume   # continue from its ckpt.pt
     python train.py --data-dir data/tokens --out-dir out/more --init-from out/hf  # from a Hugging Face folder
     python train.py --help                                                   # every flag, default, choices
-    torchrun --standalone --nproc_per_node=8 train.py --data-dir data/tokens --out-dir out/gpt2 --preset gpt2-124m --grad-accum 4
-    torchrun --standalone --nproc_per_node=8 train.py --data-dir data/tokens --out-dir out/gpt2 --preset gpt2-124m --tp 2 --pp 2 --grad-accum 16
+    python train.py --data-dir data/tokens --preset gpt2-124m --plan --gpus 8 --gpu-memory 80   # the plan, no GPU
+    torchrun --standalone --nproc-per-node gpu train.py --data-dir data/tokens --out-dir out/gpt2 --preset gpt2-124m
+    torchrun --standalone --nproc-per-node 8 train.py --data-dir data/tokens --out-dir out/gpt2 --preset gpt2-124m --tp 2 --pp 2
 
-`--preset gpt2-124m` is GPT-2 small (12 x 768, 1024 positions, bf16, compiled), 16 sequences x 32 accumulation
-steps = 524,288 tokens per step on one GPU; on N GPUs pass --grad-accum 32/N. Flags given win over a preset.
+`--preset gpt2-124m` is GPT-2 small (12 x 768, 1024 positions, bf16, compiled) at 524,288 tokens per step on
+any number of GPUs and nodes (--tokens-per-step: the plan sets the accumulation). Flags given win over a preset.
 
 Prints one line per step (loss, lr, tokens/s, MFU against the GPU's bf16 dense peak, time left), ends with
 "N steps in T; checkpoint PATH", and writes into --out-dir: log.jsonl (per step: step, loss, lr,
@@ -17,6 +18,9 @@ tokens_per_sec, mfu on known GPUs; val_loss, val_bpb when evaluated), ckpt.pt (a
 self-contained: configs, weights, optimizer, step, RNG states, data position, tokenizer, log) and loss.png.
 
 Design choices:
+- before anything big is built, a plan: parameters, layout (dp x tp x pp), micro-batch x accumulation =
+  tokens per step, epochs of the data, and memory per GPU estimated tensor by tensor beside the GPU's;
+  data parallel unless no micro-batch fits one GPU, then the smallest tp (then pp) that fits;
 - step s's batch is drawn by a generator seeded from (seed, s) alone and rank r takes its slice, so any
   number of ranks sees the same tokens, and resuming needs only the step;
 - `--resume` with no checkpoint in --out-dir starts fresh (and says so), so a pipeline can always pass it;
@@ -113,10 +117,15 @@ class TrainConfig:
     tp: int = 1                    # tensor-parallel degree: heads, MLP and vocabulary split over this many ranks
     pp: int = 1                    # pipeline-parallel degree: the blocks cut into this many stages
     schedule: str = "1f1b"         # pipeline schedule: gpipe (all forwards, then all backwards) or 1f1b
+    # the plan, printed before anything big is built: layout, micro-batch, accumulation, memory per GPU
+    tokens_per_step: int = 0       # > 0: --grad-accum (and --batch-size, if memory is short) set for this many tokens/step
+    plan: bool = False             # print the plan for --gpus and --gpu-memory and exit (needs no GPU)
+    gpus: int = 0                  # --plan: the GPUs (ranks) to plan for; 0, and in a run: this launch's world size
+    gpu_memory: float = 0.0        # GiB per GPU the plan must fit in; 0: the GPU's own (on the CPU: not checked)
 
 
 PRESETS = {"gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dtype="bfloat16",
-                             compile=True, batch_size=16, grad_accum=32, max_steps=19073, lr=6e-4,
+                             compile=True, batch_size=16, tokens_per_step=2**19, max_steps=19073, lr=6e-4,
                              min_lr=6e-5, warmup_steps=700, eval_interval=250, eval_steps=20)}
 CHOICES = {**{f.name: get_args(f.type) for f in fields(GPTConfig) if get_args(f.type)},  # GPTConfig's Literals
            "preset": list(PRESETS), "dtype": ["auto", "float32", "bfloat16", "float16"],
@@ -187,9 +196,9 @@ def setup_distributed(device_flag):
     if sys.platform.startswith("linux"):  # die with the launcher: a killed torchrun leaves no rank training on
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
+    if cuda:  # before init: NCCL's communicator and every collective then use this rank's own GPU
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", **({"device_id": device} if cuda else {}))
     return rank, world_size, local_rank, device
 
 
@@ -442,6 +451,183 @@ def set_learning_rate(optimizer, lr, cfg):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The plan: layout, micro-batch, accumulation and memory per GPU, worked out before anything big is built
+
+GIB = 2**30
+FIT_FRACTION = 0.9  # of a GPU's memory: the CUDA context, NCCL's buffers and fragmentation take the rest
+PLAN_VOCAB = 50304  # the vocabulary planned for without --data-dir: GPT-2's 50257, rounded up to 64s
+TOO_MANY_EPOCHS = 100  # a preset says its data is too small above this many passes over it
+
+
+def activation_bytes(c, tokens, a, cuda, tp=1, n_layer=None, head=True):
+    """Bytes that a forward of `tokens` tokens keeps for its backward, at their peak (the start of the
+    backward), for GPTConfig c under autocast to a bytes (4: fp32): n_layer blocks, and the head when
+    `head`. Tensor by tensor, as autograd saves them (per token; the tp-split ones divided by tp):
+    - a block: the residual stream at both norms (fp32) and both norms' outputs (cast to a); qkv's output
+      (v is a view of it), q and k after RoPE / QK-norm, attention's output and logsumexp (sdpa, triton)
+      or, for naive, q, k, v repeated to every head and the T x T softmax (CUDA's autocast keeps it fp32
+      plus an a-wide copy for the matmul); the projection's input; fc's output and the activation's
+      (SwiGLU: silu's and the product too); dropout's 1-byte masks;
+    - the head: the final norm's input and output, the logits the caller holds, log_softmax's fp32
+      output and, at the start of the backward, that output's gradient and log_softmax's (vocab wide).
+    """
+    f, C, H, T = 4, c.n_embd, c.n_head / tp, c.block_size
+    q, kv, h = c.n_head * c.head_dim / tp, c.n_kv_head * c.head_dim / tp, c.mlp_hidden / tp
+    if c.attn_impl == "naive":
+        attention = a * 3 * q + (4 + a if cuda and a < 4 else a) * H * T
+    else:
+        rotated = (q + kv) * ((c.pos_encoding == "rope") + c.qk_norm)
+        attention = a * (q + 2 * kv) + a * rotated + a * q + 4 * H
+    mlp = a * (4 * h if c.mlp == "swiglu" else 2 * h)
+    dropout = (2 * C + (H * T if c.attn_impl == "naive" else 0)) if c.dropout > 0 else 0
+    block = 2 * f * C + 2 * a * C + attention + a * q + mlp + dropout
+    V = c.vocab_size / tp
+    head_bytes = f * C + a * C + a * V + 3 * f * V + (a * V if c.logit_softcap else 0)
+    return tokens * ((c.n_layer if n_layer is None else n_layer) * block + (head_bytes if head else 0))
+
+
+def parameter_counts(c):
+    """{what: parameters} of the model GPTConfig c builds, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = GPT(c)
+    block = model.blocks[0].parameters
+    return dict(total=model.num_params(), block=sum(p.numel() for p in block()), wte=model.wte.weight.numel(),
+                block_matrices=sum(p.numel() for p in block() if p.dim() == 2))
+
+
+def memory_estimate(c, counts, micro_batch, dp, tp, pp, micro_batches, dtype, schedule, cuda):
+    """{part: bytes} on the fullest GPU of a dp x tp x pp layout, eager (torch.compile fuses and keeps less):
+    fp32 weights and gradients, the optimizer's state (AdamW: 2 moments; Muon: one momentum for the
+    blocks' matrices, AdamW's 2 for the rest), DDP's gradient buckets (a copy of the gradients), autocast's
+    low-precision copies of the matrices (kept for the backward), and the activations of the micro-batches
+    a stage holds at once: 1 without pipeline, up to pp under 1f1b, all of them under gpipe. counts:
+    parameter_counts(c)."""
+    block, block_matrices = counts["block"], counts["block_matrices"]
+    outside = counts["total"] - c.n_layer * block                        # embeddings, final norm, untied head
+    head_copy = counts["wte"] if c.tie_weights and pp > 1 else 0        # the last stage's tied head
+    lo, hi = stage_layers(c.n_layer, pp, 0)                              # the first stage is the longest
+    params = ((hi - lo) * block + outside + head_copy) / tp
+    matrices = (hi - lo) * block_matrices / tp
+    a = 4 if dtype == "float32" else 2
+    in_flight = 1 if pp == 1 else min(micro_batches, pp if schedule == "1f1b" else micro_batches)
+    tokens = micro_batch * c.block_size
+    return {"weights": 4 * params, "gradients": 4 * params, "adamw": 8 * params,
+            "muon": 4 * matrices + 8 * (params - matrices),
+            "ddp_buckets": 4 * params if dp > 1 and tp * pp == 1 else 0,
+            "weight_copies": a * (matrices + counts["wte"] / tp) if a < 4 else 0,
+            "activations": in_flight * activation_bytes(c, tokens, a, cuda, tp, hi - lo, head=pp == 1)
+                           + (activation_bytes(c, tokens, a, cuda, tp, 0) if pp > 1 else 0)}
+
+
+def model_fits_layout(c, tp, pp):
+    return all(getattr(c, name) % tp == 0 for name in ("n_head", "n_kv_head", "vocab_size", "mlp_hidden")) \
+        and pp <= c.n_layer
+
+
+def make_plan(cfg, given, ckpt, ckpt_path):
+    """-> (cfg with the layout, micro-batch and accumulation to run, the plan as a dict, its lines for people).
+
+    The layout: --tp/--pp when given, else data parallel, unless no micro-batch fits one GPU: then the
+    smallest tp (within a node), then pp, that fits. The micro-batch: --batch-size when given, else the
+    largest up to it that fits and, with --tokens-per-step, divides it into whole accumulation steps."""
+    for name in ("tokens_per_step", "gpus", "gpu_memory"):
+        if not getattr(cfg, name) >= 0:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be 0 or more.")
+    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    world = cfg.gpus if cfg.plan and cfg.gpus else int(os.environ.get("WORLD_SIZE", "1"))
+    gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", min(world, 8)))
+    limit = cfg.gpu_memory * GIB or None
+    if limit is None and cuda:
+        limit = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if cuda or cfg.plan else "float32"
+    train_tokens = None
+    if cfg.data_dir or not cfg.plan:  # a run needs its data anyway; checked here, before any GPU work
+        train_data, _, meta = load_data(cfg.data_dir, cfg.block_size)
+        train_tokens = len(train_data)
+    else:
+        meta = {"vocab_size": ckpt["model_config"]["vocab_size"] if ckpt else PLAN_VOCAB}
+    try:
+        c = model_config_for(cfg, given, meta, None, ckpt, ckpt_path)
+    except ValueError as e:  # GPTConfig: a shape the model cannot take
+        raise SystemExit(str(e)) from None
+    target = 0 if "grad_accum" in given else cfg.tokens_per_step  # a --grad-accum typed wins over the preset's
+    other_optimizer = "muon" if cfg.optimizer == "adamw" else "adamw"
+    counts = parameter_counts(c)
+    n_params = counts["total"]
+
+    def accumulation(b, dp):
+        return max(1, round(target / (b * dp * cfg.block_size))) if target else cfg.grad_accum
+
+    def peak(b, dp, tp, pp):
+        parts = memory_estimate(c, counts, b, dp, tp, pp, accumulation(b, dp), dtype, cfg.schedule, cuda)
+        return sum(v for k, v in parts.items() if k != other_optimizer), parts
+
+    def fits(b, dp, tp, pp):
+        return limit is None or peak(b, dp, tp, pp)[0] <= FIT_FRACTION * limit
+
+    if "tp" in given or "pp" in given or cfg.tp * cfg.pp > 1:
+        layouts = [(cfg.tp, cfg.pp)]
+    else:  # data parallel first; tp stays inside a node (it all-reduces in every block)
+        layouts = sorted(((tp, pp) for tp in (1, 2, 4, 8) for pp in (1, 2, 4, 8, 16)
+                          if tp <= gpus_per_node and world % (tp * pp) == 0 and model_fits_layout(c, tp, pp)),
+                         key=lambda layout: (layout[0] * layout[1], layout[1])) or [(1, 1)]
+    choice = None
+    for tp, pp in layouts:
+        dp = max(1, world // (tp * pp))
+        fitting = [b for b in range(cfg.batch_size, 0, -1) if fits(b, dp, tp, pp)]
+        whole = [b for b in fitting if not target or target % (b * dp * cfg.block_size) == 0]
+        if fitting:
+            choice = cfg.batch_size if "batch_size" in given else (whole or fitting)[0], dp, tp, pp
+            break
+    nothing_fits = choice is None
+    if nothing_fits:
+        choice = cfg.batch_size, max(1, world // (cfg.tp * cfg.pp)), cfg.tp, cfg.pp
+    b, dp, tp, pp = choice
+    cfg = TrainConfig(**{**asdict(cfg), "batch_size": b, "grad_accum": accumulation(b, dp), "tp": tp, "pp": pp,
+                         "tokens_per_step": target})
+    total, parts = peak(b, dp, tp, pp)
+    tokens_per_step = b * cfg.grad_accum * dp * cfg.block_size
+    epochs = tokens_per_step * cfg.max_steps / train_tokens if train_tokens else None
+    plan = dict(params=n_params, dp=dp, tp=tp, pp=pp, micro_batch=b, grad_accum=cfg.grad_accum,
+                tokens_per_step=tokens_per_step, peak_memory_gb=round(total / GIB, 2),
+                gpu_memory_gb=round(limit / GIB, 2) if limit else None, fits=not nothing_fits, dtype=dtype,
+                epochs=epochs, memory_gb={k: round(v / GIB, 3) for k, v in parts.items()})
+
+    g = lambda n: f"{n / GIB:.3g}"  # noqa: E731
+    ranks = f"{dp * tp * pp} GPU(s)" if cuda or cfg.plan else f"{dp * tp * pp} process(es) on the CPU"
+    lines = [f"plan: {n_params:,} parameters | {ranks} as dp {dp} x tp {tp} x pp {pp} | "
+             f"micro-batch {b} x {cfg.block_size} tokens x {cfg.grad_accum} accumulation x {dp} dp = "
+             f"{tokens_per_step:,} tokens per step" + (f" (the nearest to --tokens-per-step {target:,})"
+                                                        if target and tokens_per_step != target else "")
+             + ("" if train_tokens else f" | vocabulary {c.vocab_size:,} (no --data-dir)")]
+    if epochs is not None:
+        lines.append(f"plan: {cfg.max_steps:,} steps x {tokens_per_step:,} tokens = {epochs:,.2f} epochs of the "
+                     f"{train_tokens:,} training tokens in {cfg.data_dir}")
+    extra = "".join(f" + {name} {g(parts[key])}" for key, name in
+                    (("ddp_buckets", "DDP buckets"), ("weight_copies", f"{dtype} weight copies")) if parts[key])
+    lines.append(f"plan: memory per GPU, estimated (GiB, eager; compiled keeps less): weights {g(parts['weights'])} + "
+                 f"gradients {g(parts['gradients'])} + {cfg.optimizer} {g(parts[cfg.optimizer])} "
+                 f"({other_optimizer}: {g(parts[other_optimizer])}){extra} + activations {g(parts['activations'])} "
+                 f"({b} x {cfg.block_size} tokens, {c.attn_impl}) = {g(total)}"
+                 + (f" of the GPU's {g(limit)}" if limit else "; not checked: no --gpu-memory" if cfg.plan else
+                    "; not checked on the CPU"))
+    if nothing_fits:
+        lines.append(f"plan: nothing fits: even a micro-batch of 1 needs about {g(peak(1, dp, tp, pp)[0])} GiB "
+                     f"of the {g(FIT_FRACTION * limit)} usable per GPU in any layout of {world} GPU(s); use more "
+                     f"or larger GPUs, or a smaller model.")
+    elif limit and total > FIT_FRACTION * limit:
+        smaller = next((s for s in range(b - 1, 0, -1) if fits(s, dp, tp, pp)), None)
+        lines.append(f"plan: the estimate is above {FIT_FRACTION:.0%} of the GPU's memory; " +
+                     (f"--batch-size {smaller} would fit ({g(peak(smaller, dp, tp, pp)[0])} GiB)."
+                      if smaller else "no --batch-size fits this layout; try --tp or --pp."))
+    if cfg.preset and epochs is not None and epochs > TOO_MANY_EPOCHS:
+        lines.append(f"plan: --preset {cfg.preset} would read the {train_tokens:,} tokens of {cfg.data_dir} about "
+                     f"{epochs:,.0f} times: it needs a corpus of its size; give one with `python pipeline.py "
+                     "--corpus DIR` or tokenize_data.py on your own text into --data-dir.")
+    return cfg, plan, lines
+
+
+# ---------------------------------------------------------------------------------------------------
 # The step and evaluation
 
 def train_step(model, optimizer, scaler, batches, lr, cfg, autocast):
@@ -550,6 +736,12 @@ def human_time(seconds):
 def main(argv=None):
     cfg, given, ckpt, ckpt_path = resolve_config(argv)
     check_config(cfg)
+    cfg, plan, plan_lines = make_plan(cfg, given, ckpt, ckpt_path)  # before any process group or GPU memory
+    if cfg.plan or int(os.environ.get("RANK", "0")) == 0:
+        print("\n".join(plan_lines), flush=True)
+    if cfg.plan:  # the plan's last line: the plan as one JSON object
+        print(json.dumps(plan))
+        return
     rank, world_size, local_rank, device = setup_distributed(cfg.device)
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
@@ -694,6 +886,10 @@ def main(argv=None):
         say(f"{step - start_step} steps in {human_time(time.time() - t_start)}{memory}; checkpoint {ckpt_path}")
     if master:
         plot_losses(log_path, os.path.join(cfg.out_dir, "loss.png"))
+    # DDP's reducer holds the process group: dropped first, the group goes in destroy_process_group, which
+    # lets go of the GIL; freed with the reducer it would wait for gloo's thread while holding the GIL that
+    # thread needs to free its last work (a hang at exit, seen under two launchers)
+    model = None
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -16,9 +16,11 @@ Sections, in order; each row has a status (ok, FAIL, skip, error, info), a resul
    backward and both in TFLOP/s (FlashAttention's count: 4BHT^2D / 2 forward, 2.5x that backward),
    do_bench medians, beside each SDPA backend pinned with sdpa_kernel (flash, cudnn, efficient; a refusal
    says why) and SDPA's own choice; then the tiles the autotuner chose.
-4. training: train.py --preset gpt2-124m (bf16, compiled) on random tokens with --attn sdpa and triton:
+4. training: first train.py's plan (--plan) of the preset on this node's GPUs and memory, and of the run
+   below; then train.py --preset gpt2-124m (bf16, compiled) on random tokens with --attn sdpa and triton:
    tokens/s (median of the last two thirds of the steps), MFU against the assumed peak and the measured
-   matmul rate, peak memory (torch.cuda.max_memory_allocated after train.main returns: log.jsonl lacks it).
+   matmul rate, peak memory (torch.cuda.max_memory_allocated after train.main returns: log.jsonl lacks it)
+   beside the plan's estimate.
 5. multi-GPU (one node, up to 8 GPUs): all-reduce bus bandwidth (nccl-tests' busbw = algbw x 2(n-1)/n);
    train.py's losses under dp, tp, pp and tp x pp against one GPU, step by step (fp32, TF32 off through
    NVIDIA_TF32_OVERRIDE=0, lr 1e-4, the same global batch): ok when max |difference| <= 1e-3.
@@ -28,9 +30,11 @@ NCCL, a failed compile, no time left) is a row saying why. Rows print as they co
 rewritten after each, so a run killed midway keeps what it measured; the whole table prints again at the
 end. Exit status 1 when a row is FAIL or error.
 --dry-run: the same code on the CPU: the kernel under TRITON_INTERPRET=1 in fp32 and fp16 (bf16 tl.dot is
-wrong in the interpreter), train.py on a 1-layer model, gloo with 2 ranks and one parallel layout.
+wrong in the interpreter), train.py on a 1-layer model (--attn sdpa compiled by inductor, triton eager),
+the plans for 2 GPUs of 80 GiB, gloo with 2 ranks and one parallel layout.
 """
 import argparse
+import io
 import json
 import math
 import os
@@ -44,7 +48,7 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -360,8 +364,8 @@ def speed_section(table, clock, cfg, device, dtype, on_gpu):
 
 def child_env(dry_run):
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS and not k.startswith("TORCHELASTIC")}
-    if dry_run:
-        env.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    if dry_run:  # inductor compiles in this process: no pool of compile workers on a small CPU
+        env.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1")
     return env
 
 
@@ -442,6 +446,21 @@ def flops_per_token(train_config, vocab):
     return model.flops_per_token(train_config.block_size)
 
 
+def plan_of(train_flags):
+    """train.py --plan with these flags, in this process -> the plan (the JSON object on its last line)."""
+    import train
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        train.main(["--plan", *train_flags])
+    return json.loads(printed.getvalue().strip().splitlines()[-1])
+
+
+def plan_row(plan):
+    return (f"dp {plan['dp']} x tp {plan['tp']} x pp {plan['pp']}, micro-batch {plan['micro_batch']} x "
+            f"{plan['grad_accum']} accumulation = {plan['tokens_per_step']:,} tokens/step, estimated peak "
+            f"{plan['peak_memory_gb']:.2f} GiB" + (f" of {plan['gpu_memory_gb']:.0f}" if plan["gpu_memory_gb"] else ""))
+
+
 def training_section(table, clock, cfg, env, tmp, on_gpu, peak, matmul_rate):
     import train
     S, vocab = "training", 50304 if on_gpu else 512  # GPT-2's 50257 rounded up to a multiple of 64
@@ -450,11 +469,28 @@ def training_section(table, clock, cfg, env, tmp, on_gpu, peak, matmul_rate):
     data_dir = write_tokens(os.path.join(tmp, "train_data"), vocab, 10_000_000 if on_gpu else 100_000, 100_000)
     flags = ["--preset", "gpt2-124m", "--data-dir", data_dir, "--max-steps", str(cfg.train_steps),
              "--eval-interval", "0", "--eval-steps", "1", "--grad-accum", str(cfg.train_grad_accum)]
-    flags += ["--compile"] if on_gpu else ["--no-compile", "--device", "cpu", "--dtype", "float32"] + [
+    flags += [] if on_gpu else ["--device", "cpu", "--dtype", "float32"] + [
         f"--{k.replace('_', '-')}={v}" for k, v in DRY_TRAIN.items()]
+    # the plans: the preset on every GPU of this node (what `torchrun --nproc-per-node gpu train.py --preset
+    # gpt2-124m` runs), and the run below on one; the dry run plans for 2 GPUs of 80 GiB
+    gpus, memory = (torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / 2**30) \
+        if on_gpu else (2, 80.0)
+    run_plan = None
+    if clock.left() < 5:
+        table.add(S, "plan", "skip", note=OUT_OF_TIME)
+    else:
+        with guard(table, S, "plan"):
+            plan = plan_of(["--preset", "gpt2-124m", "--gpus", str(gpus), "--gpu-memory", str(memory)])
+            table.add(S, f"plan: gpt2-124m on {gpus} GPU(s)", "ok" if plan["fits"] else "FAIL", plan_row(plan),
+                      "train.py --plan" + ("" if on_gpu else "; dry run: 2 GPUs of 80 GiB assumed"), plan=plan)
+            run_plan = plan_of([*flags, "--gpus", "1"] + (["--gpu-memory", str(memory)] if on_gpu else []))
+            table.add(S, "plan: the run below", "info", plan_row(run_plan), "eager estimate; compiled keeps less",
+                      plan=run_plan)
     fpt, speeds = flops_per_token(run, vocab), {}
     for i, attn in enumerate(("sdpa", "triton")):
-        name = f"gpt2-124m --attn {attn}" if on_gpu else f"tiny preset --attn {attn}"
+        # compiled as the preset runs, except the Triton kernel under its CPU interpreter
+        compiled = on_gpu or attn == "sdpa"
+        name = (f"gpt2-124m --attn {attn}" if on_gpu else f"tiny preset --attn {attn}") + (" compiled" * compiled)
         timeout = clock.left() / (2 - i)  # the first run leaves the second its half
         if timeout < 5:
             table.add(S, name, "skip", note=OUT_OF_TIME)
@@ -462,19 +498,21 @@ def training_section(table, clock, cfg, env, tmp, on_gpu, peak, matmul_rate):
         with guard(table, S, name):
             out_dir, stats_path = os.path.join(tmp, f"train_{attn}"), os.path.join(tmp, f"train_{attn}.json")
             os.makedirs(out_dir)
-            launch([__file__, "_train", stats_path, *flags, "--out-dir", out_dir, "--attn", attn], 1, env,
-                   timeout, out_dir)
+            launch([__file__, "_train", stats_path, *flags, "--out-dir", out_dir, "--attn", attn,
+                    "--compile" if compiled else "--no-compile"], 1, env, timeout, out_dir)
             rows, stats = losses(out_dir), json.load(open(stats_path))
             timed = rows[len(rows) // 3:]  # the first third holds compilation and autotuning
             speeds[attn] = statistics.median(r["tokens_per_sec"] for r in timed)
             mfu = [f"MFU {100 * fpt * speeds[attn] / p:.1f}% of {what}" for p, what in
                    ((peak, "assumed peak"), (matmul_rate, "measured matmul")) if p and on_gpu]
             table.add(S, name, "ok", f"{speeds[attn]:,.0f} tok/s | " + " | ".join(mfu or ["MFU n/a on the CPU"])
-                      + f" | peak memory {stats['peak_memory'] / 2**30:.2f} GiB",
+                      + f" | peak memory {stats['peak_memory'] / 2**30:.2f} GiB"
+                      + (f" (plan: {run_plan['peak_memory_gb']:.2f})" if run_plan and on_gpu else ""),
                       f"{stats['what']}; median of steps {timed[0]['step']}-{timed[-1]['step']}, {tokens_per_step:,} "
                       f"tokens/step; step 1 took {tokens_per_step / rows[0]['tokens_per_sec']:.1f} s; "
                       f"loss {rows[0]['loss']:.2f} -> {rows[-1]['loss']:.2f}",
-                      tokens_per_sec=speeds[attn], flops_per_token=fpt, peak_memory=stats["peak_memory"])
+                      tokens_per_sec=speeds[attn], flops_per_token=fpt, peak_memory=stats["peak_memory"],
+                      compiled=compiled)
             shutil.rmtree(out_dir)  # the checkpoint (1.5 GB for the preset)
     if len(speeds) == 2:
         table.add(S, "triton / sdpa", "info", f"{speeds['triton'] / speeds['sdpa']:.2f}x tokens/s")
