@@ -103,19 +103,20 @@ PRESETS = {
         dpo=["--max-steps", "6", "--batch-size", "4", "--eval-max", "24"],
         rl=["--max-steps", "4", "--batch-size", "4", "--group-size", "4", "--eval-max", "16", "--eval-interval", "2"],
     ),
-    # GPT-2 small, data parallel over every GPU of this machine; --grad-accum keeps 524,288 tokens a step.
+    # GPT-2 small, data parallel over every GPU of this machine; train.py's plan sets the accumulation that
+    # keeps 524,288 tokens a step at any GPU count.
     "gpu": dict(
         vocab_size="32768",
         data_workers=str(os.cpu_count() or 1),
         tokenize=[],
-        pretrain=["--preset", "gpt2-124m", "--batch-size", "16", "--block-size", "1024", "--max-steps", "5000",
+        pretrain=["--preset", "gpt2-124m", "--batch-size", "16", "--block-size", "1024", "--tokens-per-step", "524288",
+                  "--max-steps", "5000",
                   "--warmup-steps", "700", "--eval-interval", "250", "--eval-steps", "20"],
         sft=["--max-steps", "500"],
         dpo=["--max-steps", "300"],
         rl=["--max-steps", "300", "--batch-size", "4", "--eval-interval", "50", "--eval-max", "1000"],
     ),
 }
-GPU_SEQUENCES_PER_STEP = 512  # GPT-2 small's 524,288 tokens a step: 16 sequences x grad-accum x GPUs = 512
 MAX_EPOCHS = 4  # pretraining passes over the corpus past which a small model mostly memorises it
 CHAT_QUESTION = ("Which play is this from? Macbeth; Hamlet; Othello; King Lear\n\n"
                  "Ham.\nTo be, or not to be, that is the question")
@@ -172,8 +173,6 @@ def plan(cfg, ranks=1):
 
     def training(stage, script, inputs, *args):
         extra, notes = preset[stage], ()
-        if cfg.preset == "gpu" and stage == "pretrain":  # 16 sequences per GPU x accumulation x GPUs = 512
-            extra = with_flag(extra, "--grad-accum", max(1, GPU_SEQUENCES_PER_STEP // (16 * ranks)))
         if stage == "pretrain":
             extra, notes = size_pretraining(cfg, extra, ranks, tokens / "meta.json")
         command = [*launcher(ranks), script, *args, "--out-dir", out / stage, "--resume", *extra]
@@ -246,7 +245,8 @@ def size_pretraining(cfg, args, ranks, meta_path):
     a warning when the steps given are more passes than that, or the validation set is smaller than one
     evaluation reads. Before the shards exist the steps are the preset's (the stage plans again when it runs)."""
     flag = lambda name: int(args[args.index(name) + 1]) if name in args else 1  # noqa: E731
-    tokens_per_step = flag("--batch-size") * flag("--block-size") * flag("--grad-accum") * ranks
+    tokens_per_step = (flag("--tokens-per-step") if "--tokens-per-step" in args  # train.py's plan keeps it
+                       else flag("--batch-size") * flag("--block-size") * flag("--grad-accum") * ranks)
     steps = cfg.pretrain_steps or flag("--max-steps")
     args = with_flag(args, "--max-steps", steps)
     try:

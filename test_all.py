@@ -5543,9 +5543,12 @@ def test_pipeline_gpu_preset_uses_the_gpus_this_machine_has(tmp_path, monkeypatc
         assert len(training) == 4 and all(c[:len(launch)] == launch and c[len(launch)] in ("train.py", "align.py")
                                           for c in training)
         pretrain = [str(c) for c in training[0]]
-        config = flags.parse_flags(train.TrainConfig, pretrain[pretrain.index("train.py") + 1:], "")
-        assert (config.tp, config.pp, config.grad_accum) == (1, 1, accum)
-        assert config.batch_size * config.block_size * config.grad_accum * gpus == 524_288
+        assert "--grad-accum" not in pretrain  # train.py's plan sets it for this many ranks:
+        args = pretrain[pretrain.index("train.py") + 1:]
+        del args[args.index("--data-dir"):args.index("--data-dir") + 2]  # the fake stages wrote no shards
+        _, planned = plan_of(capsys, *args, "--gpus", gpus, "--gpu-memory", 80)
+        assert (planned["dp"], planned["tp"], planned["pp"], planned["grad_accum"]) == (gpus, 1, 1, accum)
+        assert planned["tokens_per_step"] == 524_288
         assert all(c[:2] == [sys.executable, "sample.py"] for c in ran if "sample.py" in c)
     monkeypatch.setattr(pipeline, "gpus_here", lambda: 0)
     ran, _ = fake_stages(monkeypatch)
