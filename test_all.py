@@ -3648,6 +3648,12 @@ def train_layout(grid, cfg, inp, schedule, m, steps, start=None):
         group["eps"] = inp["eps"]
     if start is not None:
         train.load_sharded_optimizer_state(model, grid, opt, start["optimizer"])
+    grads, optimizer_step = {}, opt.step  # the first step's (clipped) grads, read as the optimizer gets them
+
+    def step_keeping_first_grads(*args, **kwargs):
+        grads.update({} if grads else {n: p.grad.clone() for n, p in model.named_parameters()})
+        return optimizer_step(*args, **kwargs)
+    opt.step = step_keeping_first_grads
     # gpipe runs clip (checks the global norm), 1f1b does not (checks the unclipped scale of the grads)
     train_cfg = types.SimpleNamespace(schedule=schedule, grad_clip=inp["clip"] if schedule == "gpipe" else 0.0)
     out = {"losses": []}
@@ -3660,8 +3666,7 @@ def train_layout(grid, cfg, inp, schedule, m, steps, start=None):
                                          torch.autocast("cpu", enabled=False))
         dist.all_reduce(loss, group=grid.dp_group)
         out["losses"].append(loss.item() / grid.dp)
-        if step == first_step:  # grads (clipped) are still there after the step
-            grads = {n: p.grad for n, p in model.named_parameters()}
+        if step == first_step:
             out["grads"] = train.gather_full(model, grid, grads)
     whole, out["optimizer"] = train.gather_checkpoint(model, grid, opt)
     out["params"] = whole.state_dict() if whole is not None else None

@@ -1207,13 +1207,12 @@ def finish_gradients(model, grid, loss_sum, grad_clip):
 
 
 def parallel_train_step(model, grid, optimizer, batches, lr, cfg, autocast):
-    """train_step under --tp/--pp: the schedule, finish_gradients, the optimizer -> this replica's mean loss.
-    Grads are zeroed before the step rather than after, so tests can read them."""
+    """train_step under --tp/--pp: the schedule, finish_gradients, the optimizer -> this replica's mean loss."""
     set_learning_rate(optimizer, lr, cfg)
-    optimizer.zero_grad(set_to_none=True)
     loss_sum = pipeline_step(model, grid, batches, cfg.schedule, autocast)
     loss, _ = finish_gradients(model, grid, loss_sum, cfg.grad_clip)
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return loss
 
 
