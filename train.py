@@ -208,12 +208,12 @@ def lost_a_peer(error):
     return dist.is_initialized() and (isinstance(error, dist.DistError) or "gloo/transport" in str(error))
 
 
-def all_reduce_mean(value, group=None):
-    """Mean of a scalar tensor over the group (gloo has no AVG, so SUM then divide)."""
+def all_reduce(tensor, group=None, op=dist.ReduceOp.SUM):
+    """In place over the group (nothing to do in one process); returns the tensor, so it can end an
+    expression. A mean is the sum over the group divided by its size: gloo has no AVG."""
     if dist.is_initialized():
-        dist.all_reduce(value, group=group)
-        value = value / dist.get_world_size(group)
-    return value
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
 
 
 def peak_flops(device):
@@ -668,7 +668,7 @@ def evaluate(model, val_data, cfg, dp_rank, dp_size, device, autocast, dp_group=
             with autocast:
                 total += model(x, y)[1].float()
     model.train()
-    return all_reduce_mean(total / cfg.eval_steps, dp_group).item()
+    return (all_reduce(total / cfg.eval_steps, dp_group) / dp_size).item()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -853,7 +853,7 @@ def main(argv=None):
             loss = parallel_train_step(model, grid, optimizer, batches, lr, cfg, autocast)
         else:
             loss = train_step(model, optimizer, scaler, batches, lr, cfg, autocast)
-        loss = all_reduce_mean(loss, dp_group).item()
+        loss = (all_reduce(loss, dp_group) / dp_size).item()
         step += 1
         check_finite(loss, "loss", step, ckpt_path)
         dt = time.time() - t0
@@ -929,12 +929,6 @@ class Grid:
         self.prev_rank = None if self.is_first else self.pp_ranks[self.pp_rank - 1]
         self.next_rank = None if self.is_last else self.pp_ranks[self.pp_rank + 1]
         dist.barrier()  # a collective on the world group before the first point-to-point (NCCL wants one)
-
-
-def all_reduce(tensor, group, op=dist.ReduceOp.SUM):
-    """In place over the group; returns the tensor, so it can end an expression."""
-    dist.all_reduce(tensor, op=op, group=group)
-    return tensor
 
 
 # ---------------------------------------------------------------------------------------------------
