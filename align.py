@@ -78,9 +78,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from flags import parse_flags
-from model import (GPT, PrefixCache, load_checkpoint, pick_device, read_checkpoint, remove_stale_temporaries,
-                   save_checkpoint)
+from flags import parse_flags, remove_stale_temporaries
+from model import GPT, PrefixCache, load_checkpoint, pick_device, read_checkpoint, save_checkpoint
 from tokenize_data import END, ROLES, chat_token_ids, render_conversation, tokenizer_from_dict
 
 

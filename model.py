@@ -543,11 +543,6 @@ def save_checkpoint(path, model, **extra):
                          "--out-dir) and run again with --resume.") from None
 
 
-def remove_stale_temporaries(path):
-    """Delete path.tmp and path.tmp<pid> that killed writers of path left (a whole checkpoint each); -> them."""
-    return flags.remove_stale_temporaries(path)
-
-
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint dict; a missing file or one this project did not write is one clear sentence."""
     if not os.path.isfile(path):

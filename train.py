@@ -62,8 +62,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from flags import config_parser
-from model import GPT, GPTConfig, load_checkpoint, read_checkpoint, remove_stale_temporaries, save_checkpoint
+from flags import config_parser, remove_stale_temporaries
+from model import GPT, GPTConfig, load_checkpoint, read_checkpoint, save_checkpoint
 
 
 @dataclass
