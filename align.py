@@ -78,7 +78,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from flags import parse_flags, remove_stale_temporaries
+from flags import atomic_output, parse_flags, remove_stale_temporaries, same_file
 from model import GPT, PrefixCache, load_checkpoint, pick_device, read_checkpoint, save_checkpoint
 from tokenize_data import END, ROLES, chat_token_ids, render_conversation, tokenizer_from_dict
 
@@ -441,21 +441,13 @@ def log_row(run, entry):
 
 
 def write_log(path, rows):
-    """log.jsonl := rows, written to a temporary name and renamed into place."""
-    with open(f"{path}.tmp{os.getpid()}", "w") as f:
+    """log.jsonl := rows, by flags.py's rule for outputs (temporary name, rename)."""
+    with atomic_output(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(f"{path}.tmp{os.getpid()}", path)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints: what a run is made from, resuming, saving
-
-def same_file(a, b):
-    """Whether paths a and b name one file: relative or absolute, through symlinks, or hard-linked."""
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return os.path.realpath(a) == os.path.realpath(b)
-
 
 def fingerprint(paths=(), tensors=None):
     """sha256 of the files' bytes and of {name: tensor}'s values: what a run was made from, so --resume

@@ -71,7 +71,8 @@ import numpy as np
 from datasketch import MinHash
 from datasketch.minhash import _fmix as fmix  # datasketch's MurmurHash3 finalizer: fmix(uint32|uint64 array, bits)
 
-from flags import config_parser, files_under, remove_stale_temporaries, stale_temporaries, temporary_path
+from flags import (config_parser, files_under, remove_stale_temporaries, same_file, stale_temporaries,
+                   temporary_path)
 
 SEED = 1             # datasketch's default permutation seed
 SCHEME = "affine32"  # datasketch 2.x's default scheme: fmix32, then h -> a h + b mod 2^32 per permutation
@@ -145,11 +146,6 @@ def expand_inputs(inputs):
     return found
 
 
-def _same_file(a, b):
-    """True when two paths name one file: the same real path (symlinks, '..'), or the same inode (hard links)."""
-    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-
-
 def _written_by_dedup(report_path, out):
     """True when report_path holds a dedup.py report of an earlier run whose OUT had the name of `out`."""
     try:
@@ -172,8 +168,9 @@ def check_outputs(files, folders, cfg, paths, temps):
         folder = next(q for q in p.absolute().parents if q.exists())
         if not folder.is_dir():
             raise SystemExit(f"{flag} {p} cannot be written: {folder} is a file, not a folder; choose another path")
+        ours = [p, tmp, *map(Path, stale_temporaries(p))]  # listed once, not once per input file
         for f, _ in files:
-            if any(_same_file(f, Path(q)) for q in [p, tmp, *stale_temporaries(p)]):
+            if any(same_file(f, q) for q in ours):
                 raise SystemExit(f"{flag} {p} is also an input ({f}); write the outputs outside the input "
                                  f"files and folders")
         for folder in folders:  # a .jsonl written there would be read back as input by the next run

@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from flags import parse_flags
+from flags import parse_flags, temporary_path
 from model import GPTConfig, HF_ARCHITECTURES, hf_architecture, hf_config, hf_state_dict, read_checkpoint
 
 
@@ -64,7 +64,7 @@ def model_card(ckpt, config, arch, n_params):
 
 def write_folder(out, files):
     """files {name: str | callable(path)} -> the folder out, written beside it and renamed into place."""
-    tmp, old = f"{out}.tmp{os.getpid()}", f"{out}.old{os.getpid()}"
+    tmp, old = temporary_path(out), f"{out}.old{os.getpid()}"
     os.makedirs(tmp)
     try:
         for name, content in files.items():

@@ -90,6 +90,13 @@ def files_under(folder):
 # new one, never half of one. A NAME.tmp or NAME.tmp<pid> beside an output can only be what a killed run
 # left, so a stage deletes those of its outputs before it writes them (one run per output folder).
 
+def same_file(a, b):
+    """Whether two paths name one file: the same real path (symlinks, '..'), or the same inode (hard links).
+    An output that is an input, however spelled, is refused with this."""
+    return os.path.realpath(a) == os.path.realpath(b) or (
+        os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
 def temporary_path(path):
     """-> the name this process writes `path` under until it is complete: NAME.tmp<pid>."""
     return f"{path}.tmp{os.getpid()}"

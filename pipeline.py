@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from flags import parse_flags
+from flags import parse_flags, write_atomic
 
 STAGES = ("fetch", "dedup", "tokenize", "pretrain", "chatdata", "sft", "dpo", "rl", "sample", "export")  # in order
 
@@ -426,10 +426,9 @@ def read_record(path):
 
 
 def write_record(path, record):
-    """pipeline.json, written to a temporary name and renamed into place."""
+    """pipeline.json, by flags.py's rule for outputs (temporary name, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_name(path.name + ".tmp").write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(path.with_name(path.name + ".tmp"), path)
+    write_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
 
 
 def read_rows(log_path):

@@ -47,8 +47,8 @@ import numpy as np
 import regex
 import tiktoken
 
-from flags import (config_parser, files_under, remove_stale_temporaries, stale_temporaries, temporary_path,
-                   write_atomic)
+from flags import (config_parser, files_under, remove_stale_temporaries, same_file, stale_temporaries,
+                   temporary_path, write_atomic)
 
 # GPT-4's cl100k pre-tokenizer pattern. Why this one over GPT-2's: digits split into runs of at most 3,
 # contractions match in any case ("'S"), and runs of newlines stay together with their indentation
@@ -492,7 +492,7 @@ def check_paths(paths, out_dir):
     ours = [out / name for name in OUTPUT_FILES]
     ours += [Path(t) for q in ours for t in stale_temporaries(q)]
     for p in paths:
-        if any(p.resolve() == q.resolve() or (q.exists() and os.path.samefile(p, q)) for q in ours):
+        if any(same_file(p, q) for q in ours):
             raise SystemExit(f"{p} is an input and also an output in --out-dir {out_dir}; pass another --out-dir.")
     for q in ours[:len(OUTPUT_FILES)]:
         remove_stale_temporaries(q)
