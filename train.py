@@ -524,7 +524,7 @@ def model_fits_layout(c, tp, pp):
         and pp <= c.n_layer
 
 
-def make_plan(cfg, given, ckpt, ckpt_path):
+def make_plan(cfg, given, ckpt, ckpt_path, data):
     """-> (cfg with the layout, micro-batch and accumulation to run, the plan as a dict, its lines for people).
 
     The layout: --tp/--pp when given, else data parallel, unless no micro-batch fits one GPU: then the
@@ -541,9 +541,8 @@ def make_plan(cfg, given, ckpt, ckpt_path):
         limit = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
     dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if cuda or cfg.plan else "float32"
     train_tokens = None
-    if cfg.data_dir or not cfg.plan:  # a run needs its data anyway; checked here, before any GPU work
-        train_data, _, meta = load_data(cfg.data_dir, cfg.block_size)
-        train_tokens = len(train_data)
+    if data is not None:  # (train, val, meta) from load_data
+        train_tokens, meta = len(data[0]), data[2]
     else:
         meta = {"vocab_size": ckpt["model_config"]["vocab_size"] if ckpt else PLAN_VOCAB}
     try:
@@ -736,7 +735,9 @@ def human_time(seconds):
 def main(argv=None):
     cfg, given, ckpt, ckpt_path = resolve_config(argv)
     check_config(cfg)
-    cfg, plan, plan_lines = make_plan(cfg, given, ckpt, ckpt_path)  # before any process group or GPU memory
+    # the data, read and checked once, before any process group or GPU memory; --plan may go without it
+    data = load_data(cfg.data_dir, cfg.block_size) if cfg.data_dir or not cfg.plan else None
+    cfg, plan, plan_lines = make_plan(cfg, given, ckpt, ckpt_path, data)
     if cfg.plan or int(os.environ.get("RANK", "0")) == 0:
         print("\n".join(plan_lines), flush=True)
     if cfg.plan:  # the plan's last line: the plan as one JSON object
@@ -756,7 +757,7 @@ def main(argv=None):
     grid = Grid(cfg.tp, cfg.pp) if cfg.tp * cfg.pp > 1 else None
     dp_rank, dp_size, dp_group = (grid.dp_rank, grid.dp, grid.dp_group) if grid else (rank, world_size, None)
 
-    train_data, val_data, meta = load_data(cfg.data_dir, cfg.block_size)
+    train_data, val_data, meta = data
     tokenizer = data_tokenizer(cfg.data_dir)
     if tokenizer is None and (ckpt or {}).get("tokenizer") is None:  # the checkpoint will carry none
         say(f"note: {cfg.data_dir} has no tokenizer.tiktoken, so align.py will refuse this model and sample.py "
