@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from flags import atomic_output, parse_flags, remove_stale_temporaries, same_file
-from model import GPT, PrefixCache, load_checkpoint, pick_device, read_checkpoint, save_checkpoint
+from model import GPT, PrefixCache, load_checkpoint, lost_peer, pick_device, read_checkpoint, save_checkpoint
 from tokenize_data import END, ROLES, chat_token_ids, render_conversation, tokenizer_from_dict
 
 
@@ -958,10 +958,8 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except RuntimeError as e:  # under torchrun, a rank that stopped fails its peers' next collective: say so,
-        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or "gloo/transport" in str(e))):
-            raise              # instead of the collective's traceback (as train.py does)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        other = f"rank {1 - rank}" if world == 2 else "another rank"
-        raise SystemExit(f"rank {rank} of {world}: {other} stopped mid-run (killed, out of memory, or see its own "
-                         "message), so this one stops too; --resume continues from the last checkpoint.") from None
+    except RuntimeError as e:
+        news = lost_peer(e)  # another rank stopped: one sentence, not the collective's traceback
+        if news is None:
+            raise
+        raise SystemExit(f"{news}; --resume continues from the last checkpoint.") from None

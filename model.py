@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Literal, get_args
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -632,6 +633,19 @@ def tokenizer_problem(tok, vocab_size):
     except (ValueError, TypeError):
         return f"its tokenizer's token {token!r} is not base64; {DAMAGED}"
     return None
+
+
+def lost_peer(error):
+    """A collective that failed because another rank is gone (gloo's reset or closed connection: a plain
+    RuntimeError naming gloo's transport; NCCL's DistError) -> the sentence that says so; else None. Under
+    torchrun a rank that stopped (killed, out of memory) fails its peers' next collective: that is the news,
+    not the collective's traceback."""
+    if not (dist.is_initialized() and (isinstance(error, dist.DistError) or "gloo/transport" in str(error))):
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    other = f"rank {1 - rank}" if world == 2 else "another rank"
+    return (f"rank {rank} of {world}: {other} stopped mid-run (killed, out of memory, or see its own message), "
+            "so this one stops too")
 
 
 def pick_device(flag):

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from flags import config_parser, remove_stale_temporaries
-from model import GPT, GPTConfig, load_checkpoint, read_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, load_checkpoint, lost_peer, read_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -200,12 +200,6 @@ def setup_distributed(device_flag):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", **({"device_id": device} if cuda else {}))
     return rank, world_size, local_rank, device
-
-
-def lost_a_peer(error):
-    """Whether error is a collective failing because another rank is gone: gloo's reset or closed
-    connection (a plain RuntimeError naming gloo's transport), or NCCL's DistError."""
-    return dist.is_initialized() and (isinstance(error, dist.DistError) or "gloo/transport" in str(error))
 
 
 def all_reduce(tensor, group=None, op=dist.ReduceOp.SUM):
@@ -1337,11 +1331,8 @@ def load_sharded_optimizer_state(model, grid, optimizer, whole_state):
 if __name__ == "__main__":
     try:
         main()
-    except RuntimeError as e:  # under torchrun, a rank that stopped (killed, out of memory) fails its peers'
-        if not lost_a_peer(e):  # next collective; that is the news, not the collective's traceback
+    except RuntimeError as e:
+        news = lost_peer(e)  # another rank stopped: one sentence, not the collective's traceback
+        if news is None:
             raise
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        other = f"rank {1 - rank}" if world == 2 else "another rank"
-        raise SystemExit(f"rank {rank} of {world}: {other} stopped mid-run (killed, out of memory, or see its own "
-                         "message), so this one stops too; the last checkpoint in --out-dir is kept, and --resume "
-                         "continues from it.") from None
+        raise SystemExit(f"{news}; the last checkpoint in --out-dir is kept, and --resume continues from it.") from None
