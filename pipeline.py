@@ -316,13 +316,13 @@ def first_change(old, new, what):
     return ""
 
 
-def why_rerun(record, stage):
+def why_rerun(record, stage, inputs, outputs):
     """-> (why the stage runs, in a few words, or "" when it is complete; whether it may resume).
-    record: what pipeline.json holds for it; stage: its Stage now."""
+    record: what pipeline.json holds for it; stage: its Stage now; inputs, outputs: their fingerprints now."""
     if stage.outputs is None:
         return "", False
     if not record:
-        made = [p for p in fingerprint(stage.outputs).values() if p is not None]
+        made = [p for p in outputs.values() if p is not None]
         return ("no record of what made its outputs" if made else "", False)
     if record.get("command") != shown(stage.commands):
         old, new = (sum([c + ["&&"] for c in commands], [])[:-1]  # one list of words
@@ -330,12 +330,12 @@ def why_rerun(record, stage):
         diff = [f"{shlex.join(old[i1:i2]) or '(nothing)'} -> {shlex.join(new[j1:j2]) or '(nothing)'}"
                 for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=old, b=new).get_opcodes() if tag != "equal"]
         return "its command changed: " + "; ".join(diff), False
-    changed = first_change(record.get("inputs", {}), fingerprint(stage.inputs), "its input")
+    changed = first_change(record.get("inputs", {}), inputs, "its input")
     if changed:
         return changed, False
     if "outputs" not in record:
         return "its last run stopped before the end", True
-    return first_change(record["outputs"], fingerprint(stage.outputs), "its output"), False
+    return first_change(record["outputs"], outputs, "its output"), False
 
 
 def lock(folders):
@@ -589,8 +589,9 @@ def run_stages(cfg, ranks, held):
                 print(f"\n=== {name}: nothing to do with --corpus")
                 continue
             mine = record["stages"].get(name)
-            why, resume = (f"--force {cfg.force}", False) if i >= redo_from else why_rerun(mine, stage)
-            made = stage.outputs is not None and None not in fingerprint(stage.outputs).values()
+            inputs, outputs = fingerprint(stage.inputs), fingerprint(stage.outputs or [])  # each walked once
+            why, resume = (f"--force {cfg.force}", False) if i >= redo_from else why_rerun(mine, stage, inputs, outputs)
+            made = stage.outputs is not None and None not in outputs.values()
             if not why and mine and made:
                 print(f"\n=== {name}: complete, skipped (--force {name} redoes it)")
                 continue
@@ -604,7 +605,7 @@ def run_stages(cfg, ranks, held):
             for note in stage.notes:
                 print(note)
             so_far = mine.get("seconds_so_far", 0.0) if resume else 0.0
-            record["stages"][name] = {"command": shown(stage.commands), "inputs": fingerprint(stage.inputs),
+            record["stages"][name] = {"command": shown(stage.commands), "inputs": inputs,
                                       "seconds_so_far": so_far}
             write_record(record_path, record)
             started, t0 = name, time.time()
@@ -613,7 +614,7 @@ def run_stages(cfg, ranks, held):
             seconds = round(so_far + time.time() - t0, 1)
             print(f"=== {name}: {seconds} s")
             started = None
-            record["stages"][name] = {"command": shown(stage.commands), "inputs": record["stages"][name]["inputs"],
+            record["stages"][name] = {"command": shown(stage.commands), "inputs": inputs,
                                       "outputs": fingerprint(stage.outputs or [])}
             record.update(preset=cfg.preset, corpus=cfg.corpus or "plays")
             record["seconds"] = {**record["seconds"], name: seconds}
