@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from flags import parse_flags, write_atomic
+from flags import files_under, parse_flags, write_atomic
 
 STAGES = ("fetch", "dedup", "tokenize", "pretrain", "chatdata", "sft", "dpo", "rl", "sample", "export")  # in order
 
@@ -286,7 +286,7 @@ def fingerprint(paths):
     entry, a hash of its files' prints, so that pipeline.json stays small for a large corpus."""
     prints = {}
     for path in map(Path, paths):
-        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        files = files_under(path) if path.is_dir() else [path]  # as the stages read it: links followed
         mine = {}
         for f in files:
             if f.name.startswith(".") or ".tmp" in f.name:

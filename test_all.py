@@ -5390,6 +5390,19 @@ def test_pipeline_fingerprint_of_a_large_folder_is_one_entry(tmp_path, monkeypat
     assert len(pipeline.fingerprint([tmp_path])) == 3  # three files: one entry each
 
 
+def test_pipeline_fingerprint_follows_symlinked_folders_as_the_stages_do(tmp_path):
+    """dedup.py reads a corpus's symlinked subfolders, so a file edited in one changes the fingerprint."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "b.txt").write_text("text")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("text")
+    (tmp_path / "corpus" / "linked").symlink_to(tmp_path / "elsewhere")
+    before = pipeline.fingerprint([tmp_path / "corpus"])
+    assert sorted(before) == [str(tmp_path / "corpus" / "a.txt"), str(tmp_path / "corpus" / "linked" / "b.txt")]
+    (tmp_path / "elsewhere" / "b.txt").write_text("edited text")
+    assert pipeline.fingerprint([tmp_path / "corpus"]) != before
+
+
 def test_pipeline_fixing_a_corpus_that_failed_reruns_dedup(tmp_path, monkeypatch, capsys):
     """A corpus whose documents the filters all removed: dedup ends, tokenize fails. After the user adds a
     file to the corpus, dedup runs again instead of counting as complete."""
