@@ -5,6 +5,7 @@ pipeline.py: one command from raw text to a chatting model, on the default corpu
     python pipeline.py                    # CPU, 2 cores: about 15 minutes end to end
     python pipeline.py --preset gpu       # GPT-2 small, data parallel over every GPU of this machine
     python pipeline.py --force pretrain   # redo a stage and every stage after it
+    python pipeline.py --seed 2 --out-dir out2  # an independent run: every training stage seeded anew
     python pipeline.py --corpus my_texts/ [--chat-dir my_chat/]  # your .txt/.jsonl/.jsonl.gz, not the plays
     python pipeline.py --corpus my_texts/ --no-filters --dedup-flags="--threshold 0.7"  # dedup.py's flags
 
@@ -72,6 +73,7 @@ class PipelineConfig:
     pretrain_steps: int = 0        # pretraining's optimizer steps; 0: the preset's, cut to 4 passes over the corpus
     no_filters: bool = False       # dedup: skip the quality filters (only clean and deduplicate)
     dedup_flags: str = ""          # more dedup.py flags, as typed after it: --dedup-flags="--threshold 0.7 --strict"
+    seed: int = 0                  # seeds every training stage (weights, batches, samples); 0: the scripts' own (1337)
 
 
 PRESETS = {
@@ -175,7 +177,8 @@ def plan(cfg, ranks=1):
         extra, notes = preset[stage], ()
         if stage == "pretrain":
             extra, notes = size_pretraining(cfg, extra, ranks, tokens / "meta.json")
-        command = [*launcher(ranks), script, *args, "--out-dir", out / stage, "--resume", *extra]
+        seed = ["--seed", str(cfg.seed)] if cfg.seed else []  # another seed: an independent run of every stage
+        command = [*launcher(ranks), script, *args, "--out-dir", out / stage, "--resume", *extra, *seed]
         return Stage([command], inputs, [ckpt[stage]], tuple(notes))
 
     dedup_flags = (["--no-filters"] if cfg.no_filters else []) + shlex.split(cfg.dedup_flags)
@@ -557,6 +560,8 @@ def check_flags(cfg):
         raise SystemExit(f"--dedup-flags {cfg.dedup_flags!r}: {e}; quote it as you would on a command line")
     if cfg.pretrain_steps < 0:
         raise SystemExit(f"--pretrain-steps {cfg.pretrain_steps}: give a number of steps, or 0 for the preset's")
+    if cfg.seed < 0:
+        raise SystemExit(f"--seed {cfg.seed}: give a positive seed, or 0 for the scripts' own")
     if cfg.preset != "gpu":
         return 0
     gpus = gpus_here()
