@@ -105,6 +105,10 @@ class AlignConfig:
     group_size: int = 16           # GRPO: answers sampled per prompt (G); advantages are relative to the group
     max_new_tokens: int = 16       # GRPO: an answer ends at <|end|> or after this many tokens (then it earns nothing)
     temperature: float = 0.5       # GRPO: sampling temperature of the answers (and of the held-out pass@k); see below
+    num_iterations: int = 1        # GRPO: optimizer updates on each step's samples; after the first, PPO's clipped ratio
+    clip_low: float = 0.2          # GRPO, --num-iterations > 1: a token's ratio pi/pi_sampler is clipped at 1 - this ...
+    clip_high: float = 0.28        # ... and at 1 + this (DAPO's clip-higher: a rare right answer has room to rise)
+    eval_samples: int = 0          # GRPO: answers sampled per held-out question for val_pass@1 and val_pass@k; 0: --group-size
     seed: int = 1337               # batches, held-out sample, DPO's visited pairs, GRPO's samples follow from it
     device: str = "auto"           # auto (cuda when a GPU is visible, else cpu) | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 autocast on cuda, float32 on cpu
@@ -132,6 +136,9 @@ def check_config(cfg):
     if cfg.method == "grpo" and (cfg.group_size < 2 or cfg.max_new_tokens < 1 or cfg.temperature <= 0):
         raise SystemExit("--group-size must be at least 2 (advantages are relative to the group), --max-new-tokens "
                          "at least 1 and --temperature positive (equal samples teach nothing).")
+    if not (cfg.num_iterations >= 1 and 0 <= cfg.clip_low < 1 and cfg.clip_high >= 0 and cfg.eval_samples >= 0):
+        raise SystemExit(f"--num-iterations {cfg.num_iterations} must be at least 1, --clip-low {cfg.clip_low} in "
+                         f"[0, 1), --clip-high {cfg.clip_high} and --eval-samples {cfg.eval_samples} not negative.")
     for flag in ("batch_size", "lr", "eval_interval", "warmup_steps", "weight_decay", "grad_clip"):
         if getattr(cfg, flag) < 0:
             raise SystemExit(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must not be negative.")
@@ -214,9 +221,10 @@ class Method(NamedTuple):
     """One method's part of the shared loop (built by sft_method, dpo_method, grpo_method)."""
     train: list                    # the examples the steps draw from
     val: list                      # the held-out examples (none: no evaluation)
-    step_loss: Callable            # (net, idx, step) -> (loss, {figure: sum over this rank's examples idx})
+    step_loss: Callable            # (net, idx, step, update) -> (loss, {figure: sum over this rank's examples idx})
     evaluate: Callable             # (rows: the log so far) -> {held-out figure: value}
     init_is_reference: bool        # the --init weights stay part of the run (--resume checks them)
+    updates: int = 1               # optimizer updates on each step's batch (GRPO's --num-iterations)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -530,22 +538,25 @@ def learning_rate(step, cfg):
 
 
 def train_step(run, method, model, net, optimizer, step):
-    """One optimizer step on this rank's share of the step's batch -> its log row."""
-    cfg, t0 = run.cfg, time.time()
+    """method.updates optimizer steps (one but for GRPO's --num-iterations) on this rank's share of the
+    step's batch -> its log row: the first update's figures, and those only later updates report."""
+    cfg, t0, row = run.cfg, time.time(), {}
     lr = learning_rate(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
     idx = batch_indices(step, len(method.train), cfg.batch_size, run.rank, run.world, cfg.seed)
-    with run.ctx:
-        loss, sums = method.step_loss(net, idx, step)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-    stats = {k: v / (len(idx) * run.world) for k, v in all_reduce_sums(sums, run.world).items()}
-    check_finite({"the loss": stats["loss"], "the gradient norm": float(grad_norm)}, step + 1, run.ckpt_path)
-    if float(grad_norm) > 0:  # no gradient (GRPO: every group scored alike): Adam's momentum alone must not move
-        optimizer.step()      # the weights, as it would for ~10 steps, again and again when signal is sparse
-    optimizer.zero_grad(set_to_none=True)
-    return {"step": step + 1, **stats, "lr": lr, "grad_norm": float(grad_norm), "dt_ms": 1000 * (time.time() - t0)}
+    for update in range(method.updates):
+        with run.ctx:
+            loss, sums = method.step_loss(net, idx, step, update)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        stats = {k: v / (len(idx) * run.world) for k, v in all_reduce_sums(sums, run.world).items()}
+        check_finite({"the loss": stats["loss"], "the gradient norm": float(grad_norm)}, step + 1, run.ckpt_path)
+        if float(grad_norm) > 0:  # no gradient (GRPO: every group scored alike): Adam's momentum alone must not
+            optimizer.step()      # move the weights, as it would for ~10 steps, again and again when signal is sparse
+        optimizer.zero_grad(set_to_none=True)
+        row = {**stats, "grad_norm": float(grad_norm), **row}  # the first update's figures win
+    return {"step": step + 1, **row, "lr": lr, "dt_ms": 1000 * (time.time() - t0)}
 
 
 def train_loop(run, method, model, net, optimizer, start_step, save_at):
@@ -649,7 +660,7 @@ def sft_method(cfg, run, init, train_records, val_records):
     block_size = init.model.config.block_size
     train = tokenize_records(train_records, init.enc, block_size, cfg.data)
     val = tokenize_records(val_records, init.enc, block_size, "held-out") if val_records else []
-    return Method(train, val, lambda net, idx, step: sft_step_loss(net, train, idx, run.device),
+    return Method(train, val, lambda net, idx, step, update: sft_step_loss(net, train, idx, run.device),
                   lambda rows: evaluate_sft(init.model, cfg, val, run), init_is_reference=False)
 
 
@@ -728,7 +739,7 @@ def dpo_method(cfg, run, init, train_records, val_records):
         if val:
             ref_val = logprobs_of(model, [s for ex in val for s in ex["seqs"]], run, 2 * cfg.batch_size).view(-1, 2)
     run.say(f"reference log-probs of {len(train) + len(val)} pairs in {time.time() - t0:.1f}s")
-    return Method(train, val, lambda net, idx, step: dpo_step_loss(net, cfg, train, ref_train, idx, run.device),
+    return Method(train, val, lambda net, idx, step, update: dpo_step_loss(net, cfg, train, ref_train, idx, run.device),
                   lambda rows: evaluate_dpo(model, cfg, val, ref_val, run), init_is_reference=True)
 
 
@@ -814,15 +825,16 @@ def completion_logprobs(model, prompts, completions, temperature=1.0):
     y = torch.tensor([c + [-1] * (T - len(c)) for c in completions], device=device)      # (P*G, T) targets
     rows = []
     for i, prompt in enumerate(prompts):
-        cache, targets = PrefixCache(), y[i * G:(i + 1) * G]                                # (G, T)
-        logits, _ = model(torch.tensor([prompt], device=device), kv_cache=cache)         # (1, L, vocab)
-        logits = logits[:, -1:].expand(G, 1, -1)              # the prompt's last position predicts token 0
-        if T > 1:  # token t is predicted at completion token t-1 (padding fed as 0: its outputs are masked)
-            more, _ = model(targets[:, :-1].clamp(min=0), kv_cache=cache)                # (G, T-1, vocab)
-            logits = torch.cat([logits, more], dim=1)                                   # (G, T, vocab)
+        T_i = max(map(len, completions[i * G:(i + 1) * G]))  # this group's longest: less padding to run
+        cache, targets = PrefixCache(), y[i * G:(i + 1) * G, :T_i]                          # (G, T_i)
+        logits, _ = model(torch.tensor([prompt], device=device), kv_cache=cache, last_only=True)  # (1, 1, vocab)
+        logits = logits.expand(G, 1, -1)                      # the prompt's last position predicts token 0
+        if T_i > 1:  # token t is predicted at completion token t-1 (padding fed as 0: its outputs are masked)
+            more, _ = model(targets[:, :-1].clamp(min=0), kv_cache=cache)              # (G, T_i-1, vocab)
+            logits = torch.cat([logits, more], dim=1)                                 # (G, T_i, vocab)
         nll = F.cross_entropy(logits.flatten(0, 1).float() / temperature, targets.flatten(), ignore_index=-1,
                               reduction="none")
-        rows.append(-nll.view(G, T))
+        rows.append(F.pad(-nll.view(G, T_i), (0, T - T_i)))
     return torch.cat(rows), y >= 0
 
 
@@ -834,43 +846,80 @@ def group_advantages(rewards):
     return rewards - rewards.mean(dim=1, keepdim=True)
 
 
-def policy_gradient_loss(logp, mask, advantages, ref_logp=None, beta=0.0):
-    """-(1/N) sum_i sum_t mask_it * (A_i logp_it - beta kl_it): logp (N, T) the policy's log-probs of the
-    sampled tokens, mask (N, T) True on completion tokens only (the <|end|> too: stopping is an action;
-    never prompt or padding), A_i (N,) the completion's advantage, shared by its tokens. Summed over a
-    completion's tokens, not averaged (1/|o_i| would go easy on long wrong answers: Dr. GRPO); averaged
-    over the N completions. One update per batch of fresh samples (on-policy): PPO's ratio pi/pi_old is 1
-    and its clipping never acts, so this is its gradient. kl_it = e^(ref-logp) - (ref-logp) - 1 >= 0
-    estimates KL(pi || ref) without bias (Schulman's k3); its gradient pulls logp towards ref_logp."""
-    per_token = advantages[:, None] * logp
+def clipped_policy_loss(logp, old_logp, mask, advantages, clip_low=0.2, clip_high=0.28, ref_logp=None, beta=0.0,
+                        n=None):
+    """-(1/N) sum_i sum_t mask_it * (min(r_it A_i, clip(r_it, 1 - clip_low, 1 + clip_high) A_i) - beta kl_it).
+
+    logp (M, T) the policy's log-probs of the sampled tokens now, old_logp (M, T) those of the policy that
+    drew them, r_it = exp(logp_it - old_logp_it); mask (M, T) True on completion tokens only (the <|end|>
+    too: stopping is an action; never prompt or padding); A_i (M,) the completion's advantage, shared by
+    its tokens; N = n (the step's completions, when flat groups were left out of the M), else M. PPO's
+    surrogate, token by token as in GRPO: at a step's first update r = 1 and the gradient is
+    A_i grad logp_it, the plain policy gradient; later updates on the same samples (--num-iterations)
+    stop pushing a token once its ratio has left the band in its advantage's direction. Summed over a
+    completion's tokens, not averaged (1/|o_i| would go easy on long wrong answers: Dr. GRPO).
+    kl_it = e^(ref-logp) - (ref-logp) - 1 >= 0 estimates KL(pi || ref) without bias (Schulman's k3); its
+    gradient pulls logp towards ref_logp. -> (loss, share of the masked tokens the clip stops)."""
+    ratio = (logp - old_logp).exp()
+    bounded = ratio.clamp(1 - clip_low, 1 + clip_high)
+    per_token = torch.minimum(ratio * advantages[:, None], bounded * advantages[:, None])
     if beta:
         log_ratio = ref_logp - logp
         per_token = per_token - beta * (log_ratio.exp() - log_ratio - 1)
-    return -(per_token * mask).sum() / logp.size(0)
+    clipped = ((bounded * advantages[:, None] < ratio * advantages[:, None]) & mask).sum() / mask.sum().clamp(min=1)
+    return -(per_token * mask).sum() / (n or logp.size(0)), clipped.detach()
 
 
-def grpo_step_loss(net, model, cfg, train, idx, ref, enc, end_id, step, device):
-    """One step on this rank's prompts idx: sample, score, loss; and sums over the prompts of per-group
-    means for the log (reward, completion length, truncated share, groups with no signal, KL). The samples
-    follow from (seed, step, prompt) alone: a resumed run, or another number of ranks, draws the same."""
+class Samples(NamedTuple):
+    """One step's samples on this rank, drawn at its first update and reused by the others."""
+    prompts: list                  # the prompts whose group has signal (every prompt when --beta > 0)
+    completions: list              # their G answers each, prompt-major
+    advantages: torch.Tensor       # (len(completions),)
+    ref_logp: object               # (len(completions), T) under the frozen --init model, or None
+    n: int                         # completions drawn in all: the loss's N, so a left-out group still counts
+    figures: dict                  # sums over the step's prompts for the log (reward, length, ...)
+
+
+def draw_samples(model, cfg, train, idx, ref, enc, end_id, step, device):
+    """Sample G answers to each of this rank's prompts idx and score them -> Samples. A group whose answers
+    all scored alike has advantage 0 throughout: without a KL term it adds nothing to the gradient, so it
+    is left out of the loss's forward and backward (it still counts in N: the same gradient, less work).
+    The samples follow from (seed, step, prompt) alone: a resumed run, or another number of ranks, draws
+    the same."""
     G, prompts = cfg.group_size, [train[i]["prompt"] for i in idx]
     seeds = [cfg.seed + 1_000_003 * (step + 1) + i for i in idx]
     completions, finished = rollout(model, prompts, G, cfg.max_new_tokens, cfg.temperature, end_id, seeds)
     rewards = torch.tensor(rewards_of(enc, completions, finished, [train[i]["answer"] for i in idx for _ in range(G)]),
                            device=device).view(len(idx), G)                                     # (P, G)
-    # The policy is the distribution the answers were sampled from, softmax(logits / T) (as TRL): then the
-    # gradient is on-policy at any --temperature, and its argmax, the greedy answer, is the model's own.
-    logp, mask = completion_logprobs(net, prompts, completions, cfg.temperature)               # (P*G, T)
-    ref_logp, kl = None, torch.zeros((), device=device)
+    flat = rewards.min(dim=1).values == rewards.max(dim=1).values                            # (P,)
+    keep = [p for p in range(len(idx)) if ref is not None or not flat[p]] or [0]  # one at least: DDP's backward
+    kept = [c for p in keep for c in completions[p * G:(p + 1) * G]]
+    advantages = group_advantages(rewards)[keep].flatten()
+    ref_logp = None
     if ref is not None:
         with torch.no_grad():
-            ref_logp, _ = completion_logprobs(ref, prompts, completions, cfg.temperature)
-            log_ratio = ref_logp - logp.detach()
-            kl = ((log_ratio.exp() - log_ratio - 1) * mask).sum() / G
-    loss = policy_gradient_loss(logp, mask, group_advantages(rewards).flatten(), ref_logp, cfg.beta)
-    return loss, {"loss": loss.detach() * len(idx), "reward": rewards.sum() / G, "kl": kl,
-                  "completion_len": mask.sum() / G, "truncated": torch.tensor(finished).logical_not().sum() / G,
-                  "no_signal": (rewards.min(dim=1).values == rewards.max(dim=1).values).sum()}
+            ref_logp, _ = completion_logprobs(ref, [prompts[p] for p in keep], kept, cfg.temperature)
+    lengths = torch.tensor([len(c) for c in completions], device=device, dtype=torch.float)
+    figures = {"reward": rewards.sum() / G, "completion_len": lengths.sum() / G,
+               "truncated": torch.tensor(finished).logical_not().sum() / G, "no_signal": flat.sum()}
+    return Samples([prompts[p] for p in keep], kept, advantages, ref_logp, len(completions), figures)
+
+
+def grpo_step_loss(net, cfg, samples, update, old_logp):
+    """The clipped policy loss on the step's samples at this update; old_logp holds the sampler's log-probs,
+    which are the policy's own at the first update (no second forward for them) -> (loss, sums for the log)."""
+    logp, mask = completion_logprobs(net, samples.prompts, samples.completions, cfg.temperature)   # (M, T)
+    loss, clipped = clipped_policy_loss(logp, old_logp[0] if update else logp.detach(), mask, samples.advantages,
+                                        cfg.clip_low, cfg.clip_high, samples.ref_logp, cfg.beta, samples.n)
+    P = samples.n // cfg.group_size  # the sums are over the step's prompts, as the loop expects
+    if update:
+        return loss, {"loss": loss.detach() * P, "clipped": clipped * P}
+    old_logp[:] = [logp.detach()]
+    kl = torch.zeros((), device=logp.device)
+    if samples.ref_logp is not None:  # KL(pi || init) per completion, summed over the group's prompts
+        log_ratio = samples.ref_logp - logp.detach()
+        kl = ((log_ratio.exp() - log_ratio - 1) * mask).sum() / cfg.group_size
+    return loss, {"loss": loss.detach() * P, **samples.figures, "kl": kl}
 
 
 @torch.no_grad()
@@ -878,7 +927,7 @@ def evaluate_grpo(model, cfg, val, enc, end_id, run, rows):
     """val_accuracy (the greedy answer earns the reward), overall and per task; val_pass@1 and val_pass@G
     from G samples per question at --temperature (pass@G: any of them right); the change since step 0
     (paired_change); val_right, the greedy verdict per question, which the next evals compare with."""
-    n, mine = cfg.group_size, list(range(run.rank, len(val), run.world))
+    n, mine = cfg.eval_samples or cfg.group_size, list(range(run.rank, len(val), run.world))
     prompts, answers = [val[i]["prompt"] for i in mine], [val[i]["answer"] for i in mine]
     right, hits = torch.zeros(len(val), device=run.device), torch.zeros(len(val), device=run.device)
     with run.ctx:
@@ -923,10 +972,15 @@ def grpo_method(cfg, run, init, train_records, val_records):
     val = tokenize_questions(val_records, init.enc, block_size, cfg.max_new_tokens,
                              "held-out") if val_records else []
     ref = GPT.from_checkpoint(init.ckpt, run.device).eval().requires_grad_(False) if cfg.beta > 0 else None
-    return Method(train, val, lambda net, idx, step: grpo_step_loss(net, model, cfg, train, idx, ref, init.enc,
-                                                                    init.end_id, step, run.device),
-                  lambda rows: evaluate_grpo(model, cfg, val, init.enc, init.end_id, run, rows),
-                  init_is_reference=ref is not None)
+    drawn, old_logp = [], []  # the step's Samples and the sampler's log-probs, kept for its later updates
+
+    def step_loss(net, idx, step, update):
+        if update == 0:
+            drawn[:] = [draw_samples(model, cfg, train, idx, ref, init.enc, init.end_id, step, run.device)]
+        return grpo_step_loss(net, cfg, drawn[0], update, old_logp)
+
+    return Method(train, val, step_loss, lambda rows: evaluate_grpo(model, cfg, val, init.enc, init.end_id, run, rows),
+                  init_is_reference=ref is not None, updates=cfg.num_iterations)
 
 
 # ===================================================================================================
@@ -945,7 +999,10 @@ def main(argv=None):
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (0.9, 0.95), run.device.split(":")[0])
     made = made_from(cfg, init, method)
     start_step = resume_or_start(run, init, made, model, optimizer)
-    net = DDP(model, device_ids=[run.device] if run.device.startswith("cuda") else None) if run.distributed else model
+    # broadcast_buffers off: the buffers (RoPE's tables) are constants, and a broadcast at every forward would
+    # need every rank to run as many forwards (GRPO's ranks score as many prompts as have signal)
+    net = DDP(model, device_ids=[run.device] if run.device.startswith("cuda") else None,
+              broadcast_buffers=False) if run.distributed else model
     t_start = time.time()
     train_loop(run, method, model, net, optimizer, start_step,
                save_at=lambda step: write_checkpoint(run, init, made, model, optimizer, step))

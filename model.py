@@ -367,12 +367,14 @@ class GPT(nn.Module):
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, last_only=False):
         """idx (B, T) -> logits (B, T, vocab); with targets (B, T), also the mean cross-entropy.
 
         targets[b, t] is the token that should follow idx[b, t] (the caller shifts); -1 is ignored
         (a batch whose targets are all -1 has no loss to average: NaN, as in F.cross_entropy).
-        With a kv_cache, idx holds only the new tokens and the cache supplies the rest.
+        With a kv_cache, idx holds only the new tokens and the cache supplies the rest. last_only: the
+        logits of the last position alone (B, 1, vocab), all a prompt's prefill needs (the head is
+        a third of a small model's work per position).
         """
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
@@ -384,7 +386,7 @@ class GPT(nn.Module):
             x = block(x, rope, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.pos += T
-        logits = self.head(x)                                            # (B, T, vocab)
+        logits = self.head(x[:, -1:] if last_only else x)                # (B, T or 1, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
@@ -413,14 +415,14 @@ class GPT(nn.Module):
             for _ in range(max_new_tokens):
                 start = window_start(context.size(1), bs)
                 if not use_cache:
-                    logits, _ = self(context[:, start:])
+                    logits, _ = self(context[:, start:], last_only=True)
                 elif start != cache_start:  # prefill, or the window jumped: positions changed
                     # room for this window's tokens and the rest to come, never more than the block: an
                     # imported model's context may be 100k positions
                     room = min(bs, context.size(1) - start + max_new_tokens)
                     cache = KVCache(self.config, context.size(0), room, idx.device, self.lm_head.weight.dtype)
                     cache_start = start
-                    logits, _ = self(context[:, start:], kv_cache=cache)
+                    logits, _ = self(context[:, start:], kv_cache=cache, last_only=True)
                 else:
                     logits, _ = self(context[:, -1:], kv_cache=cache)
                 if context.size(0) < B:  # the prompts ran once; now each becomes num_samples rows

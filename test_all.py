@@ -4454,20 +4454,31 @@ def test_align_group_advantages_are_reward_minus_group_mean_and_zero_when_all_sc
     assert torch.allclose(adv[2], torch.tensor([0.75, -0.25, -0.25, -0.25]))
 
 
-def test_align_policy_gradient_loss_by_hand_on_numbers():
+def test_align_clipped_policy_loss_by_hand_on_numbers():
     logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.25, -4.0]], requires_grad=True)
     mask = torch.tensor([[True, True, False], [False, True, True]])
     adv = torch.tensor([0.5, -1.5])
-    loss = align.policy_gradient_loss(logp, mask, adv)
-    want = -(0.5 * (-1.0 - 2.0) + -1.5 * (-0.25 - 4.0)) / 2
-    assert abs(loss.item() - want) < 1e-6
+    # the first update: the sampler is the policy (ratio 1): the value sums A over the tokens, the gradient
+    # is the plain policy gradient A grad logp, and nothing is clipped
+    loss, clipped = align.clipped_policy_loss(logp, logp.detach(), mask, adv)
+    assert abs(loss.item() - -(0.5 * 2 + -1.5 * 2) / 2) < 1e-6 and clipped.item() == 0
     loss.backward()
     assert torch.allclose(logp.grad, -adv[:, None] * mask / 2)  # masked tokens get no gradient
+    # a later update, ratios [[1.5, 1.1, -], [-, 0.5, 1.5]] with the band [0.8, 1.28]: the first token (A > 0,
+    # risen past 1.28) and the fifth (A < 0, fallen below 0.8) are clipped, value and gradient; the last
+    # (A < 0, risen) keeps its unclipped, worse value and its gradient; N = 4 completions drawn in all
+    logp.grad = None
+    old = logp.detach() - torch.tensor([[1.5, 1.1, 1.0], [1.0, 0.5, 1.5]]).log()
+    loss, clipped = align.clipped_policy_loss(logp, old, mask, adv, clip_low=0.2, clip_high=0.28, n=4)
+    want = -(0.5 * 1.28 + 0.5 * 1.1 + -1.5 * 0.8 + -1.5 * 1.5) / 4
+    assert abs(loss.item() - want) < 1e-6 and abs(clipped.item() - 2 / 4) < 1e-6
+    loss.backward()
+    assert torch.allclose(logp.grad, -torch.tensor([[0.0, 0.5 * 1.1, 0.0], [0.0, 0.0, -1.5 * 1.5]]) / 4)
     # with the KL term: k3 = e^(ref - logp) - (ref - logp) - 1 per unmasked token
     ref = torch.tensor([[-1.5, -2.0, 3.0], [9.0, -0.75, -3.0]])
     k3 = lambda r, p: math.exp(r - p) - (r - p) - 1  # noqa: E731
-    loss = align.policy_gradient_loss(logp, mask, adv, ref, beta=0.1)
-    want_kl = want + 0.1 * (k3(-1.5, -1.0) + k3(-2.0, -2.0) + k3(-0.75, -0.25) + k3(-3.0, -4.0)) / 2
+    loss, _ = align.clipped_policy_loss(logp, logp.detach(), mask, adv, ref_logp=ref, beta=0.1)
+    want_kl = 1.0 + 0.1 * (k3(-1.5, -1.0) + k3(-2.0, -2.0) + k3(-0.75, -0.25) + k3(-3.0, -4.0)) / 2
     assert abs(loss.item() - want_kl) < 1e-6
 
 
@@ -4490,7 +4501,7 @@ def test_align_grpo_loss_on_a_padded_batch_equals_each_sequence_scored_alone(tem
     assert mask.sum(dim=1).tolist() == [3, 1, 3, 1]
     for beta in (0.0, 0.2):
         model.zero_grad()
-        loss = align.policy_gradient_loss(logp, mask, adv, ref_logp, beta)
+        loss, _ = align.clipped_policy_loss(logp, logp.detach(), mask, adv, ref_logp=ref_logp, beta=beta)
         loss.backward(retain_graph=True)
         shared_grads = [p.grad.clone() for p in model.parameters()]
         model.zero_grad()
@@ -4501,8 +4512,9 @@ def test_align_grpo_loss_on_a_padded_batch_equals_each_sequence_scored_alone(tem
             lp = F.log_softmax(model(seq)[0][0] / temperature, dim=-1)
             lr = F.log_softmax(ref(seq)[0][0] / temperature, dim=-1).detach()
             for t, tok in enumerate(c):  # completion token t is predicted at position len(p) - 1 + t
-                d = lr[len(p) - 1 + t, tok] - lp[len(p) - 1 + t, tok]
-                want = want - (a * lp[len(p) - 1 + t, tok] - beta * (d.exp() - d - 1))
+                here = lp[len(p) - 1 + t, tok]
+                d = lr[len(p) - 1 + t, tok] - here
+                want = want - (a * (here - here.detach()).exp() - beta * (d.exp() - d - 1))  # ratio 1, its gradient
         (want / 4).backward()
         assert abs(loss.item() - want.item() / 4) < 1e-5
         for got, expect in zip(shared_grads, (p.grad for p in model.parameters())):
