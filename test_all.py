@@ -4423,6 +4423,58 @@ def test_align_resume_with_other_data_or_another_init_is_one_sentence(tmp_path, 
     assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 3
 
 
+def test_align_refused_resume_stops_before_the_methods_setup(tmp_path, monkeypatch, tiny_checkpoint):
+    """--resume onto another method's checkpoint, with edited --data or (DPO) another --init is refused
+    before the method's setup (DPO scores every pair with the reference first), so it costs seconds."""
+    pairs = [{"prompt": f"alpha {i}", "chosen": "good", "rejected": "bad"} for i in range(8)]
+    data = str(write_jsonl(tmp_path / "dpo.jsonl", pairs))
+    out = tmp_path / "dpo"
+    run = ["--method", "dpo", "--init", tiny_checkpoint, "--data", data, "--out-dir", out, "--eval-fraction", "0",
+           "--batch-size", "2", "--max-steps", "1"]
+    align.main(list(map(str, run)))
+    sft_out = tmp_path / "sft"
+    align.main(["--init", tiny_checkpoint, "--data", toy_sft(tmp_path), "--out-dir", str(sft_out), "--max-steps", "1"])
+
+    def setup(*args):
+        pytest.fail("the method's setup ran before --resume was refused")
+    for name in ("sft_method", "dpo_method", "grpo_method"):
+        monkeypatch.setattr(align, name, setup)
+    refused(align.main, [*run, "--resume", "--out-dir", sft_out], "not a dpo run from a model shaped as --init")
+    write_jsonl(data, pairs[:-1])  # edited since
+    refused(align.main, [*run, "--resume"], f"not from --data {data} as it is now")
+    write_jsonl(data, pairs)
+    _, other = save_tiny_checkpoint(tmp_path / "other.pt", tiny_tokenizer()[1], seed=1, **ALIGN_MODEL)
+    refused(align.main, [*run, "--resume", "--init", other], f"not from --init {other} as it is now")
+
+
+def test_align_reads_data_once_and_records_the_sha256_of_its_bytes(tmp_path, monkeypatch, tiny_checkpoint):
+    data, val = toy_sft(tmp_path), str(write_jsonl(tmp_path / "val.jsonl", [{"prompt": "a", "response": "b"}]))
+    opened = []
+
+    def counting_open(file, *args, **kwargs):
+        opened.append(os.path.abspath(file))
+        return open(file, *args, **kwargs)
+    monkeypatch.setattr(align, "open", counting_open, raising=False)
+    align.main(["--init", tiny_checkpoint, "--data", data, "--val-data", val, "--out-dir", str(tmp_path / "o"),
+                "--max-steps", "1", "--batch-size", "2"])
+    assert opened.count(data) == 1 and opened.count(val) == 1, opened
+    made = load_checkpoint(str(tmp_path / "o" / "ckpt.pt"))["made_from"]
+    assert made == {"data": hashlib.sha256(Path(data).read_bytes()).hexdigest(),
+                    "val_data": hashlib.sha256(Path(val).read_bytes()).hexdigest()}
+
+
+def test_align_log_interval_prints_every_nth_step_the_last_and_every_eval(tmp_path, capsys, tiny_checkpoint):
+    data, out = toy_sft(tmp_path), tmp_path / "o"
+    argv = ["--init", tiny_checkpoint, "--data", data, "--val-data", data, "--out-dir", out, "--batch-size", "2",
+            "--max-steps", "7", "--eval-interval", "5"]
+    align.main(list(map(str, argv + ["--log-interval", "3"])))
+    printed = capsys.readouterr().out
+    assert re.findall(r"^step (\d+)/7 \|", printed, re.M) == ["3", "6", "7"]
+    assert re.findall(r"^eval step (\d+):", printed, re.M) == ["0", "5", "7"]
+    assert [e["step"] for e in read_log(out) if "loss" in e] == [1, 2, 3, 4, 5, 6, 7]  # the log keeps every step
+    refused(align.main, argv + ["--log-interval", "0"], "--log-interval 0: must be at least 1")
+
+
 # ---------------------------------------------------------------------------------- align: GRPO
 # A byte-level tokenizer (the special tokens after the 256 bytes: ids 256..260) and a one-layer model.
 
