@@ -4795,6 +4795,19 @@ def test_sample_chat_renders_through_render_conversation_and_stops(tmp_path, mon
     assert capsys.readouterr().out == greedy_reply(model, ids, 20) + "\n"
 
 
+def test_sample_chat_stops_at_every_special_token(tmp_path, monkeypatch, capsys):
+    """The model writes "ab", then a special token: the reply ends before it, whichever special token it is
+    (tokenize_data.stop_token_ids: ids 256..260 after the byte tokenizer's 256 bytes)."""
+    assert tokenize_data.stop_token_ids(byte_tokenizer()) == [256, 257, 258, 259, 260]
+    path = sample_chat_checkpoint(tmp_path)[1]
+    for stop in (256, 258, 260):
+        written = iter([ord("a"), ord("b"), stop, ord("c")])
+        monkeypatch.setattr(GPT, "stream", lambda self, *args, **kwargs: (torch.tensor(t) for t in written))
+        capsys.readouterr()
+        sample.main(["--ckpt", path, "--chat", "--prompt", "hi", "--max-new-tokens", "4"])
+        assert capsys.readouterr().out == "ab\n"
+
+
 def test_sample_chat_honours_num_samples_and_refuses_it_without_a_prompt(tmp_path, capsys):
     model, path = sample_chat_checkpoint(tmp_path)
     sample.main(["--ckpt", path, "--chat", "--prompt", "hi", "--num-samples", "3", "--temperature", "0",
@@ -5161,6 +5174,14 @@ def test_export_with_a_tokenizer_feeds_transformers_align_and_sample_chat(tmp_pa
     align.main(["--method", "sft", "--init", str(tmp_path / "hf"), "--data", str(toy_sft(tmp_path)),
                 "--out-dir", str(tmp_path / "sft"), "--max-steps", "1", "--eval-fraction", "0"])
     assert load_checkpoint(tmp_path / "sft" / "ckpt.pt")["model_config"] == back["model_config"]
+
+
+def test_export_eos_token_ids_are_every_special_token_where_sample_chat_stops(tmp_path):
+    """export.py's eos_token_id is tokenize_data.stop_token_ids, where sample.py's chat stops: the ids of the
+    five special tokens, after the 256 bytes of the byte tokenizer."""
+    path = save_tiny_checkpoint(tmp_path / "ckpt.pt", byte_tokenizer(), block_size=64, n_kv_head=4)[1]
+    export.main(["--ckpt", path, "--out", str(tmp_path / "hf")])
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == [256, 257, 258, 259, 260]
 
 
 def test_export_train_init_from_a_folder_takes_its_tokenizer_and_refuses_shards_of_another(tmp_path, monkeypatch):
