@@ -29,8 +29,9 @@ the reward (per "task" too); val_pass@1 and val_pass@G: of G answers sampled at 
 right and whether any is; val_gained, val_lost, val_change_se: greedy answers that flipped since step 0.
 
 Every method evaluates before the first step and after the last (and every --eval-interval steps, saving
-a checkpoint each time). Prints one line per step and per eval; writes OUT/log.jsonl and OUT/ckpt.pt
-(weights, tokenizer, "stage", train_config, the log up to its step, and sha256 fingerprints of its inputs).
+a checkpoint each time). Prints a line every --log-interval steps, the last step's and each eval's; writes
+OUT/log.jsonl (every step) and OUT/ckpt.pt (weights, tokenizer, "stage", train_config, the log up to its
+step, and sha256 fingerprints of its inputs).
 
 Design choices:
 - Chat template (tokenize_data.render_conversation, the tokenizer's chat contract, which sample.py's chat
@@ -93,6 +94,7 @@ class AlignConfig:
     eval_fraction: float = 0.1     # share of groups held out when there is no --val-data
     eval_max: int = 200            # held-out examples scored per eval (keeps evals cheap)
     eval_interval: int = 0         # evaluate and checkpoint every this many steps; 0: only at the start and the end
+    log_interval: int = 10         # print every this many steps (and the last); evals always print; log.jsonl has all
     max_steps: int = -1            # optimizer steps; -1: 300 sft, 100 dpo, 40 grpo; 0: only evaluate --init
     batch_size: int = 0            # examples (DPO: pairs, GRPO: prompts) per step per rank; 0: 16 sft, 8 dpo, 32 grpo
     lr: float = 0.0                # peak learning rate; 0: 1e-3 for sft, 3e-4 for dpo, 2e-4 for grpo
@@ -131,8 +133,9 @@ def check_config(cfg):
         raise SystemExit(f"--eval-fraction {cfg.eval_fraction}: must be in [0, 1).")
     if not 0 <= cfg.min_lr_ratio <= 1:
         raise SystemExit(f"--min-lr-ratio {cfg.min_lr_ratio}: must be in [0, 1].")
-    if cfg.eval_max < 1:
-        raise SystemExit(f"--eval-max {cfg.eval_max}: must be at least 1.")
+    for flag in ("eval_max", "log_interval"):
+        if getattr(cfg, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must be at least 1.")
     if cfg.method == "grpo" and (cfg.group_size < 2 or cfg.max_new_tokens < 1 or cfg.temperature <= 0):
         raise SystemExit("--group-size must be at least 2 (advantages are relative to the group), --max-new-tokens "
                          "at least 1 and --temperature positive (equal samples teach nothing).")
@@ -245,9 +248,10 @@ def held_out(key, fraction):
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) / 2**32 < fraction
 
 
-def read_records(path, method, flag):
+def read_records(path, method, flag, digest=None):
     """-> [(record, group)]; prints the skipped lines (numbered); exits when nothing is usable.
-    The method's reader (sft_record, dpo_record, grpo_record) turns a line's object into a record."""
+    The method's reader (sft_record, dpo_record, grpo_record) turns a line's object into a record.
+    digest (a hashlib object), when given, takes the file's bytes as they are read: its fingerprint."""
     if not os.path.isfile(path):
         what = "a folder" if os.path.isdir(path) else "no such file"
         raise SystemExit(f"{flag} {path}: {what}; pass a JSONL file (see align.py's docstring).")
@@ -255,6 +259,8 @@ def read_records(path, method, flag):
     records, bad, n_lines = [], [], 0
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is one bad line, not the end of the file
         for line_no, raw in enumerate(f, 1):
+            if digest is not None:
+                digest.update(raw)
             if not raw.strip():
                 continue
             n_lines += 1
@@ -283,18 +289,22 @@ def read_records(path, method, flag):
 
 
 def read_split(cfg):
-    """-> (train, held-out) [(record, group)]: --val-data, or the groups of --data in --eval-fraction;
-    the held-out ones in a fixed shuffle, capped at --eval-max (so not just the first lines are scored)."""
-    records = read_records(cfg.data, cfg.method, "--data")
+    """-> (train, held-out) [(record, group)], and {"data", "val_data": sha256 of the file's bytes} (what
+    the checkpoint records it was made from, taken as the files are read): --val-data, or the groups of
+    --data in --eval-fraction; the held-out ones in a fixed shuffle, capped at --eval-max (so not just the
+    first lines are scored)."""
+    digests = {"data": hashlib.sha256(), "val_data": hashlib.sha256()}  # no --val-data: the hash of no bytes
+    records = read_records(cfg.data, cfg.method, "--data", digests["data"])
     if cfg.val_data:
-        train_records, val_records = records, read_records(cfg.val_data, cfg.method, "--val-data")
+        train_records = records
+        val_records = read_records(cfg.val_data, cfg.method, "--val-data", digests["val_data"])
     else:
         train_records = [r for r in records if not held_out(r[1], cfg.eval_fraction)]
         val_records = [r for r in records if held_out(r[1], cfg.eval_fraction)]
         if not train_records:
             raise SystemExit(f"--eval-fraction {cfg.eval_fraction} held out every group of {cfg.data}; lower it.")
     random.Random(cfg.seed).shuffle(val_records)
-    return train_records, val_records[:cfg.eval_max]
+    return train_records, val_records[:cfg.eval_max], {k: d.hexdigest() for k, d in digests.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -457,47 +467,53 @@ def write_log(path, rows):
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints: what a run is made from, resuming, saving
 
-def fingerprint(paths=(), tensors=None):
-    """sha256 of the files' bytes and of {name: tensor}'s values: what a run was made from, so --resume
-    can tell the same inputs from others (a copied or renamed file is the same; an edited one is not)."""
+def fingerprint(tensors):
+    """sha256 of {name: tensor}'s values: the --init weights a run was made from, so --resume can tell the
+    same weights from others (read_split takes the data files' sha256 as it reads them)."""
     h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    for name, t in sorted((tensors or {}).items()):
+    for name, t in sorted(tensors.items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
-def made_from(cfg, init, method):
-    """Fingerprints of what the run is made from: the data, and the --init weights where they stay the
-    reference (DPO; GRPO's KL)."""
-    made = {"data": fingerprint([cfg.data]), "val_data": fingerprint([cfg.val_data] if cfg.val_data else [])}
-    if method.init_is_reference:
-        made["init"] = fingerprint(tensors=init.ckpt["model"])
-    return made
+def check_resume(run, init, made):
+    """--resume: read OUT/ckpt.pt and refuse it (one sentence) when it is another method's, another
+    shape's or other inputs', before the method's setup (DPO scores every pair with the reference first)
+    -> its state, or None to start at step 0. A checkpoint that recorded its --init weights (its
+    reference) was made from them: made gets their fingerprint, so that a resume needs the same ones."""
+    cfg, ckpt_path = run.cfg, run.ckpt_path
+    if not (cfg.resume and os.path.isfile(ckpt_path)):
+        return None
+    state = load_checkpoint(ckpt_path)
+    if state.get("stage") != cfg.method or state["model_config"] != init.ckpt["model_config"]:
+        raise SystemExit(f"--resume: {ckpt_path} (a {state.get('stage')} checkpoint) is not a {cfg.method} run "
+                         "from a model shaped as --init; pick another --out-dir or drop --resume.")
+    if "made_from" not in state:
+        raise SystemExit(f"--resume: {ckpt_path} was written by an older version of align.py (it does not record "
+                         "its data); drop --resume to start again, or pick another --out-dir.")
+    if "init" in state["made_from"]:
+        made["init"] = fingerprint(init.ckpt["model"])
+    refuse_other_inputs(cfg, ckpt_path, state, made)
+    return state
 
 
-def resume_or_start(run, init, made, model, optimizer):
-    """--resume: load OUT/ckpt.pt (same method, shape and inputs) and its log -> its step; else step 0.
-    Rank 0 then rewrites log.jsonl from the log kept so far, so it is always one run's."""
+def refuse_other_inputs(cfg, ckpt_path, state, made):
+    """One sentence naming the inputs whose fingerprint in made differs from the checkpoint's record."""
+    changed = [k for k in made if state["made_from"].get(k) != made[k]]
+    if changed:
+        now, then = (" and ".join(f"--{k.replace('_', '-')} {c[k] or '(none)'}" for k in changed)
+                     for c in (asdict(cfg), state["train_config"]))
+        raise SystemExit(f"--resume: {ckpt_path} was made from {then} as it was then, not from {now} as it is "
+                         "now; pass the inputs it was made from, or drop --resume to start again.")
+
+
+def resume_or_start(run, state, made, model, optimizer):
+    """state (check_resume's): load it and its log -> its step; None: step 0. Rank 0 then rewrites
+    log.jsonl from the log kept so far, so it is always one run's."""
     cfg, ckpt_path, start_step = run.cfg, run.ckpt_path, 0
-    if cfg.resume and os.path.isfile(ckpt_path):
-        state = load_checkpoint(ckpt_path)
-        if state.get("stage") != cfg.method or state["model_config"] != init.ckpt["model_config"]:
-            raise SystemExit(f"--resume: {ckpt_path} (a {state.get('stage')} checkpoint) is not a {cfg.method} run "
-                             "from a model shaped as --init; pick another --out-dir or drop --resume.")
-        if "made_from" not in state:
-            raise SystemExit(f"--resume: {ckpt_path} was written by an older version of align.py (it does not record "
-                             "its data); drop --resume to start again, or pick another --out-dir.")
-        changed = [k for k in made if state["made_from"].get(k) != made[k]]
-        if changed:
-            now, then = (" and ".join(f"--{k.replace('_', '-')} {c[k] or '(none)'}" for k in changed)
-                         for c in (asdict(cfg), state["train_config"]))
-            raise SystemExit(f"--resume: {ckpt_path} was made from {then} as it was then, not from {now} as it is "
-                             "now; pass the inputs it was made from, or drop --resume to start again.")
+    if state is not None:
+        refuse_other_inputs(cfg, ckpt_path, state, made)  # made may now hold the --init the method keeps
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, run.rows = state["step"], state.get("log", [])
@@ -566,8 +582,9 @@ def train_loop(run, method, model, net, optimizer, start_step, save_at):
         evaluate_and_log(run, method, 0)
     for step in range(start_step, cfg.max_steps):
         entry = train_step(run, method, model, net, optimizer, step)
-        run.say(f"step {step + 1}/{cfg.max_steps} | "
-                + " | ".join(f"{k} {v:.4g}" for k, v in entry.items() if k != "step"))
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_steps:
+            run.say(f"step {step + 1}/{cfg.max_steps} | "
+                    + " | ".join(f"{k} {v:.4g}" for k, v in entry.items() if k != "step"))
         log_row(run, entry)
         if step + 1 == cfg.max_steps or (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0):
             evaluate_and_log(run, method, step + 1)
@@ -992,13 +1009,17 @@ def main(argv=None):
     run = start_run(cfg)
     init = load_init(cfg, run.device)
     model = init.model
-    method = {"sft": sft_method, "dpo": dpo_method, "grpo": grpo_method}[cfg.method](cfg, run, init, *read_split(cfg))
+    train_records, val_records, made = read_split(cfg)
+    state = check_resume(run, init, made)  # a refused --resume costs seconds, not the method's setup
+    build = {"sft": sft_method, "dpo": dpo_method, "grpo": grpo_method}[cfg.method]
+    method = build(cfg, run, init, train_records, val_records)
     run.say(f"{cfg.method}: {len(method.train)} training and {len(method.val)} held-out examples, block_size "
             f"{model.config.block_size}, {run.world} rank(s), {cfg.max_steps} steps of {cfg.batch_size} per rank")
     model.train()
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (0.9, 0.95), run.device.split(":")[0])
-    made = made_from(cfg, init, method)
-    start_step = resume_or_start(run, init, made, model, optimizer)
+    if method.init_is_reference and "init" not in made:  # DPO; GRPO's KL: the weights stay part of the run
+        made["init"] = fingerprint(init.ckpt["model"])
+    start_step = resume_or_start(run, state, made, model, optimizer)
     # broadcast_buffers off: the buffers (RoPE's tables) are constants, and a broadcast at every forward would
     # need every rank to run as many forwards (GRPO's ranks score as many prompts as have signal)
     net = DDP(model, device_ids=[run.device] if run.device.startswith("cuda") else None,

@@ -106,8 +106,7 @@ def main(argv=None):
         enc = tokenize_data.tokenizer_from_dict(ckpt["tokenizer"])
         files = {name: json.dumps(content, indent=2, ensure_ascii=False) + "\n"
                  for name, content in tokenize_data.hf_tokenizer_files(enc).items()}
-        # generation stops where sample.py stops: at any special token
-        hf["eos_token_id"] = sorted(enc.encode_single_token(t) for t in enc.special_tokens_set)
+        hf["eos_token_id"] = tokenize_data.stop_token_ids(enc)  # generation stops where sample.py's chat stops
     from safetensors.torch import save_file
     n_params = sum(v.numel() for k, v in ckpt["model"].items() if not (k == "lm_head.weight" and config.tie_weights))
     files.update({"config.json": json.dumps(hf, indent=2) + "\n",

@@ -27,7 +27,7 @@ import torch
 
 from flags import parse_flags
 from model import GPT, pick_device, read_checkpoint
-from tokenize_data import DOC_START, chat_token_ids, render_conversation
+from tokenize_data import DOC_START, chat_token_ids, render_conversation, stop_token_ids
 
 
 @dataclass
@@ -101,7 +101,7 @@ def chat(model, enc, cfg, generator):
     """One turn (--prompt) or many (typed); the conversation is rendered anew each turn, oldest turns
     dropped until the reply has room in the block."""
     chat_token_ids(enc, model.config.vocab_size, f"--ckpt {cfg.ckpt}")  # one sentence if the tokens are missing
-    stop_ids = {enc.encode_single_token(name) for name in enc.special_tokens_set}
+    stop_ids = stop_token_ids(enc)
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []
     history = []  # finished messages, oldest first
     room = model.config.block_size - min(cfg.max_new_tokens, model.config.block_size // 2)

@@ -4423,6 +4423,58 @@ def test_align_resume_with_other_data_or_another_init_is_one_sentence(tmp_path, 
     assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 3
 
 
+def test_align_refused_resume_stops_before_the_methods_setup(tmp_path, monkeypatch, tiny_checkpoint):
+    """--resume onto another method's checkpoint, with edited --data or (DPO) another --init is refused
+    before the method's setup (DPO scores every pair with the reference first), so it costs seconds."""
+    pairs = [{"prompt": f"alpha {i}", "chosen": "good", "rejected": "bad"} for i in range(8)]
+    data = str(write_jsonl(tmp_path / "dpo.jsonl", pairs))
+    out = tmp_path / "dpo"
+    run = ["--method", "dpo", "--init", tiny_checkpoint, "--data", data, "--out-dir", out, "--eval-fraction", "0",
+           "--batch-size", "2", "--max-steps", "1"]
+    align.main(list(map(str, run)))
+    sft_out = tmp_path / "sft"
+    align.main(["--init", tiny_checkpoint, "--data", toy_sft(tmp_path), "--out-dir", str(sft_out), "--max-steps", "1"])
+
+    def setup(*args):
+        pytest.fail("the method's setup ran before --resume was refused")
+    for name in ("sft_method", "dpo_method", "grpo_method"):
+        monkeypatch.setattr(align, name, setup)
+    refused(align.main, [*run, "--resume", "--out-dir", sft_out], "not a dpo run from a model shaped as --init")
+    write_jsonl(data, pairs[:-1])  # edited since
+    refused(align.main, [*run, "--resume"], f"not from --data {data} as it is now")
+    write_jsonl(data, pairs)
+    _, other = save_tiny_checkpoint(tmp_path / "other.pt", tiny_tokenizer()[1], seed=1, **ALIGN_MODEL)
+    refused(align.main, [*run, "--resume", "--init", other], f"not from --init {other} as it is now")
+
+
+def test_align_reads_data_once_and_records_the_sha256_of_its_bytes(tmp_path, monkeypatch, tiny_checkpoint):
+    data, val = toy_sft(tmp_path), str(write_jsonl(tmp_path / "val.jsonl", [{"prompt": "a", "response": "b"}]))
+    opened = []
+
+    def counting_open(file, *args, **kwargs):
+        opened.append(os.path.abspath(file))
+        return open(file, *args, **kwargs)
+    monkeypatch.setattr(align, "open", counting_open, raising=False)
+    align.main(["--init", tiny_checkpoint, "--data", data, "--val-data", val, "--out-dir", str(tmp_path / "o"),
+                "--max-steps", "1", "--batch-size", "2"])
+    assert opened.count(data) == 1 and opened.count(val) == 1, opened
+    made = load_checkpoint(str(tmp_path / "o" / "ckpt.pt"))["made_from"]
+    assert made == {"data": hashlib.sha256(Path(data).read_bytes()).hexdigest(),
+                    "val_data": hashlib.sha256(Path(val).read_bytes()).hexdigest()}
+
+
+def test_align_log_interval_prints_every_nth_step_the_last_and_every_eval(tmp_path, capsys, tiny_checkpoint):
+    data, out = toy_sft(tmp_path), tmp_path / "o"
+    argv = ["--init", tiny_checkpoint, "--data", data, "--val-data", data, "--out-dir", out, "--batch-size", "2",
+            "--max-steps", "7", "--eval-interval", "5"]
+    align.main(list(map(str, argv + ["--log-interval", "3"])))
+    printed = capsys.readouterr().out
+    assert re.findall(r"^step (\d+)/7 \|", printed, re.M) == ["3", "6", "7"]
+    assert re.findall(r"^eval step (\d+):", printed, re.M) == ["0", "5", "7"]
+    assert [e["step"] for e in read_log(out) if "loss" in e] == [1, 2, 3, 4, 5, 6, 7]  # the log keeps every step
+    refused(align.main, argv + ["--log-interval", "0"], "--log-interval 0: must be at least 1")
+
+
 # ---------------------------------------------------------------------------------- align: GRPO
 # A byte-level tokenizer (the special tokens after the 256 bytes: ids 256..260) and a one-layer model.
 
@@ -4753,6 +4805,19 @@ def test_sample_chat_renders_through_render_conversation_and_stops(tmp_path, mon
     assert fed == [ids]
     assert tokenize_data.render_conversation(byte_tokenizer(), calls[0], add_generation_prompt=True)[0] == ids
     assert capsys.readouterr().out == greedy_reply(model, ids, 20) + "\n"
+
+
+def test_sample_chat_stops_at_every_special_token(tmp_path, monkeypatch, capsys):
+    """The model writes "ab", then a special token: the reply ends before it, whichever special token it is
+    (tokenize_data.stop_token_ids: ids 256..260 after the byte tokenizer's 256 bytes)."""
+    assert tokenize_data.stop_token_ids(byte_tokenizer()) == [256, 257, 258, 259, 260]
+    path = sample_chat_checkpoint(tmp_path)[1]
+    for stop in (256, 258, 260):
+        written = iter([ord("a"), ord("b"), stop, ord("c")])
+        monkeypatch.setattr(GPT, "stream", lambda self, *args, **kwargs: (torch.tensor(t) for t in written))
+        capsys.readouterr()
+        sample.main(["--ckpt", path, "--chat", "--prompt", "hi", "--max-new-tokens", "4"])
+        assert capsys.readouterr().out == "ab\n"
 
 
 def test_sample_chat_honours_num_samples_and_refuses_it_without_a_prompt(tmp_path, capsys):
@@ -5121,6 +5186,14 @@ def test_export_with_a_tokenizer_feeds_transformers_align_and_sample_chat(tmp_pa
     align.main(["--method", "sft", "--init", str(tmp_path / "hf"), "--data", str(toy_sft(tmp_path)),
                 "--out-dir", str(tmp_path / "sft"), "--max-steps", "1", "--eval-fraction", "0"])
     assert load_checkpoint(tmp_path / "sft" / "ckpt.pt")["model_config"] == back["model_config"]
+
+
+def test_export_eos_token_ids_are_every_special_token_where_sample_chat_stops(tmp_path):
+    """export.py's eos_token_id is tokenize_data.stop_token_ids, where sample.py's chat stops: the ids of the
+    five special tokens, after the 256 bytes of the byte tokenizer."""
+    path = save_tiny_checkpoint(tmp_path / "ckpt.pt", byte_tokenizer(), block_size=64, n_kv_head=4)[1]
+    export.main(["--ckpt", path, "--out", str(tmp_path / "hf")])
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == [256, 257, 258, 259, 260]
 
 
 def test_export_train_init_from_a_folder_takes_its_tokenizer_and_refuses_shards_of_another(tmp_path, monkeypatch):

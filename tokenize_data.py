@@ -18,7 +18,8 @@ batch at a time (tiktoken's Rust encoder releases the GIL) and this thread appen
 to train.bin or val.bin, in input order, under temporary names renamed into place at the end.
 
 The chat contract lives here too, as nanochat keeps it on its tokenizer: the role tokens and
-render_conversation (align.py trains on it, sample.py chats through it), and the same template in Jinja.
+render_conversation (align.py trains on it, sample.py chats through it), the ids a generated answer ends
+at (stop_token_ids: sample.py's chat, export.py's eos_token_id), and the same template in Jinja.
 hf_tokenizer_files writes an Encoding as Hugging Face tokenizer files (export.py calls it);
 encoding_from_hf reads a byte-level BPE tokenizer.json back into an Encoding with the same ids.
 
@@ -517,6 +518,13 @@ def chat_token_ids(enc, vocab_size, where):
         raise SystemExit(f"{where}: chat token ids reach {max(special.values())} but the model has "
                          f"vocab_size={vocab_size}; pretrain with the vocab size tokenize_data.py wrote.")
     return special
+
+
+def stop_token_ids(enc):
+    """The ids at which a chat answer ends when a model generates (sample.py's chat, export.py's
+    eos_token_id): every special token. <|end|> closes the turn; any other would start a turn or a
+    document that is not the model's to write."""
+    return sorted(enc.encode_single_token(t) for t in enc.special_tokens_set)
 
 
 def render_conversation(enc, messages, n_context=0, add_generation_prompt=False):

@@ -5,10 +5,9 @@ exactly as ours does: the same prompt ids and the same greedy answer, token for 
     python export.py --ckpt out/rl/ckpt.pt --out out/hf
     python bench/hf_answers.py --ckpt out/rl/ckpt.pt --hf out/hf --data data/chat/rl.jsonl
 
-The questions are those align.py's GRPO evaluation asks: align.read_records and align.held_out on --data
-(or --val-data, else the run's --val-data, whole), shuffled with the run's seed, with the run's
---eval-fraction and --max-new-tokens, all read from the checkpoint's train_config (align.py's defaults
-where it holds none).
+The questions are those align.py's GRPO evaluation asks: align.read_split of --data (or of --val-data,
+else the run's --val-data, whole), with the run's seed, --eval-fraction and --max-new-tokens, all read from
+the checkpoint's train_config (align.py's defaults where it holds none).
 Each prompt is rendered twice: by tokenize_data.render_conversation (add_generation_prompt), as align.py
 does, and by the folder's own tokenizer through apply_chat_template. Ours answers greedily through
 align.rollout (model.generate, temperature 0, KV cache, stopping at <|end|>) from our ids; transformers'
@@ -21,7 +20,6 @@ sentence (status 1) when any prompt or answer differs.
 """
 
 import os
-import random
 import sys
 from dataclasses import dataclass
 
@@ -45,17 +43,16 @@ class HFAnswersConfig:
 
 
 def held_out_questions(cfg, run):
-    """-> [(record, group)]: the held-out questions in align.py's order (its split, its shuffle)."""
-    if run["val_data"]:
-        questions = align.read_records(run["val_data"], "grpo", "--val-data")
-    else:
-        questions = [r for r in align.read_records(cfg.data, "grpo", "--data")
-                     if align.held_out(r[1], run["eval_fraction"])]
-    random.Random(run["seed"]).shuffle(questions)
+    """-> [(record, group)]: the held-out questions in align.py's order (align.read_split: its split, its
+    shuffle), all of them when --eval-max is 0."""
+    asked = cfg.eval_max if cfg.eval_max > 0 else sys.maxsize
+    split = align.AlignConfig(method="grpo", data=cfg.data, val_data=run["val_data"], seed=run["seed"],
+                              eval_fraction=run["eval_fraction"], eval_max=asked)
+    _, questions, _ = align.read_split(split)
     if not questions:
         raise SystemExit(f"--data {cfg.data}: no question falls in the held-out {run['eval_fraction']} of its groups; "
                          "pass the file the checkpoint's GRPO run was trained on.")
-    return questions[:cfg.eval_max] if cfg.eval_max > 0 else questions
+    return questions
 
 
 def load_hf(folder):
