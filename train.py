@@ -75,7 +75,7 @@ class TrainConfig:
     preset: str = ""               # a named set of defaults (PRESETS); gpt2-124m: GPT-2 small on GPUs
     init_from: str = ""            # start from these weights (a ckpt.pt or a Hugging Face folder), its shape, context
     # the model (GPTConfig); on resume its shape comes from the checkpoint
-    n_layer: int = 4               # transformer blocks
+    n_layer: int = 4               # number of transformer blocks
     n_head: int = 4                # attention (query) heads
     n_kv_head: int = 0             # key/value heads, each shared by a group of query heads (GQA); 0: n_head
     n_embd: int = 128              # width of the residual stream
