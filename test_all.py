@@ -66,6 +66,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import asdict, fields, replace
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -2469,7 +2470,8 @@ def test_attention_kernel_training_step_matches_sdpa():
 # loop, one process for DDP, an uninterrupted run for resume.
 
 TRAIN_TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
-              "--eval-steps", "2", "--warmup-steps", "2", "--lr", "3e-3"]
+              "--eval-steps", "2", "--warmup-steps", "2", "--lr", "3e-3", "--min-lr", "1e-4", "--optimizer", "adamw",
+              "--lr-schedule", "cosine", "--eval-interval", "100"]  # AdamW and a cosine: the references below
 
 
 def run_train(data, out, *flags):
@@ -2561,7 +2563,7 @@ def test_train_learning_rate_schedule_corners():
     """Linear warmup (step 0 already at lr / warmup, the last warmup step at lr), then a cosine from lr to
     min_lr over the decay steps (Loshchilov & Hutter 2017: min + (lr - min)(1 + cos(pi t / T)) / 2), then
     flat at min_lr."""
-    cfg = train.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    cfg = train.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, lr_schedule="cosine")
     cosine = lambda t, T: 0.1 + 0.9 * (1 + math.cos(math.pi * t / T)) / 2  # noqa: E731
     assert train.learning_rate_at(0, cfg) == pytest.approx(0.1)       # the first step: 1/10 of the way up, not 0
     assert train.learning_rate_at(4, cfg) == pytest.approx(0.5)
@@ -3140,8 +3142,9 @@ def test_train_help_explains_every_flag_with_default_and_choices(capsys):
         help_text = entries[flag]
         assert " ".join(comments[f.name].split()) in help_text, (flag, help_text)
         assert f"(default: {f.default!r})" in help_text, (flag, help_text)
-        if f.name in train.CHOICES:
-            assert "{" + ",".join(train.CHOICES[f.name]) + "}" in help_text, (flag, help_text)
+        allowed = train.CHOICES.get(f.name) or get_args(f.type)  # a table entry or a Literal
+        if allowed:
+            assert "{" + ",".join(allowed) + "}" in help_text, (flag, help_text)
     assert "0: at max_steps" in entries["--lr-decay-steps"]
     assert "data/shakespeare" not in text and "--data-dir data/tokens" in text  # folders the pipeline writes
 
@@ -3161,6 +3164,35 @@ def test_train_ends_with_steps_time_and_checkpoint_line(tmp_path, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("2 steps in ") and last.endswith(f"; checkpoint {out / 'ckpt.pt'}"), last
 
+
+
+def test_train_log_interval_prints_every_nth_step_and_every_eval_while_the_log_keeps_all(tmp_path, capsys, byte_data):
+    """--log-interval 10 over 25 steps, evaluating at 15: steps 10, 15, 20 and 25 (the last) are printed, as
+    nanoGPT prints; log.jsonl has all 25. --log-interval 1: every step."""
+    for interval, printed in ((10, [10, 15, 20, 25]), (1, list(range(1, 26)))):
+        capsys.readouterr()
+        log = run_train(byte_data, tmp_path / str(interval), "--max-steps", 25, "--eval-interval", 15,
+                        "--log-interval", interval)
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+        assert [int(line.split()[1].split("/")[0]) for line in lines] == printed, lines
+        assert [r["step"] for r in log] == list(range(1, 26))
+    assert "--log-interval" in train_exit_message(["--data-dir", str(byte_data), "--log-interval", "0"])
+
+
+# the recipe the README measured, written out: what `python train.py --data-dir DIR` trains
+README_RECIPE = ["--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "256", "--batch-size", "8",
+                 "--max-steps", "900", "--warmup-steps", "40", "--optimizer", "muon", "--muon-lr", "0.02", "--lr", "1e-2",
+                 "--min-lr", "1e-3", "--lr-schedule", "wsd", "--eval-interval", "300", "--eval-steps", "8"]
+
+
+def test_train_defaults_are_the_readmes_recipe_and_the_pipelines_cpu_stage():
+    """TrainConfig's defaults, the recipe written out, and the pipeline's cpu preset give one config; the
+    model's shape is GPTConfig's defaults."""
+    bare = train.resolve_config(["--data-dir", "d"])[0]
+    assert train.resolve_config(["--data-dir", "d", *README_RECIPE])[0] == bare
+    assert train.resolve_config(["--data-dir", "d", *pipeline.PRESETS["cpu"]["pretrain"]])[0] == bare
+    shared = [f for f in fields(GPTConfig) if f.name in train.TrainConfig.__dataclass_fields__]
+    assert len(shared) == 16 and all(getattr(bare, f.name) == f.default for f in shared)
 
 # --- bench/parallel.py measures bytes from outside train.py (no counters in production code)
 
@@ -3866,7 +3898,7 @@ def test_parallel_train_py_tp2_pp2_equals_one_process_and_resumes_anywhere(tmp_p
     flags = ["--data-dir", str(byte_data), "--n-layer", "4", "--n-head", "4", "--n-kv-head", "2", "--n-embd", "32",
              "--mlp", "swiglu", "--block-size", "16", "--batch-size", "2", "--grad-accum", "3", "--max-steps", "3",
              "--eval-interval", "2", "--eval-steps", "2", "--warmup-steps", "1", "--lr", "1e-5", "--min-lr", "1e-5",
-             "--device", "cpu"]
+             "--optimizer", "adamw", "--lr-schedule", "cosine", "--device", "cpu"]
     one, par = tmp_path / "one", tmp_path / "tp2pp2"
     train.main(flags + ["--out-dir", str(one)])
     proc = torchrun(4, "train.py", *flags, "--out-dir", par, "--tp", 2, "--pp", 2)
@@ -3892,7 +3924,8 @@ def test_parallel_bf16_autocast_tp2_pp2_equals_one_process(tmp_path, byte_data):
     order, rounded to bf16's 8 bits; measured: equal to 4 decimals)."""
     flags = ["--data-dir", str(byte_data), "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
              "--batch-size", "2", "--grad-accum", "2", "--max-steps", "3", "--eval-interval", "0", "--eval-steps", "1",
-             "--dtype", "bfloat16", "--device", "cpu"]
+             "--dtype", "bfloat16", "--optimizer", "adamw", "--lr", "1e-3", "--min-lr", "1e-4", "--warmup-steps", "50",
+             "--lr-schedule", "cosine", "--device", "cpu"]
     train.main(flags + ["--out-dir", str(tmp_path / "one")])
     torchrun(4, "train.py", *flags, "--out-dir", tmp_path / "tp2pp2", "--tp", 2, "--pp", 2)
     one, par = read_log(tmp_path / "one"), read_log(tmp_path / "tp2pp2")

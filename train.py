@@ -1,7 +1,7 @@
 """
 train.py: next-token pretraining of the GPT in model.py on the token shards tokenize_data.py wrote.
 
-    python train.py --data-dir data/tokens --out-dir out/pretrain            # small model, CPU, minutes
+    python train.py --data-dir data/tokens --out-dir out/pretrain            # the CPU recipe: 4 x 256, Muon, WSD
     python train.py --data-dir data/tokens --out-dir out/pretrain --resume   # continue from its ckpt.pt
     python train.py --data-dir data/tokens --out-dir out/more --init-from out/hf  # from a Hugging Face folder
     python train.py --help                                                   # every flag, default, choices
@@ -12,7 +12,8 @@ train.py: next-token pretraining of the GPT in model.py on the token shards toke
 `--preset gpt2-124m` is GPT-2 small (12 x 768, 1024 positions, bf16, compiled) at 524,288 tokens per step on
 any number of GPUs and nodes (--tokens-per-step: the plan sets the accumulation). Flags given win over a preset.
 
-Prints one line per step (loss, lr, tokens/s, MFU against the GPU's bf16 dense peak, time left), ends with
+Prints a line every --log-interval steps and at every evaluation (loss, lr, tokens/s, MFU against the
+GPU's bf16 dense peak, time left), ends with
 "N steps in T; checkpoint PATH", and writes into --out-dir: log.jsonl (per step: step, loss, lr,
 tokens_per_sec, mfu on known GPUs; val_loss, val_bpb when evaluated), ckpt.pt (at every eval and at the end;
 self-contained: configs, weights, optimizer, step, RNG states, data position, tokenizer, log) and loss.png.
@@ -53,7 +54,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
-from typing import get_args
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -66,57 +67,65 @@ from flags import config_parser, remove_stale_temporaries
 from model import GPT, GPTConfig, load_checkpoint, lost_peer, read_checkpoint, save_checkpoint
 
 
+PRESETS = {"gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dtype="bfloat16",
+                             compile=True, batch_size=16, tokens_per_step=2**19, max_steps=19073, optimizer="adamw",
+                             lr=6e-4, min_lr=6e-5, warmup_steps=700, lr_schedule="cosine", eval_interval=250,
+                             eval_steps=20)}
+
+
 @dataclass
 class TrainConfig:
-    # Each field is a flag (data_dir: --data-dir); the comment after it is the flag's --help.
+    # Each field is a flag (data_dir: --data-dir); the comment after it is the flag's --help. The defaults
+    # are the CPU recipe the README measured (Muon, warmup-stable-decay, GPTConfig's shape); GPUs: --preset.
     data_dir: str = ""             # the folder tokenize_data.py wrote: train.bin, val.bin, meta.json, tokenizer
     out_dir: str = "out"           # where ckpt.pt, log.jsonl and loss.png are written
     resume: bool = False           # continue from OUT_DIR/ckpt.pt if there is one; its config is the default
-    preset: str = ""               # a named set of defaults (PRESETS); gpt2-124m: GPT-2 small on GPUs
+    preset: Literal[("",) + tuple(PRESETS)] = ""  # a named set of defaults (PRESETS); gpt2-124m: GPT-2 small on GPUs
     init_from: str = ""            # start from these weights (a ckpt.pt or a Hugging Face folder), its shape, context
-    # the model (GPTConfig); on resume its shape comes from the checkpoint
-    n_layer: int = 4               # transformer blocks
-    n_head: int = 4                # attention (query) heads
-    n_kv_head: int = 0             # key/value heads, each shared by a group of query heads (GQA); 0: n_head
-    n_embd: int = 128              # width of the residual stream
-    block_size: int = 128          # training sequence length; fresh: also the model's longest context
-    pos_encoding: str = "rope"     # positions: rotary (rope), a learned table (GPT-2) or sinusoidal
-    norm: str = "layernorm"        # the normalisation layer
-    prenorm: bool = True           # normalise before each sublayer (GPT-2); --no-prenorm: the 2017 post-norm
-    mlp: str = "gelu"              # feed-forward: gelu (4x wide), swiglu (8/3x wide, as many parameters), relu2 (4x)
-    tie_weights: bool = True       # the output head shares the token-embedding matrix
-    bias: bool = False             # biases in the linear layers and LayerNorm
-    qk_norm: bool = False          # RMS-normalise each head's queries and keys (bounded attention logits)
-    zero_init_proj: bool = False   # start the blocks' output projections at zero (each block starts as identity)
-    logit_softcap: float = 0.0     # > 0: squash the logits into (-cap, cap) with cap * tanh(logits / cap)
-    dropout: float = 0.0           # dropout probability (may change on resume)
-    attn_impl: str = "sdpa"        # attention: sdpa (PyTorch), naive (textbook reference), triton (our kernel, CUDA)
-    # optimisation: AdamW or Muon; linear warmup, then cosine decay (or wsd: flat, then a linear cooldown)
-    batch_size: int = 16           # sequences per micro-batch on each data-parallel rank
+    # the model (GPTConfig's defaults and allowed values); on resume its shape comes from the checkpoint
+    n_layer: int = GPTConfig.n_layer  # transformer blocks
+    n_head: int = GPTConfig.n_head  # attention (query) heads
+    n_kv_head: int = GPTConfig.n_kv_head  # key/value heads, each shared by a group of query heads (GQA); 0: n_head
+    n_embd: int = GPTConfig.n_embd  # width of the residual stream
+    block_size: int = GPTConfig.block_size  # training sequence length; fresh: also the model's longest context
+    pos_encoding: str = GPTConfig.pos_encoding  # positions: rotary (rope), a learned table (GPT-2) or sinusoidal
+    norm: str = GPTConfig.norm     # the normalisation layer
+    prenorm: bool = GPTConfig.prenorm  # normalise before each sublayer (GPT-2); --no-prenorm: the 2017 post-norm
+    mlp: str = GPTConfig.mlp       # feed-forward: gelu (4x wide), swiglu (8/3x wide, as many parameters), relu2 (4x)
+    tie_weights: bool = GPTConfig.tie_weights  # the output head shares the token-embedding matrix
+    bias: bool = GPTConfig.bias    # biases in the linear layers and LayerNorm
+    qk_norm: bool = GPTConfig.qk_norm  # RMS-normalise each head's queries and keys (bounded attention logits)
+    zero_init_proj: bool = GPTConfig.zero_init_proj  # the blocks' output projections start at zero (blocks start as identity)
+    logit_softcap: float = GPTConfig.logit_softcap  # > 0: the logits squashed into (-cap, cap): cap * tanh(logits / cap)
+    dropout: float = GPTConfig.dropout  # dropout probability (may change on resume)
+    attn_impl: str = GPTConfig.attn_impl  # attention: sdpa (PyTorch), naive (textbook), triton (our kernel, CUDA)
+    # optimisation: Muon and AdamW (or AdamW alone); linear warmup, then warmup-stable-decay (or cosine)
+    batch_size: int = 8            # sequences per micro-batch on each data-parallel rank
     grad_accum: int = 1            # micro-batches per optimizer step (under --pp: the pipeline's micro-batches)
-    max_steps: int = 500           # optimizer steps to train to (on resume: the step to stop at)
-    optimizer: str = "adamw"       # adamw; muon: Muon for the blocks' matrices, AdamW at --lr for embeddings, head, norms
-    lr: float = 1e-3               # peak learning rate, reached at the end of warmup (AdamW's)
+    max_steps: int = 900           # optimizer steps to train to (on resume: the step to stop at)
+    optimizer: Literal["muon", "adamw"] = "muon"  # muon: Muon for the blocks' matrices, AdamW at --lr for the rest
+    lr: float = 1e-2               # peak learning rate, reached at the end of warmup (AdamW's)
     muon_lr: float = 0.02          # --optimizer muon: the matrices' peak learning rate; follows --lr's schedule scaled
     muon_momentum: float = 0.95    # --optimizer muon: the matrices' (Nesterov) momentum
-    min_lr: float = 1e-4           # learning rate at the end of the decay, and after it
-    warmup_steps: int = 50         # steps of linear warmup, from lr/warmup_steps up to lr
+    min_lr: float = 1e-3           # learning rate at the end of the decay, and after it
+    warmup_steps: int = 40         # steps of linear warmup, from lr/warmup_steps up to lr
     lr_decay_steps: int = 0        # step where the decay reaches min_lr, flat after it; 0: at max_steps (the end)
-    lr_schedule: str = "cosine"    # after warmup: cosine down to min_lr, or wsd (warmup, stable, decay): hold lr, then a line
+    lr_schedule: Literal["wsd", "cosine"] = "wsd"  # after warmup: wsd holds lr, then falls in a line to min_lr; or a cosine
     cooldown_fraction: float = 0.4  # --lr-schedule wsd: the share of the steps (to lr_decay_steps) spent decaying
     weight_decay: float = 0.1      # AdamW weight decay on matrices and embeddings (none on norms and biases)
     grad_clip: float = 1.0         # clip the global gradient norm to this; 0: no clipping
-    eval_interval: int = 100       # evaluate on val.bin and save ckpt.pt every this many steps; 0: only at the end
-    eval_steps: int = 10           # validation batches per evaluation (the same ones every time)
+    eval_interval: int = 300       # evaluate on val.bin and save ckpt.pt every this many steps; 0: only at the end
+    eval_steps: int = 8            # validation batches per evaluation (the same ones every time)
+    log_interval: int = 10         # print every this many steps (and every evaluation, and the last); log.jsonl has all
     # runtime
     device: str = "auto"           # auto (cuda if torch sees a GPU, else cpu), cpu, cuda or cuda:N
-    dtype: str = "auto"            # autocast dtype; auto: bfloat16 on cuda (float16 without bf16), float32 on cpu
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; auto: bfloat16 on cuda (else float16), float32 on cpu
     compile: bool = False          # torch.compile the model (GPUs: faster after a minute); not under --tp/--pp
     seed: int = 1337               # seeds the initial weights and, with the step, every batch
     # parallelism, under torchrun: data parallel takes the ranks that tp x pp leaves
     tp: int = 1                    # tensor-parallel degree: heads, MLP and vocabulary split over this many ranks
     pp: int = 1                    # pipeline-parallel degree: the blocks cut into this many stages
-    schedule: str = "1f1b"         # pipeline schedule: gpipe (all forwards, then all backwards) or 1f1b
+    schedule: Literal["gpipe", "1f1b"] = "1f1b"  # pipeline schedule: gpipe (all forwards, then all backwards) or 1f1b
     # the plan, printed before anything big is built: layout, micro-batch, accumulation, memory per GPU
     tokens_per_step: int = 0       # > 0: --grad-accum (and --batch-size, if memory is short) set for this many tokens/step
     plan: bool = False             # print the plan for --gpus and --gpu-memory and exit (needs no GPU)
@@ -124,12 +133,7 @@ class TrainConfig:
     gpu_memory: float = 0.0        # GiB per GPU the plan must fit in; 0: the GPU's own (on the CPU: not checked)
 
 
-PRESETS = {"gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dtype="bfloat16",
-                             compile=True, batch_size=16, tokens_per_step=2**19, max_steps=19073, lr=6e-4,
-                             min_lr=6e-5, warmup_steps=700, eval_interval=250, eval_steps=20)}
-CHOICES = {**{f.name: get_args(f.type) for f in fields(GPTConfig) if get_args(f.type)},  # GPTConfig's Literals
-           "preset": list(PRESETS), "dtype": ["auto", "float32", "bfloat16", "float16"],
-           "schedule": ["gpipe", "1f1b"], "optimizer": ["adamw", "muon"], "lr_schedule": ["cosine", "wsd"]}
+CHOICES = {f.name: get_args(f.type) for f in fields(GPTConfig) if get_args(f.type)}  # GPTConfig's Literals
 ALIASES = {"attn_impl": ["--attn"]}  # other spellings of a flag that users type
 SHAPE_FIELDS = ["n_layer", "n_head", "n_kv_head", "n_embd", "pos_encoding", "norm", "prenorm", "mlp",
                 "tie_weights", "bias", "qk_norm", "zero_init_proj", "logit_softcap"]
@@ -157,8 +161,8 @@ def resolve_config(argv):
 def check_config(cfg):
     """One sentence for a flag value that cannot work (argparse has checked types and choices; GPTConfig
     checks the model's shape and dropout, and main relays its sentence)."""
-    at_least = dict(block_size=1, max_steps=1, batch_size=1, grad_accum=1, eval_steps=1, tp=1, pp=1,
-                    eval_interval=0, warmup_steps=0, lr_decay_steps=0, min_lr=0, weight_decay=0, grad_clip=0)
+    at_least = dict(block_size=1, max_steps=1, batch_size=1, grad_accum=1, eval_steps=1, log_interval=1, tp=1,
+                    pp=1, eval_interval=0, warmup_steps=0, lr_decay_steps=0, min_lr=0, weight_decay=0, grad_clip=0)
     for name, least in at_least.items():
         if not getattr(cfg, name) >= least:  # `not >=` also catches nan
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least {least}.")
@@ -867,7 +871,8 @@ def main(argv=None):
             if meta.get("val_bytes") and meta.get("val_tokens"):
                 entry["val_bpb"] = entry["val_loss"] / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
                 line += f" ({entry['val_bpb']:.3f} bits/byte)"
-        say(line, flush=True)
+        if evaluating or step % cfg.log_interval == 0:  # as nanoGPT: every Nth step; log.jsonl keeps them all
+            say(line, flush=True)
         history.append(entry)
         if master:
             with open(log_path, "a") as f:
