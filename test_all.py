@@ -3247,7 +3247,7 @@ def with_spectrum(m, n, condition, seed):
 def test_train_muon_newton_schulz_gives_the_svds_directions_with_singular_values_near_one(m, n):
     G = with_spectrum(m, n, condition=100, seed=m * n)
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)
-    O = train.orthogonalize(G.float()).double()                        # what Muon steps along
+    O = model_py.orthogonalize(G.float()).double()                        # what Muon steps along
     # the same singular vectors: U^T O V is diagonal (off-diagonal at float32 rounding)
     inner = U.T @ O @ Vh.T
     off_diagonal = inner - torch.diag(torch.diagonal(inner))
@@ -3259,11 +3259,11 @@ def test_train_muon_newton_schulz_gives_the_svds_directions_with_singular_values
     cosine = (O * exact).sum() / (O.norm() * exact.norm())
     assert cosine > 0.97
     # and in exact arithmetic the iteration is s -> p(p(p(p(p(s / |G|_F))))) on each singular value
-    a, b, c = train.NS_COEFFICIENTS
+    a, b, c = model_py.NS_COEFFICIENTS
     x = S / (G.norm() + 1e-7)
     for _ in range(5):
         x = a * x + b * x ** 3 + c * x ** 5
-    torch.testing.assert_close(train.orthogonalize(G), (U * x) @ Vh, rtol=0, atol=1e-10)
+    torch.testing.assert_close(model_py.orthogonalize(G), (U * x) @ Vh, rtol=0, atol=1e-10)
 
 
 # -------------- Muon's step against a hand-written one; its AdamW groups against torch.optim.AdamW
@@ -3271,7 +3271,7 @@ def test_train_muon_newton_schulz_gives_the_svds_directions_with_singular_values
 def exact_newton_schulz(M):
     """The float64 reference of orthogonalize(M): p^5 applied to the singular values through an SVD."""
     U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
-    a, b, c = train.NS_COEFFICIENTS
+    a, b, c = model_py.NS_COEFFICIENTS
     x = S / (M.double().norm() + 1e-7)
     for _ in range(5):
         x = a * x + b * x ** 3 + c * x ** 5
@@ -3284,7 +3284,7 @@ def test_train_muon_step_matches_a_hand_written_reference():
     w = torch.nn.Parameter(w0.clone())
     w.muon_sections = [4, 2]  # two fused maps: 4x2 (tall: scale sqrt(2)) and 2x2 (scale 1)
     lr, mu, wd = 0.02, 0.9, 0.1
-    opt = train.Muon([dict(params=[w], muon=True, weight_decay=wd)], lr, momentum=mu)
+    opt = model_py.Muon([dict(params=[w], muon=True, weight_decay=wd)], lr, momentum=mu)
     ref, buf = w0.double(), torch.zeros(6, 2, dtype=torch.float64)
     for g in grads:
         w.grad = g.clone()
@@ -3302,7 +3302,7 @@ def test_train_muon_adamw_groups_step_as_torch_adamw():
     start = [torch.randn(5, 3), torch.randn(3)]
     ours, theirs = ([torch.nn.Parameter(t.clone()) for t in start] for _ in range(2))
     groups = lambda ps: [dict(params=[ps[0]], weight_decay=0.1), dict(params=[ps[1]], weight_decay=0.0)]
-    opt_ours = train.Muon(groups(ours), lr=1e-2)
+    opt_ours = model_py.Muon(groups(ours), lr=1e-2)
     opt_theirs = torch.optim.AdamW(groups(theirs), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
     for _ in range(5):
         grads = [torch.randn_like(t) for t in start]
@@ -3454,6 +3454,25 @@ def test_train_plan_counts_epochs_and_says_when_the_data_is_too_small_for_the_pr
     assert plan["epochs"] > 100
     assert any("--corpus" in line and line.endswith(".") for line in lines), lines
 
+
+def test_train_plan_is_of_the_model_the_run_builds_under_init_from(tmp_path, capsys, byte_data):
+    """--plan --init-from CKPT plans CKPT's shape (the model main builds), not the flags' default shape."""
+    run_train(byte_data, tmp_path / "init", "--max-steps", 1)
+    config = GPTConfig(**load_checkpoint(str(tmp_path / "init" / "ckpt.pt"))["model_config"])
+    _, plan = plan_of(capsys, "--data-dir", byte_data, "--block-size", 32, "--init-from", tmp_path / "init" / "ckpt.pt")
+    assert plan["params"] == GPT(config).num_params() != GPT(GPTConfig(vocab_size=256)).num_params()
+
+
+@pytest.mark.parametrize("switches", [{}, dict(tie_weights=False, pos_encoding="learned", bias=True),
+                                      dict(mlp="swiglu", n_kv_head=2, norm="rmsnorm", prenorm=False)])
+def test_train_plan_parameter_counts_are_the_built_models(switches):
+    """The plan's counts, from model.weight_shapes, against a GPT built and counted parameter by parameter."""
+    c = GPTConfig(vocab_size=96, block_size=16, n_layer=3, n_head=4, n_embd=32, **switches)
+    model = GPT(c)
+    block = list(model.blocks[0].parameters())
+    assert train.parameter_counts(c) == dict(total=model.num_params(), block=sum(p.numel() for p in block),
+                                             wte=model.wte.weight.numel(),
+                                             block_matrices=sum(p.numel() for p in block if p.dim() == 2))
 
 def measured_peak_bytes(model, x, y):
     """Peak bytes allocated above what was live before, over a forward and backward as train_step runs
