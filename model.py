@@ -18,6 +18,8 @@ switchable from `GPTConfig`. How the defaults differ from GPT-2, and why:
 - generation keeps a KV cache, so each new token costs one position of work, not the whole prefix.
 - switches from the speedrun literature (modded-nanogpt): QK-norm, ReLU^2, zero-initialised output
   projections, logit soft-capping, an untied head; off unless the README's measurements keep them.
+The optimizer is the model's too: `model.configure_optimizers(...)` groups the parameters for AdamW, or
+for Muon (the blocks' matrices) with AdamW for the rest, as train.py's --optimizer muon trains.
 Checkpoints are self-contained dicts (config, weights, and whatever the stage adds: optimizer, step,
 tokenizer), written atomically; `GPT.from_checkpoint(path)` rebuilds the model from the file alone.
 Hugging Face folders (Llama, GPT-2, GPT-NeoX) map onto GPTConfig and these weights exactly, both ways:

@@ -41,7 +41,8 @@ Design choices:
   before it is orthogonalised, so every layout takes one process's step.
 
 Two parts: the whole single-process path as a run meets it (config, processes, data, model, step and eval,
-checkpoints and logs, main), then tensor and pipeline parallelism, which main() calls under --tp/--pp.
+checkpoints and logs, main), then tensor and pipeline parallelism, which main() calls under --tp/--pp (its
+calls marked "part 2"; the optimizer and evaluation take part 2's pieces as hooks that main passes them).
 """
 
 import ctypes
