@@ -5120,7 +5120,7 @@ def test_export_hf_folder_feeds_sample_and_train(tmp_path, byte_data, capsys):
     assert printed[0] == printed[1] and len(printed[0]) > len("To be\n")
 
     base = ["--data-dir", byte_data, "--block-size", "32", "--batch-size", "2", "--max-steps", "1",
-            "--eval-steps", "1", "--warmup-steps", "1"]
+            "--eval-steps", "1", "--warmup-steps", "1", "--optimizer", "adamw", "--lr", "1e-3"]  # one small step
     for init in ("ckpt.pt", "hf"):
         train.main([*map(str, base), "--init-from", str(tmp_path / init), "--out-dir", str(tmp_path / f"from_{init}")])
     a, b = (load_checkpoint(tmp_path / f"from_{i}" / "ckpt.pt") for i in ("ckpt.pt", "hf"))

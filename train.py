@@ -68,6 +68,7 @@ from flags import config_parser, remove_stale_temporaries
 from model import GPT, GPTConfig, Muon, load_checkpoint, lost_peer, read_checkpoint, save_checkpoint, weight_shapes
 
 
+# --preset NAME: named defaults for larger machines, over TrainConfig's (flags given win over both)
 PRESETS = {"gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dtype="bfloat16",
                              compile=True, batch_size=16, tokens_per_step=2**19, max_steps=19073, optimizer="adamw",
                              lr=6e-4, min_lr=6e-5, warmup_steps=700, lr_schedule="cosine", eval_interval=250,
