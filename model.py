@@ -18,6 +18,8 @@ switchable from `GPTConfig`. How the defaults differ from GPT-2, and why:
 - generation keeps a KV cache, so each new token costs one position of work, not the whole prefix.
 - switches from the speedrun literature (modded-nanogpt): QK-norm, ReLU^2, zero-initialised output
   projections, logit soft-capping, an untied head; off unless the README's measurements keep them.
+The optimizer is the model's too: `model.configure_optimizers(...)` groups the parameters for AdamW, or
+for Muon (the blocks' matrices) with AdamW for the rest, as train.py's --optimizer muon trains.
 Checkpoints are self-contained dicts (config, weights, and whatever the stage adds: optimizer, step,
 tokenizer), written atomically; `GPT.from_checkpoint(path)` rebuilds the model from the file alone.
 Hugging Face folders (Llama, GPT-2, GPT-NeoX) map onto GPTConfig and these weights exactly, both ways:
@@ -469,12 +471,29 @@ class GPT(nn.Module):
         matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 6 * matmul_weights + 12 * c.n_layer * c.n_head * c.head_dim * T
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), device_type="cpu"):
-        """AdamW with weight decay on matrices (weights, embeddings) and none on vectors (norms, biases)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), device_type="cpu", muon_lr=0.0,
+                             muon_momentum=0.95, sharded_update=None):
+        """The optimizer (see the Optimizers section below). Weight decay on matrices (weights, embeddings),
+        none on vectors (norms, biases). muon_lr 0: AdamW for all. muon_lr > 0: Muon at muon_lr for the blocks'
+        matrices (the maps between hidden states), AdamW at learning_rate for the rest, in one Muon optimizer;
+        sharded_update: Muon's step for a tensor-parallel shard (train.py passes it under --tp)."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        vectors = [p for _, p in named if p.dim() < 2]
+        if not muon_lr:
+            groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": weight_decay},
+                      {"params": vectors, "weight_decay": 0.0}]
+            return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+        c = self.config
+        for block in self.blocks:  # whole-model sizes of the maps fused in one matrix (also a tp shard's sections)
+            block.attn.qkv.weight.muon_sections = [c.n_head * c.head_dim] + [c.n_kv_head * c.head_dim] * 2
+            if c.mlp == "swiglu":
+                block.mlp.fc.weight.muon_sections = [c.mlp_hidden, c.mlp_hidden]
+        hidden = [n.startswith("blocks.") and p.dim() == 2 for n, p in named]
+        groups = [dict(params=[p for (_, p), h in zip(named, hidden) if h], muon=True, lr=muon_lr),
+                  dict(params=[p for (_, p), h in zip(named, hidden) if not h and p.dim() >= 2],
+                       weight_decay=weight_decay),
+                  dict(params=vectors)]
+        return Muon(groups, learning_rate, muon_momentum, betas, sharded_update=sharded_update)
 
     # --- checkpoints --------------------------------------------------------------------------------
     @classmethod
@@ -521,6 +540,85 @@ def filter_logits(logits, top_k=None, top_p=None):
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optimizers: AdamW (torch's), and Muon for the blocks' matrices (GPT.configure_optimizers groups them)
+#
+# Muon (Keller Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks",
+# kellerjordan.github.io/posts/muon): for a weight matrix that maps hidden states to hidden states, take
+# SGD's Nesterov momentum M = U S V^T and step along U V^T instead, every singular value set to ~1, so the
+# rare directions of the update move as far as the dominant ones. U V^T comes from a few matrix products
+# (Newton-Schulz), not an SVD. Embeddings, the head and vectors are not such maps and keep AdamW.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the blog's quintic: steep at 0, so small singular values grow fast
+
+
+def orthogonalize(G, steps=5):
+    """G (m, n) -> about U V^T, where G = U S V^T: the same singular vectors, singular values in ~[0.7, 1.2].
+
+    Dividing by the Frobenius norm puts every singular value in [0, 1]; each step maps X = U S V^T to
+    a X + b (X X^T) X + c (X X^T)^2 X = U p(S) V^T, p(s) = a s + b s^3 + c s^5, which pushes every s
+    that is not tiny into the band around 1 (it trades exactness at 1 for speed). X X^T is taken on
+    the short side, so a step costs 2 m^2 n + m^3 multiply-adds with m <= n.
+    """
+    a, b, c = NS_COEFFICIENTS
+    X = G.mT if G.size(0) > G.size(1) else G                            # (m, n), m <= n
+    X = X / (X.norm() + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT                                                    # (m, m)
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if G.size(0) > G.size(1) else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for the groups with muon=True; AdamW (torch.optim.AdamW's step and state names) for the
+    others, so one optimizer, one state_dict and one GradScaler serve both.
+
+    Muon's step for a matrix W (out x in): momentum buffer B = mu B + G; update O = orthogonalize(G + mu B)
+    (Nesterov) times sqrt(max(1, out/in)), so a tall matrix changes its outputs' RMS as much as a square
+    one; W -= lr O. A matrix may carry `muon_sections` (row counts of the maps fused in it: [q | k | v],
+    SwiGLU's [gate | up]), each orthogonalised on its own. A tensor-parallel shard (a parameter with tp_dim)
+    is stepped by sharded_update(p, G, direction): direction of the whole matrix, this shard's part of it.
+    """
+
+    def __init__(self, param_groups, lr, momentum=0.95, betas=(0.9, 0.95), eps=1e-8, ns_steps=5,
+                 sharded_update=None):
+        super().__init__(param_groups, dict(lr=lr, momentum=momentum, betas=betas, eps=eps, weight_decay=0.0,
+                                            ns_steps=ns_steps, muon=False))
+        self.sharded_update = sharded_update
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in (p for p in group["params"] if p.grad is not None):
+                p.mul_(1 - group["lr"] * group["weight_decay"])        # decoupled weight decay
+                if group["muon"]:
+                    p.add_(self.muon_update(p, group), alpha=-group["lr"])
+                else:
+                    self.adamw_step(p, group)
+
+    def muon_update(self, p, group):
+        momentum, buf = group["momentum"], self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        buf.mul_(momentum).add_(p.grad)
+        G = p.grad.add(buf, alpha=momentum)                             # Nesterov: a step ahead
+
+        def direction(M):  # the whole matrix's update: each fused map orthogonalised, scaled for its shape
+            return torch.cat([orthogonalize(S.float(), group["ns_steps"]) * max(1, S.size(0) / S.size(1)) ** 0.5
+                              for S in M.split(getattr(p, "muon_sections", [M.size(0)]))])
+        update = self.sharded_update(p, G, direction) if hasattr(p, "tp_dim") else direction(G)
+        return update.to(p.dtype)
+
+    def adamw_step(self, p, group):
+        """torch.optim.AdamW's update (weight decay already applied)."""
+        state, (beta1, beta2) = self.state[p], group["betas"]
+        if not state:
+            state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        state["step"] += 1
+        step = state["step"].item()
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** step))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -82,11 +82,10 @@ PRESETS = {
         vocab_size="8192",
         data_workers="2",
         tokenize=[],
-        # Muon for the blocks' matrices (bench/recipe.py), warmup-stable-decay (README: recipe).
-        pretrain=["--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "256",
-                  "--batch-size", "8", "--max-steps", "900", "--warmup-steps", "40", "--optimizer", "muon",
-                  "--muon-lr", "0.02", "--lr", "1e-2", "--min-lr", "1e-3", "--lr-schedule", "wsd",
-                  "--eval-interval", "300", "--eval-steps", "8"],
+        # train.py's defaults are this recipe (Muon, warmup-stable-decay: README, recipe); spelled out here is
+        # only the step budget that size_pretraining fits to the corpus: steps, warmup, tokens a step, eval reads.
+        pretrain=["--block-size", "256", "--batch-size", "8", "--max-steps", "900", "--warmup-steps", "40",
+                  "--eval-steps", "8"],
         sft=["--max-steps", "300", "--eval-max", "1000", "--eval-interval", "100"],  # every held-out question (448)
         dpo=["--max-steps", "50"],
         rl=["--max-steps", "40", "--eval-max", "1000", "--eval-interval", "20"],  # a mid-run point for the picture

@@ -2484,7 +2484,8 @@ def test_attention_kernel_training_step_matches_sdpa():
 # loop, one process for DDP, an uninterrupted run for resume.
 
 TRAIN_TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
-              "--eval-steps", "2", "--warmup-steps", "2", "--lr", "3e-3"]
+              "--eval-steps", "2", "--warmup-steps", "2", "--lr", "3e-3", "--min-lr", "1e-4", "--optimizer", "adamw",
+              "--lr-schedule", "cosine", "--eval-interval", "100"]  # AdamW and a cosine: the references below
 
 
 def run_train(data, out, *flags):
@@ -2571,7 +2572,7 @@ def test_train_learning_rate_schedule_corners():
     """Linear warmup (step 0 already at lr / warmup, the last warmup step at lr), then a cosine from lr to
     min_lr over the decay steps (Loshchilov & Hutter 2017: min + (lr - min)(1 + cos(pi t / T)) / 2), then
     flat at min_lr."""
-    cfg = train.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    cfg = train.TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, lr_schedule="cosine")
     cosine = lambda t, T: 0.1 + 0.9 * (1 + math.cos(math.pi * t / T)) / 2  # noqa: E731
     assert train.learning_rate_at(0, cfg) == pytest.approx(0.1)       # the first step: 1/10 of the way up, not 0
     assert train.learning_rate_at(4, cfg) == pytest.approx(0.5)
@@ -3132,6 +3133,35 @@ def test_train_ends_with_steps_time_and_checkpoint_line(tmp_path, capsys):
     assert last.startswith("2 steps in ") and last.endswith(f"; checkpoint {out / 'ckpt.pt'}"), last
 
 
+
+def test_train_log_interval_prints_every_nth_step_and_every_eval_while_the_log_keeps_all(tmp_path, capsys, byte_data):
+    """--log-interval 10 over 25 steps, evaluating at 15: steps 10, 15, 20 and 25 (the last) are printed, as
+    nanoGPT prints; log.jsonl has all 25. --log-interval 1: every step."""
+    for interval, printed in ((10, [10, 15, 20, 25]), (1, list(range(1, 26)))):
+        capsys.readouterr()
+        log = run_train(byte_data, tmp_path / str(interval), "--max-steps", 25, "--eval-interval", 15,
+                        "--log-interval", interval)
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+        assert [int(line.split()[1].split("/")[0]) for line in lines] == printed, lines
+        assert [r["step"] for r in log] == list(range(1, 26))
+    assert "--log-interval" in train_exit_message(["--data-dir", str(byte_data), "--log-interval", "0"])
+
+
+# the recipe the README measured, written out: what `python train.py --data-dir DIR` trains
+README_RECIPE = ["--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "256", "--batch-size", "8",
+                 "--max-steps", "900", "--warmup-steps", "40", "--optimizer", "muon", "--muon-lr", "0.02", "--lr", "1e-2",
+                 "--min-lr", "1e-3", "--lr-schedule", "wsd", "--eval-interval", "300", "--eval-steps", "8"]
+
+
+def test_train_defaults_are_the_readmes_recipe_and_the_pipelines_cpu_stage():
+    """TrainConfig's defaults, the recipe written out, and the pipeline's cpu preset give one config; the
+    model's shape is GPTConfig's defaults."""
+    bare = train.resolve_config(["--data-dir", "d"])[0]
+    assert train.resolve_config(["--data-dir", "d", *README_RECIPE])[0] == bare
+    assert train.resolve_config(["--data-dir", "d", *pipeline.PRESETS["cpu"]["pretrain"]])[0] == bare
+    shared = [f for f in fields(GPTConfig) if f.name in train.TrainConfig.__dataclass_fields__]
+    assert len(shared) == 16 and all(getattr(bare, f.name) == f.default for f in shared)
+
 # --- bench/parallel.py measures bytes from outside train.py (no counters in production code)
 
 def test_train_bench_parallel_counts_the_bytes_of_a_two_stage_pipeline():
@@ -3184,7 +3214,7 @@ def with_spectrum(m, n, condition, seed):
 def test_train_muon_newton_schulz_gives_the_svds_directions_with_singular_values_near_one(m, n):
     G = with_spectrum(m, n, condition=100, seed=m * n)
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)
-    O = train.orthogonalize(G.float()).double()                        # what Muon steps along
+    O = model_py.orthogonalize(G.float()).double()                        # what Muon steps along
     # the same singular vectors: U^T O V is diagonal (off-diagonal at float32 rounding)
     inner = U.T @ O @ Vh.T
     off_diagonal = inner - torch.diag(torch.diagonal(inner))
@@ -3196,11 +3226,11 @@ def test_train_muon_newton_schulz_gives_the_svds_directions_with_singular_values
     cosine = (O * exact).sum() / (O.norm() * exact.norm())
     assert cosine > 0.97
     # and in exact arithmetic the iteration is s -> p(p(p(p(p(s / |G|_F))))) on each singular value
-    a, b, c = train.NS_COEFFICIENTS
+    a, b, c = model_py.NS_COEFFICIENTS
     x = S / (G.norm() + 1e-7)
     for _ in range(5):
         x = a * x + b * x ** 3 + c * x ** 5
-    torch.testing.assert_close(train.orthogonalize(G), (U * x) @ Vh, rtol=0, atol=1e-10)
+    torch.testing.assert_close(model_py.orthogonalize(G), (U * x) @ Vh, rtol=0, atol=1e-10)
 
 
 # -------------- Muon's step against a hand-written one; its AdamW groups against torch.optim.AdamW
@@ -3208,7 +3238,7 @@ def test_train_muon_newton_schulz_gives_the_svds_directions_with_singular_values
 def exact_newton_schulz(M):
     """The float64 reference of orthogonalize(M): p^5 applied to the singular values through an SVD."""
     U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
-    a, b, c = train.NS_COEFFICIENTS
+    a, b, c = model_py.NS_COEFFICIENTS
     x = S / (M.double().norm() + 1e-7)
     for _ in range(5):
         x = a * x + b * x ** 3 + c * x ** 5
@@ -3221,7 +3251,7 @@ def test_train_muon_step_matches_a_hand_written_reference():
     w = torch.nn.Parameter(w0.clone())
     w.muon_sections = [4, 2]  # two fused maps: 4x2 (tall: scale sqrt(2)) and 2x2 (scale 1)
     lr, mu, wd = 0.02, 0.9, 0.1
-    opt = train.Muon([dict(params=[w], muon=True, weight_decay=wd)], lr, momentum=mu)
+    opt = model_py.Muon([dict(params=[w], muon=True, weight_decay=wd)], lr, momentum=mu)
     ref, buf = w0.double(), torch.zeros(6, 2, dtype=torch.float64)
     for g in grads:
         w.grad = g.clone()
@@ -3239,7 +3269,7 @@ def test_train_muon_adamw_groups_step_as_torch_adamw():
     start = [torch.randn(5, 3), torch.randn(3)]
     ours, theirs = ([torch.nn.Parameter(t.clone()) for t in start] for _ in range(2))
     groups = lambda ps: [dict(params=[ps[0]], weight_decay=0.1), dict(params=[ps[1]], weight_decay=0.0)]
-    opt_ours = train.Muon(groups(ours), lr=1e-2)
+    opt_ours = model_py.Muon(groups(ours), lr=1e-2)
     opt_theirs = torch.optim.AdamW(groups(theirs), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
     for _ in range(5):
         grads = [torch.randn_like(t) for t in start]
@@ -3391,6 +3421,25 @@ def test_train_plan_counts_epochs_and_says_when_the_data_is_too_small_for_the_pr
     assert plan["epochs"] > 100
     assert any("--corpus" in line and line.endswith(".") for line in lines), lines
 
+
+def test_train_plan_is_of_the_model_the_run_builds_under_init_from(tmp_path, capsys, byte_data):
+    """--plan --init-from CKPT plans CKPT's shape (the model main builds), not the flags' default shape."""
+    run_train(byte_data, tmp_path / "init", "--max-steps", 1)
+    config = GPTConfig(**load_checkpoint(str(tmp_path / "init" / "ckpt.pt"))["model_config"])
+    _, plan = plan_of(capsys, "--data-dir", byte_data, "--block-size", 32, "--init-from", tmp_path / "init" / "ckpt.pt")
+    assert plan["params"] == GPT(config).num_params() != GPT(GPTConfig(vocab_size=256)).num_params()
+
+
+@pytest.mark.parametrize("switches", [{}, dict(tie_weights=False, pos_encoding="learned", bias=True),
+                                      dict(mlp="swiglu", n_kv_head=2, norm="rmsnorm", prenorm=False)])
+def test_train_plan_parameter_counts_are_the_built_models(switches):
+    """The plan's counts, from model.weight_shapes, against a GPT built and counted parameter by parameter."""
+    c = GPTConfig(vocab_size=96, block_size=16, n_layer=3, n_head=4, n_embd=32, **switches)
+    model = GPT(c)
+    block = list(model.blocks[0].parameters())
+    assert train.parameter_counts(c) == dict(total=model.num_params(), block=sum(p.numel() for p in block),
+                                             wte=model.wte.weight.numel(),
+                                             block_matrices=sum(p.numel() for p in block if p.dim() == 2))
 
 def measured_peak_bytes(model, x, y):
     """Peak bytes allocated above what was live before, over a forward and backward as train_step runs
@@ -3835,7 +3884,7 @@ def test_parallel_train_py_tp2_pp2_equals_one_process_and_resumes_anywhere(tmp_p
     flags = ["--data-dir", str(byte_data), "--n-layer", "4", "--n-head", "4", "--n-kv-head", "2", "--n-embd", "32",
              "--mlp", "swiglu", "--block-size", "16", "--batch-size", "2", "--grad-accum", "3", "--max-steps", "3",
              "--eval-interval", "2", "--eval-steps", "2", "--warmup-steps", "1", "--lr", "1e-5", "--min-lr", "1e-5",
-             "--device", "cpu"]
+             "--optimizer", "adamw", "--lr-schedule", "cosine", "--device", "cpu"]
     one, par = tmp_path / "one", tmp_path / "tp2pp2"
     train.main(flags + ["--out-dir", str(one)])
     proc = torchrun(4, "train.py", *flags, "--out-dir", par, "--tp", 2, "--pp", 2)
@@ -3861,7 +3910,8 @@ def test_parallel_bf16_autocast_tp2_pp2_equals_one_process(tmp_path, byte_data):
     order, rounded to bf16's 8 bits; measured: equal to 4 decimals)."""
     flags = ["--data-dir", str(byte_data), "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
              "--batch-size", "2", "--grad-accum", "2", "--max-steps", "3", "--eval-interval", "0", "--eval-steps", "1",
-             "--dtype", "bfloat16", "--device", "cpu"]
+             "--dtype", "bfloat16", "--optimizer", "adamw", "--lr", "1e-3", "--min-lr", "1e-4", "--warmup-steps", "50",
+             "--lr-schedule", "cosine", "--device", "cpu"]
     train.main(flags + ["--out-dir", str(tmp_path / "one")])
     torchrun(4, "train.py", *flags, "--out-dir", tmp_path / "tp2pp2", "--tp", 2, "--pp", 2)
     one, par = read_log(tmp_path / "one"), read_log(tmp_path / "tp2pp2")
@@ -5100,7 +5150,7 @@ def test_export_hf_folder_feeds_sample_and_train(tmp_path, byte_data, capsys):
     assert printed[0] == printed[1] and len(printed[0]) > len("To be\n")
 
     base = ["--data-dir", byte_data, "--block-size", "32", "--batch-size", "2", "--max-steps", "1",
-            "--eval-steps", "1", "--warmup-steps", "1"]
+            "--eval-steps", "1", "--warmup-steps", "1", "--optimizer", "adamw", "--lr", "1e-3"]  # one small step
     for init in ("ckpt.pt", "hf"):
         train.main([*map(str, base), "--init-from", str(tmp_path / init), "--out-dir", str(tmp_path / f"from_{init}")])
     a, b = (load_checkpoint(tmp_path / f"from_{i}" / "ckpt.pt") for i in ("ckpt.pt", "hf"))

@@ -1,7 +1,7 @@
 """
 train.py: next-token pretraining of the GPT in model.py on the token shards tokenize_data.py wrote.
 
-    python train.py --data-dir data/tokens --out-dir out/pretrain            # small model, CPU, minutes
+    python train.py --data-dir data/tokens --out-dir out/pretrain            # the CPU recipe: 4 x 256, Muon, WSD
     python train.py --data-dir data/tokens --out-dir out/pretrain --resume   # continue from its ckpt.pt
     python train.py --data-dir data/tokens --out-dir out/more --init-from out/hf  # from a Hugging Face folder
     python train.py --help                                                   # every flag, default, choices
@@ -12,7 +12,8 @@ train.py: next-token pretraining of the GPT in model.py on the token shards toke
 `--preset gpt2-124m` is GPT-2 small (12 x 768, 1024 positions, bf16, compiled) at 524,288 tokens per step on
 any number of GPUs and nodes (--tokens-per-step: the plan sets the accumulation). Flags given win over a preset.
 
-Prints one line per step (loss, lr, tokens/s, MFU against the GPU's bf16 dense peak, time left), ends with
+Prints a line every --log-interval steps and at every evaluation (loss, lr, tokens/s, MFU against the
+GPU's bf16 dense peak, time left), ends with
 "N steps in T; checkpoint PATH", and writes into --out-dir: log.jsonl (per step: step, loss, lr,
 tokens_per_sec, mfu on known GPUs; val_loss, val_bpb when evaluated), ckpt.pt (at every eval and at the end;
 self-contained: configs, weights, optimizer, step, RNG states, data position, tokenizer, log) and loss.png.
@@ -40,7 +41,8 @@ Design choices:
   before it is orthogonalised, so every layout takes one process's step.
 
 Two parts: the whole single-process path as a run meets it (config, processes, data, model, step and eval,
-checkpoints and logs, main), then tensor and pipeline parallelism, which main() calls under --tp/--pp.
+checkpoints and logs, main), then tensor and pipeline parallelism, which main() calls under --tp/--pp (its
+calls marked "part 2"; the optimizer and evaluation take part 2's pieces as hooks that main passes them).
 """
 
 import ctypes
@@ -53,7 +55,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
-from typing import get_args
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -63,60 +65,69 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from flags import config_parser, remove_stale_temporaries
-from model import GPT, GPTConfig, load_checkpoint, lost_peer, read_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, Muon, load_checkpoint, lost_peer, read_checkpoint, save_checkpoint, weight_shapes
+
+
+# --preset NAME: named defaults for larger machines, over TrainConfig's (flags given win over both)
+PRESETS = {"gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dtype="bfloat16",
+                             compile=True, batch_size=16, tokens_per_step=2**19, max_steps=19073, optimizer="adamw",
+                             lr=6e-4, min_lr=6e-5, warmup_steps=700, lr_schedule="cosine", eval_interval=250,
+                             eval_steps=20)}
 
 
 @dataclass
 class TrainConfig:
-    # Each field is a flag (data_dir: --data-dir); the comment after it is the flag's --help.
+    # Each field is a flag (data_dir: --data-dir); the comment after it is the flag's --help. The defaults
+    # are the CPU recipe the README measured (Muon, warmup-stable-decay, GPTConfig's shape); GPUs: --preset.
     data_dir: str = ""             # the folder tokenize_data.py wrote: train.bin, val.bin, meta.json, tokenizer
     out_dir: str = "out"           # where ckpt.pt, log.jsonl and loss.png are written
     resume: bool = False           # continue from OUT_DIR/ckpt.pt if there is one; its config is the default
-    preset: str = ""               # a named set of defaults (PRESETS); gpt2-124m: GPT-2 small on GPUs
+    preset: Literal[("",) + tuple(PRESETS)] = ""  # a named set of defaults (PRESETS); gpt2-124m: GPT-2 small on GPUs
     init_from: str = ""            # start from these weights (a ckpt.pt or a Hugging Face folder), its shape, context
-    # the model (GPTConfig); on resume its shape comes from the checkpoint
-    n_layer: int = 4               # number of transformer blocks
-    n_head: int = 4                # attention (query) heads
-    n_kv_head: int = 0             # key/value heads, each shared by a group of query heads (GQA); 0: n_head
-    n_embd: int = 128              # width of the residual stream
-    block_size: int = 128          # training sequence length; fresh: also the model's longest context
-    pos_encoding: str = "rope"     # positions: rotary (rope), a learned table (GPT-2) or sinusoidal
-    norm: str = "layernorm"        # the normalisation layer
-    prenorm: bool = True           # normalise before each sublayer (GPT-2); --no-prenorm: the 2017 post-norm
-    mlp: str = "gelu"              # feed-forward: gelu (4x wide), swiglu (8/3x wide, as many parameters), relu2 (4x)
-    tie_weights: bool = True       # the output head shares the token-embedding matrix
-    bias: bool = False             # biases in the linear layers and LayerNorm
-    qk_norm: bool = False          # RMS-normalise each head's queries and keys (bounded attention logits)
-    zero_init_proj: bool = False   # start the blocks' output projections at zero (each block starts as identity)
-    logit_softcap: float = 0.0     # > 0: squash the logits into (-cap, cap) with cap * tanh(logits / cap)
-    dropout: float = 0.0           # dropout probability (may change on resume)
-    attn_impl: str = "sdpa"        # attention: sdpa (PyTorch), naive (textbook reference), triton (our kernel, CUDA)
-    # optimisation: AdamW or Muon; linear warmup, then cosine decay (or wsd: flat, then a linear cooldown)
-    batch_size: int = 16           # sequences per micro-batch on each data-parallel rank
+    # the model (GPTConfig's defaults and allowed values); on resume its shape comes from the checkpoint
+    n_layer: int = GPTConfig.n_layer  # number of transformer blocks
+    n_head: int = GPTConfig.n_head  # attention (query) heads
+    n_kv_head: int = GPTConfig.n_kv_head  # key/value heads, each shared by a group of query heads (GQA); 0: n_head
+    n_embd: int = GPTConfig.n_embd  # width of the residual stream
+    block_size: int = GPTConfig.block_size  # training sequence length; fresh: also the model's longest context
+    pos_encoding: str = GPTConfig.pos_encoding  # positions: rotary (rope), a learned table (GPT-2) or sinusoidal
+    norm: str = GPTConfig.norm     # the normalisation layer
+    prenorm: bool = GPTConfig.prenorm  # normalise before each sublayer (GPT-2); --no-prenorm: the 2017 post-norm
+    mlp: str = GPTConfig.mlp       # feed-forward: gelu (4x wide), swiglu (8/3x wide, as many parameters), relu2 (4x)
+    tie_weights: bool = GPTConfig.tie_weights  # the output head shares the token-embedding matrix
+    bias: bool = GPTConfig.bias    # biases in the linear layers and LayerNorm
+    qk_norm: bool = GPTConfig.qk_norm  # RMS-normalise each head's queries and keys (bounded attention logits)
+    zero_init_proj: bool = GPTConfig.zero_init_proj  # the blocks' output projections start at zero (blocks start as identity)
+    logit_softcap: float = GPTConfig.logit_softcap  # > 0: the logits squashed into (-cap, cap): cap * tanh(logits / cap)
+    dropout: float = GPTConfig.dropout  # dropout probability (may change on resume)
+    attn_impl: str = GPTConfig.attn_impl  # attention: sdpa (PyTorch), naive (textbook), triton (our kernel, CUDA)
+    # optimisation: Muon and AdamW (or AdamW alone); linear warmup, then warmup-stable-decay (or cosine)
+    batch_size: int = 8            # sequences per micro-batch on each data-parallel rank
     grad_accum: int = 1            # micro-batches per optimizer step (under --pp: the pipeline's micro-batches)
-    max_steps: int = 500           # optimizer steps to train to (on resume: the step to stop at)
-    optimizer: str = "adamw"       # adamw; muon: Muon for the blocks' matrices, AdamW at --lr for embeddings, head, norms
-    lr: float = 1e-3               # peak learning rate, reached at the end of warmup (AdamW's)
+    max_steps: int = 900           # optimizer steps to train to (on resume: the step to stop at)
+    optimizer: Literal["muon", "adamw"] = "muon"  # muon: Muon for the blocks' matrices, AdamW at --lr for the rest
+    lr: float = 1e-2               # peak learning rate, reached at the end of warmup (AdamW's)
     muon_lr: float = 0.02          # --optimizer muon: the matrices' peak learning rate; follows --lr's schedule scaled
     muon_momentum: float = 0.95    # --optimizer muon: the matrices' (Nesterov) momentum
-    min_lr: float = 1e-4           # learning rate at the end of the decay, and after it
-    warmup_steps: int = 50         # steps of linear warmup, from lr/warmup_steps up to lr
+    min_lr: float = 1e-3           # learning rate at the end of the decay, and after it
+    warmup_steps: int = 40         # steps of linear warmup, from lr/warmup_steps up to lr
     lr_decay_steps: int = 0        # step where the decay reaches min_lr, flat after it; 0: at max_steps (the end)
-    lr_schedule: str = "cosine"    # after warmup: cosine down to min_lr, or wsd (warmup, stable, decay): hold lr, then a line
+    lr_schedule: Literal["wsd", "cosine"] = "wsd"  # after warmup: wsd holds lr, then falls in a line to min_lr; or a cosine
     cooldown_fraction: float = 0.4  # --lr-schedule wsd: the share of the steps (to lr_decay_steps) spent decaying
     weight_decay: float = 0.1      # AdamW weight decay on matrices and embeddings (none on norms and biases)
     grad_clip: float = 1.0         # clip the global gradient norm to this; 0: no clipping
-    eval_interval: int = 100       # evaluate on val.bin and save ckpt.pt every this many steps; 0: only at the end
-    eval_steps: int = 10           # validation batches per evaluation (the same ones every time)
+    eval_interval: int = 300       # evaluate on val.bin and save ckpt.pt every this many steps; 0: only at the end
+    eval_steps: int = 8            # validation batches per evaluation (the same ones every time)
+    log_interval: int = 10         # print every this many steps (and every evaluation, and the last); log.jsonl has all
     # runtime
     device: str = "auto"           # auto (cuda if torch sees a GPU, else cpu), cpu, cuda or cuda:N
-    dtype: str = "auto"            # autocast dtype; auto: bfloat16 on cuda (float16 without bf16), float32 on cpu
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; auto: bfloat16 on cuda (else float16), float32 on cpu
     compile: bool = False          # torch.compile the model (GPUs: faster after a minute); not under --tp/--pp
     seed: int = 1337               # seeds the initial weights and, with the step, every batch
     # parallelism, under torchrun: data parallel takes the ranks that tp x pp leaves
     tp: int = 1                    # tensor-parallel degree: heads, MLP and vocabulary split over this many ranks
     pp: int = 1                    # pipeline-parallel degree: the blocks cut into this many stages
-    schedule: str = "1f1b"         # pipeline schedule: gpipe (all forwards, then all backwards) or 1f1b
+    schedule: Literal["gpipe", "1f1b"] = "1f1b"  # pipeline schedule: gpipe (all forwards, then all backwards) or 1f1b
     # the plan, printed before anything big is built: layout, micro-batch, accumulation, memory per GPU
     tokens_per_step: int = 0       # > 0: --grad-accum (and --batch-size, if memory is short) set for this many tokens/step
     plan: bool = False             # print the plan for --gpus and --gpu-memory and exit (needs no GPU)
@@ -124,13 +135,9 @@ class TrainConfig:
     gpu_memory: float = 0.0        # GiB per GPU the plan must fit in; 0: the GPU's own (on the CPU: not checked)
 
 
-PRESETS = {"gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dtype="bfloat16",
-                             compile=True, batch_size=16, tokens_per_step=2**19, max_steps=19073, lr=6e-4,
-                             min_lr=6e-5, warmup_steps=700, eval_interval=250, eval_steps=20)}
-CHOICES = {**{f.name: get_args(f.type) for f in fields(GPTConfig) if get_args(f.type)},  # GPTConfig's Literals
-           "preset": list(PRESETS), "dtype": ["auto", "float32", "bfloat16", "float16"],
-           "schedule": ["gpipe", "1f1b"], "optimizer": ["adamw", "muon"], "lr_schedule": ["cosine", "wsd"]}
+CHOICES = {f.name: get_args(f.type) for f in fields(GPTConfig) if get_args(f.type)}  # GPTConfig's Literals
 ALIASES = {"attn_impl": ["--attn"]}  # other spellings of a flag that users type
+PLAN_VOCAB = 50304  # the vocabulary planned for without --data-dir: GPT-2's 50257, rounded up to 64s
 SHAPE_FIELDS = ["n_layer", "n_head", "n_kv_head", "n_embd", "pos_encoding", "norm", "prenorm", "mlp",
                 "tie_weights", "bias", "qk_norm", "zero_init_proj", "logit_softcap"]
 # bf16 dense tensor-core peaks (FLOP/s) by device name; the first match wins, unknown GPUs get no MFU
@@ -154,11 +161,16 @@ def resolve_config(argv):
     return TrainConfig(**{**PRESETS.get(preset, {}), **saved, **given}), given, ckpt, ckpt_path
 
 
+def wants_cuda(device_flag):
+    """Whether --device trains on a GPU: cuda, cuda:N, or auto when torch sees one."""
+    return device_flag.startswith("cuda") or (device_flag == "auto" and torch.cuda.is_available())
+
+
 def check_config(cfg):
     """One sentence for a flag value that cannot work (argparse has checked types and choices; GPTConfig
     checks the model's shape and dropout, and main relays its sentence)."""
-    at_least = dict(block_size=1, max_steps=1, batch_size=1, grad_accum=1, eval_steps=1, tp=1, pp=1,
-                    eval_interval=0, warmup_steps=0, lr_decay_steps=0, min_lr=0, weight_decay=0, grad_clip=0)
+    at_least = dict(block_size=1, max_steps=1, batch_size=1, grad_accum=1, eval_steps=1, log_interval=1, tp=1,
+                    pp=1, eval_interval=0, warmup_steps=0, lr_decay_steps=0, min_lr=0, weight_decay=0, grad_clip=0)
     for name, least in at_least.items():
         if not getattr(cfg, name) >= least:  # `not >=` also catches nan
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least {least}.")
@@ -173,7 +185,7 @@ def check_config(cfg):
     if cfg.device.startswith("cuda") and int(cfg.device[5:] or 0) >= torch.cuda.device_count():
         raise SystemExit(f"--device {cfg.device}: torch sees {torch.cuda.device_count()} CUDA GPU(s) on this machine; "
                          "pass --device cpu, or auto.")
-    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    cuda = wants_cuda(cfg.device)
     if cfg.attn_impl == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("--attn-impl triton needs a CUDA GPU (or TRITON_INTERPRET=1 for Triton's slow CPU "
                          "interpreter); use --attn-impl sdpa on the CPU.")
@@ -189,7 +201,7 @@ def check_config(cfg):
 def setup_distributed(device_flag):
     """-> (rank, world_size, local_rank, device). Under torchrun (RANK set) joins the process group:
     NCCL on GPUs, gloo on CPU. Alone, rank 0 of 1."""
-    cuda = device_flag.startswith("cuda") or (device_flag == "auto" and torch.cuda.is_available())
+    cuda = wants_cuda(device_flag)
     if "RANK" not in os.environ:
         return 0, 1, 0, torch.device(("cuda" if cuda else "cpu") if device_flag == "auto" else device_flag)
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -296,7 +308,10 @@ def micro_batches(data, cfg, step, dp_rank, dp_size, device):
 
 def model_config_for(cfg, given, meta, tokenizer, ckpt, ckpt_path):
     """The GPTConfig to build: from the flags when fresh, from the checkpoint (checked against the
-    flags given and the data's tokenizer) when resuming."""
+    flags given and the data's tokenizer) when resuming or starting from one (--init-from). meta None
+    (--plan without --data-dir): the checkpoint's vocabulary, or PLAN_VOCAB."""
+    if meta is None:
+        meta = {"vocab_size": ckpt["model_config"]["vocab_size"] if ckpt else PLAN_VOCAB}
     if ckpt is None:
         return GPTConfig(vocab_size=meta["vocab_size"], block_size=cfg.block_size, attn_impl=cfg.attn_impl,
                          **{k: getattr(cfg, k) for k in SHAPE_FIELDS + ["dropout"]})
@@ -341,101 +356,12 @@ def learning_rate_at(step, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-# Muon (Keller Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks",
-# kellerjordan.github.io/posts/muon): for a weight matrix that maps hidden states to hidden states, take
-# SGD's Nesterov momentum M = U S V^T and step along U V^T instead, every singular value set to ~1, so the
-# rare directions of the update move as far as the dominant ones. U V^T comes from a few matrix products
-# (Newton-Schulz), not an SVD. Embeddings, the head and vectors are not such maps and keep AdamW.
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the blog's quintic: steep at 0, so small singular values grow fast
-
-
-def orthogonalize(G, steps=5):
-    """G (m, n) -> about U V^T, where G = U S V^T: the same singular vectors, singular values in ~[0.7, 1.2].
-
-    Dividing by the Frobenius norm puts every singular value in [0, 1]; each step maps X = U S V^T to
-    a X + b (X X^T) X + c (X X^T)^2 X = U p(S) V^T, p(s) = a s + b s^3 + c s^5, which pushes every s
-    that is not tiny into the band around 1 (it trades exactness at 1 for speed). X X^T is taken on
-    the short side, so a step costs 2 m^2 n + m^3 multiply-adds with m <= n.
-    """
-    a, b, c = NS_COEFFICIENTS
-    X = G.mT if G.size(0) > G.size(1) else G                            # (m, n), m <= n
-    X = X / (X.norm() + 1e-7)
-    for _ in range(steps):
-        A = X @ X.mT                                                    # (m, m)
-        X = a * X + (b * A + c * A @ A) @ X
-    return X.mT if G.size(0) > G.size(1) else X
-
-
-class Muon(torch.optim.Optimizer):
-    """Muon for the groups with muon=True; AdamW (torch.optim.AdamW's step and state names) for the
-    others, so one optimizer, one state_dict and one GradScaler serve both.
-
-    Muon's step for a matrix W (out x in): momentum buffer B = mu B + G; update O = orthogonalize(G + mu B)
-    (Nesterov) times sqrt(max(1, out/in)), so a tall matrix changes its outputs' RMS as much as a square
-    one; W -= lr O. A matrix may carry `muon_sections` (row counts of the maps fused in it: [q | k | v],
-    SwiGLU's [gate | up]), each orthogonalised on its own. Under --tp a matrix is a shard (it has tp_dim):
-    its update is gathered whole over tp_group, orthogonalised, and cut back, so every layout takes the
-    step one process takes (each tp rank repeats the whole matrix's Newton-Schulz).
-    """
-
-    def __init__(self, param_groups, lr, momentum=0.95, betas=(0.9, 0.95), eps=1e-8, ns_steps=5, tp_group=None):
-        super().__init__(param_groups, dict(lr=lr, momentum=momentum, betas=betas, eps=eps, weight_decay=0.0,
-                                            ns_steps=ns_steps, muon=False))
-        self.tp_group = tp_group
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in (p for p in group["params"] if p.grad is not None):
-                p.mul_(1 - group["lr"] * group["weight_decay"])        # decoupled weight decay
-                if group["muon"]:
-                    p.add_(self.muon_update(p, group), alpha=-group["lr"])
-                else:
-                    self.adamw_step(p, group)
-
-    def muon_update(self, p, group):
-        momentum, buf = group["momentum"], self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-        buf.mul_(momentum).add_(p.grad)
-        G = p.grad.add(buf, alpha=momentum)                             # Nesterov: a step ahead
-        if hasattr(p, "tp_dim"):  # part 2: the whole matrix from the tp shards
-            G = whole_from_shards(p, G, self.tp_group)
-        update = torch.cat([orthogonalize(M.float(), group["ns_steps"]) * max(1, M.size(0) / M.size(1)) ** 0.5
-                            for M in G.split(getattr(p, "muon_sections", [G.size(0)]))])
-        if hasattr(p, "tp_dim"):  # this rank's shard of the whole update
-            index = shard_index(p.tp_sections, dist.get_rank(self.tp_group), dist.get_world_size(self.tp_group))
-            update = update.index_select(p.tp_dim, index.to(update.device))
-        return update.to(p.dtype)
-
-    def adamw_step(self, p, group):
-        """torch.optim.AdamW's update (weight decay already applied)."""
-        state, (beta1, beta2) = self.state[p], group["betas"]
-        if not state:
-            state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-        state["step"] += 1
-        step = state["step"].item()
-        state["exp_avg"].lerp_(p.grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** step))
-
-
-def make_optimizer(model, cfg, device_type="cpu", tp_group=None):
-    """--optimizer adamw: model.configure_optimizers. muon: Muon for the 2-D matrices inside the blocks (the
-    maps between hidden states), AdamW for the rest: embeddings and an untied head decayed, vectors not."""
-    if cfg.optimizer == "adamw":
-        return model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=device_type)
-    c = model.config
-    for block in model.blocks:  # whole-model sizes (under --tp these are also the shards' tp_sections)
-        block.attn.qkv.weight.muon_sections = [c.n_head * c.head_dim] + [c.n_kv_head * c.head_dim] * 2
-        if c.mlp == "swiglu":
-            block.mlp.fc.weight.muon_sections = [c.mlp_hidden, c.mlp_hidden]
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    hidden = [n.startswith("blocks.") and p.dim() == 2 for n, p in named]
-    groups = [dict(params=[p for (_, p), h in zip(named, hidden) if h], muon=True, lr=cfg.muon_lr),
-              dict(params=[p for (_, p), h in zip(named, hidden) if not h and p.dim() >= 2],
-                   weight_decay=cfg.weight_decay),
-              dict(params=[p for _, p in named if p.dim() < 2])]
-    return Muon(groups, cfg.lr, cfg.muon_momentum, tp_group=tp_group)
+def make_optimizer(model, cfg, device_type="cpu", sharded_update=None):
+    """--optimizer adamw: AdamW for all; muon: Muon for the blocks' matrices, AdamW for the rest (model.py's
+    configure_optimizers groups them). sharded_update: part 2's step for a tp shard (tp_muon_update)."""
+    muon_lr = cfg.muon_lr if cfg.optimizer == "muon" else 0.0
+    return model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=device_type, muon_lr=muon_lr,
+                                      muon_momentum=cfg.muon_momentum, sharded_update=sharded_update)
 
 
 def set_learning_rate(optimizer, lr, cfg):
@@ -449,7 +375,6 @@ def set_learning_rate(optimizer, lr, cfg):
 
 GIB = 2**30
 FIT_FRACTION = 0.9  # of a GPU's memory: the CUDA context, NCCL's buffers and fragmentation take the rest
-PLAN_VOCAB = 50304  # the vocabulary planned for without --data-dir: GPT-2's 50257, rounded up to 64s
 TOO_MANY_EPOCHS = 100  # a preset says its data is too small above this many passes over it
 
 
@@ -481,12 +406,12 @@ def activation_bytes(c, tokens, a, cuda, tp=1, n_layer=None, head=True):
 
 
 def parameter_counts(c):
-    """{what: parameters} of the model GPTConfig c builds, counted on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = GPT(c)
-    block = model.blocks[0].parameters
-    return dict(total=model.num_params(), block=sum(p.numel() for p in block()), wte=model.wte.weight.numel(),
-                block_matrices=sum(p.numel() for p in block() if p.dim() == 2))
+    """{what: parameters} of the model GPTConfig c builds, from its weights' shapes (nothing built)."""
+    shapes = {n: s.numel() for n, s in weight_shapes(c).items() if not (n == "lm_head.weight" and c.tie_weights)}
+    block = {n: size for n, size in shapes.items() if n.startswith("blocks.0.")}
+    matrices = [n for n, s in weight_shapes(c).items() if n.startswith("blocks.0.") and len(s) == 2]
+    return dict(total=sum(shapes.values()), block=sum(block.values()), wte=shapes["wte.weight"],
+                block_matrices=sum(block[n] for n in matrices))
 
 
 def memory_estimate(c, counts, micro_batch, dp, tp, pp, micro_batches, dtype, schedule, cuda):
@@ -518,8 +443,8 @@ def model_fits_layout(c, tp, pp):
         and pp <= c.n_layer
 
 
-def make_plan(cfg, given, ckpt, ckpt_path, data):
-    """-> (cfg with the layout, micro-batch and accumulation to run, the plan as a dict, its lines for people).
+def make_plan(cfg, given, c, data):
+    """GPTConfig c (model_config_for's), data (load_data's or None) -> (cfg with the layout, micro-batch and accumulation to run, the plan as a dict, its lines for people).
 
     The layout: --tp/--pp when given, else data parallel, unless no micro-batch fits one GPU: then the
     smallest tp (within a node), then pp, that fits. The micro-batch: --batch-size when given, else the
@@ -527,22 +452,14 @@ def make_plan(cfg, given, ckpt, ckpt_path, data):
     for name in ("tokens_per_step", "gpus", "gpu_memory"):
         if not getattr(cfg, name) >= 0:
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be 0 or more.")
-    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    cuda = wants_cuda(cfg.device)
     world = cfg.gpus if cfg.plan and cfg.gpus else int(os.environ.get("WORLD_SIZE", "1"))
     gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", min(world, 8)))
     limit = cfg.gpu_memory * GIB or None
     if limit is None and cuda:
         limit = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
     dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if cuda or cfg.plan else "float32"
-    train_tokens = None
-    if data is not None:  # (train, val, meta) from load_data
-        train_tokens, meta = len(data[0]), data[2]
-    else:
-        meta = {"vocab_size": ckpt["model_config"]["vocab_size"] if ckpt else PLAN_VOCAB}
-    try:
-        c = model_config_for(cfg, given, meta, None, ckpt, ckpt_path)
-    except ValueError as e:  # GPTConfig: a shape the model cannot take
-        raise SystemExit(str(e)) from None
+    train_tokens = len(data[0]) if data is not None else None
     target = 0 if "grad_accum" in given else cfg.tokens_per_step  # a --grad-accum typed wins over the preset's
     other_optimizer = "muon" if cfg.optimizer == "adamw" else "adamw"
     counts = parameter_counts(c)
@@ -648,15 +565,16 @@ def train_step(model, optimizer, scaler, batches, lr, cfg, autocast):
 
 
 @torch.no_grad()
-def evaluate(model, val_data, cfg, dp_rank, dp_size, device, autocast, dp_group=None, grid=None):
-    """Mean loss over eval_steps fixed validation batches (the same every evaluation), over all dp ranks."""
+def evaluate(model, val_data, cfg, dp_rank, dp_size, device, autocast, dp_group=None, batch_loss=None):
+    """Mean loss over eval_steps fixed validation batches (the same every evaluation), over all dp ranks.
+    batch_loss(x, y): the loss of a batch under --tp/--pp (part 2's pipeline_loss); else the model's."""
     model.eval()
     total = torch.zeros((), device=device)
     for i in range(cfg.eval_steps):
         starts = batch_starts(cfg.seed, i, dp_size * cfg.batch_size, len(val_data), cfg.block_size, split=1)
         x, y = get_batch(val_data, starts.view(dp_size, cfg.batch_size)[dp_rank], cfg.block_size, device)
-        if grid is not None:  # --tp/--pp: forward through the stages (part 2), the loss shared by all of them
-            total += pipeline_loss(model, grid, x, y, autocast)
+        if batch_loss is not None:
+            total += batch_loss(x, y)
         else:
             with autocast:
                 total += model(x, y)[1].float()
@@ -731,7 +649,14 @@ def main(argv=None):
     check_config(cfg)
     # the data, read and checked once, before any process group or GPU memory; --plan may go without it
     data = load_data(cfg.data_dir, cfg.block_size) if cfg.data_dir or not cfg.plan else None
-    cfg, plan, plan_lines = make_plan(cfg, given, ckpt, ckpt_path, data)
+    tokenizer = data_tokenizer(cfg.data_dir) if data is not None else None
+    init = read_checkpoint(cfg.init_from, "--init-from") if cfg.init_from and ckpt is None else None
+    try:  # the flags' shape, or the checkpoint's that it resumes or starts from (--init-from)
+        model_config = model_config_for(cfg, given, data and data[2], tokenizer, ckpt or init,
+                                         cfg.init_from if init else ckpt_path)
+    except ValueError as e:  # GPTConfig: a shape the model cannot take, e.g. n_embd not divisible by n_head
+        raise SystemExit(str(e)) from None
+    cfg, plan, plan_lines = make_plan(cfg, given, model_config, data)
     if cfg.plan or int(os.environ.get("RANK", "0")) == 0:
         print("\n".join(plan_lines), flush=True)
     if cfg.plan:  # the plan's last line: the plan as one JSON object
@@ -752,17 +677,10 @@ def main(argv=None):
     dp_rank, dp_size, dp_group = (grid.dp_rank, grid.dp, grid.dp_group) if grid else (rank, world_size, None)
 
     train_data, val_data, meta = data
-    tokenizer = data_tokenizer(cfg.data_dir)
     if tokenizer is None and (ckpt or {}).get("tokenizer") is None:  # the checkpoint will carry none
         say(f"note: {cfg.data_dir} has no tokenizer.tiktoken, so align.py will refuse this model and sample.py "
             + ("will read its ids as raw bytes." if meta["vocab_size"] == 256 else "will too (its vocab_size "
                f"is {meta['vocab_size']}, not 256 raw bytes); to use it, run tokenize_data.py on the corpus first."))
-    init = read_checkpoint(cfg.init_from, "--init-from") if cfg.init_from and ckpt is None else None
-    try:  # --init-from: the model is the init's, as on resume
-        model_config = model_config_for(cfg, given, meta, tokenizer, ckpt or init,
-                                         cfg.init_from if init else ckpt_path)
-    except ValueError as e:  # GPTConfig: a shape the model cannot take, e.g. n_embd not divisible by n_head
-        raise SystemExit(str(e)) from None
     start_step = ckpt["step"] if ckpt is not None else 0
 
     model = build_model(model_config, cfg.seed)
@@ -784,7 +702,10 @@ def main(argv=None):
     if grid and scaler.is_enabled():
         raise SystemExit("float16 needs one loss scale agreed by all stages, which --tp/--pp do not do; "
                          "pass --dtype bfloat16 or float32.")
-    optimizer = make_optimizer(model, cfg, device.type, grid.tp_group if grid else None)
+    # part 2's hooks: Muon's step for a tp shard, and the evaluation forward through the stages
+    sharded_update = tp_muon_update(grid.tp_group) if grid else None
+    batch_loss = (lambda x, y: pipeline_loss(model, grid, x, y, autocast)) if grid else None
+    optimizer = make_optimizer(model, cfg, device.type, sharded_update)
     if ckpt is not None:
         saved_optimizer = ckpt["train_config"]["optimizer"]
         if cfg.optimizer != saved_optimizer:
@@ -861,13 +782,14 @@ def main(argv=None):
         line += f" | {human_time(step_seconds * (cfg.max_steps - step))} left"
         evaluating = step == cfg.max_steps or (cfg.eval_interval > 0 and step % cfg.eval_interval == 0)
         if evaluating:
-            entry["val_loss"] = evaluate(model, val_data, cfg, dp_rank, dp_size, device, autocast, dp_group, grid)
+            entry["val_loss"] = evaluate(model, val_data, cfg, dp_rank, dp_size, device, autocast, dp_group, batch_loss)
             check_finite(entry["val_loss"], "validation loss", step, ckpt_path)
             line += f" | val {entry['val_loss']:.4f}"
             if meta.get("val_bytes") and meta.get("val_tokens"):
                 entry["val_bpb"] = entry["val_loss"] / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
                 line += f" ({entry['val_bpb']:.3f} bits/byte)"
-        say(line, flush=True)
+        if evaluating or step % cfg.log_interval == 0:  # as nanoGPT: every Nth step; log.jsonl keeps them all
+            say(line, flush=True)
         history.append(entry)
         if master:
             with open(log_path, "a") as f:
@@ -1255,6 +1177,17 @@ def gather_full(model, grid, tensors):
     if model.config.tie_weights and "wte.weight" in whole:
         whole["lm_head.weight"] = whole["wte.weight"]
     return whole
+
+
+def tp_muon_update(group):
+    """Muon's step for a tp shard (model.Muon's sharded_update): the shard's momentum gathered whole over the
+    tp group, the whole matrix's direction computed (each tp rank repeats it), this rank's rows or columns of
+    it kept; so every layout takes the step one process takes."""
+    def update(p, G, direction):
+        whole = direction(whole_from_shards(p, G, group))
+        index = shard_index(p.tp_sections, dist.get_rank(group), dist.get_world_size(group))
+        return whole.index_select(p.tp_dim, index.to(whole.device))
+    return update
 
 
 def whole_from_shards(p, shard, group):

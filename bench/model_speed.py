@@ -139,8 +139,8 @@ def main():
     plain, same, ours = (PlainGPT(vocab, block, n_layer, n_head, n_embd),
                          GPT(GPTConfig(**shape, pos_encoding="learned", bias=True)), GPT(GPTConfig(**shape)))
     rows = [("nanoGPT-style baseline, AdamW", plain, torch.optim.AdamW(plain.parameters(), 1e-3)),
-            ("model.py, same config (learned pos, bias), AdamW", same, make_optimizer(same, TrainConfig())),
-            ("model.py defaults (RoPE, no bias), AdamW", ours, make_optimizer(ours, TrainConfig())),
+            ("model.py, same config (learned pos, bias), AdamW", same, make_optimizer(same, TrainConfig(optimizer="adamw"))),
+            ("model.py defaults (RoPE, no bias), AdamW", ours, make_optimizer(ours, TrainConfig(optimizer="adamw"))),
             ("model.py defaults, Muon + AdamW", ours, make_optimizer(ours, TrainConfig(optimizer="muon")))]
     print(f"train step: forward + backward + optimizer step, {n_layer} layers x {n_embd} wide, {B}x{block} "
           f"tokens, {args.threads} threads, median of {args.repeats}")

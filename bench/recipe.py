@@ -68,8 +68,8 @@ def train_recipes(args, seed, train_data, val_data, meta):
         if name in SWITCHES:
             model_fields = {**RECIPES["train.py now"][0], **model_fields}
             train_fields = {**RECIPES["train.py now"][1], **train_fields}
-        cfg = train.TrainConfig(seed=seed, batch_size=args.batch_size, max_steps=args.steps,
-                                warmup_steps=args.warmup_steps, **shape, **train_fields)
+        cfg = train.TrainConfig(seed=seed, batch_size=args.batch_size, max_steps=args.steps,  # a cosine, but "+ wsd"
+                                warmup_steps=args.warmup_steps, **shape, **{"lr_schedule": "cosine", **train_fields})
         model = train.build_model(GPTConfig(vocab_size=meta["vocab_size"], **shape, **model_fields), seed)
         runs.append(dict(name=name, cfg=cfg, model=model, optimizer=train.make_optimizer(model, cfg),
                          seconds=0.0, curve=[]))
