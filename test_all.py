@@ -3144,7 +3144,7 @@ def test_train_log_interval_prints_every_nth_step_and_every_eval_while_the_log_k
         lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
         assert [int(line.split()[1].split("/")[0]) for line in lines] == printed, lines
         assert [r["step"] for r in log] == list(range(1, 26))
-    assert "--log-interval" in train_exit_message(["--data-dir", str(byte_data), "--log-interval", "0"])
+    assert "--log-interval" in refused(train.main, ["--data-dir", str(byte_data), "--log-interval", "0"])
 
 
 # the recipe the README measured, written out: what `python train.py --data-dir DIR` trains
@@ -4552,6 +4552,40 @@ def test_align_clipped_policy_loss_by_hand_on_numbers():
     loss, _ = align.clipped_policy_loss(logp, logp.detach(), mask, adv, ref_logp=ref, beta=0.1)
     want_kl = 1.0 + 0.1 * (k3(-1.5, -1.0) + k3(-2.0, -2.0) + k3(-0.75, -0.25) + k3(-3.0, -4.0)) / 2
     assert abs(loss.item() - want_kl) < 1e-6
+
+
+def test_align_grpo_leaves_flat_groups_out_of_the_loss_with_the_same_gradient(monkeypatch):
+    """Three prompts, four samples each; the middle group is split, the others all scored alike. The step's
+    loss computes only the split group, yet its gradient and value are those of all twelve samples with
+    their advantages (the flat ones 0), averaged over twelve; a second update on the same samples reuses
+    them and reports the clipped share."""
+    model = tiny_model(0, **RL_MODEL)
+    train_set = [{"prompt": [1, 2, 3], "answer": "x"}, {"prompt": [4, 5], "answer": "x"},
+                 {"prompt": [6, 7, 8, 9], "answer": "x"}]
+    rewards = [1.0] * 4 + [1.0, 0.0, 0.0, 1.0] + [0.0] * 4
+    monkeypatch.setattr(align, "rewards_of", lambda enc, completions, finished, answers: rewards)
+    cfg = align.check_config(align.AlignConfig(method="grpo", init="i", data="d", out_dir="o", group_size=4,
+                                               max_new_tokens=5, temperature=1.0))
+    samples = align.draw_samples(model, cfg, train_set, [0, 1, 2], None, BYTE_ENC, END_ID, 0, "cpu")
+    assert samples.prompts == [[4, 5]] and len(samples.completions) == 4 and samples.n == 12
+    assert samples.figures["no_signal"].item() == 2 and samples.figures["reward"].item() == 6 / 4
+    old = []
+    loss, sums = align.grpo_step_loss(model, cfg, samples, 0, old)
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    everything = align.rollout(model, [t["prompt"] for t in train_set], 4, 5, 1.0, END_ID, [cfg.seed + 1_000_003 + i
+                                                                                          for i in range(3)])[0]
+    assert everything[4:8] == samples.completions
+    logp, mask = align.completion_logprobs(model, [t["prompt"] for t in train_set], everything)
+    adv = align.group_advantages(torch.tensor(rewards).view(3, 4)).flatten()
+    want, _ = align.clipped_policy_loss(logp, logp.detach(), mask, adv)
+    want.backward()
+    assert abs(loss.item() - want.item()) < 1e-6
+    for a, b in zip(got, (p.grad for p in model.parameters())):
+        assert torch.allclose(a, b, atol=1e-6)
+    _, later = align.grpo_step_loss(model, cfg, samples, 1, old)  # unchanged weights: ratio 1, nothing clipped
+    assert set(later) == {"loss", "clipped"} and later["clipped"].item() == 0
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
