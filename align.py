@@ -876,14 +876,14 @@ def clipped_policy_loss(logp, old_logp, mask, advantages, clip_low=0.2, clip_hig
     stop pushing a token once its ratio has left the band in its advantage's direction. Summed over a
     completion's tokens, not averaged (1/|o_i| would go easy on long wrong answers: Dr. GRPO).
     kl_it = e^(ref-logp) - (ref-logp) - 1 >= 0 estimates KL(pi || ref) without bias (Schulman's k3); its
-    gradient pulls logp towards ref_logp. -> (loss, share of the masked tokens the clip stops)."""
+    gradient pulls logp towards ref_logp. -> (loss, how many of the masked tokens the clip stops)."""
     ratio = (logp - old_logp).exp()
     bounded = ratio.clamp(1 - clip_low, 1 + clip_high)
     per_token = torch.minimum(ratio * advantages[:, None], bounded * advantages[:, None])
     if beta:
         log_ratio = ref_logp - logp
         per_token = per_token - beta * (log_ratio.exp() - log_ratio - 1)
-    clipped = ((bounded * advantages[:, None] < ratio * advantages[:, None]) & mask).sum() / mask.sum().clamp(min=1)
+    clipped = ((bounded * advantages[:, None] < ratio * advantages[:, None]) & mask).sum()
     return -(per_token * mask).sum() / (n or logp.size(0)), clipped.detach()
 
 
@@ -930,7 +930,7 @@ def grpo_step_loss(net, cfg, samples, update, old_logp):
                                         cfg.clip_low, cfg.clip_high, samples.ref_logp, cfg.beta, samples.n)
     P = samples.n // cfg.group_size  # the sums are over the step's prompts, as the loop expects
     if update:
-        return loss, {"loss": loss.detach() * P, "clipped": clipped * P}
+        return loss, {"loss": loss.detach() * P, "clipped": clipped / cfg.group_size}  # per answer, as completion_len
     old_logp[:] = [logp.detach()]
     kl = torch.zeros((), device=logp.device)
     if samples.ref_logp is not None:  # KL(pi || init) per completion, summed over the group's prompts

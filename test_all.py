@@ -4543,7 +4543,7 @@ def test_align_clipped_policy_loss_by_hand_on_numbers():
     old = logp.detach() - torch.tensor([[1.5, 1.1, 1.0], [1.0, 0.5, 1.5]]).log()
     loss, clipped = align.clipped_policy_loss(logp, old, mask, adv, clip_low=0.2, clip_high=0.28, n=4)
     want = -(0.5 * 1.28 + 0.5 * 1.1 + -1.5 * 0.8 + -1.5 * 1.5) / 4
-    assert abs(loss.item() - want) < 1e-6 and abs(clipped.item() - 2 / 4) < 1e-6
+    assert abs(loss.item() - want) < 1e-6 and clipped.item() == 2
     loss.backward()
     assert torch.allclose(logp.grad, -torch.tensor([[0.0, 0.5 * 1.1, 0.0], [0.0, 0.0, -1.5 * 1.5]]) / 4)
     # with the KL term: k3 = e^(ref - logp) - (ref - logp) - 1 per unmasked token
@@ -4696,10 +4696,11 @@ def test_align_grpo_raises_the_reward_on_a_tiny_learnable_task(tmp_path, capsys)
 
 def test_align_grpo_on_two_gloo_ranks_equals_one_process_with_twice_the_batch(tmp_path):
     """Each prompt's samples come from (seed, step, prompt), so 2 ranks x 2 prompts draw what 1 x 4 draws:
-    the same rewards, the same gradient (DDP's average of the ranks' means) and the same held-out figures."""
+    the same rewards, the same gradients (DDP's average of the ranks' means; a second update on the same
+    samples, the clipped ratio's) and the same held-out figures."""
     init, rl = sft_then_questions(tmp_path)
     common = ["--method", "grpo", "--init", init, "--data", rl, "--val-data", rl, "--max-steps", 3, "--lr", "3e-3",
-              "--group-size", 4, "--max-new-tokens", 4, "--device", "cpu"]
+              "--group-size", 4, "--max-new-tokens", 4, "--device", "cpu", "--num-iterations", 2]
     log_one, log_two = one_process_and_two_ranks(tmp_path, common)
     assert [sorted(r) for r in log_one] == [sorted(r) for r in log_two] and len(log_one) == 5  # 3 steps, 2 evals
     for a, b in zip(log_one, log_two):
@@ -4784,6 +4785,27 @@ def test_align_demo_data_writes_checkable_rl_questions_held_out_by_scene(tmp_pat
     for _, group in records:
         sides.setdefault(group, set()).add(align.held_out(group, 0.5))
     assert all(len(s) == 1 for s in sides.values())
+
+
+def test_bench_rl_tasks_answers_are_computed_from_the_line_and_the_spread_reads_runs(tmp_path, capsys):
+    """bench/rl.py's own tasks: the word count and the last word, each computed from the line in the prompt,
+    grouped by scene; its --runs table reads an RL log's first and last evaluation."""
+    from bench import rl as rl_bench
+    text = "ALPHA.\nOne two three four,\nfive six seven!\n\nBRAVO.\nThe king's men -- \"away\"\nGo\n"
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": "p/1", "play": "P", "edition": "modern", "text": text}])
+    assert rl_bench.verse_lines(corpus) == [("p/1", "One two three four,"), ("p/1", "five six seven!"),
+                                            ("p/1", "The king's men -- \"away\"")]
+    assert rl_bench.question("count", "The king's men -- \"away\"") == ("How many words? The king's men -- \"away\"", "5")
+    assert rl_bench.question("lastword", "five six seven!") == ("Last word? five six seven!", "seven")
+    assert rl_bench.question("lastword", "The king's men -- \"away\"")[1] == "away"
+    assert rl_bench.write_task("count", corpus, tmp_path / "count", 1) == 3
+    rows = [json.loads(line) for line in (tmp_path / "count" / "rl.jsonl").read_text().splitlines()]
+    assert sorted(r["answer"] for r in rows) == ["3", "4", "5"] and {r["group"] for r in rows} == {"p/1"}
+    write_jsonl(tmp_path / "run" / "rl" / "log.jsonl", [
+        {"step": 0, "val_accuracy": 0.5, "val_pass@1": 0.4}, {"step": 1, "reward": 0.3}, {"step": 2, "reward": 0.5},
+        {"step": 2, "val_accuracy": 0.75, "val_pass@1": 0.6, "val_change_se": 2.0, "val_gained": 3, "val_lost": 1}])
+    rl_bench.main(["--runs", str(tmp_path / "run")])
+    assert "| 0.500 | 0.750 | +2.0 | 3 / 1 | 0.400 -> 0.600 | 0.300 -> 0.500 | - |" in capsys.readouterr().out
 
 
 # ==================================================================================================

@@ -112,7 +112,7 @@ def question(task, line):
     """-> (prompt, answer) of the task on one line of verse."""
     if task == "count":
         return f"How many words? {line}", str(len(line.split()))
-    return f"Last word? {line}", re.sub(r"[^\w'-]+$", "", line.split()[-1]).strip("'-") or line.split()[-1]
+    return f"Last word? {line}", re.sub(r"^\W+|\W+$", "", line.split()[-1]) or line.split()[-1]  # no punctuation
 
 
 def write_task(task, corpus, out_dir, seed, per_scene=4):
