@@ -25,8 +25,8 @@ decoding writes exactly the true answer's tokens and <|end|> (a model must also 
 val_accuracy (chosen reward > rejected reward, a tie counts half), val_margin, val_chosen_reward,
 val_rejected_reward, and val_logp_accuracy (log pi(chosen) > log pi(rejected): no reference involved,
 so at step 0 it is the init model's own preference accuracy). GRPO val_accuracy: the greedy answer earns
-the reward (per "task" too); val_pass@1 and val_pass@G: of G answers sampled at --temperature, the share
-right and whether any is; val_gained, val_lost, val_change_se: greedy answers that flipped since step 0.
+the reward (per "task" too); val_pass@1 and val_pass@K: of K = --eval-samples answers sampled at
+--temperature, the share right and whether any is; val_gained, val_lost, val_change_se: greedy answers that flipped since step 0.
 
 Every method evaluates before the first step and after the last (and every --eval-interval steps, saving
 a checkpoint each time). Prints a line every --log-interval steps, the last step's and each eval's; writes
@@ -47,11 +47,14 @@ Design choices:
 - GRPO (on-policy RL, as Dr. GRPO and nanochat's chat_rl simplify it): each step samples --group-size
   answers to each of --batch-size prompts (an answer ends at <|end|>, or is cut off after --max-new-tokens
   and earns nothing), scores them with reward() (1 for the exact answer, else 0), and takes advantage =
-  reward - its group's mean (not divided by the group's std: see group_advantages). The loss, -(1/N) sum
-  over answers and their tokens of advantage * log pi(token), with pi = softmax(logits / --temperature)
-  (what the answers were drawn from), raises the answers that beat their group and lowers the rest. One
-  update per batch of fresh samples, so no importance ratio or clipping. --beta > 0 adds a per-token
-  KL(pi || init) estimate against a frozen copy of --init.
+  reward - its group's mean (not divided by the group's std: see group_advantages). The loss
+  (clipped_policy_loss) sums over answers and their tokens advantage * pi(token) / pi_sampler(token), with
+  pi = softmax(logits / --temperature) (what the answers were drawn from): it raises the answers that beat
+  their group and lowers the rest. --num-iterations N takes N optimizer updates on each batch of samples:
+  the first is the plain policy gradient (the ratio is 1), the later ones PPO's clipped ratio, so a token
+  that has moved out of [1 - --clip-low, 1 + --clip-high] in its advantage's direction stops pulling. A
+  group whose answers all scored alike teaches nothing and is left out of the loss's work. --beta > 0
+  adds a per-token KL(pi || init) estimate against a frozen copy of --init.
 - GRPO's default temperature is 0.5: what is scored is the greedy answer, and at T=0.5 a group's samples
   are the few answers greedy decoding weighs, so the update settles the contests it decides.
 - Each prompt runs once for its G answers, in sampling and in the loss (KV cache, model.PrefixCache), not
@@ -95,9 +98,9 @@ class AlignConfig:
     eval_max: int = 200            # held-out examples scored per eval (keeps evals cheap)
     eval_interval: int = 0         # evaluate and checkpoint every this many steps; 0: only at the start and the end
     log_interval: int = 10         # print every this many steps (and the last); evals always print; log.jsonl has all
-    max_steps: int = -1            # optimizer steps; -1: 300 sft, 100 dpo, 40 grpo; 0: only evaluate --init
-    batch_size: int = 0            # examples (DPO: pairs, GRPO: prompts) per step per rank; 0: 16 sft, 8 dpo, 32 grpo
-    lr: float = 0.0                # peak learning rate; 0: 1e-3 for sft, 3e-4 for dpo, 2e-4 for grpo
+    max_steps: int = -1            # steps; -1: 300 sft, 100 dpo, 40 grpo; 0: only evaluate --init
+    batch_size: int = 0            # examples (DPO: pairs, GRPO: prompts) per step per rank; 0: 16 sft, 8 dpo, 64 grpo
+    lr: float = 0.0                # peak learning rate; 0: 1e-3 for sft, 3e-4 for dpo, 3e-4 for grpo
     min_lr_ratio: float = 0.1      # the schedule ends at lr * min_lr_ratio
     schedule: Literal["cosine", "linear"] = "cosine"  # how the learning rate decays after warmup
     warmup_steps: int = 5          # steps of linear warmup up to --lr
@@ -107,10 +110,10 @@ class AlignConfig:
     group_size: int = 16           # GRPO: answers sampled per prompt (G); advantages are relative to the group
     max_new_tokens: int = 16       # GRPO: an answer ends at <|end|> or after this many tokens (then it earns nothing)
     temperature: float = 0.5       # GRPO: sampling temperature of the answers (and of the held-out pass@k); see below
-    num_iterations: int = 1        # GRPO: optimizer updates on each step's samples; after the first, PPO's clipped ratio
+    num_iterations: int = 2        # GRPO: optimizer updates on each step's samples; after the first, PPO's clipped ratio
     clip_low: float = 0.2          # GRPO, --num-iterations > 1: a token's ratio pi/pi_sampler is clipped at 1 - this ...
     clip_high: float = 0.28        # ... and at 1 + this (DAPO's clip-higher: a rare right answer has room to rise)
-    eval_samples: int = 0          # GRPO: answers sampled per held-out question for val_pass@1 and val_pass@k; 0: --group-size
+    eval_samples: int = 4          # GRPO: answers sampled per held-out question for val_pass@1 and val_pass@k
     seed: int = 1337               # batches, held-out sample, DPO's visited pairs, GRPO's samples follow from it
     device: str = "auto"           # auto (cuda when a GPU is visible, else cpu) | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 autocast on cuda, float32 on cpu
@@ -139,14 +142,14 @@ def check_config(cfg):
     if cfg.method == "grpo" and (cfg.group_size < 2 or cfg.max_new_tokens < 1 or cfg.temperature <= 0):
         raise SystemExit("--group-size must be at least 2 (advantages are relative to the group), --max-new-tokens "
                          "at least 1 and --temperature positive (equal samples teach nothing).")
-    if not (cfg.num_iterations >= 1 and 0 <= cfg.clip_low < 1 and cfg.clip_high >= 0 and cfg.eval_samples >= 0):
-        raise SystemExit(f"--num-iterations {cfg.num_iterations} must be at least 1, --clip-low {cfg.clip_low} in "
-                         f"[0, 1), --clip-high {cfg.clip_high} and --eval-samples {cfg.eval_samples} not negative.")
+    if not (cfg.num_iterations >= 1 and cfg.eval_samples >= 1 and 0 <= cfg.clip_low < 1 and cfg.clip_high >= 0):
+        raise SystemExit(f"--num-iterations {cfg.num_iterations} and --eval-samples {cfg.eval_samples} must be at "
+                         f"least 1, --clip-low {cfg.clip_low} in [0, 1) and --clip-high {cfg.clip_high} not negative.")
     for flag in ("batch_size", "lr", "eval_interval", "warmup_steps", "weight_decay", "grad_clip"):
         if getattr(cfg, flag) < 0:
             raise SystemExit(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: must not be negative.")
     # Defaults (-1 / 0), measured on the demo data with the pipeline's CPU model.
-    defaults = {"sft": (300, 16, 1e-3, 0.1), "dpo": (100, 8, 3e-4, 0.1), "grpo": (40, 32, 2e-4, 0.0)}[cfg.method]
+    defaults = {"sft": (300, 16, 1e-3, 0.1), "dpo": (100, 8, 3e-4, 0.1), "grpo": (40, 64, 3e-4, 0.0)}[cfg.method]
     if cfg.max_steps < -1 or (cfg.beta < 0 and cfg.beta != -1):
         raise SystemExit("--max-steps and --beta take -1 (the method's default) or a value >= 0.")
     cfg.max_steps = defaults[0] if cfg.max_steps == -1 else cfg.max_steps
@@ -941,10 +944,10 @@ def grpo_step_loss(net, cfg, samples, update, old_logp):
 
 @torch.no_grad()
 def evaluate_grpo(model, cfg, val, enc, end_id, run, rows):
-    """val_accuracy (the greedy answer earns the reward), overall and per task; val_pass@1 and val_pass@G
-    from G samples per question at --temperature (pass@G: any of them right); the change since step 0
-    (paired_change); val_right, the greedy verdict per question, which the next evals compare with."""
-    n, mine = cfg.eval_samples or cfg.group_size, list(range(run.rank, len(val), run.world))
+    """val_accuracy (the greedy answer earns the reward), overall and per task; val_pass@1 and val_pass@K
+    from K = --eval-samples samples per question at --temperature (pass@K: any of them right); the change
+    since step 0 (paired_change); val_right, the greedy verdict per question, which the next evals compare with."""
+    n, mine = cfg.eval_samples, list(range(run.rank, len(val), run.world))
     prompts, answers = [val[i]["prompt"] for i in mine], [val[i]["answer"] for i in mine]
     right, hits = torch.zeros(len(val), device=run.device), torch.zeros(len(val), device=run.device)
     with run.ctx:
