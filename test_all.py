@@ -2123,7 +2123,8 @@ def test_model_stream_uses_the_cache():
     model = tiny_model().eval()
     seen = []
     original = model.forward
-    model.forward = lambda idx, targets=None, kv_cache=None: seen.append(idx.size(1)) or original(idx, targets, kv_cache)
+    model.forward = lambda idx, targets=None, kv_cache=None, last_only=False: (seen.append(idx.size(1))
+                                                                           or original(idx, targets, kv_cache, last_only))
     model.generate(torch.randint(0, 64, (1, 10)), 30, temperature=0)
     # 10 prompt tokens, 22 one-token steps fill the block of 32, then the window jumps to start 16
     assert seen[:23] == [10] + [1] * 22 and seen[23] == 32 - 16 + 1 and set(seen[24:]) == {1}
