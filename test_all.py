@@ -2118,6 +2118,14 @@ def test_model_kv_cache_matches_recompute(options):
         assert torch.equal(runs[0], runs[1])
 
 
+def test_model_last_only_gives_the_last_positions_logits_of_the_whole_forward():
+    """A prompt's prefill computes the head at its last position alone: the same logits as the full forward's."""
+    model = tiny_model().eval()
+    idx = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    last, _ = model(idx, last_only=True)
+    assert last.shape == (3, 1, 64) and torch.allclose(last, model(idx)[0][:, -1:], atol=1e-6)
+
+
 def test_model_stream_uses_the_cache():
     """Prefill once, then one token per step; the window jumps by half a block past block_size."""
     model = tiny_model().eval()
