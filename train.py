@@ -1099,19 +1099,16 @@ def shard_model(model, grid):
 # The pipeline schedule: stages pass activations forward and gradients back, micro-batch by micro-batch
 
 def stage_forward(model, grid, x, targets, n_micro):
-    """First stage: ids -> residual stream (B, T, C); middle: stream -> stream; last: -> loss / n_micro."""
-    if grid.is_first:
-        x = model.embed(x)
-    rope = model.rope(0, x.size(1))
-    for block in model.blocks:
-        x = block(x, rope)
+    """First stage: ids -> residual stream (B, T, C); middle: stream -> stream; last: -> loss / n_micro.
+    The stage's own forward (model.py's GPT.forward on the blocks it kept) does the work; under --tp the
+    last stage holds a vocabulary shard of the logits, so its loss is the vocab-parallel one."""
     if not grid.is_last:
-        return x
-    logits = model.head(x).flatten(0, 1).float()                        # (B*T, vocab/tp)
-    if grid.tp > 1:
-        start = grid.tp_rank * model.config.vocab_size // grid.tp
-        return VocabParallelCrossEntropy.apply(logits, targets.flatten(), start, grid.tp_group) / n_micro
-    return F.cross_entropy(logits, targets.flatten(), ignore_index=-1) / n_micro  # grads add to the mean
+        return model(x)[0]
+    if grid.tp == 1:
+        return model(x, targets)[1] / n_micro                           # grads add to the mean
+    logits = model(x)[0].flatten(0, 1).float()                          # (B*T, vocab/tp)
+    start = grid.tp_rank * model.config.vocab_size // grid.tp
+    return VocabParallelCrossEntropy.apply(logits, targets.flatten(), start, grid.tp_group) / n_micro
 
 
 def p2p(grid, send_next=None, send_prev=None, recv_next=None, recv_prev=None):
