@@ -377,17 +377,21 @@ class GPT(nn.Module):
         With a kv_cache, idx holds only the new tokens and the cache supplies the rest. last_only: the
         logits of the last position alone (B, 1, vocab), all a prompt's prefill needs (the head is
         a third of a small model's work per position).
+        A pipeline stage (train.py's shard_model) runs its slice: without the embedding, idx is the
+        residual stream (B, T, C) from the stage before; without the head, it returns that stream.
         """
-        B, T = idx.shape
+        T = idx.size(1)
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}.")
-        x = self.embed(idx, start)
+        x = self.embed(idx, start) if self.wte is not None else idx
         rope = self.rope(start, T)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.pos += T
+        if self.lm_head is None:  # a stage before the last: the stream (B, T, C) for the next one
+            return x, None
         logits = self.head(x[:, -1:] if last_only else x)                # (B, T or 1, vocab)
         loss = None
         if targets is not None:

@@ -3879,6 +3879,21 @@ def test_parallel_shard_index_and_stages():
     assert spans == [(0, 2), (2, 4), (4, 5)]
 
 
+def test_parallel_stages_forward_is_the_whole_models():
+    """A model cut into 3 pipeline stages (no process group needed at tp 1) keeps a forward: ids -> stream,
+    stream -> stream, stream -> (logits, loss), chained equal to the whole model's."""
+    model = tiny_model(n_layer=3).eval()
+    stages = [train.shard_model(tiny_model(n_layer=3).eval(), types.SimpleNamespace(
+        tp=1, pp=3, pp_rank=r, is_first=r == 0, is_last=r == 2)) for r in range(3)]
+    x, y = torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))
+    stream, no_loss = stages[0](x)
+    assert stream.shape == (2, 8, 32) and no_loss is None and stages[0].lm_head is None and stages[2].wte is None
+    logits, loss = stages[2](stages[1](stream)[0], y)
+    whole_logits, whole_loss = model(x, y)
+    torch.testing.assert_close(logits, whole_logits)
+    torch.testing.assert_close(loss, whole_loss)
+
+
 def test_parallel_rejects_layouts_the_model_cannot_take():
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=1, n_embd=32)
     with pytest.raises(SystemExit, match="n_kv_head=1"):

@@ -41,8 +41,9 @@ Design choices:
   before it is orthogonalised, so every layout takes one process's step.
 
 Two parts: the whole single-process path as a run meets it (config, processes, data, model, step and eval,
-checkpoints and logs, main), then tensor and pipeline parallelism, which main() calls under --tp/--pp (its
-calls marked "part 2"; the optimizer and evaluation take part 2's pieces as hooks that main passes them).
+checkpoints and logs, the run's pieces, main), then tensor and pipeline parallelism, which part 1 calls under
+--tp/--pp (each call marked "part 2"; the optimizer and evaluation take part 2's pieces as hooks that main
+passes them).
 """
 
 import ctypes
@@ -643,49 +644,53 @@ def human_time(seconds):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The run, in the order it meets its pieces: inputs, processes, model, optimizer, outputs; the loop's
+# step, log line and checkpoint; main() last
 
-def main(argv=None):
-    cfg, given, ckpt, ckpt_path = resolve_config(argv)
-    check_config(cfg)
-    # the data, read and checked once, before any process group or GPU memory; --plan may go without it
+def read_inputs(cfg, given, ckpt, ckpt_path):
+    """-> (data, tokenizer, init, model_config): the data, read and checked once, before any process group
+    or GPU memory (--plan may go without it); the checkpoint --init-from names; the model's shape: the
+    flags', or that of the checkpoint it resumes or starts from."""
     data = load_data(cfg.data_dir, cfg.block_size) if cfg.data_dir or not cfg.plan else None
     tokenizer = data_tokenizer(cfg.data_dir) if data is not None else None
     init = read_checkpoint(cfg.init_from, "--init-from") if cfg.init_from and ckpt is None else None
-    try:  # the flags' shape, or the checkpoint's that it resumes or starts from (--init-from)
+    try:
         model_config = model_config_for(cfg, given, data and data[2], tokenizer, ckpt or init,
                                          cfg.init_from if init else ckpt_path)
     except ValueError as e:  # GPTConfig: a shape the model cannot take, e.g. n_embd not divisible by n_head
         raise SystemExit(str(e)) from None
-    cfg, plan, plan_lines = make_plan(cfg, given, model_config, data)
-    if cfg.plan or int(os.environ.get("RANK", "0")) == 0:
-        print("\n".join(plan_lines), flush=True)
-    if cfg.plan:  # the plan's last line: the plan as one JSON object
-        print(json.dumps(plan))
-        return
+    return data, tokenizer, init, model_config
+
+
+def start_processes(cfg):
+    """-> (rank, world_size, local_rank, device, grid). grid: part 2's Grid under --tp/--pp above 1, else
+    None (the plain model, DDP over all ranks)."""
     rank, world_size, local_rank, device = setup_distributed(cfg.device)
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
+    if world_size % (cfg.tp * cfg.pp):
+        raise SystemExit(f"--tp {cfg.tp} x --pp {cfg.pp} = {cfg.tp * cfg.pp} does not divide the {world_size} "
+                         "processes; launch a multiple of tp x pp ranks.")
+    grid = Grid(cfg.tp, cfg.pp) if cfg.tp * cfg.pp > 1 else None  # part 2
+    return rank, world_size, local_rank, device, grid
+
+
+def say_notes(say, cfg, given, ckpt, ckpt_path, ckpt_tokenizer, meta):
+    """Notes on what this run replaces or starts from, and on a checkpoint that will carry no tokenizer."""
     if ckpt is None and os.path.isfile(ckpt_path):  # there, but --resume was not given
         say(f"note: {ckpt_path} will be replaced at this run's first checkpoint; until then --resume continues it.")
     elif ckpt is None and given.get("resume"):
         say(f"--resume: no checkpoint at {ckpt_path}; starting fresh.")
-    if world_size % (cfg.tp * cfg.pp):
-        raise SystemExit(f"--tp {cfg.tp} x --pp {cfg.pp} = {cfg.tp * cfg.pp} does not divide the {world_size} "
-                         "processes; launch a multiple of tp x pp ranks.")
-    # --tp/--pp above 1 take part 2 of this file (its calls are marked so); else the plain model, DDP
-    grid = Grid(cfg.tp, cfg.pp) if cfg.tp * cfg.pp > 1 else None
-    dp_rank, dp_size, dp_group = (grid.dp_rank, grid.dp, grid.dp_group) if grid else (rank, world_size, None)
-
-    train_data, val_data, meta = data
-    if tokenizer is None and (ckpt or {}).get("tokenizer") is None:  # the checkpoint will carry none
+    if ckpt_tokenizer is None:
         say(f"note: {cfg.data_dir} has no tokenizer.tiktoken, so align.py will refuse this model and sample.py "
             + ("will read its ids as raw bytes." if meta["vocab_size"] == 256 else "will too (its vocab_size "
                f"is {meta['vocab_size']}, not 256 raw bytes); to use it, run tokenize_data.py on the corpus first."))
-    start_step = ckpt["step"] if ckpt is not None else 0
 
+
+def place_model(cfg, model_config, weights, grid, rank, device):
+    """-> (model, n_params, flops_per_token): the whole model from the seed (or these weights), counted whole,
+    cut to this rank's shard of its stage under --tp/--pp (part 2), on the device, dropout seeded per rank."""
     model = build_model(model_config, cfg.seed)
-    if ckpt is not None or init is not None:
-        model.load_state_dict((ckpt or init)["model"])
+    if weights is not None:
+        model.load_state_dict(weights)
     n_params, flops_per_token = model.num_params(), model.flops_per_token(cfg.block_size)  # whole model
     if grid:  # part 2: load whole, then shard, so every layout starts from the same weights
         shard_model(model, grid)
@@ -695,6 +700,12 @@ def main(argv=None):
     torch.manual_seed(cfg.seed + rank - (grid.tp_rank if grid else 0))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return model, n_params, flops_per_token
+
+
+def precision(cfg, device, grid):
+    """-> (dtype, autocast, scaler): --dtype (auto: bf16 where the GPU has it, fp16 on older GPUs, fp32 on
+    the CPU), the autocast context of the forwards, and fp16's loss scaler (off for the others)."""
     dtype = cfg.dtype if cfg.dtype != "auto" else "float32" if device.type != "cuda" else \
         "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
@@ -702,34 +713,40 @@ def main(argv=None):
     if grid and scaler.is_enabled():
         raise SystemExit("float16 needs one loss scale agreed by all stages, which --tp/--pp do not do; "
                          "pass --dtype bfloat16 or float32.")
-    # part 2's hooks: Muon's step for a tp shard, and the evaluation forward through the stages
-    sharded_update = tp_muon_update(grid.tp_group) if grid else None
-    batch_loss = (lambda x, y: pipeline_loss(model, grid, x, y, autocast)) if grid else None
-    optimizer = make_optimizer(model, cfg, device.type, sharded_update)
-    if ckpt is not None:
-        saved_optimizer = ckpt["train_config"]["optimizer"]
-        if cfg.optimizer != saved_optimizer:
-            raise SystemExit(f"--optimizer {cfg.optimizer} differs from the checkpoint's {saved_optimizer} (its state "
-                             "does not carry over); drop the flag or train into a new --out-dir.")
-        if grid:  # part 2: this shard's slice of the whole model's optimizer state
-            load_sharded_optimizer_state(model, grid, optimizer, ckpt["optimizer"])
-        else:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_states(ckpt["rng"], rank, world_size, device)
-    raw_model = model  # the unwrapped model (this rank's shard under --tp/--pp): checkpoints read it
-    if not grid:  # stages run block by block (nothing to compile) and average dp gradients by hand
-        model = torch.compile(model) if cfg.compile else model
-        if dp_size > 1:
-            model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    return dtype, autocast, scaler
 
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * dp_size * cfg.block_size
-    flops_per_step = flops_per_token * tokens_per_step
-    peak = peak_flops(device)
+
+def resume_state(ckpt, cfg, model, grid, optimizer, scaler, rank, world_size, device):
+    """--resume: the checkpoint's optimizer state (this shard's slice of it under --tp/--pp), loss scale and
+    RNG states; the weights came with the model."""
+    saved_optimizer = ckpt["train_config"]["optimizer"]
+    if cfg.optimizer != saved_optimizer:
+        raise SystemExit(f"--optimizer {cfg.optimizer} differs from the checkpoint's {saved_optimizer} (its state "
+                         "does not carry over); drop the flag or train into a new --out-dir.")
+    if grid:  # part 2: this shard's slice of the whole model's optimizer state
+        load_sharded_optimizer_state(model, grid, optimizer, ckpt["optimizer"])
+    else:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if "scaler" in ckpt and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_states(ckpt["rng"], rank, world_size, device)
+
+
+def wrap_model(model, cfg, grid, dp_size, local_rank, device):
+    """The model the loop trains: compiled (--compile) and in DDP over dp ranks; under --tp/--pp the shard as
+    it is (stages run block by block, nothing to compile, and part 2 averages dp gradients by hand)."""
+    if grid:
+        return model
+    model = torch.compile(model) if cfg.compile else model
+    return DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if dp_size > 1 else model
+
+
+def open_outputs(cfg, ckpt, master, say):
+    """-> (log_path, history): --out-dir made, a killed run's temporaries removed, and log.jsonl rewritten
+    from the checkpoint's log. The log travels in ckpt.pt, so the resumed log is the checkpoint's run, each
+    step once, whatever a killed run appended after the checkpoint or a fresh run killed before its first
+    one wrote over it."""
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    # The log travels in ckpt.pt, so the resumed log is the checkpoint's run, each step once, whatever a
-    # killed run appended after the checkpoint or a fresh run killed before its first one wrote over it.
     history = list(ckpt["log"]) if ckpt else []
     if master:
         try:
@@ -743,76 +760,140 @@ def main(argv=None):
         with open(log_path + ".tmp", "w") as f:
             f.writelines(json.dumps(e) + "\n" for e in history)
         os.replace(log_path + ".tmp", log_path)
-    say(f"{n_params:,} parameters | {world_size} process(es) on {device.type}, {dtype} | layout dp {dp_size} x "
-        f"tp {cfg.tp} x pp {cfg.pp}" + (f", schedule {cfg.schedule}" if cfg.pp > 1 else "") + " | global batch "
-        f"{cfg.batch_size} x {cfg.grad_accum} accum x {dp_size} dp x {cfg.block_size} = {tokens_per_step:,} tokens")
-    say(f"steps {start_step} -> {cfg.max_steps}" + (f" (resumed from {ckpt_path})" if ckpt else ""))
+    return log_path, history
 
-    def save(step):
-        rng = rng_states(device)  # a collective: every rank calls save()
-        if grid:  # part 2, also collective: shards and stages gathered whole onto rank 0
-            whole, optimizer_state = gather_checkpoint(raw_model, grid, optimizer)
-        else:
-            whole, optimizer_state = raw_model, optimizer.state_dict()
-        if master:
-            position = {"step": step, "seed": cfg.seed, "tokens_seen": step * tokens_per_step}
-            save_checkpoint(ckpt_path, whole, train_config=asdict(cfg), step=step, optimizer=optimizer_state,
-                            log=history, rng=rng, data_position=position, scaler=scaler.state_dict(),
-                            stage="pretrain", tokenizer=tokenizer if tokenizer is not None else (ckpt or {}).get("tokenizer"))
 
-    step, step_seconds, t_start = start_step, None, time.time()
-    while step < cfg.max_steps:
-        t0 = time.time()
-        batches = micro_batches(train_data, cfg, step, dp_rank, dp_size, device)
-        lr = learning_rate_at(step, cfg)
-        if grid:  # part 2: the pipeline schedule over the stages, tp inside each
-            loss = parallel_train_step(model, grid, optimizer, batches, lr, cfg, autocast)
-        else:
-            loss = train_step(model, optimizer, scaler, batches, lr, cfg, autocast)
-        loss = (all_reduce(loss, dp_group) / dp_size).item()
-        step += 1
-        check_finite(loss, "loss", step, ckpt_path)
-        dt = time.time() - t0
-        step_seconds = dt if step_seconds is None or step == start_step + 2 else 0.9 * step_seconds + 0.1 * dt
-        entry = {"step": step, "loss": loss, "lr": lr, "tokens_per_sec": tokens_per_step / dt}
-        line = f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {entry['tokens_per_sec']:,.0f} tok/s"
-        if peak:
-            entry["mfu"] = flops_per_step / dt / (peak * world_size)
-            line += f" | mfu {100 * entry['mfu']:.1f}%"
-        line += f" | {human_time(step_seconds * (cfg.max_steps - step))} left"
-        evaluating = step == cfg.max_steps or (cfg.eval_interval > 0 and step % cfg.eval_interval == 0)
-        if evaluating:
-            entry["val_loss"] = evaluate(model, val_data, cfg, dp_rank, dp_size, device, autocast, dp_group, batch_loss)
-            check_finite(entry["val_loss"], "validation loss", step, ckpt_path)
-            line += f" | val {entry['val_loss']:.4f}"
-            if meta.get("val_bytes") and meta.get("val_tokens"):
-                entry["val_bpb"] = entry["val_loss"] / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
-                line += f" ({entry['val_bpb']:.3f} bits/byte)"
-        if evaluating or step % cfg.log_interval == 0:  # as nanoGPT: every Nth step; log.jsonl keeps them all
-            say(line, flush=True)
-        history.append(entry)
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-        if evaluating:
-            save(step)
+def run_step(model, grid, optimizer, scaler, train_data, step, lr, cfg, dp_rank, dp_size, dp_group, device,
+             autocast):
+    """Step `step`: this rank's micro-batches through train_step (part 2's parallel_train_step under
+    --tp/--pp) -> the global batch's mean loss, a float, the same on every rank."""
+    batches = micro_batches(train_data, cfg, step, dp_rank, dp_size, device)
+    if grid:  # part 2: the pipeline schedule over the stages, tp inside each
+        loss = parallel_train_step(model, grid, optimizer, batches, lr, cfg, autocast)
+    else:
+        loss = train_step(model, optimizer, scaler, batches, lr, cfg, autocast)
+    return (all_reduce(loss, dp_group) / dp_size).item()
+
+
+def log_entry(step, loss, lr, dt, seconds_left, val_loss, meta, tokens_per_step, flops_per_step, peak,
+              world_size, cfg):
+    """-> (entry, line): the step's row of log.jsonl and its printed line (loss, lr, tokens/s, MFU on known
+    GPUs, time left; at an evaluation the val loss and bits per byte)."""
+    entry = {"step": step, "loss": loss, "lr": lr, "tokens_per_sec": tokens_per_step / dt}
+    line = f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {entry['tokens_per_sec']:,.0f} tok/s"
+    if peak:
+        entry["mfu"] = flops_per_step / dt / (peak * world_size)
+        line += f" | mfu {100 * entry['mfu']:.1f}%"
+    line += f" | {human_time(seconds_left)} left"
+    if val_loss is not None:
+        entry["val_loss"] = val_loss
+        line += f" | val {val_loss:.4f}"
+        if meta.get("val_bytes") and meta.get("val_tokens"):
+            entry["val_bpb"] = val_loss / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
+            line += f" ({entry['val_bpb']:.3f} bits/byte)"
+    return entry, line
+
+
+def record(entry, history, log_path, master):
+    """The step's entry joins the history ckpt.pt carries and log.jsonl (rank 0 appends it)."""
+    history.append(entry)
+    if master:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def save_run(step, ckpt_path, raw_model, grid, optimizer, scaler, cfg, tokens_per_step, history, tokenizer, device):
+    """ckpt.pt at `step`: a collective, every rank calls it; rank 0 writes the whole model (part 2 gathers the
+    shards and stages onto it under --tp/--pp), optimizer, RNG states, data position and log."""
+    rng = rng_states(device)
+    if grid:  # part 2
+        whole, optimizer_state = gather_checkpoint(raw_model, grid, optimizer)
+    else:
+        whole, optimizer_state = raw_model, optimizer.state_dict()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        position = {"step": step, "seed": cfg.seed, "tokens_seen": step * tokens_per_step}
+        save_checkpoint(ckpt_path, whole, train_config=asdict(cfg), step=step, optimizer=optimizer_state,
+                        log=history, rng=rng, data_position=position, scaler=scaler.state_dict(),
+                        stage="pretrain", tokenizer=tokenizer)
+
+
+def finish(say, rank, step, start_step, t_start, cfg, ckpt_path, log_path, device):
+    """The run's last line (steps, time, peak GPU memory, checkpoint), loss.png, and the process group closed."""
     if step == start_step:
         say(f"the checkpoint is already at step {step} >= --max-steps {cfg.max_steps}; nothing to train.")
     else:
         memory = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
         say(f"{step - start_step} steps in {human_time(time.time() - t_start)}{memory}; checkpoint {ckpt_path}")
-    if master:
+    if rank == 0:
         plot_losses(log_path, os.path.join(cfg.out_dir, "loss.png"))
-    # DDP's reducer holds the process group: dropped first, the group goes in destroy_process_group, which
-    # lets go of the GIL; freed with the reducer it would wait for gloo's thread while holding the GIL that
-    # thread needs to free its last work (a hang at exit, seen under two launchers)
-    model = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
+def main(argv=None):
+    cfg, given, ckpt, ckpt_path = resolve_config(argv)
+    check_config(cfg)
+    data, tokenizer, init, model_config = read_inputs(cfg, given, ckpt, ckpt_path)
+    cfg, plan, plan_lines = make_plan(cfg, given, model_config, data)
+    if cfg.plan or int(os.environ.get("RANK", "0")) == 0:
+        print("\n".join(plan_lines), flush=True)
+    if cfg.plan:  # the plan's last line: the plan as one JSON object
+        print(json.dumps(plan))
+        return
+    rank, world_size, local_rank, device, grid = start_processes(cfg)
+    dp_rank, dp_size, dp_group = (grid.dp_rank, grid.dp, grid.dp_group) if grid else (rank, world_size, None)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    train_data, val_data, meta = data
+    ckpt_tokenizer = tokenizer if tokenizer is not None else (ckpt or {}).get("tokenizer")  # what ckpt.pt carries
+    say_notes(say, cfg, given, ckpt, ckpt_path, ckpt_tokenizer, meta)
+
+    model, n_params, flops_per_token = place_model(cfg, model_config, (ckpt or init or {}).get("model"), grid, rank, device)
+    dtype, autocast, scaler = precision(cfg, device, grid)
+    # part 2's hooks: Muon's step for a tp shard, and the evaluation forward through the stages
+    optimizer = make_optimizer(model, cfg, device.type, tp_muon_update(grid.tp_group) if grid else None)
+    batch_loss = (lambda x, y: pipeline_loss(model, grid, x, y, autocast)) if grid else None
+    if ckpt is not None:
+        resume_state(ckpt, cfg, model, grid, optimizer, scaler, rank, world_size, device)
+    raw_model, model = model, wrap_model(model, cfg, grid, dp_size, local_rank, device)  # checkpoints read raw_model
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * dp_size * cfg.block_size
+    log_path, history = open_outputs(cfg, ckpt, rank == 0, say)
+    say(f"{n_params:,} parameters | {world_size} process(es) on {device.type}, {dtype} | layout dp {dp_size} x "
+        f"tp {cfg.tp} x pp {cfg.pp}" + (f", schedule {cfg.schedule}" if cfg.pp > 1 else "") + " | global batch "
+        f"{cfg.batch_size} x {cfg.grad_accum} accum x {dp_size} dp x {cfg.block_size} = {tokens_per_step:,} tokens")
+    start_step = ckpt["step"] if ckpt is not None else 0
+    say(f"steps {start_step} -> {cfg.max_steps}" + (f" (resumed from {ckpt_path})" if ckpt else ""))
+
+    step, step_seconds, t_start, peak = start_step, None, time.time(), peak_flops(device)
+    while step < cfg.max_steps:
+        t0, lr = time.time(), learning_rate_at(step, cfg)
+        loss = run_step(model, grid, optimizer, scaler, train_data, step, lr, cfg, dp_rank, dp_size, dp_group,
+                        device, autocast)
+        step += 1
+        check_finite(loss, "loss", step, ckpt_path)
+        dt = time.time() - t0
+        step_seconds = dt if step_seconds is None or step == start_step + 2 else 0.9 * step_seconds + 0.1 * dt
+        evaluating = step == cfg.max_steps or (cfg.eval_interval > 0 and step % cfg.eval_interval == 0)
+        val_loss = None
+        if evaluating:
+            val_loss = evaluate(model, val_data, cfg, dp_rank, dp_size, device, autocast, dp_group, batch_loss)
+            check_finite(val_loss, "validation loss", step, ckpt_path)
+        entry, line = log_entry(step, loss, lr, dt, step_seconds * (cfg.max_steps - step), val_loss, meta,
+                                tokens_per_step, flops_per_token * tokens_per_step, peak, world_size, cfg)
+        if evaluating or step % cfg.log_interval == 0:  # as nanoGPT: every Nth step; log.jsonl keeps them all
+            say(line, flush=True)
+        record(entry, history, log_path, rank == 0)
+        if evaluating:
+            save_run(step, ckpt_path, raw_model, grid, optimizer, scaler, cfg, tokens_per_step, history,
+                     ckpt_tokenizer, device)
+
+    # DDP's reducer holds the process group: dropped before destroy_process_group (which lets go of the GIL),
+    # not freed with it (a wait for gloo's thread while holding the GIL that thread needs: a hang at exit)
+    model = None
+    finish(say, rank, step, start_step, t_start, cfg, ckpt_path, log_path, device)
+
+
 # ===================================================================================================
-# Part 2: tensor and pipeline parallelism, only under --tp or --pp above 1. main() calls Grid, shard_model
+# Part 2: tensor and pipeline parallelism, only under --tp or --pp above 1. Part 1 calls Grid, shard_model
 # (the whole model cut to this rank's tp shard of its stage), parallel_train_step and pipeline_loss (the
 # schedule), gather_checkpoint and load_sharded_optimizer_state (checkpoints stay whole).
 #
@@ -1018,19 +1099,16 @@ def shard_model(model, grid):
 # The pipeline schedule: stages pass activations forward and gradients back, micro-batch by micro-batch
 
 def stage_forward(model, grid, x, targets, n_micro):
-    """First stage: ids -> residual stream (B, T, C); middle: stream -> stream; last: -> loss / n_micro."""
-    if grid.is_first:
-        x = model.embed(x)
-    rope = model.rope(0, x.size(1))
-    for block in model.blocks:
-        x = block(x, rope)
+    """First stage: ids -> residual stream (B, T, C); middle: stream -> stream; last: -> loss / n_micro.
+    The stage's own forward (model.py's GPT.forward on the blocks it kept) does the work; under --tp the
+    last stage holds a vocabulary shard of the logits, so its loss is the vocab-parallel one."""
     if not grid.is_last:
-        return x
-    logits = model.head(x).flatten(0, 1).float()                        # (B*T, vocab/tp)
-    if grid.tp > 1:
-        start = grid.tp_rank * model.config.vocab_size // grid.tp
-        return VocabParallelCrossEntropy.apply(logits, targets.flatten(), start, grid.tp_group) / n_micro
-    return F.cross_entropy(logits, targets.flatten(), ignore_index=-1) / n_micro  # grads add to the mean
+        return model(x)[0]
+    if grid.tp == 1:
+        return model(x, targets)[1] / n_micro                           # grads add to the mean
+    logits = model(x)[0].flatten(0, 1).float()                          # (B*T, vocab/tp)
+    start = grid.tp_rank * model.config.vocab_size // grid.tp
+    return VocabParallelCrossEntropy.apply(logits, targets.flatten(), start, grid.tp_group) / n_micro
 
 
 def p2p(grid, send_next=None, send_prev=None, recv_next=None, recv_prev=None):
