@@ -68,6 +68,7 @@ Design choices:
 """
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -1023,10 +1024,12 @@ def main(argv=None):
     if method.init_is_reference and "init" not in made:  # DPO; GRPO's KL: the weights stay part of the run
         made["init"] = fingerprint(init.ckpt["model"])
     start_step = resume_or_start(run, state, made, model, optimizer)
-    # broadcast_buffers off: the buffers (RoPE's tables) are constants, and a broadcast at every forward would
-    # need every rank to run as many forwards (GRPO's ranks score as many prompts as have signal)
+    # No buffer broadcast at each forward: the buffers (RoPE's tables) are constants, and GRPO's ranks run as
+    # many forwards as they have prompts with signal (a broadcast waiting for a forward that never comes
+    # hangs). The flag's name changed in torch 2.13; the old one still works there, with a warning.
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
     net = DDP(model, device_ids=[run.device] if run.device.startswith("cuda") else None,
-              broadcast_buffers=False) if run.distributed else model
+              **{no_sync: False}) if run.distributed else model
     t_start = time.time()
     train_loop(run, method, model, net, optimizer, start_step,
                save_at=lambda step: write_checkpoint(run, init, made, model, optimizer, step))
