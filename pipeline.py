@@ -538,8 +538,7 @@ def draw_curves(out_dir, svg_path, width=420, height=250):
                        f'{points[-1][1]:.4g} at step {points[-1][0]}</text>')
     svg.append("</svg>")
     Path(svg_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(str(svg_path) + ".tmp").write_text("\n".join(svg) + "\n")
-    os.replace(str(svg_path) + ".tmp", svg_path)
+    write_atomic(svg_path, ("\n".join(svg) + "\n").encode())
     return len(panels)
 
 

@@ -65,7 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from flags import config_parser, remove_stale_temporaries
+from flags import atomic_output, config_parser, remove_stale_temporaries
 from model import GPT, GPTConfig, Muon, load_checkpoint, lost_peer, read_checkpoint, save_checkpoint, weight_shapes
 
 
@@ -624,9 +624,9 @@ def plot_losses(log_path, png_path):
     ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
     ax.set(xlabel="step", ylabel="loss (nats/token)")
     ax.legend()
-    fig.savefig(png_path + ".tmp", format="png", dpi=100)
+    with atomic_output(png_path) as f:  # flags.py's rule for outputs
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(png_path + ".tmp", png_path)
 
 
 def check_finite(loss, what, step, ckpt_path):
@@ -757,9 +757,8 @@ def open_outputs(cfg, ckpt, master, say):
         stale = [os.path.basename(p) for path in outputs for p in remove_stale_temporaries(path)]
         if stale:
             say(f"removed what a killed run left: {', '.join(stale)}")
-        with open(log_path + ".tmp", "w") as f:
+        with atomic_output(log_path, "w") as f:
             f.writelines(json.dumps(e) + "\n" for e in history)
-        os.replace(log_path + ".tmp", log_path)
     return log_path, history
 
 

@@ -32,6 +32,7 @@ from typing import Literal
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flags import parse_flags  # noqa: E402
+from pipeline import read_rows  # noqa: E402  (a stage's log.jsonl -> its rows)
 from plays import parse_speeches, read_scenes, write_jsonl  # noqa: E402
 
 HERE = Path(__file__).resolve().parent.parent
@@ -50,10 +51,6 @@ class RLBenchConfig:
 
 # ---------------------------------------------------------------------------------------------
 # The spread over pipeline runs
-
-def read_rows(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
 
 def rl_row(name, log_path, seconds=None):
     """RL's log -> one table row: the step-0 and last evaluations and the reward of its first and last steps."""
@@ -143,8 +140,9 @@ def task_bench(cfg):
     out = Path(cfg.out_dir or f"out/task_{cfg.task}")
     n = write_task(cfg.task, cfg.corpus, out, cfg.seed)
     print(f"{cfg.task}: {n} questions in {out}/sft.jsonl and rl.jsonl")
-    if not (out / "sft" / "ckpt.pt").is_file():
-        run(["align.py", "--method", "sft", "--init", cfg.init, "--data", out / "sft.jsonl", "--out-dir", out / "sft"])
+    # --resume: a finished SFT run of the same data is kept (align.py refuses one made from other data)
+    run(["align.py", "--method", "sft", "--init", cfg.init, "--data", out / "sft.jsonl", "--out-dir", out / "sft",
+         "--resume"])
     seconds = run(["align.py", "--method", "grpo", "--init", out / "sft" / "ckpt.pt", "--data", out / "rl.jsonl",
                    "--out-dir", out / "rl", "--eval-max", "1000", *cfg.grpo_flags.split()])
     print_table([rl_row(cfg.task, out / "rl" / "log.jsonl", seconds)])
