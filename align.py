@@ -84,7 +84,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from flags import atomic_output, parse_flags, remove_stale_temporaries, same_file
-from model import GPT, PrefixCache, load_checkpoint, lost_peer, pick_device, read_checkpoint, save_checkpoint
+from model import (GPT, PrefixCache, fast_dtype, load_checkpoint, lost_peer, pick_device, read_checkpoint,
+                   save_checkpoint)
 from tokenize_data import END, ROLES, chat_token_ids, render_conversation, tokenizer_from_dict
 
 
@@ -117,7 +118,7 @@ class AlignConfig:
     eval_samples: int = 4          # GRPO: answers sampled per held-out question for val_pass@1 and val_pass@k
     seed: int = 1337               # batches, held-out sample, DPO's visited pairs, GRPO's samples follow from it
     device: str = "auto"           # auto (cuda when a GPU is visible, else cpu) | cpu | cuda | cuda:N
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 autocast on cuda, float32 on cpu
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast; auto: model.py's fast_dtype (bf16 where native)
     resume: bool = False           # continue from OUT/ckpt.pt when it exists (same method)
 
 
@@ -197,7 +198,7 @@ def start_run(cfg):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.startswith("cuda"))
+    bf16 = (cfg.dtype if cfg.dtype != "auto" else fast_dtype(device.split(":")[0])) == "bfloat16"
     # Weights and optimizer stay float32; autocast runs the matmuls in bf16 (log-probs are summed in fp32).
     ctx = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
     torch.manual_seed(cfg.seed + rank)
@@ -388,10 +389,12 @@ def pad_batch(seqs, device):
 
 
 def token_logprobs(model, x, y):
-    """log p(target) at every position (B, T); 0 where the target is -1 (prompt, padding)."""
-    logits, _ = model(x)                                                 # (B, T, vocab)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1, reduction="none")
-    return -nll.view(y.shape)
+    """log p(target) at every position (B, T); 0 where the target is -1 (prompt, padding). The head runs
+    only where a target is (targets_only): the answers are a few tokens of each sequence."""
+    logits, _ = model(x, y, targets_only=True)                           # (n, vocab), n = (y >= 0).sum()
+    supervised = y >= 0
+    logp = torch.zeros(y.shape, device=logits.device, dtype=torch.float32)
+    return logp.masked_scatter(supervised, -F.cross_entropy(logits.float(), y[supervised], reduction="none"))
 
 
 def sequence_logprobs(model, x, y):
@@ -626,7 +629,7 @@ def sft_record(obj):
 
 def sft_step_loss(net, train, idx, device):
     """Mean cross-entropy per supervised token of examples idx, and its sum over them for the log."""
-    _, loss = net(*pad_batch([train[i]["seqs"][0] for i in idx], device))
+    _, loss = net(*pad_batch([train[i]["seqs"][0] for i in idx], device), targets_only=True)
     return loss, {"loss": loss.detach() * len(idx)}
 
 
@@ -664,13 +667,19 @@ def answer_accuracy(model, cfg, checkable, run):
 
 
 def answer_exact(model, checkable, run):
-    """Share of examples where greedy decoding writes the true answer's tokens and then <|end|>, nothing else."""
-    exact = torch.zeros(len(checkable), device=run.device)
+    """Share of examples where greedy decoding writes the true answer's tokens and then <|end|>, nothing else.
+    Prompts of one length decode together (the model has no padding mask), as many tokens as the longest
+    reply among them; greedy is decided token by token, so each is judged on its own reply's length."""
+    exact, by_length = torch.zeros(len(checkable), device=run.device), {}
     for i in range(run.rank, len(checkable), run.world):
-        ex = checkable[i]
+        by_length.setdefault(len(checkable[i]["prompt"]), []).append(i)
+    for length, which in by_length.items():
+        prompts = torch.tensor([checkable[i]["prompt"] for i in which], device=run.device)   # (n, length)
         with run.ctx:
-            out = model.generate(torch.tensor([ex["prompt"]], device=run.device), len(ex["reply"]), temperature=0)
-        exact[i] = float(out[0, len(ex["prompt"]):].tolist() == ex["reply"])
+            out = model.generate(prompts, max(len(checkable[i]["reply"]) for i in which), temperature=0)
+        for row, i in enumerate(which):
+            reply = checkable[i]["reply"]
+            exact[i] = float(out[row, length:length + len(reply)].tolist() == reply)
     if run.world > 1:
         dist.all_reduce(exact)
     return exact.mean().item()

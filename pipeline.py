@@ -86,9 +86,9 @@ PRESETS = {
         # only the step budget that size_pretraining fits to the corpus: steps, warmup, tokens a step, eval reads.
         pretrain=["--block-size", "256", "--batch-size", "8", "--max-steps", "900", "--warmup-steps", "40",
                   "--eval-steps", "8"],
-        sft=["--max-steps", "300", "--eval-max", "1000", "--eval-interval", "100"],  # every held-out question (448)
+        sft=["--max-steps", "300", "--eval-max", "1000", "--eval-interval", "150"],  # every held-out question (448)
         dpo=["--max-steps", "50"],
-        rl=["--max-steps", "40", "--eval-max", "1000", "--eval-interval", "20"],  # a mid-run point for the picture
+        rl=["--max-steps", "40", "--eval-max", "1000"],  # evaluated at the start and the end
     ),
     # Every stage on a 2 x 64 model and a slice of the data (the BPE learns from 1M characters, each
     # training stage takes a few steps): 45 s on 2 busy cores, to see that everything works.

@@ -2126,6 +2126,31 @@ def test_model_last_only_gives_the_last_positions_logits_of_the_whole_forward():
     assert last.shape == (3, 1, 64) and torch.allclose(last, model(idx)[0][:, -1:], atol=1e-6)
 
 
+def test_model_targets_only_gives_the_supervised_positions_logits_and_loss():
+    """SFT and DPO supervise only the answers: the head at the positions with a target gives the full
+    forward's logits there and the same mean cross-entropy."""
+    model = tiny_model().eval()
+    g = torch.Generator().manual_seed(2)
+    idx, targets = torch.randint(0, 64, (3, 12), generator=g), torch.randint(0, 64, (3, 12), generator=g)
+    targets[:, :8], targets[1, 10:] = -1, -1                            # prompts and padding: no target
+    full, full_loss = model(idx, targets)
+    some, loss = model(idx, targets, targets_only=True)
+    assert some.shape == (10, 64) and torch.allclose(some, full[targets >= 0], atol=1e-6)
+    assert torch.allclose(loss, full_loss, atol=1e-6)
+
+
+def test_model_fast_dtype_picks_bf16_where_the_cpu_multiplies_it(monkeypatch):
+    """--dtype auto: bf16 on CPUs with AVX512-BF16 or AMX, float32 on other CPUs (bf16 emulated there) and
+    on devices without a rule (an older torch without the probes counts as neither)."""
+    for avx512_bf16, amx, want in [(True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        assert model_py.fast_dtype("cpu") == want
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert model_py.fast_dtype("cpu") == model_py.fast_dtype("mps") == "float32"
+
+
 def test_model_stream_uses_the_cache():
     """Prefill once, then one token per step; the window jumps by half a block past block_size."""
     model = tiny_model().eval()
@@ -2492,9 +2517,11 @@ def test_attention_kernel_training_step_matches_sdpa():
 # tokenize_data.py having run. References: ln(256) for an untrained model, a hand-written training
 # loop, one process for DDP, an uninterrupted run for resume.
 
+# AdamW and a cosine: the references below. float32, as every run checked against a reference or another
+# layout is (--dtype auto is bf16 on CPUs with native bf16): a difference then is a bug, not rounding.
 TRAIN_TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
               "--eval-steps", "2", "--warmup-steps", "2", "--lr", "3e-3", "--min-lr", "1e-4", "--optimizer", "adamw",
-              "--lr-schedule", "cosine", "--eval-interval", "100"]  # AdamW and a cosine: the references below
+              "--lr-schedule", "cosine", "--eval-interval", "100", "--dtype", "float32"]
 
 
 def run_train(data, out, *flags):
@@ -3242,6 +3269,20 @@ def test_train_muon_newton_schulz_gives_the_svds_directions_with_singular_values
     torch.testing.assert_close(model_py.orthogonalize(G), (U * x) @ Vh, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("m,n", [(16, 48), (96, 32)])
+def test_train_muon_newton_schulz_in_bfloat16_keeps_the_directions_and_the_band(m, n):
+    """Under bf16 runs Muon's products are bf16 (train.py's make_optimizer): the update stays float32,
+    along the float32 one's directions, its singular values in the same band."""
+    G = with_spectrum(m, n, condition=100, seed=m * n).float()
+    low, full = model_py.orthogonalize(G, dtype=torch.bfloat16), model_py.orthogonalize(G)
+    s = torch.linalg.svdvals(low.double())
+    assert low.dtype == torch.float32 and 0.6 < s.min() and s.max() < 1.25, (s.min(), s.max())
+    assert (low * full).sum() / (low.norm() * full.norm()) > 0.99
+    cfg = train.TrainConfig(optimizer="muon")
+    assert train.make_optimizer(tiny_model(), cfg, dtype="bfloat16").ns_dtype == torch.bfloat16
+    assert train.make_optimizer(tiny_model(), cfg).ns_dtype == torch.float32
+
+
 # -------------- Muon's step against a hand-written one; its AdamW groups against torch.optim.AdamW
 
 def exact_newton_schulz(M):
@@ -3353,7 +3394,7 @@ def test_train_muon_tp2_pp2_equals_one_process_and_resumes_in_one(tmp_path, byte
     flags = ["--data-dir", byte_data, "--n-layer", 4, "--n-head", 4, "--n-kv-head", 2, "--n-embd", 32,
              "--mlp", "swiglu", "--block-size", 16, "--batch-size", 2, "--grad-accum", 3, "--max-steps", 3,
              "--eval-interval", 2, "--eval-steps", 2, "--warmup-steps", 1, "--lr", 1e-5, "--min-lr", 1e-5,
-             "--muon-lr", 1e-4, "--optimizer", "muon", "--device", "cpu"]
+             "--muon-lr", 1e-4, "--optimizer", "muon", "--device", "cpu", "--dtype", "float32"]
     one, par = tmp_path / "one", tmp_path / "tp2pp2"
     train.main([*map(str, flags), "--out-dir", str(one)])
     assert "dp 1 x tp 2 x pp 2" in torchrun(4, "train.py", *flags, "--out-dir", par, "--tp", 2, "--pp", 2).stdout
@@ -3908,7 +3949,7 @@ def test_parallel_train_py_tp2_pp2_equals_one_process_and_resumes_anywhere(tmp_p
     flags = ["--data-dir", str(byte_data), "--n-layer", "4", "--n-head", "4", "--n-kv-head", "2", "--n-embd", "32",
              "--mlp", "swiglu", "--block-size", "16", "--batch-size", "2", "--grad-accum", "3", "--max-steps", "3",
              "--eval-interval", "2", "--eval-steps", "2", "--warmup-steps", "1", "--lr", "1e-5", "--min-lr", "1e-5",
-             "--optimizer", "adamw", "--lr-schedule", "cosine", "--device", "cpu"]
+             "--optimizer", "adamw", "--lr-schedule", "cosine", "--device", "cpu", "--dtype", "float32"]
     one, par = tmp_path / "one", tmp_path / "tp2pp2"
     train.main(flags + ["--out-dir", str(one)])
     proc = torchrun(4, "train.py", *flags, "--out-dir", par, "--tp", 2, "--pp", 2)
@@ -4119,7 +4160,7 @@ def test_align_sft_lowers_loss_and_raises_answer_accuracy(tmp_path, tiny_checkpo
     data = str(write_jsonl(tmp_path / "sft.jsonl", records))
     out = str(tmp_path / "sft")
     align.main(["--method", "sft", "--init", tiny_checkpoint, "--data", data, "--val-data", data, "--out-dir", out,
-                "--max-steps", "40", "--batch-size", "8", "--lr", "1e-2", "--warmup-steps", "2"])
+                "--max-steps", "40", "--batch-size", "8", "--lr", "1e-2", "--warmup-steps", "2", "--dtype", "float32"])
     log = read_log(out)
     steps = [e for e in log if "loss" in e]
     evals = [e for e in log if "val_loss" in e]
@@ -4159,7 +4200,7 @@ def test_align_dpo_starts_at_ln2_and_preference_accuracy_rises(tmp_path, tiny_ch
     data = str(write_jsonl(tmp_path / "dpo.jsonl", records))
     out = str(tmp_path / "dpo")
     align.main(["--method", "dpo", "--init", tiny_checkpoint, "--data", data, "--val-data", data, "--out-dir", out,
-                "--max-steps", "15", "--batch-size", "4", "--lr", "3e-3", "--beta", "0.5"])
+                "--max-steps", "15", "--batch-size", "4", "--lr", "3e-3", "--beta", "0.5", "--dtype", "float32"])
     log = read_log(out)
     evals = [e for e in log if "val_loss" in e]
     first_step = next(e for e in log if "loss" in e)
@@ -4227,7 +4268,7 @@ def test_align_dpo_on_two_gloo_ranks_equals_one_process_with_twice_the_batch(tmp
     records = [{"prompt": f"alpha {i}", "chosen": "good yes", "rejected": "bad" + " no" * (i % 3)} for i in range(12)]
     data = write_jsonl(tmp_path / "dpo.jsonl", records)
     common = ["--method", "dpo", "--init", tiny_checkpoint, "--data", data, "--val-data", data, "--max-steps", 4,
-              "--lr", "3e-3", "--device", "cpu"]
+              "--lr", "3e-3", "--device", "cpu", "--dtype", "float32"]
     log_one, log_two = one_process_and_two_ranks(tmp_path, common)
     assert len(log_one) == len(log_two)
     for a, b in zip(log_one, log_two):
@@ -4310,7 +4351,7 @@ def test_align_demo_data_parses_speeches_and_writes_checkable_records(tmp_path):
 def test_align_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path, tiny_checkpoint):
     out = tmp_path / "sft"
     common = ["--method", "sft", "--init", tiny_checkpoint, "--data", toy_sft(tmp_path), "--out-dir", str(out),
-              "--eval-fraction", "0.3"]
+              "--eval-fraction", "0.3", "--dtype", "float32"]
     align.main(common + ["--max-steps", "2", "--batch-size", "4"])   # a good run: its checkpoint must survive
     good = load_checkpoint(str(out / "ckpt.pt"))
     message = refused(align.main, common + ["--lr", "1e6", "--max-steps", "12", "--eval-interval", "1",
@@ -4724,7 +4765,7 @@ def test_align_grpo_on_two_gloo_ranks_equals_one_process_with_twice_the_batch(tm
     samples, the clipped ratio's) and the same held-out figures."""
     init, rl = sft_then_questions(tmp_path)
     common = ["--method", "grpo", "--init", init, "--data", rl, "--val-data", rl, "--max-steps", 3, "--lr", "3e-3",
-              "--group-size", 4, "--max-new-tokens", 4, "--device", "cpu", "--num-iterations", 2]
+              "--group-size", 4, "--max-new-tokens", 4, "--device", "cpu", "--num-iterations", 2, "--dtype", "float32"]
     log_one, log_two = one_process_and_two_ranks(tmp_path, common)
     assert [sorted(r) for r in log_one] == [sorted(r) for r in log_two] and len(log_one) == 5  # 3 steps, 2 evals
     for a, b in zip(log_one, log_two):

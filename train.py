@@ -66,7 +66,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from flags import atomic_output, config_parser, remove_stale_temporaries
-from model import GPT, GPTConfig, Muon, load_checkpoint, lost_peer, read_checkpoint, save_checkpoint, weight_shapes
+from model import (GPT, GPTConfig, Muon, fast_dtype, load_checkpoint, lost_peer, read_checkpoint, save_checkpoint,
+                   weight_shapes)
 
 
 # --preset NAME: named defaults for larger machines, over TrainConfig's (flags given win over both)
@@ -122,7 +123,7 @@ class TrainConfig:
     log_interval: int = 10         # print every this many steps (and every evaluation, and the last); log.jsonl has all
     # runtime
     device: str = "auto"           # auto (cuda if torch sees a GPU, else cpu), cpu, cuda or cuda:N
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; auto: bfloat16 on cuda (else float16), float32 on cpu
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; auto: model.py's fast_dtype (bf16 where native)
     compile: bool = False          # torch.compile the model (GPUs: faster after a minute); not under --tp/--pp
     seed: int = 1337               # seeds the initial weights and, with the step, every batch
     # parallelism, under torchrun: data parallel takes the ranks that tp x pp leaves
@@ -357,12 +358,14 @@ def learning_rate_at(step, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def make_optimizer(model, cfg, device_type="cpu", sharded_update=None):
+def make_optimizer(model, cfg, device_type="cpu", sharded_update=None, dtype="float32"):
     """--optimizer adamw: AdamW for all; muon: Muon for the blocks' matrices, AdamW for the rest (model.py's
-    configure_optimizers groups them). sharded_update: part 2's step for a tp shard (tp_muon_update)."""
+    configure_optimizers groups them). sharded_update: part 2's step for a tp shard (tp_muon_update). Muon's
+    Newton-Schulz runs in bf16 when the run's matmuls do (dtype), in float32 otherwise."""
     muon_lr = cfg.muon_lr if cfg.optimizer == "muon" else 0.0
     return model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=device_type, muon_lr=muon_lr,
-                                      muon_momentum=cfg.muon_momentum, sharded_update=sharded_update)
+                                      muon_momentum=cfg.muon_momentum, sharded_update=sharded_update,
+                                      ns_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
 
 
 def set_learning_rate(optimizer, lr, cfg):
@@ -459,7 +462,7 @@ def make_plan(cfg, given, c, data):
     limit = cfg.gpu_memory * GIB or None
     if limit is None and cuda:
         limit = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
-    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if cuda or cfg.plan else "float32"
+    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if cuda or cfg.plan else fast_dtype("cpu")
     train_tokens = len(data[0]) if data is not None else None
     target = 0 if "grad_accum" in given else cfg.tokens_per_step  # a --grad-accum typed wins over the preset's
     other_optimizer = "muon" if cfg.optimizer == "adamw" else "adamw"
@@ -704,10 +707,9 @@ def place_model(cfg, model_config, weights, grid, rank, device):
 
 
 def precision(cfg, device, grid):
-    """-> (dtype, autocast, scaler): --dtype (auto: bf16 where the GPU has it, fp16 on older GPUs, fp32 on
-    the CPU), the autocast context of the forwards, and fp16's loss scaler (off for the others)."""
-    dtype = cfg.dtype if cfg.dtype != "auto" else "float32" if device.type != "cuda" else \
-        "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    """-> (dtype, autocast, scaler): --dtype (auto: model.py's fast_dtype, bf16 where the GPU or CPU has
+    it), the autocast context of the forwards, and fp16's loss scaler (off for the others)."""
+    dtype = cfg.dtype if cfg.dtype != "auto" else fast_dtype(device.type)
     autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # fp16 needs loss scaling
     if grid and scaler.is_enabled():
@@ -849,7 +851,7 @@ def main(argv=None):
     model, n_params, flops_per_token = place_model(cfg, model_config, (ckpt or init or {}).get("model"), grid, rank, device)
     dtype, autocast, scaler = precision(cfg, device, grid)
     # part 2's hooks: Muon's step for a tp shard, and the evaluation forward through the stages
-    optimizer = make_optimizer(model, cfg, device.type, tp_muon_update(grid.tp_group) if grid else None)
+    optimizer = make_optimizer(model, cfg, device.type, tp_muon_update(grid.tp_group) if grid else None, dtype)
     batch_loss = (lambda x, y: pipeline_loss(model, grid, x, y, autocast)) if grid else None
     if ckpt is not None:
         resume_state(ckpt, cfg, model, grid, optimizer, scaler, rank, world_size, device)

@@ -53,9 +53,7 @@ def sync(device):
 
 def machinery_steps(model, optimizer, data, cfg, device, steps, first_step=0):
     """`steps` optimizer steps exactly as train.main runs them (minus eval, logging and checkpoints)."""
-    dtype = cfg.dtype if cfg.dtype != "auto" else "float32"
-    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+    _, autocast, scaler = train.precision(cfg, device, None)  # --dtype as train.py reads it
     for step in range(first_step, first_step + steps):
         batches = train.micro_batches(data, cfg, step, 0, 1, device)
         train.train_step(model, optimizer, scaler, batches, train.learning_rate_at(step, cfg), cfg, autocast).item()
