@@ -7,13 +7,17 @@ bench/model_speed.py: model.py's speed against plain baselines, measured side by
    against a straightforward nanoGPT-style GPT written below (learned positions, fused qkv, GELU,
    LayerNorm with bias, sdpa), both with AdamW. Compared at the same configuration, and model.py's
    defaults (RoPE) shown too, with AdamW and with train.py's Muon (--optimizer muon: the price of its
-   Newton-Schulz iterations per step).
+   Newton-Schulz iterations per step), and with bf16 autocast (train.py's --dtype auto on a CPU with
+   native bf16, Newton-Schulz in bf16 too; on other CPUs bf16 is emulated and the row is slower).
 2. Generation of 256 new tokens after a 1- and a 128-token prompt: with the KV cache against
    recomputing the whole visible sequence each step.
 3. A GRPO step's work (align.py --method grpo): G = 8 answers of 4-8 tokens to each of 8 prompts of
    ~100 tokens, sampled, then scored forward + backward. Each prompt run once for its G answers
    (generate's num_samples, model.PrefixCache) against the prompt repeated G times, as a batch of
    full sequences (the straightforward way, and TRL's).
+4. Two pieces of the alignment stages: drawing a token for 16 rows of the vocabulary (model.sample_next's
+   inverse-CDF draw against torch.multinomial), and SFT's loss on 16 sequences of a ~200-token prompt and
+   a 6-token answer (the head at the supervised positions only, forward targets_only, against everywhere).
 Prints tokens/s and the ratio to the baseline; medians over --repeats. On a busy machine pass --threads 1:
 with 2 threads on 2 shared cores, torch's threads wait on each other at every small matmul, which slowed
 Newton-Schulz's 256-wide products 12x here (1.5 s -> 18 s a step) and the large forward ones far less.
@@ -24,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from align import completion_logprobs, pad_batch, token_logprobs  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT, GPTConfig, fast_dtype, sample_next  # noqa: E402
 from train import TrainConfig, make_optimizer  # noqa: E402
 
 
@@ -64,10 +69,11 @@ class PlainGPT(nn.Module):
 
 
 def time_train_steps(runs, idx, targets, repeats):
-    """Median seconds per training step (forward, backward, optimizer step) of each (model, optimizer);
-    rounds interleave them, so a slow moment of the machine hits all of them alike."""
-    def step(model, optimizer):
-        _, loss = model(idx, targets)
+    """Median seconds per training step (forward, backward, optimizer step) of each (model, optimizer,
+    autocast); rounds interleave them, so a slow moment of the machine hits all of them alike."""
+    def step(model, optimizer, autocast):
+        with autocast:
+            _, loss = model(idx, targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -80,6 +86,16 @@ def time_train_steps(runs, idx, targets, repeats):
             step(*run)
             t.append(time.perf_counter() - t0)
     return [statistics.median(t) for t in times]
+
+
+def median_seconds(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def time_generate(model, prompt, new_tokens, use_cache, repeats):
@@ -138,13 +154,17 @@ def main():
     shape = dict(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     plain, same, ours = (PlainGPT(vocab, block, n_layer, n_head, n_embd),
                          GPT(GPTConfig(**shape, pos_encoding="learned", bias=True)), GPT(GPTConfig(**shape)))
-    rows = [("nanoGPT-style baseline, AdamW", plain, torch.optim.AdamW(plain.parameters(), 1e-3)),
-            ("model.py, same config (learned pos, bias), AdamW", same, make_optimizer(same, TrainConfig(optimizer="adamw"))),
-            ("model.py defaults (RoPE, no bias), AdamW", ours, make_optimizer(ours, TrainConfig(optimizer="adamw"))),
-            ("model.py defaults, Muon + AdamW", ours, make_optimizer(ours, TrainConfig(optimizer="muon")))]
+    fp32, bf16 = nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16)
+    muon = TrainConfig(optimizer="muon")
+    rows = [("nanoGPT-style baseline, AdamW", plain, torch.optim.AdamW(plain.parameters(), 1e-3), fp32),
+            ("model.py, same config (learned pos, bias), AdamW", same, make_optimizer(same, TrainConfig(optimizer="adamw")), fp32),
+            ("model.py defaults (RoPE, no bias), AdamW", ours, make_optimizer(ours, TrainConfig(optimizer="adamw")), fp32),
+            ("model.py defaults, Muon + AdamW", ours, make_optimizer(ours, muon), fp32),
+            ("the same, bf16 autocast (--dtype auto: " + fast_dtype("cpu") + " here)", ours,
+             make_optimizer(ours, muon, dtype="bfloat16"), bf16)]
     print(f"train step: forward + backward + optimizer step, {n_layer} layers x {n_embd} wide, {B}x{block} "
           f"tokens, {args.threads} threads, median of {args.repeats}")
-    seconds = time_train_steps([(model, opt) for _, model, opt in rows], idx, targets, args.repeats)
+    seconds = time_train_steps([run[1:] for run in rows], idx, targets, args.repeats)
     for (name, *_), sec in zip(rows, seconds):
         print(f"  {name:50s} {idx.numel() / sec:10.0f} tok/s   x{seconds[0] / sec:.2f}")
 
@@ -165,6 +185,26 @@ def main():
     for name, what in (("sample", f"sample {new_tokens} tokens"), ("score", "score: forward + backward")):
         print(f"  {what:28s} prompt repeated {t[name, False]:7.2f}   prompt once {t[name, True]:7.2f}   "
               f"x{t[name, False] / t[name, True]:.2f}")
+
+    probs = F.softmax(3 * torch.randn(16, vocab), dim=-1)
+    gen = torch.Generator().manual_seed(0)
+    multinomial = median_seconds(lambda: torch.multinomial(probs, 1, generator=gen), 20 * args.repeats)
+    inverse_cdf = median_seconds(lambda: sample_next(probs.log(), 1.0, generator=gen), 20 * args.repeats)
+    print(f"\none token for 16 rows of {vocab}; microseconds, median\n  {'torch.multinomial':28s} "
+          f"{1e6 * multinomial:9.0f}   sample_next (inverse CDF) {1e6 * inverse_cdf:9.0f}   x{multinomial / inverse_cdf:.2f}")
+
+    seqs = [(p + a[:-1], [-1] * (len(p) - 1) + a) for p, a in
+            ((torch.randint(0, vocab, (190 + i,)).tolist(), torch.randint(0, vocab, (6,)).tolist()) for i in range(16))]
+    x, y = pad_batch(seqs, "cpu")
+
+    def sft_loss(targets_only):
+        _, loss = model(x, y, targets_only=targets_only)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    everywhere, supervised = (median_seconds(lambda: sft_loss(only), args.repeats) for only in (False, True))
+    print(f"\nSFT loss, forward + backward, 16 sequences of ~200 prompt + 6 answer tokens; seconds, median\n"
+          f"  {'head at every position':28s} {everywhere:7.3f}   at the answers only {supervised:7.3f}   "
+          f"x{everywhere / supervised:.2f}")
 
 if __name__ == "__main__":
     main()
