@@ -260,7 +260,8 @@ class CausalSelfAttention(nn.Module):
         # A few queries against a long cache: the CPU's bf16 kernel takes 3x its fp32 one here (forward and
         # backward), so the CPU runs this case in fp32 even under autocast.
         with torch.autocast("cpu", enabled=False):
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed, enable_gqa=n_rep > 1)
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed,
+                                               enable_gqa=n_rep > 1)
         return y.to(q.dtype)
 
 
@@ -627,7 +628,8 @@ class Muon(torch.optim.Optimizer):
         G = p.grad.add(buf, alpha=momentum)                             # Nesterov: a step ahead
 
         def direction(M):  # the whole matrix's update: each fused map orthogonalised, scaled for its shape
-            return torch.cat([orthogonalize(S.float(), group["ns_steps"], self.ns_dtype) * max(1, S.size(0) / S.size(1)) ** 0.5
+            return torch.cat([orthogonalize(S.float(), group["ns_steps"], self.ns_dtype)
+                              * max(1, S.size(0) / S.size(1)) ** 0.5
                               for S in M.split(getattr(p, "muon_sections", [M.size(0)]))])
         update = self.sharded_update(p, G, direction) if hasattr(p, "tp_dim") else direction(G)
         return update.to(p.dtype)
