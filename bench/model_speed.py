@@ -160,7 +160,7 @@ def main():
             ("model.py, same config (learned pos, bias), AdamW", same, make_optimizer(same, TrainConfig(optimizer="adamw")), fp32),
             ("model.py defaults (RoPE, no bias), AdamW", ours, make_optimizer(ours, TrainConfig(optimizer="adamw")), fp32),
             ("model.py defaults, Muon + AdamW", ours, make_optimizer(ours, muon), fp32),
-            ("the same, bf16 autocast (--dtype auto: " + fast_dtype("cpu") + " here)", ours,
+            (f"the same, bf16 autocast (auto here: {fast_dtype('cpu')})", ours,
              make_optimizer(ours, muon, dtype="bfloat16"), bf16)]
     print(f"train step: forward + backward + optimizer step, {n_layer} layers x {n_embd} wide, {B}x{block} "
           f"tokens, {args.threads} threads, median of {args.repeats}")
