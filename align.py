@@ -198,7 +198,7 @@ def start_run(cfg):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    bf16 = (cfg.dtype if cfg.dtype != "auto" else fast_dtype(device.split(":")[0])) == "bfloat16"
+    bf16 = fast_dtype(device.split(":")[0], cfg.dtype) == "bfloat16"
     # Weights and optimizer stay float32; autocast runs the matmuls in bf16 (log-probs are summed in fp32).
     ctx = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
     torch.manual_seed(cfg.seed + rank)

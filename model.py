@@ -774,11 +774,14 @@ def lost_peer(error):
             "so this one stops too")
 
 
-def fast_dtype(device_type):
-    """--dtype auto: the autocast dtype a device runs fastest. bfloat16 on GPUs that have it (float16 on
-    older ones), and on CPUs whose vector units multiply bf16 natively (AVX512-BF16 or AMX; a training step
-    of the CPU recipe took 0.74x the float32 time on one); float32 on other CPUs, where bf16 is emulated.
+def fast_dtype(device_type, flag="auto"):
+    """--dtype FLAG on a device -> the autocast dtype: FLAG itself unless it is auto, else the one the
+    device runs fastest. bfloat16 on GPUs that have it (float16 on older ones), and on CPUs whose vector
+    units multiply bf16 natively (AVX512-BF16 or AMX; a training step of the CPU recipe took 0.74x the
+    float32 time on one); float32 on other CPUs, where bf16 is emulated.
     Weights, gradients and optimizer state stay float32 either way; only the matmuls drop to bf16."""
+    if flag != "auto":
+        return flag
     if device_type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     native = [getattr(torch.cpu, probe, lambda: False)() for probe in

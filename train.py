@@ -709,7 +709,7 @@ def place_model(cfg, model_config, weights, grid, rank, device):
 def precision(cfg, device, grid):
     """-> (dtype, autocast, scaler): --dtype (auto: model.py's fast_dtype, bf16 where the GPU or CPU has
     it), the autocast context of the forwards, and fp16's loss scaler (off for the others)."""
-    dtype = cfg.dtype if cfg.dtype != "auto" else fast_dtype(device.type)
+    dtype = fast_dtype(device.type, cfg.dtype)
     autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # fp16 needs loss scaling
     if grid and scaler.is_enabled():

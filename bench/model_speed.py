@@ -89,7 +89,6 @@ def time_train_steps(runs, idx, targets, repeats):
 
 
 def median_seconds(fn, repeats):
-    fn()  # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -99,12 +98,8 @@ def median_seconds(fn, repeats):
 
 
 def time_generate(model, prompt, new_tokens, use_cache, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
-        times.append(time.perf_counter() - t0)
-    return new_tokens / statistics.median(times)
+    return new_tokens / median_seconds(lambda: model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache),
+                                       repeats)
 
 
 def time_grpo_work(model, prompts, G, new_tokens, repeats):
